@@ -1,0 +1,253 @@
+// fused_flat/elementwise.h -- the per-element math of every fused_flat kernel.
+//
+// One header, __host__ __device__: the CPU kernels (csrc/cpu) and the CUDA kernels
+// (csrc/cuda) call exactly these functions, so the CPU test-suite executes the very
+// arithmetic the GPU runs; only indexing and launch differ between backends.
+//
+// Contents (ALGORITHMS.md §1-§2):
+//   philox4x32_10      Philox4x32-10 (Random123 constants), counter (j_lo, j_hi, k, tag)
+//   uniform24          u(x) = ((x >> 8) + 0.5) * 2^-24, in fp32, IEEE-exact ops only
+//   box_muller         (eps, xi) = r (cos t, sin t), r = sqrt(-2 ln u(a)), t = 2 pi u(b)
+//   langevin_update    restore + weight decay + momentum + Langevin noise + SGD update
+//
+// log/sin/cos are our own branch-free polynomials (Cephes coefficients, ~1 ulp-ish,
+// max abs error < 1e-6 on the N(0,1) output), built only from + - * sqrt and bit
+// operations: (1) GCC vectorizes them, libm calls it does not; (2) the result is the
+// same on the CPU and the GPU up to FMA contraction; (3) the angle 2*pi*u is reduced
+// to a quadrant exactly in terms of u (v = 4u, q = rint(v), f = v - q), which is more
+// accurate than libm's cos(2*pi*u) after rounding 2*pi*u.
+#pragma once
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define FF_HD __host__ __device__ __forceinline__
+#else
+#define FF_HD inline __attribute__((always_inline))
+#include <string.h>
+#endif
+
+namespace fused_flat {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+// Tags of ALGORITHMS.md §1.
+constexpr uint32_t kTagPair = 0;        // (eps, xi) of perturbation 0
+constexpr uint32_t kTagRademacher = 16; // RW-SAM probe
+
+struct Words4 {
+  uint32_t x0, x1, x2, x3;
+};
+
+// Key of a bucket: (seed_lo32 XOR bucket_id, seed_hi32).
+struct PhiloxKey {
+  uint32_t k0, k1;
+};
+
+FF_HD PhiloxKey make_key(int64_t seed, int64_t bucket_id) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  PhiloxKey key;
+  key.k0 = static_cast<uint32_t>(s) ^ static_cast<uint32_t>(bucket_id);
+  key.k1 = static_cast<uint32_t>(s >> 32);
+  return key;
+}
+
+FF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  lo = static_cast<uint32_t>(p);
+  hi = static_cast<uint32_t>(p >> 32);
+#endif
+}
+
+// Philox4x32-10 of counter c under key (k0, k1); Random123's round function.
+FF_HD Words4 philox4x32_10(Words4 c, uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c.x0, hi0, lo0);
+    mulhilo32(kPhiloxM1, c.x2, hi1, lo1);
+    Words4 n;
+    n.x0 = hi1 ^ c.x1 ^ k0;
+    n.x1 = lo1;
+    n.x2 = hi0 ^ c.x3 ^ k1;
+    n.x3 = lo0;
+    c = n;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  return c;
+}
+
+// The four words that serve elements 2j and 2j+1 of a bucket at step k, tag.
+FF_HD Words4 noise_words(PhiloxKey key, int64_t j, int64_t step, uint32_t tag) {
+  const uint64_t uj = static_cast<uint64_t>(j);
+  Words4 c;
+  c.x0 = static_cast<uint32_t>(uj);
+  c.x1 = static_cast<uint32_t>(uj >> 32);
+  c.x2 = static_cast<uint32_t>(static_cast<uint64_t>(step));
+  c.x3 = tag;
+  return philox4x32_10(c, key.k0, key.k1);
+}
+
+FF_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+FF_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// u(x) = ((x >> 8) + 0.5) * 2^-24, evaluated as three fp32 operations (convert, add,
+// multiply) that round identically on every IEEE backend. In (0, 1]: the add rounds
+// to nearest-even for x >> 8 >= 2^23, so u = 1 exactly is possible (then r = 0).
+FF_HD float uniform24(uint32_t x) {
+  return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;
+}
+
+// Natural log for u in (0, 1] (Cephes logf, branch-free). Max rel. error ~1e-7.
+FF_HD float log_unit(float x) {
+  const uint32_t bits = float_bits(x);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;   // x = m * 2^e, m in [0.5, 1)
+  float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? (m + m) - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y = y + (-2.12194440e-4f) * fe;
+  y = y - 0.5f * z;
+  return (m + y) + 0.693359375f * fe;
+}
+
+// cos(2 pi u), sin(2 pi u) for u in [0, 1]: exact quadrant reduction in u, then
+// Cephes minimax polynomials on [-pi/4, pi/4].
+FF_HD void sincos_2pi(float u, float& c, float& s) {
+  const float v = 4.0f * u;                       // exact
+  const float q = static_cast<float>(static_cast<int32_t>(v + 0.5f));  // nearest quadrant, v >= 0
+  const float a = (v - q) * 1.57079632679489662f; // in [-pi/4, pi/4]
+  const float z = a * a;
+  float sp = -1.9515295891e-4f;
+  sp = sp * z + 8.3321608736e-3f;
+  sp = sp * z - 1.6666654611e-1f;
+  const float sa = (sp * z) * a + a;
+  float cp = 2.443315711809948e-5f;
+  cp = cp * z - 1.388731625493765e-3f;
+  cp = cp * z + 4.166664568298827e-2f;
+  const float ca = (cp * z) * z - 0.5f * z + 1.0f;
+  const int32_t quadrant = static_cast<int32_t>(q) & 3;
+  // angle = quadrant * pi/2 + a
+  const float c0 = (quadrant & 1) ? sa : ca;
+  const float s0 = (quadrant & 1) ? ca : sa;
+  c = (quadrant == 1 || quadrant == 2) ? -c0 : c0;
+  s = (quadrant >= 2) ? -s0 : s0;
+}
+
+// The Gaussian pair of one element from its two words: eps = r cos t, xi = r sin t.
+FF_HD void box_muller(uint32_t a, uint32_t b, float& eps, float& xi) {
+#if defined(__CUDA_ARCH__)
+  const float r = sqrtf(-2.0f * log_unit(uniform24(a)));
+#else
+  const float r = __builtin_sqrtf(-2.0f * log_unit(uniform24(a)));
+#endif
+  float c, s;
+  sincos_2pi(uniform24(b), c, s);
+  eps = r * c;
+  xi = r * s;
+}
+
+// Both elements' pairs from one Philox call: element 2j uses (x0, x1), 2j+1 uses (x2, x3).
+FF_HD void gaussian_pairs(Words4 w, float& eps_even, float& xi_even, float& eps_odd,
+                          float& xi_odd) {
+  box_muller(w.x0, w.x1, eps_even, xi_even);
+  box_muller(w.x2, w.x3, eps_odd, xi_odd);
+}
+
+// Noise of one pair j (elements 2j, 2j+1) for a pass. kEps: eps of tag eps_tag;
+// kXi: xi of tag 0. When both come from tag 0 one Philox call serves all four values.
+template <bool kEps, bool kXi>
+FF_HD void pair_noise(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t j, float& e0,
+                      float& x0, float& e1, float& x1) {
+  e0 = x0 = e1 = x1 = 0.0f;
+  if (kXi) gaussian_pairs(noise_words(key, j, step, kTagPair), e0, x0, e1, x1);
+  if (kEps && (!kXi || eps_tag != kTagPair)) {
+    float d0, d1;
+    gaussian_pairs(noise_words(key, j, step, eps_tag), e0, d0, e1, d1);
+  }
+}
+
+// The same for one element of global index gi (the bucket's edges).
+template <bool kEps, bool kXi>
+FF_HD void element_noise(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t gi, float& eps,
+                         float& xi) {
+  float e0, x0, e1, x1;
+  pair_noise<kEps, kXi>(key, step, eps_tag, gi >> 1, e0, x0, e1, x1);
+  const bool odd = (gi & 1) != 0;
+  eps = odd ? e1 : e0;
+  xi = odd ? x1 : x0;
+}
+
+// Rademacher sign (+1/-1) from the top bit of x0 (even element) or x2 (odd element).
+FF_HD float rademacher(uint32_t word) { return (word >> 31) ? -1.0f : 1.0f; }
+
+// Hyperparameters of one update pass, in the compute type acc_t (float, or double
+// for fp64 buckets). All are runtime values (an LR scheduler never recompiles).
+template <typename acc_t>
+struct StepArgs {
+  acc_t sigma;       // restore: theta -= sigma * eps (0: nothing to restore)
+  acc_t lr;
+  acc_t weight_decay;
+  acc_t momentum;
+  acc_t dampening;
+  acc_t noise_std;   // sqrt(2 lr / beta), 0 for no Langevin noise
+  acc_t grad_mult;   // multiplies g: 1/n_perturbations, 1/grad_scale (AMP), -1 for maximize
+  bool nesterov;
+  bool momentum_init;  // first step: m <- d (torch.optim.SGD's clone)
+};
+
+// One element of the fused restore + decay + momentum + Langevin + update pass.
+// has_momentum is a template parameter so the momentum-free loop carries no m.
+template <bool has_momentum, typename acc_t>
+FF_HD acc_t langevin_update(acc_t theta, acc_t g, acc_t* m, acc_t eps, acc_t xi,
+                            const StepArgs<acc_t>& a) {
+  theta = theta - a.sigma * eps;          // restore (eps regenerated, never stored)
+  acc_t d = g * a.grad_mult;
+  d = d + a.weight_decay * theta;         // L2 decay as torch.optim.SGD
+  if (has_momentum) {
+    const acc_t buf = a.momentum_init ? d : a.momentum * (*m) + (acc_t(1) - a.dampening) * d;
+    *m = buf;
+    d = a.nesterov ? d + a.momentum * buf : buf;
+  }
+  return theta - a.lr * d + a.noise_std * xi;
+}
+
+}  // namespace fused_flat

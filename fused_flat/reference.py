@@ -1,0 +1,69 @@
+"""The pure-torch reference backend: the readable spec, the test oracle, the fallback.
+
+Same signatures and same math as the compiled ops (csrc/), written the obvious way,
+one torch op at a time, with the noise stream of fused_flat.noise. Work is chunked so
+the temporaries stay bounded (CHUNK elements) whatever the bucket size.
+"""
+from __future__ import annotations
+
+import torch
+
+from fused_flat import noise
+
+CHUNK = 1 << 20
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int, sigma: float,
+             offset: int = 0) -> None:
+    """theta <- theta + sigma * eps(tag) over elements [offset, offset + numel) of the bucket."""
+    if sigma == 0.0:
+        return
+    acc = _acc_dtype(param)
+    for s in range(0, param.numel(), CHUNK):
+        seg = param[s:s + CHUNK]
+        eps, _ = noise.gaussian_noise(seed, bucket_id, step, tag, offset + s, seg.numel(), param.device)
+        seg.copy_(seg.to(acc) + sigma * eps.to(acc))
+
+
+def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
+                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
+                      bucket_id: int, step: int, offset: int, restore_tag: int, sigma: float,
+                      lr: float, weight_decay: float, momentum: float, dampening: float,
+                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float) -> None:
+    """ALGORITHMS.md §2, one chunk at a time:
+
+        theta <- theta - sigma * eps(restore_tag)          (restore)
+        d     <- g * grad_mult [/ grad_scale] + wd * theta
+        m     <- d on the first step, else mu * m + (1 - dampening) * d ;  d <- m  (or d + mu * m)
+        theta <- theta - lr * d + noise_std * xi(tag 0)
+
+    A set ``found_inf`` skips everything but the restore.
+    """
+    if found_inf is not None and float(found_inf) != 0.0:
+        perturb_(param, seed, bucket_id, step, restore_tag, -sigma, offset)
+        return
+    mult = grad_mult / float(grad_scale) if grad_scale is not None else grad_mult
+    acc = _acc_dtype(param)
+    for s in range(0, param.numel(), CHUNK):
+        p, g = param[s:s + CHUNK], grad[s:s + CHUNK]
+        n = p.numel()
+        theta = p.to(acc)
+        if sigma != 0.0:
+            eps, _ = noise.gaussian_noise(seed, bucket_id, step, restore_tag, offset + s, n, p.device)
+            theta = theta - sigma * eps.to(acc)
+        d = g.to(acc) * mult
+        d = d + weight_decay * theta
+        if momentum_buffer is not None:
+            m = momentum_buffer[s:s + CHUNK]
+            buf = d if momentum_init else momentum * m.to(acc) + (1.0 - dampening) * d
+            m.copy_(buf)
+            d = d + momentum * buf if nesterov else buf
+        theta = theta - lr * d
+        if noise_std != 0.0:
+            _, xi = noise.gaussian_noise(seed, bucket_id, step, noise.TAG_PAIR, offset + s, n, p.device)
+            theta = theta + noise_std * xi.to(acc)
+        p.copy_(theta)
