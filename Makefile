@@ -1,0 +1,37 @@
+# fused_flat: `make test` and `make bench` work on a fresh machine with only Python,
+# gcc and (optionally) nvcc installed. Everything goes into .venv.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# CUDA sources are compiled whenever nvcc is found (for sm_80 and sm_90, no GPU needed).
+CUDA_HOME ?= $(shell d=$$(dirname $$(dirname $$(readlink -f $$(command -v nvcc 2>/dev/null) 2>/dev/null) 2>/dev/null) 2>/dev/null); [ -f "$$d/include/cuda.h" ] && echo $$d)
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TRITON_CACHE_DIR ?= $(CURDIR)/build/triton_cache
+export TRITON_DEFAULT_FP_FUSION ?= 1
+
+.PHONY: venv build test bench bench-micro clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH_PIN) numpy pytest matplotlib tqdm ninja setuptools wheel pybind11
+	touch $@
+
+venv: $(VENV)/.installed
+
+build: venv
+	CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=$(if $(CUDA_HOME),1,0) $(VPY) setup.py -q build_ext --inplace
+	$(VPY) -c "import fused_flat, fused_flat._native as n; print('fused_flat extension:', n.build_info() or n.load_error)"
+
+test: build
+	$(VPY) -m pytest -q tests
+
+bench: build
+	$(VPY) -m fused_flat bench e2e
+
+bench-micro: build
+	$(VPY) -m fused_flat bench micro
+
+clean:
+	rm -rf build fused_flat/*.so

@@ -1,0 +1,28 @@
+"""Test configuration. Triton's interpreter must be switched on before any @triton.jit
+kernel is defined, so it is set here, before fused_flat is imported anywhere."""
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton_cache"))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fused_flat  # noqa: E402,F401
+from fused_flat import backends  # noqa: E402
+
+
+def cpu_backends():
+    """Concrete backends that run CPU tensors here ('triton' runs them under the interpreter)."""
+    out = ["reference"]
+    if backends.available_backends().get("cpp") == "ok":
+        out.append("cpp")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _torch_defaults():
+    torch.manual_seed(0)
+    yield
