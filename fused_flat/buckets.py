@@ -19,13 +19,9 @@ import weakref
 
 import torch
 
-_warned_reattach = False
-
-
-def _warn_reattach(what: str) -> None:
-    global _warned_reattach
-    if not _warned_reattach:
-        _warned_reattach = True
+def _warn_reattach(bucket: "FlatBucket", what: str) -> None:
+    if not bucket.warned_reattach:
+        bucket.warned_reattach = True
         warnings.warn(
             f"fused_flat: {what} was replaced outside the optimizer; it was copied back into the "
             f"optimizer's flat buffer (one extra copy per step while this continues). Use "
@@ -58,15 +54,18 @@ class FlatBucket:
         self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
         self._grad_views: list[torch.Tensor] = []
         self._data_ptrs: list[int] = []
-        had_grad = [p.grad is not None for p in self.params]
         with torch.no_grad():
             for p in self.params:
                 self._attach(len(self._grad_views), p, copy_grad=True)
-        # received[i]: parameter i got a gradient since the last zero_grad().
-        self.received = had_grad
+        self.warned_reattach = False
+        # received[i]: parameter i has a gradient in torch.optim's sense (``grad is not None``):
+        # True once a gradient is attached, False after zero_grad(set_to_none=True) until
+        # autograd accumulates into it again.
+        self.received = [True] * len(self.params)
         ref = weakref.ref(self)
-        self._hooks = [p.register_post_accumulate_grad_hook(_make_hook(ref, i))
-                       for i, p in enumerate(self.params)]
+        self._hooks = [h for i, p in enumerate(self.params)
+                       for h in (p.register_post_accumulate_grad_hook(_make_hook(ref, i)),
+                                 p.register_hook(_reject_sparse))]
 
     def slice(self, buf: torch.Tensor, i: int) -> torch.Tensor:
         return buf[self.offsets[i]:self.offsets[i] + self.numels[i]]
@@ -100,7 +99,7 @@ class FlatBucket:
                         f"fused_flat: parameter {i} of bucket {self.bucket_id} changed to "
                         f"{p.dtype}/{p.device}/{tuple(p.shape)} after the optimizer was built "
                         f"({self.dtype}/{self.device}); build the optimizer after model.to(...)")
-                _warn_reattach("a parameter's .data")
+                _warn_reattach(self, "a parameter's .data")
                 g = p.grad
                 self._attach(i, p, copy_grad=False)
                 if g is not None and g is not self._grad_views[i]:
@@ -117,7 +116,7 @@ class FlatBucket:
                 if g.is_sparse:
                     raise ValueError("fused_flat: sparse gradients are not supported; use a dense "
                                      "embedding (sparse=False)")
-                _warn_reattach("a parameter's .grad")
+                _warn_reattach(self, "a parameter's .grad")
                 self._grad_views[i].copy_(g)
                 p.grad = self._grad_views[i]
                 has.append(True)
@@ -125,9 +124,10 @@ class FlatBucket:
                 has.append(self.received[i])
         return has
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         self.grad.zero_()
-        self.received = [False] * len(self.params)
+        if set_to_none:
+            self.received = [False] * len(self.params)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -139,6 +139,13 @@ class FlatBucket:
             self.remove_hooks()
         except Exception:
             pass
+
+
+def _reject_sparse(grad: torch.Tensor):
+    if grad.is_sparse:
+        raise ValueError("fused_flat: sparse gradients are not supported (the optimizer keeps "
+                         "gradients in a dense flat buffer); use nn.Embedding(..., sparse=False)")
+    return None
 
 
 def _make_hook(ref, i):

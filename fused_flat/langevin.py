@@ -337,13 +337,14 @@ class LangevinOptimizer(Optimizer):
         return self._k
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradient buffers. The gradients stay views into them (set_to_none is
-        accepted for compatibility: a parameter with no gradient since the last zero_grad is
-        still skipped as torch.optim skips ``grad is None``)."""
+        """Zero the flat gradient buffers; ``.grad`` stays a view into them. With set_to_none
+        (the default) a parameter that then receives no gradient before step() is skipped,
+        as torch.optim skips ``grad is None``; with set_to_none=False it is updated with a
+        zero gradient, as torch.optim does."""
         if self._closure_call:   # t >= 1 of n_perturbations: keep accumulating
             return
         for b in self._buckets:
-            b.zero_grad()
+            b.zero_grad(set_to_none)
 
     # ----------------------------------------------------------------- checkpoints
     def _publish_state(self) -> None:
