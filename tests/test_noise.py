@@ -135,3 +135,23 @@ def test_rademacher_balanced():
     v = noise.rademacher(3, 0, 0, 0, n)
     assert set(v.unique().tolist()) == {-1.0, 1.0}
     assert abs(v.mean().item()) < 5.0 / math.sqrt(n)
+
+
+@needs_cpp
+@pytest.mark.parametrize("momentum,nesterov,tag", [(0.0, False, 0), (0.9, True, 0), (0.9, False, 2)])
+def test_cpp_avx2_and_baseline_loops_bitwise_equal(monkeypatch, momentum, nesterov, tag):
+    """The fp32 loops built for AVX2 and for the baseline ISA give the same bits
+    (-ffp-contract=off: no FMA contraction in either)."""
+    from fused_flat import ops
+    n = 100_003
+    gen = torch.Generator().manual_seed(1)
+    p0, g, m0 = (torch.randn(n, generator=gen) for _ in range(3))
+    outs = []
+    for isa in ("baseline", "auto"):
+        monkeypatch.setenv("FUSED_FLAT_CPU_ISA", isa)
+        p, m = p0.clone(), m0.clone()
+        ops.perturb_(p, 3, 1, 2, tag, 0.05, 1)
+        ops.restore_and_step_(p, g, m if momentum else None, None, None, 3, 1, 2, 1, tag, 0.05, 0.1,
+                              1e-4, momentum, 0.0, nesterov, False, 1e-3, 1.0)
+        outs.append((p, m))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

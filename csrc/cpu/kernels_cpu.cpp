@@ -9,43 +9,49 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
 #include "fused_flat/elementwise.h"
 #include "fused_flat/op_args.h"
+#include "loops.h"
 
 namespace fused_flat {
 namespace {
 
 constexpr int64_t kGrainPairs = int64_t(1) << 14;
 
-// Visits every element of the bucket slice [offset, offset + n) with its noise:
-// body(local_index, eps, xi). Edge elements of a half-used pair are done serially,
-// whole pairs in parallel.
-template <bool kEps, bool kXi, typename Body>
-void visit_with_noise(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t offset, int64_t n,
-                      const Body& body) {
-  if (n <= 0) return;
+// The AVX2 fp32 loops run when the CPU has AVX2+FMA, unless FUSED_FLAT_CPU_ISA=baseline
+// (used by the tests to check that both paths give identical bits).
+bool use_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  const char* isa = std::getenv("FUSED_FLAT_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Splits the slice [offset, offset + n) into its edge elements (a half-used Philox pair at
+// either end, done serially by edge(local_index, global_index)) and whole pairs, returned
+// as [j_begin, j_end) for the parallel loops.
+template <typename Edge>
+std::pair<int64_t, int64_t> split_edges(int64_t offset, int64_t n, const Edge& edge) {
   int64_t g0 = offset, g1 = offset + n;
+  if (n <= 0) return {0, 0};
   if (g0 & 1) {
-    float e, x;
-    element_noise<kEps, kXi>(key, step, eps_tag, g0, e, x);
-    body(int64_t(0), e, x);
+    edge(int64_t(0), g0);
     ++g0;
   }
   if (g0 < g1 && (g1 & 1)) {
-    float e, x;
-    element_noise<kEps, kXi>(key, step, eps_tag, g1 - 1, e, x);
-    body(g1 - 1 - offset, e, x);
+    edge(g1 - 1 - offset, g1 - 1);
     --g1;
   }
-  at::parallel_for(g0 >> 1, g1 >> 1, kGrainPairs, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      float e0, x0, e1, x1;
-      pair_noise<kEps, kXi>(key, step, eps_tag, j, e0, x0, e1, x1);
-      const int64_t i = 2 * j - offset;
-      body(i, e0, x0);
-      body(i + 1, e1, x1);
-    }
-  });
+  return {g0 >> 1, g1 >> 1};
 }
 
 template <typename scalar_t>
@@ -53,23 +59,53 @@ void perturb_typed(scalar_t* __restrict__ p, int64_t n, PhiloxKey key, int64_t s
                    double sigma_d, int64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sigma = static_cast<acc_t>(sigma_d);
-  visit_with_noise<true, false>(key, step, tag, offset, n, [&](int64_t i, float e, float) {
+  const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
+    float e, x;
+    element_noise<true, false>(key, step, tag, gi, e, x);
     p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) + sigma * static_cast<acc_t>(e));
+  });
+  const bool avx2 = std::is_same<scalar_t, float>::value && use_avx2();
+  at::parallel_for(range.first, range.second, kGrainPairs, [&](int64_t j0, int64_t j1) {
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      if (avx2) return cpu::perturb_pairs_f32_avx2(p, j0, j1, offset, key, step, tag, sigma);
+    }
+    cpu::perturb_pairs<scalar_t, acc_t>(p, j0, j1, offset, key, step, tag, sigma);
   });
 }
 
-template <typename scalar_t, bool kMom, bool kEps, bool kXi>
+template <bool kMom, bool kEps, bool kXi, typename scalar_t, typename acc_t>
+void update_element(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t i, int64_t gi,
+                    PhiloxKey key, int64_t step, uint32_t tag, const StepArgs<acc_t>& a) {
+  float e, x;
+  element_noise<kEps, kXi>(key, step, tag, gi, e, x);
+  cpu::update_one<scalar_t, acc_t, kMom>(p, g, m, i, e, x, a);
+}
+
+template <typename scalar_t>
 void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                             scalar_t* __restrict__ m, int64_t n, PhiloxKey key, int64_t step,
-                            uint32_t restore_tag, int64_t offset,
-                            const StepArgs<at::opmath_type<scalar_t>>& args) {
+                            uint32_t tag, int64_t offset,
+                            const StepArgs<at::opmath_type<scalar_t>>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  visit_with_noise<kEps, kXi>(key, step, restore_tag, offset, n, [&](int64_t i, float e, float x) {
-    acc_t mm = kMom ? static_cast<acc_t>(m[i]) : acc_t(0);
-    const acc_t th = langevin_update<kMom>(static_cast<acc_t>(p[i]), static_cast<acc_t>(g[i]), &mm,
-                                           static_cast<acc_t>(e), static_cast<acc_t>(x), args);
-    p[i] = static_cast<scalar_t>(th);
-    if (kMom) m[i] = static_cast<scalar_t>(mm);
+  const int variant = (m != nullptr ? 1 : 0) | (a.sigma != 0 ? 2 : 0) | (a.noise_std != 0 ? 4 : 0);
+  const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
+    switch (variant) {
+      case 0: return update_element<false, false, false>(p, g, m, i, gi, key, step, tag, a);
+      case 1: return update_element<true, false, false>(p, g, m, i, gi, key, step, tag, a);
+      case 2: return update_element<false, true, false>(p, g, m, i, gi, key, step, tag, a);
+      case 3: return update_element<true, true, false>(p, g, m, i, gi, key, step, tag, a);
+      case 4: return update_element<false, false, true>(p, g, m, i, gi, key, step, tag, a);
+      case 5: return update_element<true, false, true>(p, g, m, i, gi, key, step, tag, a);
+      case 6: return update_element<false, true, true>(p, g, m, i, gi, key, step, tag, a);
+      default: return update_element<true, true, true>(p, g, m, i, gi, key, step, tag, a);
+    }
+  });
+  const bool avx2 = std::is_same<scalar_t, float>::value && use_avx2();
+  at::parallel_for(range.first, range.second, kGrainPairs, [&](int64_t j0, int64_t j1) {
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      if (avx2) return cpu::update_pairs_f32_avx2(variant, p, g, m, j0, j1, offset, key, step, tag, a);
+    }
+    cpu::update_pairs_dispatch<scalar_t, acc_t>(variant, p, g, m, j0, j1, offset, key, step, tag, a);
   });
 }
 
@@ -84,17 +120,6 @@ void perturb_cpu(at::Tensor& param, int64_t seed, int64_t bucket_id, int64_t ste
     perturb_typed<scalar_t>(param.data_ptr<scalar_t>(), param.numel(), key, step,
                             static_cast<uint32_t>(tag), sigma, offset);
   });
-}
-
-template <typename scalar_t, bool kMom>
-void dispatch_noise(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t n, PhiloxKey key,
-                    int64_t step, uint32_t restore_tag, int64_t offset,
-                    const StepArgs<at::opmath_type<scalar_t>>& a) {
-  const bool eps = a.sigma != 0, xi = a.noise_std != 0;
-  if (eps && xi) restore_and_step_typed<scalar_t, kMom, true, true>(p, g, m, n, key, step, restore_tag, offset, a);
-  else if (eps) restore_and_step_typed<scalar_t, kMom, true, false>(p, g, m, n, key, step, restore_tag, offset, a);
-  else if (xi) restore_and_step_typed<scalar_t, kMom, false, true>(p, g, m, n, key, step, restore_tag, offset, a);
-  else restore_and_step_typed<scalar_t, kMom, false, false>(p, g, m, n, key, step, restore_tag, offset, a);
 }
 
 void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
@@ -136,11 +161,8 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
     a.momentum_init = momentum_init;
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    if (momentum_buffer.has_value()) {
-      dispatch_noise<scalar_t, true>(p, g, momentum_buffer->data_ptr<scalar_t>(), param.numel(), key, step, rtag, offset, a);
-    } else {
-      dispatch_noise<scalar_t, false>(p, g, nullptr, param.numel(), key, step, rtag, offset, a);
-    }
+    scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
+    restore_and_step_typed<scalar_t>(p, g, m, param.numel(), key, step, rtag, offset, a);
   });
 }
 

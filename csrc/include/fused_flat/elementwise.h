@@ -22,7 +22,9 @@
 #if defined(__CUDACC__)
 #define FF_HD __host__ __device__ __forceinline__
 #else
-#define FF_HD inline __attribute__((always_inline))
+// static: internal linkage, so a translation unit compiled for another ISA (the AVX2
+// loops) never shares an out-of-line copy with the baseline one.
+#define FF_HD static inline __attribute__((always_inline))
 #include <string.h>
 #endif
 
@@ -69,6 +71,8 @@ FF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 FF_HD Words4 philox4x32_10(Words4 c, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, lo0, hi1, lo1;
