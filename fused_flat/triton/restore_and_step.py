@@ -1,0 +1,92 @@
+"""The Triton update pass: restore + weight decay + momentum + Langevin noise + SGD update, fused.
+
+Per element (ALGORITHMS.md §2, elementwise.h's langevin_update, fp32 math):
+
+    theta <- theta - sigma * eps(restore_tag)                      (restore)
+    d     <- g * grad_mult [/ grad_scale] + wd * theta
+    m     <- d if momentum_init else mu * m + (1 - dampening) * d ; d <- m (or d + mu * m)
+    theta <- theta - lr * d + noise_std * xi(tag 0)
+
+One pass: reads theta, g, [m], writes theta, [m]. ``grad_scale`` and ``found_inf`` are
+one-element float32 tensors read *inside* the kernel (no host sync, CUDA-graph safe);
+found_inf != 0 leaves only the restore (theta - sigma * eps) and does not write m.
+All hyperparameters are runtime arguments (an LR scheduler never recompiles); the
+constexprs are layout/feature switches only: HAS_MOM, NESTEROV, NEED_EPS (sigma != 0),
+NEED_XI (noise_std != 0), EPS_FROM_PAIR (restore_tag == 0 with NEED_XI: one Philox call
+gives eps and xi), HAS_GRAD_SCALE, HAS_FOUND_INF, ODD (offset & 1), BLOCK.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fused_flat.triton.noise import block_eps, block_eps_xi
+
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_inf_ptr,
+                            key, step_lo, offset, n, restore_tag,
+                            sigma, lr, weight_decay, momentum, dampening, noise_std, grad_mult,
+                            momentum_init,
+                            HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+                            NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
+                            EPS_FROM_PAIR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                            HAS_FOUND_INF: tl.constexpr, ODD: tl.constexpr, BLOCK: tl.constexpr):
+    H: tl.constexpr = BLOCK // 2
+    pid = tl.program_id(0).to(tl.int64)
+    j = (offset >> 1) + pid * H + tl.arange(0, H)
+    local = pid * BLOCK + tl.arange(0, BLOCK) - ODD
+    mask = (local >= 0) & (local < n)
+
+    theta = tl.load(param_ptr + local, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + local, mask=mask).to(tl.float32)
+
+    eps = tl.zeros([BLOCK], tl.float32)
+    xi = tl.zeros([BLOCK], tl.float32)
+    if NEED_XI:
+        eps0, xi = block_eps_xi(key, j, step_lo, 0)
+        if NEED_EPS:
+            if EPS_FROM_PAIR:
+                eps = eps0
+            else:
+                eps = block_eps(key, j, step_lo, restore_tag)
+    else:
+        if NEED_EPS:
+            eps = block_eps(key, j, step_lo, restore_tag)
+
+    if NEED_EPS:
+        theta = theta - sigma * eps                     # restore
+    restored = theta
+
+    mult = grad_mult
+    if HAS_GRAD_SCALE:
+        mult = tl.div_rn(mult, tl.load(grad_scale_ptr))
+    d = g * mult
+    d = d + weight_decay * theta
+    if HAS_MOM:
+        m = tl.load(mom_ptr + local, mask=mask).to(tl.float32)
+        buf = tl.where(momentum_init != 0, d, momentum * m + (1.0 - dampening) * d)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    theta = theta - lr * d
+    if NEED_XI:
+        theta = theta + noise_std * xi
+
+    store_mask = mask
+    if HAS_FOUND_INF:
+        fi = tl.zeros([BLOCK], tl.float32) + tl.load(found_inf_ptr)   # broadcast (interpreter-safe &)
+        theta = tl.where(fi != 0.0, restored, theta)     # skipped step: only the restore
+        store_mask = mask & (fi == 0.0)                  # ... and m untouched
+    tl.store(param_ptr + local, theta.to(param_ptr.dtype.element_ty), mask=mask)
+    if HAS_MOM:
+        tl.store(mom_ptr + local, buf.to(mom_ptr.dtype.element_ty), mask=store_mask)
+
+
+def grid(n: int, offset: int, block: int = BLOCK) -> tuple[int]:
+    """Programs needed for n elements starting at bucket index offset."""
+    return (triton.cdiv(n + (offset & 1), block),)
