@@ -23,12 +23,22 @@ def perturb_kernel(param_ptr, key, step_lo, tag, sigma, offset, n,
     H: tl.constexpr = BLOCK // 2
     pid = tl.program_id(0).to(tl.int64)
     j = (offset >> 1) + pid * H + tl.arange(0, H)
-    local = pid * BLOCK + tl.arange(0, BLOCK) - ODD
+    start = pid * BLOCK - ODD
+    local = start + tl.arange(0, BLOCK)
     mask = (local >= 0) & (local < n)
-    theta = tl.load(param_ptr + local, mask=mask).to(tl.float32)
+    # Whole blocks take an unmasked path (the mask would defeat 128-bit accesses unless n
+    # is a multiple of 16); only the edge blocks pay for the mask.
+    full = (start >= 0) & (start + BLOCK <= n)
+    if full:
+        theta = tl.load(param_ptr + local).to(tl.float32)
+    else:
+        theta = tl.load(param_ptr + local, mask=mask, other=0.0).to(tl.float32)
     eps = block_eps(key, j, step_lo, tag)
-    theta = theta + sigma * eps
-    tl.store(param_ptr + local, theta.to(param_ptr.dtype.element_ty), mask=mask)
+    theta = (theta + sigma * eps).to(param_ptr.dtype.element_ty)
+    if full:
+        tl.store(param_ptr + local, theta)
+    else:
+        tl.store(param_ptr + local, theta, mask=mask)
 
 
 def grid(n: int, offset: int, block: int = BLOCK) -> tuple[int]:

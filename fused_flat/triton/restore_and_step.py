@@ -38,11 +38,23 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
     H: tl.constexpr = BLOCK // 2
     pid = tl.program_id(0).to(tl.int64)
     j = (offset >> 1) + pid * H + tl.arange(0, H)
-    local = pid * BLOCK + tl.arange(0, BLOCK) - ODD
+    start = pid * BLOCK - ODD
+    local = start + tl.arange(0, BLOCK)
     mask = (local >= 0) & (local < n)
-
-    theta = tl.load(param_ptr + local, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + local, mask=mask).to(tl.float32)
+    # Whole blocks take an unmasked path (a mask would defeat 128-bit accesses unless n is
+    # a multiple of 16); only the two edge blocks pay for the mask.
+    full = (start >= 0) & (start + BLOCK <= n)
+    m = tl.zeros([BLOCK], tl.float32)
+    if full:
+        theta = tl.load(param_ptr + local).to(tl.float32)
+        g = tl.load(grad_ptr + local).to(tl.float32)
+        if HAS_MOM:
+            m = tl.load(mom_ptr + local).to(tl.float32)
+    else:
+        theta = tl.load(param_ptr + local, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + local, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MOM:
+            m = tl.load(mom_ptr + local, mask=mask, other=0.0).to(tl.float32)
 
     eps = tl.zeros([BLOCK], tl.float32)
     xi = tl.zeros([BLOCK], tl.float32)
@@ -67,7 +79,6 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
     d = g * mult
     d = d + weight_decay * theta
     if HAS_MOM:
-        m = tl.load(mom_ptr + local, mask=mask).to(tl.float32)
         buf = tl.where(momentum_init != 0, d, momentum * m + (1.0 - dampening) * d)
         if NESTEROV:
             d = d + momentum * buf
@@ -77,14 +88,21 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
     if NEED_XI:
         theta = theta + noise_std * xi
 
-    store_mask = mask
+    theta_out = theta.to(param_ptr.dtype.element_ty)
     if HAS_FOUND_INF:
-        fi = tl.zeros([BLOCK], tl.float32) + tl.load(found_inf_ptr)   # broadcast (interpreter-safe &)
-        theta = tl.where(fi != 0.0, restored, theta)     # skipped step: only the restore
-        store_mask = mask & (fi == 0.0)                  # ... and m untouched
-    tl.store(param_ptr + local, theta.to(param_ptr.dtype.element_ty), mask=mask)
-    if HAS_MOM:
-        tl.store(mom_ptr + local, buf.to(mom_ptr.dtype.element_ty), mask=store_mask)
+        fi = tl.load(found_inf_ptr)
+        theta_out = tl.where(fi != 0.0, restored.to(param_ptr.dtype.element_ty), theta_out)
+        if HAS_MOM:
+            # skipped step (non-finite gradient): only the restore, m untouched
+            buf = tl.where(fi != 0.0, m, buf)
+    if full:
+        tl.store(param_ptr + local, theta_out)
+        if HAS_MOM:
+            tl.store(mom_ptr + local, buf.to(mom_ptr.dtype.element_ty))
+    else:
+        tl.store(param_ptr + local, theta_out, mask=mask)
+        if HAS_MOM:
+            tl.store(mom_ptr + local, buf.to(mom_ptr.dtype.element_ty), mask=mask)
 
 
 def grid(n: int, offset: int, block: int = BLOCK) -> tuple[int]:
