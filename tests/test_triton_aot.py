@@ -1,5 +1,7 @@
 """Static GPU checks of the Triton kernels without a GPU: ahead-of-time compile for sm_80 and
-sm_90 and assert no register spills, 128-bit global loads/stores, and a register bound.
+sm_90 and assert no register spills, 128-bit global loads/stores, and a register bound; and
+trace the ops as torch.compile's AOT stage does (fake CUDA tensors, functionalization) to
+check that the graph holds the Triton kernels themselves.
 
 The compile runs in a subprocess (this file run as a script) with TRITON_INTERPRET unset:
 conftest.py switches the interpreter on for the whole session, and under it @triton.jit
@@ -102,6 +104,28 @@ def _compile_report() -> dict:
     return out
 
 
+def _trace_report() -> str:
+    """The graph torch.compile's AOT stage would see for one optimizer step: the ops traced
+    with fake CUDA tensors under functionalization (as AOTAutograd does), which decomposes a
+    triton_op into triton_kernel_wrapper_functional higher-order ops."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import fused_flat.triton as ft
+
+    def step(p, g, m, found_inf):
+        ft.perturb_(p, 123, 0, 1, 0, 0.1, 0)
+        ft.restore_and_step_(p, g, m, None, found_inf, 123, 0, 1, 0, 0, 0.1, 0.1, 0.0, 0.9, 0.0,
+                             False, False, 0.01, 1.0)
+        return p
+
+    with FakeTensorMode():
+        args = [torch.empty(4096, device="cuda") for _ in range(3)] + [torch.zeros(1, device="cuda")]
+    return make_fx(dispatch_functionalize(step), tracing_mode="fake")(*args).code
+
+
 @pytest.fixture(scope="module")
 def report() -> dict:
     pytest.importorskip("triton")
@@ -148,4 +172,15 @@ def test_128_bit_accesses(report, name):
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, ROOT)
-    print(json.dumps(_compile_report()))
+    out = _compile_report()
+    out["trace"] = _trace_report()
+    print(json.dumps(out))
+
+
+def test_ops_trace_into_triton_kernels(report):
+    # torch.compile sees the kernels themselves (not an opaque custom op): one functional
+    # Triton HOP per op, with the parameter among the tensors it writes.
+    graph = report["trace"]
+    assert graph.count("triton_kernel_wrapper_functional(") == 2, graph
+    assert "fused_flat_triton" not in graph, graph
+    assert graph.count("tensors_to_clone = ['param_ptr'") == 2, graph
