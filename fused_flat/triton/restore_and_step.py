@@ -26,7 +26,9 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 
-@triton.jit
+# The JIT would otherwise specialize ints equal to 1 or divisible by 16 (one compile per
+# pattern as the step counter advances); none of them affects the generated code's speed.
+@triton.jit(do_not_specialize=["key", "step_lo", "offset", "n", "restore_tag", "momentum_init"])
 def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_inf_ptr,
                             key, step_lo, offset, n, restore_tag,
                             sigma, lr, weight_decay, momentum, dampening, noise_std, grad_mult,
