@@ -1,0 +1,161 @@
+"""The Triton backend of fused_flat: ``backend()`` returns the perturb / update ops as a Backend.
+
+Kernels (one per file): ``perturb.py`` (theta += sigma * eps) and ``restore_and_step.py``
+(the fused restore + decay + momentum + Langevin + update pass), both built on the noise
+helpers of ``noise.py``, which reproduce csrc/include/fused_flat/elementwise.h.
+
+The kernels are registered as ``torch.ops.fused_flat_triton.perturb_`` and
+``torch.ops.fused_flat_triton.restore_and_step_`` with ``torch.library.triton_op`` and
+launched through ``torch.library.wrap_triton``, so ``torch.compile`` traces into them.
+(Under ``TRITON_INTERPRET=1`` wrap_triton returns the interpreted kernel itself and the
+ops run eagerly on CPU tensors; no fallback is needed.)
+
+The Python entry points ``perturb_`` / ``restore_and_step_`` have the signatures of
+fused_flat.reference. They compute the Philox key on the host, pick the constexpr
+switches, and hand fp64 buckets to fused_flat.reference (the kernels compute in fp32;
+an fp64 bucket keeps fp64 arithmetic, as the C++ backend does, through the reference).
+
+Devices: CUDA; also CPU when ``TRITON_INTERPRET=1`` (so the test-suite can run the
+optimizers with backend='triton' without a GPU).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the install
+    raise ImportError(f"fused_flat.triton needs Triton ({type(exc).__name__}: {exc}); it ships with "
+                      f"CUDA builds of torch, or `pip install triton`") from exc
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from fused_flat import backends, reference
+from fused_flat.triton import perturb as _perturb
+from fused_flat.triton import restore_and_step as _rs
+from fused_flat.triton.noise import MASK32, philox_key
+
+__all__ = ["backend", "perturb_", "restore_and_step_", "interpreted"]
+
+
+def interpreted() -> bool:
+    """Whether the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------ torch.library ops
+@triton_op("fused_flat_triton::perturb_", mutates_args={"param"})
+def _perturb_op(param: torch.Tensor, key: int, step_lo: int, tag: int, sigma: float,
+                offset: int) -> None:
+    n = param.numel()
+    wrap_triton(_perturb.perturb_kernel)[_perturb.grid(n, offset)](
+        param, key, step_lo, tag, sigma, offset, n,
+        ODD=offset & 1, BLOCK=_perturb.BLOCK, num_warps=_perturb.NUM_WARPS)
+
+
+@triton_op("fused_flat_triton::restore_and_step_", mutates_args={"param", "momentum_buffer"})
+def _restore_and_step_op(param: torch.Tensor, grad: torch.Tensor,
+                         momentum_buffer: Optional[torch.Tensor],
+                         grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                         key: int, step_lo: int, offset: int, restore_tag: int, sigma: float,
+                         lr: float, weight_decay: float, momentum: float, dampening: float,
+                         nesterov: bool, momentum_init: bool, noise_std: float,
+                         grad_mult: float) -> None:
+    n = param.numel()
+    need_eps, need_xi = sigma != 0.0, noise_std != 0.0
+    wrap_triton(_rs.restore_and_step_kernel)[_rs.grid(n, offset)](
+        param, grad, momentum_buffer, grad_scale, found_inf,
+        key, step_lo, offset, n, restore_tag,
+        sigma, lr, weight_decay, momentum, dampening, noise_std, grad_mult, int(momentum_init),
+        HAS_MOM=momentum_buffer is not None, NESTEROV=bool(nesterov) and momentum_buffer is not None,
+        NEED_EPS=need_eps, NEED_XI=need_xi, EPS_FROM_PAIR=need_eps and need_xi and restore_tag == 0,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        ODD=offset & 1, BLOCK=_rs.BLOCK, num_warps=_rs.NUM_WARPS)
+
+
+# ------------------------------------------------------------------ argument checks
+def _check_bucket(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"fused_flat.triton: {name} must be a contiguous 1-D bucket, got shape "
+                         f"{tuple(t.shape)} strides {t.stride()}")
+    if not t.is_floating_point():
+        raise ValueError(f"fused_flat.triton: {name} must be floating point, got {t.dtype}")
+
+
+def _check_like(param: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    _check_bucket(other, name)
+    if other.numel() != param.numel() or other.dtype != param.dtype or other.device != param.device:
+        raise ValueError(f"fused_flat.triton: {name} must match the parameter bucket (numel "
+                         f"{param.numel()}, {param.dtype}, {param.device}); got numel {other.numel()}, "
+                         f"{other.dtype}, {other.device}")
+
+
+def _check_scalar(t: Optional[torch.Tensor], param: torch.Tensor, name: str) -> None:
+    if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != param.device):
+        raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
+                         f"{param.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
+
+
+def _check_noise_args(seed: int, offset: int, tag: int) -> None:
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"fused_flat.triton: seed must be in [0, 2^63), got {seed}")
+    if offset < 0:
+        raise ValueError(f"fused_flat.triton: offset must be >= 0, got {offset}")
+    if not -1 <= tag < 2 ** 32:
+        raise ValueError(f"fused_flat.triton: tag must be in [-1, 2^32), got {tag}")
+
+
+# ------------------------------------------------------------------ entry points
+def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int, sigma: float,
+             offset: int = 0) -> None:
+    """theta <- theta + sigma * eps(tag) over elements [offset, offset + numel) of the bucket."""
+    _check_bucket(param, "param")
+    _check_noise_args(seed, offset, tag)
+    if tag < 0:
+        raise ValueError(f"fused_flat.triton.perturb_: tag must be >= 0, got {tag}")
+    if sigma == 0.0 or param.numel() == 0:
+        return
+    if param.dtype == torch.float64:   # fp64 keeps fp64 arithmetic: the reference does it
+        reference.perturb_(param, seed, bucket_id, step, tag, sigma, offset)
+        return
+    torch.ops.fused_flat_triton.perturb_(param, philox_key(seed, bucket_id), step & MASK32,
+                                         tag & MASK32, float(sigma), int(offset))
+
+
+def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
+                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
+                      bucket_id: int, step: int, offset: int, restore_tag: int, sigma: float,
+                      lr: float, weight_decay: float, momentum: float, dampening: float,
+                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float) -> None:
+    """The fused restore + decay + momentum + Langevin + update pass (see fused_flat.reference)."""
+    _check_bucket(param, "param")
+    _check_like(param, grad, "grad")
+    if momentum_buffer is not None:
+        _check_like(param, momentum_buffer, "momentum_buffer")
+    _check_scalar(grad_scale, param, "grad_scale")
+    _check_scalar(found_inf, param, "found_inf")
+    _check_noise_args(seed, offset, restore_tag)
+    if restore_tag < 0 and sigma != 0.0:
+        raise ValueError("fused_flat.triton.restore_and_step_: restore_tag must be >= 0 when sigma != 0")
+    if param.numel() == 0:
+        return
+    if param.dtype == torch.float64:
+        reference.restore_and_step_(param, grad, momentum_buffer, grad_scale, found_inf, seed,
+                                    bucket_id, step, offset, restore_tag, sigma, lr, weight_decay,
+                                    momentum, dampening, nesterov, momentum_init, noise_std, grad_mult)
+        return
+    torch.ops.fused_flat_triton.restore_and_step_(
+        param, grad, momentum_buffer, grad_scale, found_inf, philox_key(seed, bucket_id),
+        step & MASK32, int(offset), max(int(restore_tag), 0) & MASK32, float(sigma), float(lr),
+        float(weight_decay), float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
+        float(noise_std), float(grad_mult))
+
+
+def backend() -> backends.Backend:
+    """The 'triton' Backend: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
+    devices = ("cuda", "cpu") if interpreted() else ("cuda",)
+    return backends.Backend(name="triton", perturb_=perturb_, restore_and_step_=restore_and_step_,
+                            devices=devices)

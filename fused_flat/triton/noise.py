@@ -1,0 +1,184 @@
+"""The noise stream of ALGORITHMS.md §1 as @triton.jit helpers, matching elementwise.h.
+
+Every helper reproduces the per-element math of csrc/include/fused_flat/elementwise.h
+operation for operation (same fp32 constants, same order, bit manipulation through
+bitcasts), so a Triton kernel gives the C++ kernels' numbers: the Philox words bit for
+bit, eps/xi to ~1 ulp (only FMA contraction on the GPU may differ; the interpreter and
+the C++ CPU build do not contract).
+
+    key      = (seed_lo32 ^ bucket_id, seed_hi32), passed as ONE int64 scalar
+               ``philox_key = (seed_hi32 << 32) | (seed_lo32 ^ bucket_id)`` (tl.philox's seed)
+    counter  = (j_lo32, j_hi32, step_lo32, tag), j = i >> 1
+    (a, b)   = (x0, x1) for element 2j, (x2, x3) for element 2j+1
+
+Kernels work on *pairs*: one Philox call serves elements 2j and 2j+1, and the two
+results are interleaved with tl.join + tl.reshape into element order.
+
+Also here: two inspection kernels (words and Gaussian pair of a range of elements)
+used by the tests to compare the stream with fused_flat.noise and the C++ ops.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MASK32 = 0xFFFFFFFF
+
+
+def philox_key(seed: int, bucket_id: int) -> int:
+    """tl.philox's 64-bit seed for the key (seed_lo32 ^ bucket_id, seed_hi32); < 2^63 for seed < 2^63."""
+    lo = (seed & MASK32) ^ (bucket_id & MASK32)
+    hi = (seed >> 32) & MASK32
+    return (hi << 32) | lo
+
+
+@triton.jit
+def pair_words(key, j, step_lo, tag):
+    """Philox4x32-10 words (x0, x1, x2, x3) of pair indices j (int64 tensor) at (step, tag)."""
+    c0 = j.to(tl.uint32)                     # low 32 bits (truncation)
+    c1 = (j >> 32).to(tl.uint32)
+    c2 = (tl.zeros_like(j) + step_lo).to(tl.uint32)   # step_lo / tag may be python ints
+    c3 = (tl.zeros_like(j) + tag).to(tl.uint32)
+    return tl.philox(key, c0, c1, c2, c3, 10)
+
+
+@triton.jit
+def uniform24(x):
+    """((x >> 8) + 0.5) * 2^-24 in fp32: convert, add, multiply (each exact or RNE)."""
+    return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+
+
+@triton.jit
+def log_unit(x):
+    """ln(x) for x in (0, 1]: elementwise.h's branch-free Cephes logf, term for term."""
+    bits = x.to(tl.uint32, bitcast=True)
+    e = ((bits >> 23) & 0xFF).to(tl.int32) - 126
+    m = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    small = m < 0.707106781186547524
+    e = tl.where(small, e - 1, e)
+    m = tl.where(small, (m + m) - 1.0, m - 1.0)
+    z = m * m
+    y = tl.full(m.shape, 7.0376836292e-2, tl.float32)
+    y = y * m - 1.1514610310e-1
+    y = y * m + 1.1676998740e-1
+    y = y * m - 1.2420140846e-1
+    y = y * m + 1.4249322787e-1
+    y = y * m - 1.6668057665e-1
+    y = y * m + 2.0000714765e-1
+    y = y * m - 2.4999993993e-1
+    y = y * m + 3.3333331174e-1
+    y = y * m * z
+    fe = e.to(tl.float32)
+    y = y + (-2.12194440e-4) * fe
+    y = y - 0.5 * z
+    return (m + y) + 0.693359375 * fe
+
+
+@triton.jit
+def sincos_2pi(u):
+    """(cos(2 pi u), sin(2 pi u)) for u in [0, 1]: exact quadrant reduction in u, Cephes
+    polynomials on [-pi/4, pi/4] (elementwise.h's sincos_2pi)."""
+    v = 4.0 * u
+    qi = (v + 0.5).to(tl.int32)              # truncation of v + 0.5 >= 0: nearest quadrant
+    q = qi.to(tl.float32)
+    a = (v - q) * 1.57079632679489662
+    z = a * a
+    sp = tl.full(a.shape, -1.9515295891e-4, tl.float32)
+    sp = sp * z + 8.3321608736e-3
+    sp = sp * z - 1.6666654611e-1
+    sa = (sp * z) * a + a
+    cp = tl.full(a.shape, 2.443315711809948e-5, tl.float32)
+    cp = cp * z - 1.388731625493765e-3
+    cp = cp * z + 4.166664568298827e-2
+    ca = (cp * z) * z - 0.5 * z + 1.0
+    quadrant = qi & 3
+    odd_q = (quadrant & 1) != 0
+    c0 = tl.where(odd_q, sa, ca)
+    s0 = tl.where(odd_q, ca, sa)
+    c = tl.where((quadrant == 1) | (quadrant == 2), -c0, c0)
+    s = tl.where(quadrant >= 2, -s0, s0)
+    return c, s
+
+
+@triton.jit
+def box_muller(a, b):
+    """(eps, xi) = r (cos t, sin t), r = sqrt(-2 ln u(a)) (correctly rounded), t = 2 pi u(b)."""
+    r = tl.sqrt_rn(-2.0 * log_unit(uniform24(a)))
+    c, s = sincos_2pi(uniform24(b))
+    return r * c, r * s
+
+
+@triton.jit
+def interleave(even, odd):
+    """[H] even-element and [H] odd-element values -> [2H] in element order (2k, 2k+1)."""
+    return tl.reshape(tl.join(even, odd), [2 * even.shape[0]])
+
+
+@triton.jit
+def block_eps_xi(key, j, step_lo, tag):
+    """Both Gaussian pairs of pairs j: (eps, xi) of the 2H elements 2j, 2j+1, interleaved."""
+    x0, x1, x2, x3 = pair_words(key, j, step_lo, tag)
+    e0, s0 = box_muller(x0, x1)
+    e1, s1 = box_muller(x2, x3)
+    return interleave(e0, e1), interleave(s0, s1)
+
+
+@triton.jit
+def block_eps(key, j, step_lo, tag):
+    """eps only (cos half of Box-Muller) of the 2H elements of pairs j, interleaved."""
+    x0, x1, x2, x3 = pair_words(key, j, step_lo, tag)
+    e0, _s0 = box_muller(x0, x1)
+    e1, _s1 = box_muller(x2, x3)
+    return interleave(e0, e1)
+
+
+# ------------------------------------------------------------------ inspection kernels
+@triton.jit
+def _words_kernel(out_ptr, key, step_lo, tag, first_pair, n_pairs, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = k < n_pairs
+    x0, x1, x2, x3 = pair_words(key, first_pair + k, step_lo, tag)
+    tl.store(out_ptr + 4 * k + 0, x0.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 4 * k + 1, x1.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 4 * k + 2, x2.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 4 * k + 3, x3.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _gauss_kernel(eps_ptr, xi_ptr, key, step_lo, tag, offset, n, ODD: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    # Same indexing as the update kernels: program p covers pairs (offset >> 1) + p*H + k.
+    H: tl.constexpr = BLOCK // 2
+    pid = tl.program_id(0).to(tl.int64)
+    j = (offset >> 1) + pid * H + tl.arange(0, H)
+    local = pid * BLOCK + tl.arange(0, BLOCK) - ODD
+    mask = (local >= 0) & (local < n)
+    eps, xi = block_eps_xi(key, j, step_lo, tag)
+    tl.store(eps_ptr + local, eps, mask=mask)
+    tl.store(xi_ptr + local, xi, mask=mask)
+
+
+def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_pair: int, n_pairs: int,
+                 device="cpu", block: int = 1024) -> torch.Tensor:
+    """Words of pairs [first_pair, first_pair + n_pairs) as int64 [n_pairs, 4] (as fused_flat.noise)."""
+    out = torch.empty((n_pairs, 4), dtype=torch.int64, device=device)
+    if n_pairs:
+        first = first_pair - 2 ** 64 if first_pair >= 2 ** 63 else first_pair
+        _words_kernel[(triton.cdiv(n_pairs, block),)](
+            out, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, first, n_pairs, BLOCK=block)
+    return out
+
+
+def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
+                   device="cpu", block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, xi) of bucket elements [offset, offset + n), float32 (as fused_flat.noise)."""
+    eps = torch.empty(n, dtype=torch.float32, device=device)
+    xi = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        odd = offset & 1
+        _gauss_kernel[(triton.cdiv(n + odd, block),)](
+            eps, xi, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, offset, n,
+            ODD=odd, BLOCK=block)
+    return eps, xi

@@ -1,0 +1,112 @@
+"""The Triton update pass: restore + weight decay + momentum + Langevin noise + SGD update, fused.
+
+Per element (ALGORITHMS.md §2, elementwise.h's langevin_update, fp32 math):
+
+    theta <- theta - sigma * eps(restore_tag)                      (restore)
+    d     <- g * grad_mult [/ grad_scale] + wd * theta
+    m     <- d if momentum_init else mu * m + (1 - dampening) * d ; d <- m (or d + mu * m)
+    theta <- theta - lr * d + noise_std * xi(tag 0)
+
+One pass: reads theta, g, [m], writes theta, [m]. ``grad_scale`` and ``found_inf`` are
+one-element float32 tensors read *inside* the kernel (no host sync, CUDA-graph safe);
+found_inf != 0 leaves only the restore (theta - sigma * eps) and does not write m.
+All hyperparameters are runtime arguments (an LR scheduler never recompiles); the
+constexprs are layout/feature switches only: HAS_MOM, NESTEROV, NEED_EPS (sigma != 0),
+NEED_XI (noise_std != 0), EPS_FROM_PAIR (restore_tag == 0 with NEED_XI: one Philox call
+gives eps and xi), HAS_GRAD_SCALE, HAS_FOUND_INF, ODD (offset & 1), BLOCK.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fused_flat.triton.noise import block_eps, block_eps_xi
+
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+# The JIT would otherwise specialize ints equal to 1 or divisible by 16 (one compile per
+# pattern as the step counter advances); none of them affects the generated code's speed.
+@triton.jit(do_not_specialize=["key", "step_lo", "offset", "n", "restore_tag", "momentum_init"])
+def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_inf_ptr,
+                            key, step_lo, offset, n, restore_tag,
+                            sigma, lr, weight_decay, momentum, dampening, noise_std, grad_mult,
+                            momentum_init,
+                            HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+                            NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
+                            EPS_FROM_PAIR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                            HAS_FOUND_INF: tl.constexpr, ODD: tl.constexpr, BLOCK: tl.constexpr):
+    H: tl.constexpr = BLOCK // 2
+    pid = tl.program_id(0).to(tl.int64)
+    j = (offset >> 1) + pid * H + tl.arange(0, H)
+    start = pid * BLOCK - ODD
+    local = start + tl.arange(0, BLOCK)
+    mask = (local >= 0) & (local < n)
+    # Whole blocks take an unmasked path (a mask would defeat 128-bit accesses unless n is
+    # a multiple of 16); only the two edge blocks pay for the mask.
+    full = (start >= 0) & (start + BLOCK <= n)
+    m = tl.zeros([BLOCK], tl.float32)
+    if full:
+        theta = tl.load(param_ptr + local).to(tl.float32)
+        g = tl.load(grad_ptr + local).to(tl.float32)
+        if HAS_MOM:
+            m = tl.load(mom_ptr + local).to(tl.float32)
+    else:
+        theta = tl.load(param_ptr + local, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + local, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MOM:
+            m = tl.load(mom_ptr + local, mask=mask, other=0.0).to(tl.float32)
+
+    eps = tl.zeros([BLOCK], tl.float32)
+    xi = tl.zeros([BLOCK], tl.float32)
+    if NEED_XI:
+        eps0, xi = block_eps_xi(key, j, step_lo, 0)
+        if NEED_EPS:
+            if EPS_FROM_PAIR:
+                eps = eps0
+            else:
+                eps = block_eps(key, j, step_lo, restore_tag)
+    else:
+        if NEED_EPS:
+            eps = block_eps(key, j, step_lo, restore_tag)
+
+    if NEED_EPS:
+        theta = theta - sigma * eps                     # restore
+    restored = theta
+
+    mult = grad_mult
+    if HAS_GRAD_SCALE:
+        mult = tl.div_rn(mult, tl.load(grad_scale_ptr))
+    d = g * mult
+    d = d + weight_decay * theta
+    if HAS_MOM:
+        buf = tl.where(momentum_init != 0, d, momentum * m + (1.0 - dampening) * d)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    theta = theta - lr * d
+    if NEED_XI:
+        theta = theta + noise_std * xi
+
+    theta_out = theta.to(param_ptr.dtype.element_ty)
+    if HAS_FOUND_INF:
+        fi = tl.load(found_inf_ptr)
+        theta_out = tl.where(fi != 0.0, restored.to(param_ptr.dtype.element_ty), theta_out)
+        if HAS_MOM:
+            # skipped step (non-finite gradient): only the restore, m untouched
+            buf = tl.where(fi != 0.0, m, buf)
+    if full:
+        tl.store(param_ptr + local, theta_out)
+        if HAS_MOM:
+            tl.store(mom_ptr + local, buf.to(mom_ptr.dtype.element_ty))
+    else:
+        tl.store(param_ptr + local, theta_out, mask=mask)
+        if HAS_MOM:
+            tl.store(mom_ptr + local, buf.to(mom_ptr.dtype.element_ty), mask=mask)
+
+
+def grid(n: int, offset: int, block: int = BLOCK) -> tuple[int]:
+    """Programs needed for n elements starting at bucket index offset."""
+    return (triton.cdiv(n + (offset & 1), block),)
