@@ -68,7 +68,7 @@ def machine_info(device: torch.device | None = None) -> dict:
         "backends": backends.available_backends(),
     }
     try:
-        info["loadavg_1min"] = os.getloadavg()[0]
+        info["loadavg_1min"] = round(os.getloadavg()[0], 2)
     except OSError:
         pass
     return info
@@ -76,8 +76,19 @@ def machine_info(device: torch.device | None = None) -> dict:
 
 def meta_line(meta: dict) -> str:
     dev = meta.get("gpu") or meta.get("cpu_model")
-    return (f"{meta['date']} | {dev} | {meta['cpu_logical_cores']} cores, {meta['torch_threads']} torch threads"
+    line = (f"{meta['date']} | {dev} | {meta['cpu_logical_cores']} cores, {meta['torch_threads']} torch threads"
             f" | torch {meta['torch']} | device {meta.get('device')} | load {meta.get('loadavg_1min', '?')}")
+    w = load_warning(meta)
+    return f"{line}\n\n{w}" if w else line
+
+
+def load_warning(meta: dict) -> str | None:
+    """A warning when other processes competed for the CPU while this ran."""
+    load, cores = meta.get("loadavg_1min"), meta.get("cpu_logical_cores") or 1
+    if meta.get("device", "cpu").startswith("cpu") and load is not None and load > 0.75 * cores:
+        return (f"WARNING: 1-minute load average {load} on {cores} logical cores when this started: other "
+                f"processes competed for the CPU, so these timings are noisy (rerun on an idle machine).")
+    return None
 
 
 # ----------------------------------------------------------------------------- timing

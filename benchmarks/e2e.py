@@ -292,7 +292,7 @@ def memory_of(e: Entry) -> dict:
     everything.update(_storage_bytes(found))
     total = sum(everything.values()) + missing_grads
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    return {"state_MiB": total / 2 ** 20, "extra_MiB": (total - 2 * param_bytes) / 2 ** 20,
+    return {"state_MiB": total / 2 ** 20, "extra_MiB": round((total - 2 * param_bytes) / 2 ** 20, 3),
             "params_MiB": param_bytes / 2 ** 20}
 
 

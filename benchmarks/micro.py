@@ -326,8 +326,13 @@ def _plot(rows: list[dict], triad: float, path: Path) -> Path | None:
 def summarize(rows: list[dict], stream_res: dict) -> list[str]:
     """Plain-language conclusions from the numbers (RNG-bound or memory-bound, noise rates)."""
     out = []
+    largest = {}
     for r in rows:
-        if r.get("kind") == "pass" and "median_s" in r and r["impl"] != "reference":
+        if r.get("kind") == "pass" and "median_s" in r:
+            largest[r["dtype"]] = max(largest.get(r["dtype"], 0), r["n"])
+    for r in rows:
+        if (r.get("kind") == "pass" and "median_s" in r and r["impl"] != "reference"
+                and r["n"] == largest.get(r["dtype"])):
             if r["t_over_t_bw"] > 2.0:
                 out.append(f"- {r['impl']} {r['op']} ({common.human_count(r['n'])} {r['dtype']}): "
                            f"{r['median_s'] * 1e3:.2f} ms vs {r['t_bw_s'] * 1e3:.2f} ms bandwidth-bound "
@@ -345,6 +350,16 @@ def summarize(rows: list[dict], stream_res: dict) -> list[str]:
         key = max(noise)
         rates = ", ".join(f"{k} {v:.0f}" for k, v in sorted(noise[key].items(), key=lambda kv: -kv[1]))
         out.append(f"- noise rate at {common.human_count(key[0])} {key[1]} (M elements/s): {rates}")
+    steps = {r["impl"]: r for r in rows if r.get("kind") == "step" and "median_s" in r}
+    fused = next((r for k, r in steps.items() if k.startswith("FSGLD fused")), None)
+    paper = next((r for k, r in steps.items() if k.startswith("fSGLD paper")), None)
+    sgd = next((r for k, r in steps.items() if k.startswith("torch.optim.SGD")), None)
+    if fused and paper and sgd:
+        verdict = "faster" if fused["median_s"] < paper["median_s"] else "SLOWER"
+        out.append(f"- full step at {common.human_count(fused['n'])}: fused fSGLD {fused['median_s'] * 1e3:.1f} ms "
+                   f"= {fused['x_sgd']:.2f}x SGD; paper-style {paper['median_s'] * 1e3:.1f} ms = "
+                   f"{paper['x_sgd']:.2f}x SGD; fused is {paper['median_s'] / fused['median_s']:.2f}x the "
+                   f"paper-style speed ({verdict})")
     return out
 
 
