@@ -376,7 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sgd-tensors", type=int, default=100, help="tensors the SGD/step cases split n into")
     ap.add_argument("--step-size", default=None, help="elements of the full-step comparison (default 64M; "
                                                       "'0' skips it)")
-    ap.add_argument("--reference-max-size", default="1M", help="largest bucket the (slow) reference backend runs")
+    ap.add_argument("--reference-max-size", default=None,
+                    help="largest bucket the (slow) reference backend runs (default 1M; --quick: 256K); larger "
+                         "full-step cases are measured at this size and scaled linearly")
     ap.add_argument("--stream-size", default=None, help="STREAM array size (default 64M CPU / 256M GPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -393,11 +395,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.step_size = args.step_size or "256K"
         args.stream_size = args.stream_size or "1M"
         args.reps, args.min_reps, args.max_seconds = min(args.reps, 3), 1, 0.5
-        args.reference_max_size = "256K"
+        args.reference_max_size = args.reference_max_size or "256K"
     default_sizes = "1M,4M,16M,64M,256M" if dev.type == "cuda" else "1M,4M,16M,64M"
     sizes = [common.parse_size(s) for s in (args.sizes or default_sizes).split(",") if s]
     dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
-    args.reference_max_size = common.parse_size(args.reference_max_size)
+    args.reference_max_size = common.parse_size(args.reference_max_size or "1M")
     step_n = common.parse_size(args.step_size) if args.step_size else (64 << 20)
     stream_n = common.parse_size(args.stream_size) if args.stream_size else (
         (256 << 20) if dev.type == "cuda" else (64 << 20))
