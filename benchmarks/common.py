@@ -141,6 +141,15 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+def human_time(s: float) -> str:
+    """Seconds with a unit that keeps three significant digits (s, ms, us)."""
+    if s >= 1:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
 def human_count(n: int) -> str:
     if n >= 1 << 20 and n % (1 << 20) == 0:
         return f"{n >> 20}M"

@@ -12,7 +12,8 @@ What it measures, side by side in one process:
   generators (``normal_`` in place, ``randn_like``) as the noise-rate yardstick;
 * SAM passes / steps when ``fused_flat.sam`` is importable (skipped with a note otherwise);
 * a full optimizer step at ``--step-size`` (default 64M): fused FSGLD (perturb + update,
-  backend auto) vs the paper-style baseline (randn_like x2 + adds + SGD step) vs the
+  backend auto; with the default check_finite gradient scan, and without it) vs the
+  paper-style baseline (randn_like x2 + adds + SGD step) vs the
   reference backend vs torch.optim.SGD, with the closure's forward/backward left out
   (the gradient is written once, beforehand).
 
@@ -182,13 +183,13 @@ def _step_cases(dtype, device, args, sam_mod) -> list[tuple[str, callable, dict]
 
     k = args.sgd_tensors
 
-    def fused(backend):
+    def fused(backend, check_finite=True):
         def make(n):
             ps = _make_params(n, k, dtype, device)
             for p in ps:
                 p.grad = torch.full_like(p, 1e-3)
             opt = fused_flat.FSGLD(ps, lr=LR, beta=1e8, weight_decay=WD, momentum=args.momentum,
-                                   seed=SEED, backend=backend)
+                                   seed=SEED, backend=backend, check_finite=check_finite)
 
             def closure():
                 _mark_grads(opt)   # the gradient stays in the bucket; no forward/backward
@@ -234,6 +235,7 @@ def _step_cases(dtype, device, args, sam_mod) -> list[tuple[str, callable, dict]
     cases = [
         ("torch.optim.SGD (foreach)", sgd("foreach"), {}),
         ("FSGLD fused (backend auto)", fused("auto"), {}),
+        ("FSGLD fused, check_finite=False", fused("auto", check_finite=False), {}),
         ("fSGLD paper-style (randn_like x2 + adds + SGD)", paper, {}),
         ("FSGLD reference backend", fused("reference"), {"reference": True}),
         ("SAM davda54-style (unfused)", davda, {}),
