@@ -337,7 +337,7 @@ def summarize(rows: list[dict], stream_res: dict) -> list[str]:
                 and r["n"] == largest.get(r["dtype"])):
             if r["t_over_t_bw"] > 2.0:
                 out.append(f"- {r['impl']} {r['op']} ({common.human_count(r['n'])} {r['dtype']}): "
-                           f"{r['median_s'] * 1e3:.2f} ms vs {r['t_bw_s'] * 1e3:.2f} ms bandwidth-bound "
+                           f"{common.human_time(r['median_s'])} vs {common.human_time(r['t_bw_s'])} bandwidth-bound "
                            f"({r['t_over_t_bw']:.1f}x): bound by RNG compute "
                            f"({r['noise_Melem_s']:.0f} M elements/s), not by memory")
             elif r["t_over_t_bw"] >= 1.0:
@@ -358,8 +358,8 @@ def summarize(rows: list[dict], stream_res: dict) -> list[str]:
     sgd = next((r for k, r in steps.items() if k.startswith("torch.optim.SGD")), None)
     if fused and paper and sgd:
         verdict = "faster" if fused["median_s"] < paper["median_s"] else "SLOWER"
-        out.append(f"- full step at {common.human_count(fused['n'])}: fused fSGLD {fused['median_s'] * 1e3:.1f} ms "
-                   f"= {fused['x_sgd']:.2f}x SGD; paper-style {paper['median_s'] * 1e3:.1f} ms = "
+        out.append(f"- full step at {common.human_count(fused['n'])}: fused fSGLD {common.human_time(fused['median_s'])} "
+                   f"= {fused['x_sgd']:.2f}x SGD; paper-style {common.human_time(paper['median_s'])} = "
                    f"{paper['x_sgd']:.2f}x SGD; fused is {paper['median_s'] / fused['median_s']:.2f}x the "
                    f"paper-style speed ({verdict})")
     return out
