@@ -350,7 +350,7 @@ def summarize(rows: list[dict], stream_res: dict) -> list[str]:
             noise.setdefault(key, {})[f"{r['impl']} {r['op']}"] = r["noise_Melem_s"]
     if noise:
         key = max(noise)
-        rates = ", ".join(f"{k} {v:.0f}" for k, v in sorted(noise[key].items(), key=lambda kv: -kv[1]))
+        rates = ", ".join(f"{k} {v:.3g}" for k, v in sorted(noise[key].items(), key=lambda kv: -kv[1]))
         out.append(f"- noise rate at {common.human_count(key[0])} {key[1]} (M elements/s): {rates}")
     steps = {r["impl"]: r for r in rows if r.get("kind") == "step" and "median_s" in r}
     fused = next((r for k, r in steps.items() if k.startswith("FSGLD fused")), None)

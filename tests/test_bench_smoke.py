@@ -100,3 +100,39 @@ def test_bench_stream_and_missing_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path / "nowhere")
     with pytest.raises(SystemExit, match="not part of an installed wheel"):
         cli.load_benchmark("micro")
+
+
+def test_peers_reduce_to_sgd():
+    """The speed peers are the algorithms they claim: with no noise / rho = 0 they are SGD."""
+    import copy
+    import math
+
+    import torch
+
+    from fused_flat import cli
+
+    baselines = cli.load_benchmark("baselines")   # puts the checkout's benchmarks/ on sys.path
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    opts = [torch.optim.SGD(copies[0].parameters(), lr=0.1, weight_decay=5e-4),
+            baselines.PaperFSGLD(copies[1].parameters(), lr=0.1, beta=math.inf, weight_decay=5e-4),
+            baselines.DavdaSAM(copies[2].parameters(), torch.optim.SGD, rho=0.0, lr=0.1, weight_decay=5e-4)]
+    for _ in range(3):
+        for m, opt in zip(copies, opts):
+            def closure(m=m):
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                return loss
+            if isinstance(opt, torch.optim.SGD):
+                opt.zero_grad()
+                closure()
+                opt.step()
+            else:
+                opt.zero_grad()
+                opt.step(closure)
+    for m in copies[1:]:
+        for a, b in zip(copies[0].parameters(), m.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
