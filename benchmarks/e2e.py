@@ -361,7 +361,7 @@ def _backend_of(opt) -> str:
     bks = getattr(opt, "_backends", None)
     if bks:
         return ",".join(sorted({b.name for b in bks}))
-    return "torch (unfused)"
+    return "torch"
 
 
 def _gpu_peak(e: Entry, batch, device) -> float:
@@ -406,6 +406,20 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Per model: the fused optimizers against their unfused peers, measured in the same run."""
+    out = []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        by = {r["optimizer"]: r for r in rows if r["model"] == m}
+        for fused, peer in (("FSGLD", "FSGLD-paper"), ("SAM", "SAM-davda54")):
+            if fused in by and peer in by:
+                f, p = by[fused], by[peer]
+                out.append(f"- {m}: {fused} {f['median_s']:.3g} s/step = {f['x_sgd']:.2f}x SGD; {peer} "
+                           f"{p['median_s']:.3g} s/step = {p['x_sgd']:.2f}x SGD; {fused} runs at "
+                           f"{p['median_s'] / f['median_s']:.2f}x the speed of {peer}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -488,6 +502,9 @@ def main(argv: list[str] | None = None) -> dict:
     for m in models:
         md.append(f"- {m}: {wls[m].description}")
     md += ["", common.markdown_table(rows, COLS), ""]
+    reading = summarize(rows)
+    if reading:
+        md += ["Reading:", *reading, ""]
     if notes:
         md += ["Notes:", *[f"- {n}" for n in notes], ""]
     text = "\n".join(md)

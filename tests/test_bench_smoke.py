@@ -20,7 +20,14 @@ pytestmark = pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="benc
 
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
+    """No progress bars; one torch thread (on a shared 2-core machine, 2 threads can be 100x
+    slower from barrier contention); the thread count is restored afterwards."""
+    import torch
+
     monkeypatch.setenv("FUSED_FLAT_BENCH_NO_PROGRESS", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _cli(*argv: str) -> int:
@@ -49,7 +56,7 @@ def test_bench_micro_quick(tmp_path):
     from fused_flat import backends
 
     _cli("bench", "micro", "--quick", "--sizes", "4096", "--dtypes", "float32,bfloat16", "--step-size", "4096",
-         "--stream-size", "64K", "--sgd-tensors", "4", "--reps", "1", "--out", str(tmp_path))
+         "--stream-size", "64K", "--sgd-tensors", "4", "--reps", "1", "--threads", "1", "--out", str(tmp_path))
     data = json.loads((tmp_path / "micro.json").read_text())
     assert data["meta"]["torch"] and data["meta"]["date"] and data["meta"]["cpu_model"]
     assert data["stream"]["triad_GBps"] > 0
@@ -74,7 +81,7 @@ def test_bench_micro_quick(tmp_path):
 
 def test_bench_e2e_quick(tmp_path):
     _cli("bench", "e2e", "--quick", "--models", "gpt", "--steps", "1", "--warmup", "1", "--batches", "1",
-         "--out", str(tmp_path))
+         "--threads", "1", "--out", str(tmp_path))
     data = json.loads((tmp_path / "e2e.json").read_text())
     assert data["synthetic_data"] is True
     assert data["meta"]["torch"] and data["meta"]["date"]
