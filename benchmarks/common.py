@@ -87,7 +87,8 @@ def load_warning(meta: dict) -> str | None:
     load, cores = meta.get("loadavg_1min"), meta.get("cpu_logical_cores") or 1
     if meta.get("device", "cpu").startswith("cpu") and load is not None and load > 0.75 * cores:
         return (f"WARNING: 1-minute load average {load} on {cores} logical cores when this started: other "
-                f"processes competed for the CPU, so these timings are noisy (rerun on an idle machine).")
+                f"processes competed for the CPU, so these timings are noisy (rerun on an idle machine; on a "
+                f"shared one, --threads 1 avoids multi-thread barrier stalls).")
     return None
 
 
