@@ -308,14 +308,17 @@ def _plot(rows: list[dict], triad: float, path: Path) -> Path | None:
             if r.get("kind") in ("pass", "sgd") and r.get("op") in (op, "sgd_step") and "GBps" in r:
                 if r["op"] == "sgd_step" and "foreach" not in r["impl"]:
                     continue
-                series.setdefault(f"{r['impl']} {r['dtype']}", []).append((r["n"], r["GBps"]))
+                label = f"{r['impl']} step (no noise) {r['dtype']}" if r["op"] == "sgd_step" else \
+                    f"{r['impl']} {r['dtype']}"
+                series.setdefault(label, []).append((r["n"], r["GBps"]))
         for label, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.axhline(triad, color="k", ls="--", lw=1, label=f"STREAM triad {triad:.1f} GB/s")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("bucket elements")
-        ax.set_title(f"{op} (effective bandwidth)")
+        ax.set_title(f"{op}: effective bandwidth")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("GB/s (bytes read+written / time)")
