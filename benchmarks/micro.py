@@ -15,7 +15,7 @@ What it measures, side by side in one process:
   backend auto; with the default check_finite gradient scan, and without it) vs the
   paper-style baseline (randn_like x2 + adds + SGD step) vs the
   reference backend vs torch.optim.SGD, with the closure's forward/backward left out
-  (the gradient is written once, beforehand).
+  (the gradient is written once, beforehand); the cases take turns in rotating order.
 
 A pass is called "RNG-bound" when its time exceeds 2x the bandwidth-bound time: it then
 spends its time generating Gaussians, not moving bytes. Results: results/micro.{json,csv,md}
@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import argparse
 import gc
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -257,28 +258,43 @@ def _step_cases(dtype, device, args, sam_mod) -> list[tuple[str, callable, dict]
 
 
 def bench_steps(n: int, dtype, device, args, sam_mod) -> list[dict]:
-    rows = []
-    tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
-    for name, make, flags in common.progress(_step_cases(dtype, device, args, sam_mod), desc="full steps"):
-        size = n
-        note = None
+    """All step cases are built first, then timed in rounds in which they take turns (the
+    order rotates every round), so that machine drift affects every ratio alike."""
+    rows: list[dict] = []
+    live = []   # [name, fn, keep, size, note, times]
+    dname = str(dtype).replace("torch.", "")
+    for name, make, flags in _step_cases(dtype, device, args, sam_mod):
+        size, note = n, None
         if flags.get("reference") and n > args.reference_max_size:
             size = args.reference_max_size
             note = f"measured at n={size} and scaled linearly to n={n} (reference is slow)"
         try:
             fn, keep = make(size)
-            t = common.time_fn(fn, device, **tkw)
-            del keep, fn
+            fn()   # warm-up (allocates lazily created state)
+            common.sync(device)
+            live.append([name, fn, keep, size, note, []])
         except Exception as exc:
-            rows.append({"kind": "step", "op": "optimizer_step", "impl": name, "n": n,
-                         "dtype": str(dtype).replace("torch.", ""), "note": f"failed: {type(exc).__name__}: {exc}"})
-            continue
+            rows.append({"kind": "step", "op": "optimizer_step", "impl": name, "n": n, "dtype": dname,
+                         "note": f"failed: {type(exc).__name__}: {exc}"})
+    spent = 0.0
+    for r in common.progress(range(args.reps), desc=f"full steps ({len(live)} cases, interleaved)"):
+        k = r % max(1, len(live))
+        for case in live[k:] + live[:k]:
+            t0 = time.perf_counter()
+            case[1]()
+            common.sync(device)
+            dt = time.perf_counter() - t0
+            case[5].append(dt)
+            spent += dt
+        if r + 1 >= args.min_reps and spent > args.max_seconds * max(1, len(live)):
+            break
+    for name, fn, keep, size, note, t in live:
         scale = n / size
-        med = common.median(t) * scale
-        rows.append({"kind": "step", "op": "optimizer_step", "impl": name, "n": n,
-                     "dtype": str(dtype).replace("torch.", ""), "median_s": med,
-                     "min_s": min(t) * scale, "reps": len(t), "tensors": args.sgd_tensors, "note": note})
-        gc.collect()
+        rows.append({"kind": "step", "op": "optimizer_step", "impl": name, "n": n, "dtype": dname,
+                     "median_s": common.median(t) * scale, "min_s": min(t) * scale, "reps": len(t),
+                     "tensors": args.sgd_tensors, "note": note})
+    del live
+    gc.collect()
     base = next((r["median_s"] for r in rows if r["impl"].startswith("torch.optim.SGD") and "median_s" in r), None)
     fused = next((r["median_s"] for r in rows if r["impl"].startswith("FSGLD fused") and "median_s" in r), None)
     for r in rows:
