@@ -58,7 +58,7 @@ def _extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("FUSED_FLAT_WITH_CUDA", "1"), ("FUSED_FLAT_CUDA_ARCHS", '"%s"' % archs)]
-        extra["nvcc"] = ["-O3", "-g0", "-lineinfo", "--expt-relaxed-constexpr",
+        extra["nvcc"] = ["-O3", "-Xcompiler=-g0", "-lineinfo", "--expt-relaxed-constexpr",
                          "-Xptxas=-v", "-fmad=false"]
         ext_cls = cpp_extension.CUDAExtension
     else:

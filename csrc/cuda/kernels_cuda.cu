@@ -1,0 +1,259 @@
+// CUDA implementations of the fused_flat ops perturb_ and restore_and_step_.
+//
+// Same semantics as csrc/cpu/kernels_cpu.cpp, and the same per-element arithmetic:
+// the noise (fused_flat::pair_noise / element_noise) and the update
+// (fused_flat::langevin_update) come from fused_flat/elementwise.h. Compiled with
+// -fmad=false (setup.py) so the fp32 results equal the CPU kernels' bit for bit.
+//
+// Launch design
+//   * Every element's noise is a pure function of its bucket index gi = offset + i
+//     (ALGORITHMS.md §1); grid and block sizes only decide who computes it.
+//   * Vector path (fp32/bf16/fp16): when param, grad and momentum share the same
+//     16-byte misalignment and the first aligned element has an even bucket index, the
+//     aligned body is processed in 16-byte vectors (fp32: 4 elements = 2 Philox pairs;
+//     16-bit: 8 elements = 4 pairs), grid-stride with int64 indices. The < 16-byte head
+//     and tail (at most 2V - 2 elements) are done one element at a time (element_noise).
+//   * Pair path (odd parity, mismatched alignment, fp64): grid-stride over Philox pairs,
+//     one Philox call per two elements, scalar loads/stores.
+//   * grad_scale and found_inf are read inside the kernel (no host synchronisation):
+//     found_inf != 0 -> only the restore theta -= sigma * eps(restore_tag), momentum
+//     untouched; otherwise g is multiplied by grad_mult / *grad_scale (computed in double,
+//     as the CPU op does, then rounded to the compute type).
+//   * Seed and step are kernel arguments; no RNG state lives on the device.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "fused_flat/elementwise.h"
+#include "fused_flat/op_args.h"
+#include "sweep.cuh"
+
+namespace fused_flat {
+namespace cuda_impl {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int64_t thread_index() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t thread_stride() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+// theta <- theta + sigma * eps(tag)
+template <typename scalar_t, int V, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+perturb_kernel(scalar_t* __restrict__ p, Geometry geo, NoiseArgs na,
+               at::opmath_type<scalar_t> sigma) {
+  using acc_t = at::opmath_type<scalar_t>;
+  sweep<scalar_t, V, kVec, true, false, false, false>(
+      p, nullptr, nullptr, geo, na, thread_index(), thread_stride(), [sigma](acc_t& th, acc_t, acc_t&, float e, float) {
+        th = th + sigma * static_cast<acc_t>(e);
+      });
+}
+
+// The fused restore + decay + momentum + Langevin + SGD pass.
+template <typename scalar_t, int V, bool kVec, bool kMom, bool kEps, bool kXi>
+__global__ void __launch_bounds__(kThreads)
+restore_and_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                        scalar_t* __restrict__ m, Geometry geo, NoiseArgs na,
+                        StepArgs<at::opmath_type<scalar_t>> a, double grad_mult,
+                        const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (found_inf != nullptr && *found_inf != 0.0f) {
+    // Skipped step (non-finite gradient): undo the perturbation only, as the CPU op
+    // does with perturb_(-sigma); momentum untouched.
+    if constexpr (kEps) {
+      const acc_t neg_sigma = -a.sigma;
+      sweep<scalar_t, V, kVec, true, false, false, false>(
+          p, nullptr, nullptr, geo, na, thread_index(), thread_stride(), [neg_sigma](acc_t& th, acc_t, acc_t&, float e, float) {
+            th = th + neg_sigma * static_cast<acc_t>(e);
+          });
+    }
+    return;
+  }
+  if (grad_scale != nullptr) {
+    a.grad_mult = static_cast<acc_t>(grad_mult / static_cast<double>(*grad_scale));
+  }
+  sweep<scalar_t, V, kVec, kEps, kXi, true, kMom>(
+      p, g, m, geo, na, thread_index(), thread_stride(), [&a](acc_t& th, acc_t gg, acc_t& mm, float e, float x) {
+        th = langevin_update<kMom>(th, gg, &mm, static_cast<acc_t>(e), static_cast<acc_t>(x), a);
+      });
+}
+
+// ------------------------------------------------------------------- host side
+
+int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cache[device] = sms;
+  return sms;
+}
+
+// Enough blocks to fill the GPU (resident blocks per SM from the kernel's occupancy),
+// never more than the work needs. The results never depend on this number.
+template <typename Kernel>
+int grid_for(Kernel kernel, int64_t work_items, int device) {
+  static int per_sm = 0;  // one per kernel instantiation (same on every device of a build)
+  if (per_sm == 0) {
+    int b = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, kThreads, 0));
+    per_sm = std::max(b, 1);
+  }
+  const int64_t need = (work_items + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(per_sm) * sm_count(device);
+  return static_cast<int>(std::max<int64_t>(1, std::min(need, cap)));
+}
+
+template <typename scalar_t>
+void launch_perturb(const at::Tensor& param, NoiseArgs na, double sigma, int64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = 16 / sizeof(scalar_t);
+  Geometry geo{param.numel(), offset, 0, 0};
+  scalar_t* p = param.data_ptr<scalar_t>();
+  const int device = param.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const acc_t s = static_cast<acc_t>(sigma);
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (plan_vec<scalar_t>(geo, p, nullptr, nullptr)) {
+      auto k = perturb_kernel<scalar_t, V, true>;
+      const int64_t work = geo.nvec + 2 * V;
+      k<<<grid_for(k, work, device), kThreads, 0, stream>>>(p, geo, na, s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  auto k = perturb_kernel<scalar_t, 2, false>;
+  const int64_t work = ((offset + geo.n + 1) >> 1) - (offset >> 1);
+  k<<<grid_for(k, work, device), kThreads, 0, stream>>>(p, geo, na, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, bool kVec, bool kMom, bool kEps, bool kXi>
+void launch_step_kernel(scalar_t* p, const scalar_t* g, scalar_t* m, const Geometry& geo,
+                        const NoiseArgs& na, const StepArgs<at::opmath_type<scalar_t>>& a,
+                        double grad_mult, const float* gs, const float* fi, int device,
+                        cudaStream_t stream) {
+  constexpr int V = kVec ? 16 / sizeof(scalar_t) : 2;
+  auto k = restore_and_step_kernel<scalar_t, V, kVec, kMom, kEps, kXi>;
+  const int64_t work = kVec ? geo.nvec + 2 * V
+                            : ((geo.offset + geo.n + 1) >> 1) - (geo.offset >> 1);
+  k<<<grid_for(k, work, device), kThreads, 0, stream>>>(p, g, m, geo, na, a, grad_mult, gs, fi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, bool kVec, bool kMom>
+void dispatch_noise(scalar_t* p, const scalar_t* g, scalar_t* m, const Geometry& geo,
+                    const NoiseArgs& na, const StepArgs<at::opmath_type<scalar_t>>& a,
+                    double grad_mult, const float* gs, const float* fi, int device,
+                    cudaStream_t stream) {
+  const bool eps = a.sigma != 0, xi = a.noise_std != 0;
+  if (eps && xi)
+    launch_step_kernel<scalar_t, kVec, kMom, true, true>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+  else if (eps)
+    launch_step_kernel<scalar_t, kVec, kMom, true, false>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+  else if (xi)
+    launch_step_kernel<scalar_t, kVec, kMom, false, true>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+  else
+    launch_step_kernel<scalar_t, kVec, kMom, false, false>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+}
+
+template <typename scalar_t, bool kVec>
+void dispatch_mom(scalar_t* p, const scalar_t* g, scalar_t* m, const Geometry& geo,
+                  const NoiseArgs& na, const StepArgs<at::opmath_type<scalar_t>>& a,
+                  double grad_mult, const float* gs, const float* fi, int device,
+                  cudaStream_t stream) {
+  if (m != nullptr)
+    dispatch_noise<scalar_t, kVec, true>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+  else
+    dispatch_noise<scalar_t, kVec, false>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+}
+
+void check_cuda_bucket(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "fused_flat: ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+void perturb_cuda(at::Tensor& param, int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
+                  double sigma, int64_t offset) {
+  check_bucket(param, "param");
+  check_cuda_bucket(param, "param");
+  check_noise_args(seed, offset, tag);
+  TORCH_CHECK(tag >= 0, "fused_flat.perturb_: tag must be >= 0, got ", tag);
+  if (sigma == 0.0 || param.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  const NoiseArgs na{make_key(seed, bucket_id), step, static_cast<uint32_t>(tag)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "perturb_", [&] {
+    launch_perturb<scalar_t>(param, na, sigma, offset);
+  });
+}
+
+void restore_and_step_cuda(at::Tensor& param, const at::Tensor& grad,
+                           const c10::optional<at::Tensor>& momentum_buffer,
+                           const c10::optional<at::Tensor>& grad_scale,
+                           const c10::optional<at::Tensor>& found_inf, int64_t seed,
+                           int64_t bucket_id, int64_t step, int64_t offset, int64_t restore_tag,
+                           double sigma, double lr, double weight_decay, double momentum,
+                           double dampening, bool nesterov, bool momentum_init, double noise_std,
+                           double grad_mult) {
+  check_bucket(param, "param");
+  check_cuda_bucket(param, "param");
+  check_like(param, grad, "grad");
+  if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
+  check_scalar_tensor(grad_scale, param, "grad_scale");
+  check_scalar_tensor(found_inf, param, "found_inf");
+  check_noise_args(seed, offset, restore_tag);
+  TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
+              "fused_flat.restore_and_step_: restore_tag must be >= 0 when sigma != 0");
+  if (param.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  const int device = param.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const NoiseArgs na{make_key(seed, bucket_id), step,
+                     restore_tag < 0 ? 0u : static_cast<uint32_t>(restore_tag)};
+  const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "restore_and_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    StepArgs<acc_t> a;
+    a.sigma = static_cast<acc_t>(sigma);
+    a.lr = static_cast<acc_t>(lr);
+    a.weight_decay = static_cast<acc_t>(weight_decay);
+    a.momentum = static_cast<acc_t>(momentum);
+    a.dampening = static_cast<acc_t>(dampening);
+    a.noise_std = static_cast<acc_t>(noise_std);
+    a.grad_mult = static_cast<acc_t>(grad_mult);  // replaced in-kernel when grad_scale is given
+    a.nesterov = nesterov;
+    a.momentum_init = momentum_init;
+    scalar_t* p = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
+    Geometry geo{param.numel(), offset, 0, 0};
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (plan_vec<scalar_t>(geo, p, g, m)) {
+        dispatch_mom<scalar_t, true>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+        return;
+      }
+    }
+    dispatch_mom<scalar_t, false>(p, g, m, geo, na, a, grad_mult, gs, fi, device, stream);
+  });
+}
+
+}  // namespace cuda_impl
+
+TORCH_LIBRARY_IMPL(fused_flat, CUDA, m) {
+  m.impl("perturb_", &cuda_impl::perturb_cuda);
+  m.impl("restore_and_step_", &cuda_impl::restore_and_step_cuda);
+}
+
+}  // namespace fused_flat

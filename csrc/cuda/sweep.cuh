@@ -1,0 +1,148 @@
+// fused_flat CUDA: the index logic of the kernels (which thread handles which elements,
+// 16-byte vector path vs Philox-pair path), separated from the launch so that it is
+// __host__ __device__: tests/test_cuda_emulation.py compiles it with the host compiler
+// and runs every "thread" of several grid sizes sequentially against a per-element
+// oracle. No CUDA API is used here; tid / stride come from the caller.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <stdint.h>
+
+#include "fused_flat/elementwise.h"
+
+#if defined(__CUDACC__)
+#define FFC_HD __host__ __device__ __forceinline__
+#else
+#define FFC_HD inline
+#endif
+
+namespace fused_flat {
+namespace cuda_impl {
+
+struct NoiseArgs {
+  PhiloxKey key;
+  int64_t step;
+  uint32_t tag;
+};
+
+// Where the 16-byte vectors of a bucket slice lie: elements [head, head + nvec * V).
+struct Geometry {
+  int64_t n;       // elements in the slice
+  int64_t offset;  // bucket index of element 0
+  int64_t head;    // elements before the first aligned vector (vector path only)
+  int64_t nvec;    // number of aligned vectors (vector path only)
+};
+
+template <typename scalar_t, int V>
+struct alignas(16) Vec {
+  scalar_t v[V];
+};
+
+// Per-element body: body(theta, g, m, eps, xi) updates theta (and m) in acc_t.
+// kG / kM: whether g and m are read (and m written).
+template <typename scalar_t, bool kG, bool kM, typename Body>
+FFC_HD void do_element(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                           scalar_t* __restrict__ m, int64_t i, float e, float x,
+                                           const Body& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t th = static_cast<acc_t>(p[i]);
+  const acc_t gg = kG ? static_cast<acc_t>(g[i]) : acc_t(0);
+  acc_t mm = kM ? static_cast<acc_t>(m[i]) : acc_t(0);
+  body(th, gg, mm, e, x);
+  p[i] = static_cast<scalar_t>(th);
+  if constexpr (kM) m[i] = static_cast<scalar_t>(mm);
+}
+
+// Vector path over one slice; see the file comment.
+template <typename scalar_t, int V, bool kEps, bool kXi, bool kG, bool kM, typename Body>
+FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                          scalar_t* __restrict__ m, const Geometry& geo,
+                                          const NoiseArgs& na, int64_t tid, int64_t stride,
+    const Body& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using VecT = Vec<scalar_t, V>;
+  static_assert(V % 2 == 0 && sizeof(VecT) == 16, "16-byte vectors of whole Philox pairs");
+  const int64_t body_end = geo.head + geo.nvec * V;
+  const int64_t edges = geo.head + (geo.n - body_end);
+  for (int64_t t = tid; t < edges; t += stride) {
+    const int64_t i = t < geo.head ? t : body_end + (t - geo.head);
+    float e, x;
+    element_noise<kEps, kXi>(na.key, na.step, na.tag, geo.offset + i, e, x);
+    do_element<scalar_t, kG, kM>(p, g, m, i, e, x, body);
+  }
+  for (int64_t v = tid; v < geo.nvec; v += stride) {
+    const int64_t i0 = geo.head + v * V;
+    VecT pv = *reinterpret_cast<const VecT*>(p + i0);
+    VecT gv, mv;
+    if constexpr (kG) gv = *reinterpret_cast<const VecT*>(g + i0);
+    if constexpr (kM) mv = *reinterpret_cast<const VecT*>(m + i0);
+    const int64_t j0 = (geo.offset + i0) >> 1;  // even by construction
+#pragma unroll
+    for (int k = 0; k < V / 2; ++k) {
+      float e0, x0, e1, x1;
+      pair_noise<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e0, x0, e1, x1);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int q = 2 * k + h;
+        acc_t th = static_cast<acc_t>(pv.v[q]);
+        const acc_t gg = kG ? static_cast<acc_t>(gv.v[q]) : acc_t(0);
+        acc_t mm = kM ? static_cast<acc_t>(mv.v[q]) : acc_t(0);
+        body(th, gg, mm, h ? e1 : e0, h ? x1 : x0);
+        pv.v[q] = static_cast<scalar_t>(th);
+        if constexpr (kM) mv.v[q] = static_cast<scalar_t>(mm);
+      }
+    }
+    *reinterpret_cast<VecT*>(p + i0) = pv;
+    if constexpr (kM) *reinterpret_cast<VecT*>(m + i0) = mv;
+  }
+}
+
+// Pair path: grid-stride over the Philox pairs that touch [offset, offset + n).
+template <typename scalar_t, bool kEps, bool kXi, bool kG, bool kM, typename Body>
+FFC_HD void sweep_pairs(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                            scalar_t* __restrict__ m, const Geometry& geo,
+                                            const NoiseArgs& na, int64_t tid, int64_t stride,
+    const Body& body) {
+  const int64_t jbeg = geo.offset >> 1;
+  const int64_t jend = (geo.offset + geo.n + 1) >> 1;
+  for (int64_t j = jbeg + tid; j < jend; j += stride) {
+    float e0, x0, e1, x1;
+    pair_noise<kEps, kXi>(na.key, na.step, na.tag, j, e0, x0, e1, x1);
+    const int64_t i0 = 2 * j - geo.offset;
+    if (i0 >= 0) do_element<scalar_t, kG, kM>(p, g, m, i0, e0, x0, body);
+    if (i0 + 1 < geo.n) do_element<scalar_t, kG, kM>(p, g, m, i0 + 1, e1, x1, body);
+  }
+}
+
+template <typename scalar_t, int V, bool kVec, bool kEps, bool kXi, bool kG, bool kM, typename Body>
+FFC_HD void sweep(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                      scalar_t* __restrict__ m, const Geometry& geo,
+                                      const NoiseArgs& na, int64_t tid, int64_t stride,
+    const Body& body) {
+  if constexpr (kVec) {
+    sweep_vec<scalar_t, V, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
+  } else {
+    sweep_pairs<scalar_t, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
+  }
+}
+
+// Decides the vector path for buckets of scalar_t: all pointers share one 16-byte
+// misalignment, the first aligned element has an even bucket index, and at least one
+// whole vector fits. Fills geo.head / geo.nvec.
+template <typename scalar_t>
+inline bool plan_vec(Geometry& geo, const void* p, const void* g, const void* m) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  const uintptr_t ap = reinterpret_cast<uintptr_t>(p) % 16;
+  if (g != nullptr && reinterpret_cast<uintptr_t>(g) % 16 != ap) return false;
+  if (m != nullptr && reinterpret_cast<uintptr_t>(m) % 16 != ap) return false;
+  if (ap % sizeof(scalar_t) != 0) return false;
+  const int64_t head = static_cast<int64_t>((16 - ap) % 16) / static_cast<int64_t>(sizeof(scalar_t));
+  if (head > geo.n || ((geo.offset + head) & 1) != 0) return false;
+  const int64_t nvec = (geo.n - head) / V;
+  if (nvec == 0) return false;
+  geo.head = head;
+  geo.nvec = nvec;
+  return true;
+}
+
+}  // namespace cuda_impl
+}  // namespace fused_flat

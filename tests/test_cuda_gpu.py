@@ -1,0 +1,309 @@
+"""GPU tests of the compiled CUDA kernels (csrc/cuda/kernels_cuda.cu).
+
+They need an NVIDIA GPU and an extension built with CUDA; without a GPU the whole module
+is skipped (the static checks of tests/test_cuda_static.py run instead).
+
+Oracles, strongest first:
+  * 'cpp' on CPU copies of the same buckets: the CUDA kernels call the same
+    __host__ __device__ arithmetic (fused_flat/elementwise.h) and are compiled with
+    -fmad=false, the C++ ones with -ffp-contract=off, so the results must be identical
+    bit for bit, whatever path (16-byte vectors or Philox pairs) the kernel takes.
+  * 'reference' (pure torch, on the GPU): libm-style log/cos/sin of torch, so agreement to
+    rounding of the noise (|d eps| <= 1e-5), i.e. 1e-6 relative on fp32 values and one
+    ulp on bf16/fp16 values.
+  * 'triton' (compiled, not the interpreter) with the same tolerances, when importable.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fused_flat import backends
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SEED = 0x1234_5678_9ABC
+SIZES = [1, 3, 4097, (1 << 20) + 7]
+# (offset in the bucket, storage shift of the view): shift 0/2/3 with an even first aligned
+# element take the 16-byte vector path (with head elements for shift 2/3); odd offsets and
+# shift 1 take the Philox-pair path.
+PLACEMENTS = [(0, 0), (7, 0), (0, 1), (0, 2), (5, 3), (1 << 33, 0)]
+ULP_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -7,
+            torch.float16: 2.0 ** -10}
+
+
+@pytest.fixture(scope="module")
+def cuda_be():
+    return backends.get("cuda")   # raises (test error) if the extension lacks CUDA kernels
+
+
+@pytest.fixture(scope="module")
+def cpp_be():
+    return backends.get("cpp")
+
+
+def _others():
+    """Backends compared with tolerance on the GPU: 'reference', and compiled 'triton'."""
+    out = [backends.get("reference")]
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        try:
+            out.append(backends.get("triton"))
+        except RuntimeError:
+            pass
+    return out
+
+
+def _bucket(n, dtype, shift, gen, scale=1.0, base=0.0):
+    """A CUDA view of n elements starting `shift` elements into its storage."""
+    full = (torch.randn(n + shift, generator=gen, dtype=torch.float64) * scale + base).to(dtype)
+    return full.cuda()[shift:]
+
+
+def _cpu_copy(t):
+    return t.detach().cpu().clone()
+
+
+def _assert_identical(got_cuda, want_cpu, what):
+    got = got_cuda.cpu()
+    if not torch.equal(got, want_cpu):
+        diff = (got.double() - want_cpu.double()).abs()
+        i = int(diff.argmax())
+        raise AssertionError(f"{what}: CUDA differs from the C++ CPU kernel at {int((diff > 0).sum())} "
+                             f"of {got.numel()} elements; worst index {i}: {got[i].item()!r} vs "
+                             f"{want_cpu[i].item()!r}")
+
+
+def _assert_near(got, want, dtype, atol, what):
+    torch.testing.assert_close(got.double(), want.double(), rtol=ULP_RTOL[dtype], atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("offset,shift", PLACEMENTS)
+def test_perturb_matches_cpu_and_reference(cuda_be, cpp_be, n, dtype, offset, shift):
+    gen = torch.Generator().manual_seed(n + offset + shift)
+    p = _bucket(n, dtype, shift, gen, base=2.0)
+    p_cpu = _cpu_copy(p)
+    p0 = p_cpu.clone()
+    p_others = [(b, p.clone()) for b in _others()]
+    sigma, step, tag = 0.05, 11, 3
+    cuda_be.perturb_(p, SEED, 4, step, tag, sigma, offset)
+    cpp_be.perturb_(p_cpu, SEED, 4, step, tag, sigma, offset)
+    _assert_identical(p, p_cpu, f"perturb_ n={n} {dtype} offset={offset} shift={shift}")
+    if n > 3:
+        assert (p_cpu != p0).float().mean() > 0.5, "perturb_ left most elements unchanged"
+    for b, q in p_others:
+        b.perturb_(q, SEED, 4, step, tag, sigma, offset)
+        # each value is theta + sigma * eps with |d eps| <= 1e-5 between backends
+        _assert_near(p, q, dtype, atol=sigma * 1e-5 if dtype in (torch.float32, torch.float64) else 0.0,
+                     what=f"perturb_ vs {b.name}")
+
+
+def test_perturb_then_restore_returns_theta(cuda_be):
+    gen = torch.Generator().manual_seed(1)
+    p = _bucket((1 << 20) + 7, torch.float32, 0, gen)
+    p0 = p.clone()
+    cuda_be.perturb_(p, SEED, 0, 5, 0, 0.1, 0)
+    moved = (p - p0).abs()
+    assert moved.mean().item() > 0.05      # sigma * E|eps| = 0.1 * 0.798
+    cuda_be.perturb_(p, SEED, 0, 5, 0, -0.1, 0)
+    # (theta + s eps) - s eps is theta up to one rounding of each addition
+    torch.testing.assert_close(p, p0, rtol=0, atol=2.0 ** -21 * (p0.abs().max().item() + 1.0))
+
+
+MOMENTUM = {  # name: (has buffer, momentum, dampening, nesterov, momentum_init)
+    "none": (False, 0.0, 0.0, False, False),
+    "init": (True, 0.9, 0.0, False, True),
+    "heavy_ball": (True, 0.9, 0.1, False, False),
+    "nesterov": (True, 0.9, 0.0, True, False),
+}
+NOISE = {  # name: (sigma, noise_std)
+    "fsgld": (0.03, 0.02),
+    "rwp": (0.03, 0.0),
+    "sgld": (0.0, 0.02),
+    "sgd": (0.0, 0.0),
+}
+
+
+def _step_inputs(n, dtype, shift, mom, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p = _bucket(n, dtype, shift, gen, base=1.0)
+    g = _bucket(n, dtype, shift, gen)
+    m = _bucket(n, dtype, shift, gen) if MOMENTUM[mom][0] else None
+    return p, g, m
+
+
+def _run_step(be, p, g, m, gs, fi, offset, restore_tag, mom, noise, step=9, grad_mult=0.5):
+    _, mu, damp, nest, init = MOMENTUM[mom]
+    sigma, noise_std = NOISE[noise]
+    be.restore_and_step_(p, g, m, gs, fi, SEED, 2, step, offset, restore_tag, sigma, 0.1, 5e-4,
+                         mu, damp, nest, init, noise_std, grad_mult)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mom", list(MOMENTUM))
+@pytest.mark.parametrize("noise", list(NOISE))
+@pytest.mark.parametrize("offset,shift", [(0, 0), (7, 0), (0, 1), (5, 3)])
+def test_restore_and_step_matches_cpu(cuda_be, cpp_be, n, dtype, mom, noise, offset, shift):
+    if n == SIZES[-1] and dtype != torch.float32 and (mom, noise) != ("heavy_ball", "fsgld"):
+        pytest.skip("large size: fp32 everywhere, other dtypes on one configuration")
+    p, g, m = _step_inputs(n, dtype, shift, mom, n + offset)
+    pc, gc, mc = _cpu_copy(p), _cpu_copy(g), (_cpu_copy(m) if m is not None else None)
+    p0 = pc.clone()
+    for restore_tag in (0, 2):
+        _run_step(cuda_be, p, g, m, None, None, offset, restore_tag, mom, noise)
+        _run_step(cpp_be, pc, gc, mc, None, None, offset, restore_tag, mom, noise)
+    what = f"restore_and_step_ n={n} {dtype} {mom} {noise} offset={offset} shift={shift}"
+    _assert_identical(p, pc, what + " (param)")
+    if m is not None:
+        _assert_identical(m, mc, what + " (momentum)")
+    assert not torch.equal(pc, p0)
+    _assert_identical(g, gc, what + " (grad is read-only)")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mom", ["none", "heavy_ball", "nesterov"])
+@pytest.mark.parametrize("offset,shift", [(0, 0), (7, 0), (5, 3)])
+def test_restore_and_step_matches_reference(cuda_be, n, dtype, mom, offset, shift):
+    p, g, m = _step_inputs(n, dtype, shift, mom, 3 * n + offset)
+    runs = [(b, p.clone(), g.clone(), m.clone() if m is not None else None) for b in _others()]
+    _run_step(cuda_be, p, g, m, None, None, offset, 1, mom, "fsgld")
+    sigma, noise_std = NOISE["fsgld"]
+    for b, q, h, k in runs:
+        _run_step(b, q, h, k, None, None, offset, 1, mom, "fsgld")
+        exact = dtype == torch.float32
+        _assert_near(p, q, dtype, atol=(sigma + noise_std) * 1e-5 if exact else 0.0,
+                     what=f"param vs {b.name}")
+        if m is not None:
+            _assert_near(m, k, dtype, atol=1e-6 if exact else 0.0, what=f"momentum vs {b.name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset,shift", [(0, 0), (7, 0), (5, 3)])
+def test_found_inf_skips_update_and_restores(cuda_be, cpp_be, dtype, offset, shift):
+    n = 4097
+    p, g, m = _step_inputs(n, dtype, shift, "heavy_ball", 17)
+    sigma = NOISE["fsgld"][0]
+    p0, m0 = p.clone(), m.clone()
+    cuda_be.perturb_(p, SEED, 2, 9, 1, sigma, offset)
+    pc, gc, mc = _cpu_copy(p), _cpu_copy(g), _cpu_copy(m)
+    g[n // 2] = float("inf")
+    gc[n // 2] = float("inf")
+    fi = torch.ones(1, device="cuda")
+    _run_step(cuda_be, p, g, m, None, fi, offset, 1, "heavy_ball", "fsgld")
+    _run_step(cpp_be, pc, gc, mc, None, fi.cpu(), offset, 1, "heavy_ball", "fsgld")
+    assert torch.equal(m, m0), "momentum must be untouched on a skipped step"
+    _assert_identical(p, pc, "skipped step (param)")
+    assert torch.isfinite(p).all()
+    # restored: theta to within the rounding of (theta + s eps) - s eps
+    tol = 2.0 ** -21 if dtype == torch.float32 else 2.0 ** -7
+    torch.testing.assert_close(p.double(), p0.double(), rtol=2 * tol, atol=sigma * tol * 8)
+    # found_inf = 0 is an ordinary step
+    fz = torch.zeros(1, device="cuda")
+    q, h, k = p0.clone(), torch.randn_like(p0), m0.clone()
+    qc, hc, kc = _cpu_copy(q), _cpu_copy(h), _cpu_copy(k)
+    _run_step(cuda_be, q, h, k, None, fz, offset, 1, "heavy_ball", "fsgld")
+    _run_step(cpp_be, qc, hc, kc, None, fz.cpu(), offset, 1, "heavy_ball", "fsgld")
+    _assert_identical(q, qc, "found_inf=0 (param)")
+    _assert_identical(k, kc, "found_inf=0 (momentum)")
+    assert not torch.equal(k, m0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_scale_divides_gradient(cuda_be, cpp_be, dtype):
+    n = (1 << 20) + 7
+    p, g, m = _step_inputs(n, dtype, 0, "heavy_ball", 23)
+    scale = 1024.0
+    gs = torch.full((1,), scale, device="cuda")
+    fi = torch.zeros(1, device="cuda")
+    q, k = p.clone(), m.clone()
+    pc, gc, mc = _cpu_copy(p), _cpu_copy(g), _cpu_copy(m)
+    _run_step(cuda_be, p, g * scale, m, gs, fi, 0, 0, "heavy_ball", "fsgld")
+    _run_step(cpp_be, pc, gc * scale, mc, gs.cpu(), fi.cpu(), 0, 0, "heavy_ball", "fsgld")
+    _assert_identical(p, pc, "grad_scale (param)")
+    _assert_identical(m, mc, "grad_scale (momentum)")
+    # the same as an unscaled gradient: scale is a power of two, so g * s / s == g exactly
+    _run_step(cuda_be, q, g, k, None, None, 0, 0, "heavy_ball", "fsgld")
+    assert torch.equal(p, q) and torch.equal(m, k)
+
+
+def test_no_host_synchronisation(cuda_be):
+    """grad_scale and found_inf are read inside the kernel: the op never syncs the host."""
+    p, g, m = _step_inputs(4097, torch.float32, 0, "heavy_ball", 29)
+    gs = torch.full((1,), 2.0, device="cuda")
+    fi = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda_be.perturb_(p, SEED, 2, 9, 0, 0.03, 0)
+        _run_step(cuda_be, p, g, m, gs, fi, 0, 0, "heavy_ball", "fsgld")
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+def test_cuda_graph_capture(cuda_be):
+    """No host sync and no allocation: the ops can be captured in a CUDA graph and replayed."""
+    p, g, m = _step_inputs(4097, torch.float32, 0, "heavy_ball", 31)
+    fi = torch.zeros(1, device="cuda")
+    q, k = p.clone(), m.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_be.perturb_(p, SEED, 2, 9, 0, 0.03, 0)
+        _run_step(cuda_be, p, g, m, None, fi, 0, 0, "heavy_ball", "fsgld")
+    assert torch.equal(p, q), "capture must not execute the kernels"
+    graph.replay()
+    torch.cuda.synchronize()
+    cuda_be.perturb_(q, SEED, 2, 9, 0, 0.03, 0)
+    _run_step(cuda_be, q, g, k, None, fi, 0, 0, "heavy_ball", "fsgld")
+    assert torch.equal(p, q) and torch.equal(m, k)
+
+
+def test_empty_bucket_is_a_no_op(cuda_be):
+    p = torch.empty(0, device="cuda")
+    cuda_be.perturb_(p, SEED, 0, 0, 0, 1.0, 3)
+    _run_step(cuda_be, p, p.clone(), p.clone(), None, None, 3, 0, "heavy_ball", "fsgld")
+    torch.cuda.synchronize()
+
+
+def test_rejects_cpu_grad(cuda_be):
+    p = torch.zeros(8, device="cuda")
+    with pytest.raises(RuntimeError, match="grad must match"):
+        _run_step(cuda_be, p, torch.zeros(8), None, None, None, 0, 0, "none", "fsgld")
+
+
+def _model(device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).to(device)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fsgld_optimizer_cuda_vs_reference(momentum):
+    from fused_flat import FSGLD
+
+    x = torch.randn(128, 32, generator=torch.Generator().manual_seed(5)).cuda()
+    y = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(6)).cuda()
+    models, opts = [], []
+    for be in ("cuda", "reference"):
+        model = _model("cuda")
+        models.append(model)
+        opts.append(FSGLD(model.parameters(), lr=0.1, beta=1e4, momentum=momentum,
+                          weight_decay=5e-4, seed=99, backend=be))
+    init = [p.detach().clone() for p in models[0].parameters()]
+    for _ in range(10):
+        for model, opt in zip(models, opts):
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    moved = max((p.detach() - p0).abs().max().item() for p, p0 in zip(models[0].parameters(), init))
+    assert moved > 1e-2
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
