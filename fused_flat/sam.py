@@ -602,8 +602,9 @@ class RWSAM(SAM):
 
     def sample_weights(self, losses: torch.Tensor, probed: torch.Tensor) -> torch.Tensor:
         """p = softmax(lam * ghat^2 / mean(ghat^2)) from the losses at theta and theta + delta v."""
-        ghat2 = ((probed.detach().float() - losses.detach().float()) / self.delta) ** 2
-        normalized = ghat2 / ghat2.mean().clamp_min(torch.finfo(torch.float32).tiny)
+        dt = torch.promote_types(losses.dtype, torch.float32)
+        ghat2 = ((probed.detach().to(dt) - losses.detach().to(dt)) / self.delta) ** 2
+        normalized = ghat2 / ghat2.mean().clamp_min(torch.finfo(dt).tiny)
         return torch.softmax(self.lam * normalized, dim=0)
 
     def step(self, closure=None):
