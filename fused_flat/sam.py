@@ -298,6 +298,7 @@ class SAM(Optimizer):
         self._perturbed = False
         self._first_nonfinite = False
         self._k += 1
+        self._opt_called = True   # what torch's LR schedulers check: no "scheduler before step" warning
         if skip:
             self.skipped_steps += 1
             warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self._k - 1}; the "

@@ -243,6 +243,21 @@ def test_lr_scheduler_attaches_to_sam():
     assert opt.base_optimizer.param_groups[0] is opt.param_groups[0]
 
 
+def test_lr_scheduler_two_call_form_no_order_warning():
+    net = make_net()
+    opt = SAM(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = batches(1)[0]
+    loss_of(net, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(net, x, y).backward()
+    opt.second_step(zero_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # "lr_scheduler.step() before optimizer.step()"
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05
+
+
 def test_save_resume_bitwise():
     data = batches()
     net = make_net()
