@@ -16,6 +16,15 @@ from fused_flat.bn import running_stats_frozen
 from tests.conftest import cpu_backends
 
 STEPS = 10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 TOL = dict(rtol=1e-10, atol=1e-12)   # float64 round-off over 10 steps
 
 

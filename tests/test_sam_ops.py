@@ -13,6 +13,15 @@ TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-13
        torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread avoids OpenMP spin-waits on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def ops():
     from fused_flat import sam_ops
     return sam_ops
@@ -126,3 +135,15 @@ def test_bad_input_errors():
         ops().sam_perturb_(p, g, torch.zeros(8), False, 0.1)
     with pytest.raises(RuntimeError, match="contiguous 1-D"):
         ops().sam_grad_sq_norm(torch.zeros(3, 3))
+
+
+def test_results_do_not_depend_on_thread_count():
+    p, g = _data((1 << 14) * 5 + 3, torch.float32)
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        q, b = p.clone(), torch.empty_like(p)
+        ops().sam_perturb_(q, g, b, True, 0.01)
+        outs.append((ops().sam_grad_sq_norm(g, p), q))
+    for norm, q in outs[1:]:
+        assert torch.equal(norm, outs[0][0]) and torch.equal(q, outs[0][1])
