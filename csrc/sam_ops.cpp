@@ -3,12 +3,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
-  // sum_i t_i^2 in float64 (0-dim tensor), t = g (SAM/USAM) or |theta| g (ASAM, param given).
-  // Fixed-size blocks summed in order: the result does not depend on the thread count.
-  m.def("sam_grad_sq_norm(Tensor grad, Tensor? param=None) -> Tensor");
-  // backup <- theta ; theta <- theta + (coef * s) * g, s = theta^2 if adaptive else 1.
+  // sum_i t_i^2 in float64 (0-dim tensor), t = g (SAM/USAM) or (|theta| + eta) g (ASAM,
+  // param given). Fixed-size blocks summed in order: independent of the thread count.
+  m.def("sam_grad_sq_norm(Tensor grad, Tensor? param=None, float eta=0.0) -> Tensor");
+  // backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive else 1.
   m.def("sam_perturb_(Tensor(a!) param, Tensor grad, Tensor(b!) backup, bool adaptive, "
-        "float coef) -> ()");
+        "float coef, float eta=0.0) -> ()");
   // theta <- backup, then torch.optim.SGD's step with g2 * grad_mult [/ grad_scale]
   // (weight decay, momentum, dampening, nesterov). A set found_inf restores only.
   m.def("sam_restore_and_step_(Tensor(a!) param, Tensor backup, Tensor grad, "

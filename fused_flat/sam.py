@@ -6,7 +6,7 @@ perturbed point:
 .. math::
 
     \text{SAM:}\; e &= \rho\, g_1 / (\lVert g_1 \rVert_2 + 10^{-12}) \qquad
-    \text{ASAM:}\; e = \rho\, T^2 g_1 / (\lVert T g_1 \rVert_2 + 10^{-12}),\; T = |\theta| \qquad
+    \text{ASAM:}\; e = \rho\, T^2 g_1 / (\lVert T g_1 \rVert_2 + 10^{-12}),\; T = |\theta| + \eta_a \qquad
     \text{USAM:}\; e = \rho\, g_1 \\
     \tilde\theta &= \theta + e;\quad g_2 = \nabla L(\tilde\theta);\quad
     \theta \leftarrow \text{backup};\quad \text{base optimizer step with } g_2
@@ -124,7 +124,9 @@ class SAM(Optimizer):
             path); it is built on this optimizer's param_groups with ``**base_kwargs``.
         rho (float | None): perturbation radius (>= 0). ``None``: 0.05 for SAM and USAM,
             2.0 for ASAM (Kwon et al.'s default).
-        adaptive (bool): ASAM, ``e = rho T^2 g / ||T g||`` with ``T = |theta|``.
+        adaptive (bool): ASAM, ``e = rho T^2 g / ||T g||`` with ``T = |theta| + adaptive_eta``.
+        adaptive_eta (float): ASAM's offset eta_a (>= 0, default 0 as davda54/sam); Kwon et
+            al. add it for biases: put them in their own param group with ``adaptive_eta=0.01``.
         normalize (bool): ``False`` is USAM, ``e = rho g`` (not allowed with adaptive).
         backend (str): 'auto', 'cpp' (CPU kernels) or 'reference' (pure torch).
         check_finite (bool): skip the update (parameters restored exactly from the backup,
@@ -169,8 +171,9 @@ class SAM(Optimizer):
     _step_supports_amp_scaling = True  # GradScaler.step sets grad_scale / found_inf
 
     def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float | None = None,
-                 adaptive: bool = False, normalize: bool = True, *, backend: str = "auto",
-                 check_finite: bool = True, freeze_bn: bool = True, **base_kwargs):
+                 adaptive: bool = False, normalize: bool = True, *, adaptive_eta: float = 0.0,
+                 backend: str = "auto", check_finite: bool = True, freeze_bn: bool = True,
+                 **base_kwargs):
         name = type(self).__name__
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(f"{name}: base_optimizer must be a torch.optim.Optimizer class (e.g. "
@@ -182,7 +185,8 @@ class SAM(Optimizer):
         self.backend = backend
         self.check_finite = bool(check_finite)
         self.freeze_bn = bool(freeze_bn)
-        defaults = dict(rho=rho, adaptive=adaptive, normalize=normalize, **base_kwargs)
+        defaults = dict(rho=rho, adaptive=adaptive, normalize=normalize, adaptive_eta=adaptive_eta,
+                        **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups   # the same dicts: schedulers see them
@@ -218,6 +222,10 @@ class SAM(Optimizer):
         if not 0.0 <= g["rho"] < math.inf:
             raise ValueError(f"{name}: invalid rho={g['rho']} (the perturbation radius must be finite "
                              f"and >= 0; rho=0 gives the base optimizer)")
+        g["adaptive_eta"] = _number("adaptive_eta", g["adaptive_eta"], name)
+        if not 0.0 <= g["adaptive_eta"] < math.inf:
+            raise ValueError(f"{name}: invalid adaptive_eta={g['adaptive_eta']} (ASAM's offset in "
+                             f"T = |theta| + eta must be finite and >= 0)")
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "_buckets"):
@@ -258,8 +266,9 @@ class SAM(Optimizer):
             b.sync()
         sq = 0.0
         for i, b in enumerate(self._buckets):
-            adaptive = self.param_groups[b.group_index]["adaptive"]
-            sq += float(self._backends[i].sam_grad_sq_norm(b.grad, b.data if adaptive else None))
+            g = self.param_groups[b.group_index]
+            sq += float(self._backends[i].sam_grad_sq_norm(b.grad, b.data if g["adaptive"] else None,
+                                                           g["adaptive_eta"]))
         norm = math.sqrt(sq) * inv
         self._first_nonfinite = not math.isfinite(norm)
         for i, b in enumerate(self._buckets):
@@ -268,7 +277,8 @@ class SAM(Optimizer):
                 self._backup[i].copy_(b.data)
                 continue
             coef = g["rho"] * inv / (norm + NORM_EPS) if g["normalize"] else g["rho"] * inv
-            self._backends[i].sam_perturb_(b.data, b.grad, self._backup[i], g["adaptive"], coef)
+            self._backends[i].sam_perturb_(b.data, b.grad, self._backup[i], g["adaptive"], coef,
+                                           g["adaptive_eta"])
         self._perturbed = True
         if zero_grad:
             self.zero_grad()

@@ -24,15 +24,16 @@ def _ops():
     return torch.ops.fused_flat
 
 
-def sam_grad_sq_norm(grad: torch.Tensor, param: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i t_i^2 in float64 (0-dim), t = g, or |theta| * g when ``param`` is given (ASAM)."""
-    return _ops().sam_grad_sq_norm(grad, param)
+def sam_grad_sq_norm(grad: torch.Tensor, param: torch.Tensor | None = None,
+                     eta: float = 0.0) -> torch.Tensor:
+    """sum_i t_i^2 in float64 (0-dim), t = g, or (|theta| + eta) * g when ``param`` is given."""
+    return _ops().sam_grad_sq_norm(grad, param, eta)
 
 
 def sam_perturb_(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor, adaptive: bool,
-                 coef: float) -> None:
-    """backup <- theta ; theta <- theta + (coef * s) * g, s = theta^2 (ASAM) or 1; one pass."""
-    _ops().sam_perturb_(param, grad, backup, adaptive, coef)
+                 coef: float, eta: float = 0.0) -> None:
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 (ASAM) or 1."""
+    _ops().sam_perturb_(param, grad, backup, adaptive, coef, eta)
 
 
 def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor,
@@ -55,11 +56,11 @@ def sam_probe_(param: torch.Tensor, backup: torch.Tensor, seed: int, bucket_id: 
 if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
 
     @torch.library.register_fake("fused_flat::sam_grad_sq_norm")
-    def _sq_norm_fake(grad, param=None):
+    def _sq_norm_fake(grad, param=None, eta=0.0):
         return torch.empty((), dtype=torch.float64, device=grad.device)
 
     @torch.library.register_fake("fused_flat::sam_perturb_")
-    def _perturb_fake(param, grad, backup, adaptive, coef):
+    def _perturb_fake(param, grad, backup, adaptive, coef, eta=0.0):
         return None
 
     @torch.library.register_fake("fused_flat::sam_restore_and_step_")

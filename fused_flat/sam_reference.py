@@ -17,26 +17,29 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def sam_grad_sq_norm(grad: torch.Tensor, param: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i t_i^2 in float64 (0-dim), t = g, or |theta| * g when ``param`` is given (ASAM)."""
+def sam_grad_sq_norm(grad: torch.Tensor, param: torch.Tensor | None = None,
+                     eta: float = 0.0) -> torch.Tensor:
+    """sum_i t_i^2 in float64 (0-dim), t = g, or (|theta| + eta) * g when ``param`` is given
+    (ASAM)."""
     total = torch.zeros((), dtype=torch.float64, device=grad.device)
     for s in range(0, grad.numel(), CHUNK):
         t = grad[s:s + CHUNK].to(_acc(grad)).double()
         if param is not None:
-            t = param[s:s + CHUNK].to(_acc(grad)).double() * t
+            t = (param[s:s + CHUNK].to(_acc(grad)).abs() + eta).double() * t
         total += (t * t).sum()
     return total
 
 
 def sam_perturb_(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor, adaptive: bool,
-                 coef: float) -> None:
-    """backup <- theta ; theta <- theta + (coef * s) * g, s = theta^2 (ASAM) or 1."""
+                 coef: float, eta: float = 0.0) -> None:
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 (ASAM) or 1."""
     backup.copy_(param)
     acc = _acc(param)
     for s in range(0, param.numel(), CHUNK):
         p = param[s:s + CHUNK]
         th = p.to(acc)
-        scale = coef * (th * th) if adaptive else torch.full_like(th, coef)
+        t = th.abs() + eta
+        scale = coef * (t * t) if adaptive else torch.full_like(th, coef)
         p.copy_(th + scale * grad[s:s + CHUNK].to(acc))
 
 

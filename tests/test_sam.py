@@ -49,9 +49,11 @@ class RefSAM:
     """davda54/sam, written the obvious way: per-tensor norms, a dict of old weights,
     torch.optim base optimizer; BN buffers saved/restored around the perturbed pass."""
 
-    def __init__(self, params, base=torch.optim.SGD, rho=0.05, adaptive=False, normalize=True, **kw):
+    def __init__(self, params, base=torch.optim.SGD, rho=0.05, adaptive=False, normalize=True,
+                 eta=None, **kw):
         self.params = list(params)
         self.rho, self.adaptive, self.normalize = rho, adaptive, normalize
+        self.eta = eta or {}   # {param: ASAM offset}
         self.base = base(self.params, **kw)
         self.old = {}
 
@@ -62,12 +64,12 @@ class RefSAM:
     @torch.no_grad()
     def first_step(self, scale=1.0):
         gs = [p for p in self.params if p.grad is not None]
-        norm = torch.norm(torch.stack([((p.abs() if self.adaptive else 1.0) * p.grad * scale).norm(2)
-                                       for p in gs]), 2)
+        t = {p: (p.abs() + self.eta.get(p, 0.0) if self.adaptive else 1.0) for p in gs}
+        norm = torch.norm(torch.stack([(t[p] * p.grad * scale).norm(2) for p in gs]), 2)
         for p in gs:
             self.old[p] = p.clone()
             coef = self.rho / (norm + 1e-12) if self.normalize else self.rho
-            p.add_((p ** 2 if self.adaptive else 1.0) * p.grad * scale * coef)
+            p.add_(t[p] ** 2 * p.grad * scale * coef)
 
     @torch.no_grad()
     def restore(self):
@@ -155,6 +157,25 @@ def test_sgd_options_match_reference(cfg):
     run_ours(net, opt, data)
     run_ref(twin, ref, data)
     assert_models_close(net, twin)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_asam_eta_for_biases_in_their_own_group(backend):
+    data = batches(4)
+    net, twin = make_net(), make_net()
+    split = lambda m: ([p for n, p in m.named_parameters() if n.endswith("weight")],   # noqa: E731
+                       [p for n, p in m.named_parameters() if n.endswith("bias")])
+    w, b = split(net)
+    opt = SAM([{"params": w}, {"params": b, "adaptive_eta": 0.01}], adaptive=True, backend=backend,
+              **SGD_CFG)
+    w2, b2 = split(twin)
+    ref = RefSAM(w2 + b2, rho=2.0, adaptive=True, eta={p: 0.01 for p in b2}, **SGD_CFG)
+    run_ours(net, opt, data)
+    run_ref(twin, ref, data)
+    assert_models_close(net, twin)
+    no_eta = make_net()
+    run_ours(no_eta, SAM(no_eta.parameters(), adaptive=True, **SGD_CFG), data)
+    assert not torch.allclose(no_eta[4].bias, net[4].bias, rtol=1e-6, atol=0)   # eta matters
 
 
 def test_rho_defaults():
@@ -479,6 +500,8 @@ def test_clear_errors():
     net = make_net()
     with pytest.raises(ValueError, match="rho"):
         SAM(net.parameters(), rho=-0.1)
+    with pytest.raises(ValueError, match="adaptive_eta"):
+        SAM(make_net().parameters(), adaptive=True, adaptive_eta=-1.0)
     with pytest.raises(ValueError, match="normalize=True"):
         SAM(make_net().parameters(), adaptive=True, normalize=False)
     with pytest.raises(TypeError, match="Optimizer class"):

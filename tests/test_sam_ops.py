@@ -35,12 +35,13 @@ def _data(n, dtype, seed=0):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_sq_norm(n, dtype, adaptive):
+@pytest.mark.parametrize("adaptive,eta", [(False, 0.0), (True, 0.0), (True, 0.01)])
+def test_sq_norm(n, dtype, adaptive, eta):
     p, g = _data(n, dtype)
-    got = ops().sam_grad_sq_norm(g, p if adaptive else None)
-    want = ref.sam_grad_sq_norm(g, p if adaptive else None)
-    exact = ((p.double() if adaptive else 1.0) * g.double()).pow(2).sum()
+    got = ops().sam_grad_sq_norm(g, p if adaptive else None, eta)
+    want = ref.sam_grad_sq_norm(g, p if adaptive else None, eta)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32   # T = |theta| + eta in acc
+    exact = (((p.to(acc).abs() + eta).double() if adaptive else 1.0) * g.double()).pow(2).sum()
     assert got.dtype == torch.float64 and got.dim() == 0
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(got, exact, rtol=1e-12, atol=0)
@@ -48,16 +49,16 @@ def test_sq_norm(n, dtype, adaptive):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_perturb(n, dtype, adaptive):
+@pytest.mark.parametrize("adaptive,eta", [(False, 0.0), (True, 0.0), (True, 0.01)])
+def test_perturb(n, dtype, adaptive, eta):
     p, g = _data(n, dtype)
     p1, p2 = p.clone(), p.clone()
     b1, b2 = torch.full_like(p, 7.0), torch.full_like(p, 7.0)
-    ops().sam_perturb_(p1, g, b1, adaptive, 0.037)
-    ref.sam_perturb_(p2, g, b2, adaptive, 0.037)
+    ops().sam_perturb_(p1, g, b1, adaptive, 0.037, eta)
+    ref.sam_perturb_(p2, g, b2, adaptive, 0.037, eta)
     assert torch.equal(b1, p) and torch.equal(b2, p)          # backup is the exact theta
     torch.testing.assert_close(p1, p2, **TOL[dtype])
-    want = p.double() + 0.037 * (p.double() ** 2 if adaptive else 1.0) * g.double()
+    want = p.double() + 0.037 * ((p.double().abs() + eta) ** 2 if adaptive else 1.0) * g.double()
     torch.testing.assert_close(p1.double(), want, **TOL[dtype])
 
 

@@ -19,8 +19,9 @@ namespace {
 constexpr int64_t kGrain = int64_t(1) << 15;
 
 template <typename scalar_t, bool kAdaptive>
-double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n) {
+double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n, double eta_d) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eta = static_cast<acc_t>(eta_d);
   const int64_t nblocks = (n + kSamReduceBlock - 1) / kSamReduceBlock;
   std::vector<double> partial(static_cast<size_t>(nblocks), 0.0);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -30,7 +31,7 @@ double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n) {
       double s = 0.0;
       for (int64_t i = lo; i < hi; ++i) {
         const acc_t th = kAdaptive ? static_cast<acc_t>(p[i]) : acc_t(0);
-        s += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i]));
+        s += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i]), eta);
       }
       partial[static_cast<size_t>(b)] = s;
     }
@@ -40,20 +41,21 @@ double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n) {
   return total;
 }
 
-at::Tensor sam_grad_sq_norm_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& param) {
+at::Tensor sam_grad_sq_norm_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& param,
+                                double eta) {
   check_bucket(grad, "grad");
   if (param.has_value()) check_like(grad, *param, "param");
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sam_grad_sq_norm", [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    total = param.has_value() ? sq_norm_typed<scalar_t, true>(g, param->data_ptr<scalar_t>(), grad.numel())
-                              : sq_norm_typed<scalar_t, false>(g, nullptr, grad.numel());
+    total = param.has_value() ? sq_norm_typed<scalar_t, true>(g, param->data_ptr<scalar_t>(), grad.numel(), eta)
+                              : sq_norm_typed<scalar_t, false>(g, nullptr, grad.numel(), eta);
   });
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
 }
 
 void sam_perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, bool adaptive,
-                     double coef) {
+                     double coef, double eta_d) {
   check_bucket(param, "param");
   check_like(param, grad, "grad");
   check_like(param, backup, "backup");
@@ -62,14 +64,14 @@ void sam_perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& back
     scalar_t* p = param.data_ptr<scalar_t>();
     scalar_t* bk = backup.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    const acc_t c = static_cast<acc_t>(coef);
+    const acc_t c = static_cast<acc_t>(coef), eta = static_cast<acc_t>(eta_d);
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t th = p[i];
         bk[i] = th;
         const acc_t t = static_cast<acc_t>(th), gi = static_cast<acc_t>(g[i]);
-        p[i] = static_cast<scalar_t>(adaptive ? sam_perturbed<true, acc_t>(t, gi, c)
-                                              : sam_perturbed<false, acc_t>(t, gi, c));
+        p[i] = static_cast<scalar_t>(adaptive ? sam_perturbed<true, acc_t>(t, gi, c, eta)
+                                              : sam_perturbed<false, acc_t>(t, gi, c, eta));
       }
     });
   });

@@ -3,8 +3,8 @@
 // __host__ __device__ (FF_HD) so the CPU kernels (csrc/cpu/sam_cpu.cpp) and later CUDA /
 // Triton ports run the very same arithmetic (ALGORITHMS.md §3):
 //   sam_sq_term        one element's contribution to ||g||^2 (SAM/USAM) or ||T g||^2 (ASAM,
-//                      T = |theta|), always in double so the global norm never overflows
-//   sam_perturbed      theta + e, e = (coef * s) * g with s = theta^2 (ASAM) or 1
+//                      T = |theta| + eta), always in double so the global norm never overflows
+//   sam_perturbed      theta + e, e = (coef * s) * g with s = T^2 (ASAM) or 1
 //   sam_sgd_update     restore from the backup, then torch.optim.SGD's update with g2
 //   rademacher_sign    RW-SAM probe v_i (tag 16) from the element's Philox words
 #pragma once
@@ -14,17 +14,24 @@ namespace fused_flat {
 
 constexpr int64_t kSamReduceBlock = int64_t(1) << 14;  // fixed blocks: deterministic sums
 
+// ASAM's T = |theta| + eta (eta: Kwon et al.'s offset, 0 unless asked).
+template <typename acc_t>
+FF_HD acc_t asam_t(acc_t theta, acc_t eta) {
+  return (theta < acc_t(0) ? -theta : theta) + eta;
+}
+
 template <bool kAdaptive, typename acc_t>
-FF_HD double sam_sq_term(acc_t theta, acc_t g) {
-  const double t = kAdaptive ? static_cast<double>(theta) * static_cast<double>(g)
+FF_HD double sam_sq_term(acc_t theta, acc_t g, acc_t eta) {
+  const double t = kAdaptive ? static_cast<double>(asam_t(theta, eta)) * static_cast<double>(g)
                              : static_cast<double>(g);
   return t * t;
 }
 
 // coef = rho / (||g|| + 1e-12) (SAM, ASAM) or rho (USAM), times 1/grad_scale under AMP.
 template <bool kAdaptive, typename acc_t>
-FF_HD acc_t sam_perturbed(acc_t theta, acc_t g, acc_t coef) {
-  const acc_t s = kAdaptive ? theta * theta : acc_t(1);
+FF_HD acc_t sam_perturbed(acc_t theta, acc_t g, acc_t coef, acc_t eta) {
+  const acc_t t = kAdaptive ? asam_t(theta, eta) : acc_t(1);
+  const acc_t s = t * t;
   return theta + (coef * s) * g;
 }
 
