@@ -95,8 +95,23 @@ def resolve_backend(name: str, t: torch.Tensor) -> SamBackend:
     if t.device.type == "cpu":
         if cpp is not None:
             return cpp
-        _native.warn_fallback(f"the SAM {t.dtype} bucket")
+        if _native.available():
+            _warn_stale_extension()
+        else:
+            _native.warn_fallback(f"the SAM {t.dtype} bucket")
     return _REFERENCE
+
+
+_warned_stale = False
+
+
+def _warn_stale_extension() -> None:
+    global _warned_stale
+    if not _warned_stale:
+        _warned_stale = True
+        warnings.warn(f"fused_flat: the compiled extension has no SAM ops (built from older "
+                      f"sources); SAM runs on the pure-torch reference backend. Rebuild: "
+                      f"{_native.BUILD_HINT}.", RuntimeWarning, stacklevel=4)
 
 
 _warned_unfused = False
@@ -493,7 +508,8 @@ class MSAM(SAM):
     along dim 0) and calls ``backward()``; it is called twice per micro-batch. Gradients are
     zeroed by the step. BatchNorm: the first pass of each micro-batch updates the running
     statistics (as training on that micro-batch would), the perturbed pass does not
-    (``freeze_bn``). Memory: one gradient-sized accumulator beyond SAM.
+    (``freeze_bn``). Memory: one gradient-sized accumulator beyond SAM. AMP: MSAM.step
+    takes no GradScaler (the backward passes are the closure's); use bf16 autocast.
     """
 
     def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float | None = None,
