@@ -522,3 +522,24 @@ def test_clear_errors():
     rw = RWSAM(make_net().parameters(), delta=1e-3)
     with pytest.raises(ValueError, match="per-sample"):
         rw.step(lambda: torch.tensor(1.0, requires_grad=True))
+
+
+def test_rwsam_save_resume_bitwise():
+    data = batches(6)
+    net = make_net()
+    opt = RWSAM(net.parameters(), delta=1e-3, lam=0.5, lr=0.05, momentum=0.9)   # seed from torch
+    for x, y in data[:3]:
+        opt.step(per_sample(net, x, y))
+    ck = copy.deepcopy({"model": net.state_dict(), "opt": opt.state_dict()})
+    for x, y in data[3:]:
+        opt.step(per_sample(net, x, y))
+    net2 = make_net()
+    net2.load_state_dict(ck["model"])
+    opt2 = RWSAM(net2.parameters(), delta=1e-3, lam=0.5, lr=0.05, momentum=0.9, seed=99)
+    opt2.load_state_dict(ck["opt"])
+    assert opt2.seed == opt.seed and opt2.step_count == 3
+    for x, y in data[3:]:
+        opt2.step(per_sample(net2, x, y))
+    for t1, t2 in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(t1, t2)
+    assert torch.equal(opt.last_weights, opt2.last_weights)
