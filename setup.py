@@ -51,7 +51,7 @@ def _extensions():
     include = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off",
            "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     macros = []
     extra = {"cxx": cxx}
     if with_cuda:

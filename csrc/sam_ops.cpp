@@ -1,0 +1,22 @@
+// Op schemas of the SAM family (ALGORITHMS.md §3). A fragment of the fused_flat library:
+// the core ops are declared in bindings.cpp, kernels live in csrc/cpu/sam_cpu.cpp.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
+  // sum_i t_i^2 in float64 (0-dim tensor), t = g (SAM/USAM) or (|theta| + eta) g (ASAM,
+  // param given). Fixed-size blocks summed in order: independent of the thread count.
+  m.def("sam_grad_sq_norm(Tensor grad, Tensor? param=None, float eta=0.0) -> Tensor");
+  // backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive else 1.
+  m.def("sam_perturb_(Tensor(a!) param, Tensor grad, Tensor(b!) backup, bool adaptive, "
+        "float coef, float eta=0.0) -> ()");
+  // theta <- backup, then torch.optim.SGD's step with g2 * grad_mult [/ grad_scale]
+  // (weight decay, momentum, dampening, nesterov). A set found_inf restores only.
+  m.def("sam_restore_and_step_(Tensor(a!) param, Tensor backup, Tensor grad, "
+        "Tensor(b!)? momentum_buffer, Tensor? grad_scale, Tensor? found_inf, float lr, "
+        "float weight_decay, float momentum, float dampening, bool nesterov, "
+        "bool momentum_init, float grad_mult) -> ()");
+  // RW-SAM probe: backup <- theta ; theta <- theta + delta * v, v Rademacher (tag 16) of
+  // bucket elements [offset, offset + numel).
+  m.def("sam_probe_(Tensor(a!) param, Tensor(b!) backup, int seed, int bucket_id, int step, "
+        "float delta, int offset=0) -> ()");
+}

@@ -1,0 +1,74 @@
+"""Typed Python entry points of the compiled SAM-family ops (``torch.ops.fused_flat.sam_*``).
+
+Schemas: csrc/sam_ops.cpp; CPU kernels: csrc/cpu/sam_cpu.cpp; the math they implement:
+fused_flat/sam_reference.py. Fake implementations are registered so the ops trace under
+``torch.compile``. Importing never fails; calling an op without the extension raises with
+the reason and the fix.
+"""
+from __future__ import annotations
+
+import torch
+
+from fused_flat import _native
+
+
+def _ops():
+    if not _native.available():
+        raise RuntimeError(
+            f"fused_flat: the compiled extension is not available ({_native.load_error}); "
+            f"{_native.BUILD_HINT}, or use backend='reference'."
+        )
+    if not hasattr(torch.ops.fused_flat, "sam_perturb_"):
+        raise RuntimeError("fused_flat: the compiled extension predates the SAM ops; rebuild it "
+                           f"({_native.BUILD_HINT}), or use backend='reference'.")
+    return torch.ops.fused_flat
+
+
+def sam_grad_sq_norm(grad: torch.Tensor, param: torch.Tensor | None = None,
+                     eta: float = 0.0) -> torch.Tensor:
+    """sum_i t_i^2 in float64 (0-dim), t = g, or (|theta| + eta) * g when ``param`` is given."""
+    return _ops().sam_grad_sq_norm(grad, param, eta)
+
+
+def sam_perturb_(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor, adaptive: bool,
+                 coef: float, eta: float = 0.0) -> None:
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 (ASAM) or 1."""
+    _ops().sam_perturb_(param, grad, backup, adaptive, coef, eta)
+
+
+def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor,
+                          momentum_buffer: torch.Tensor | None, grad_scale: torch.Tensor | None,
+                          found_inf: torch.Tensor | None, lr: float, weight_decay: float,
+                          momentum: float, dampening: float, nesterov: bool, momentum_init: bool,
+                          grad_mult: float) -> None:
+    """theta <- backup, then torch.optim.SGD's update with g2 (see sam_reference); one pass."""
+    _ops().sam_restore_and_step_(param, backup, grad, momentum_buffer, grad_scale, found_inf, lr,
+                                 weight_decay, momentum, dampening, nesterov, momentum_init,
+                                 grad_mult)
+
+
+def sam_probe_(param: torch.Tensor, backup: torch.Tensor, seed: int, bucket_id: int, step: int,
+               delta: float, offset: int = 0) -> None:
+    """backup <- theta ; theta <- theta + delta * v (Rademacher, tag 16); one pass."""
+    _ops().sam_probe_(param, backup, seed, bucket_id, step, delta, offset)
+
+
+if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
+
+    @torch.library.register_fake("fused_flat::sam_grad_sq_norm")
+    def _sq_norm_fake(grad, param=None, eta=0.0):
+        return torch.empty((), dtype=torch.float64, device=grad.device)
+
+    @torch.library.register_fake("fused_flat::sam_perturb_")
+    def _perturb_fake(param, grad, backup, adaptive, coef, eta=0.0):
+        return None
+
+    @torch.library.register_fake("fused_flat::sam_restore_and_step_")
+    def _restore_and_step_fake(param, backup, grad, momentum_buffer, grad_scale, found_inf, lr,
+                               weight_decay, momentum, dampening, nesterov, momentum_init,
+                               grad_mult):
+        return None
+
+    @torch.library.register_fake("fused_flat::sam_probe_")
+    def _probe_fake(param, backup, seed, bucket_id, step, delta, offset=0):
+        return None
