@@ -54,14 +54,15 @@ class FlatBucket:
         self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
         self._grad_views: list[torch.Tensor] = []
         self._data_ptrs: list[int] = []
+        had_grad = [p.grad is not None for p in self.params]
         with torch.no_grad():
             for p in self.params:
                 self._attach(len(self._grad_views), p, copy_grad=True)
         self.warned_reattach = False
         # received[i]: parameter i has a gradient in torch.optim's sense (``grad is not None``):
-        # True once a gradient is attached, False after zero_grad(set_to_none=True) until
-        # autograd accumulates into it again.
-        self.received = [True] * len(self.params)
+        # as before the optimizer was built, then True once autograd accumulates into it,
+        # False after zero_grad(set_to_none=True) until autograd accumulates again.
+        self.received = had_grad
         ref = weakref.ref(self)
         self._hooks = [h for i, p in enumerate(self.params)
                        for h in (p.register_post_accumulate_grad_hook(_make_hook(ref, i)),
