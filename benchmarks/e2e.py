@@ -218,33 +218,32 @@ def build_entry(name: str, model: nn.Module, wl: Workload, args) -> Entry:
 
 
 def _build_fused_sam(name, model, params, wl, args, hp) -> Entry:
-    """Adapter to fused_flat.sam (written against ALGORITHMS.md §3: classes SAM, ASAM, RWSAM
-    taking torch.optim.SGD hyperparameters, with step(closure) calling the closure for each
-    gradient it needs; RW-SAM's closure returns per-sample losses). Adjust here if the
-    module's API differs."""
+    """Adapter to fused_flat.sam: SAM / ASAM (SAM(adaptive=True), rho 2.0) take the caller's
+    first forward/backward and a closure for the second (davda54's convention); RWSAM's
+    closure returns the per-sample losses and the optimizer runs every pass itself."""
     sam, why = _sam_module()
     if sam is None:
         raise RuntimeError(why)
-    cls_name = {"SAM": "SAM", "ASAM": "ASAM", "RW-SAM": "RWSAM"}[name]
-    cls = getattr(sam, cls_name, None) or getattr(sam, cls_name.replace("RWSAM", "RW_SAM"), None)
-    if cls is None:
-        raise RuntimeError(f"fused_flat.sam has no class {cls_name}")
-    kw = dict(hp)
-    if name != "RW-SAM":
-        kw["rho"] = args.rho if name == "SAM" else 2.0
-    opt = cls(params, **kw)
-    per_sample = name == "RW-SAM"
+    if name == "RW-SAM":
+        opt = sam.RWSAM(params, torch.optim.SGD, rho=args.rho, delta=1e-3, **hp)
+
+        def step(batch):
+            return opt.step(lambda: wl.per_sample_loss(model, batch))
+        return Entry(name, model, opt, step)
+    adaptive = name == "ASAM"
+    opt = sam.SAM(params, torch.optim.SGD, rho=2.0 if adaptive else args.rho, adaptive=adaptive, **hp)
 
     def step(batch):
+        opt.zero_grad()
+        loss = wl.loss(model, batch)
+        loss.backward()
+
         def closure():
-            opt.zero_grad()
-            if per_sample:
-                return wl.per_sample_loss(model, batch)   # the optimizer reduces and backprops
-            loss = wl.loss(model, batch)
-            loss.backward()
-            return loss
-        out = opt.step(closure)
-        return out.mean() if isinstance(out, torch.Tensor) and out.dim() > 0 else out
+            second = wl.loss(model, batch)
+            second.backward()
+            return second
+        opt.step(closure)
+        return loss.detach()
     return Entry(name, model, opt, step)
 
 
