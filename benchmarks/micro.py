@@ -107,14 +107,6 @@ def _split(n: int, k: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(k)]
 
 
-def _mark_grads(opt) -> None:
-    """Tell a fused optimizer that every parameter received a gradient this step (what a
-    backward pass would have recorded through the bucket's grad hooks), without running one."""
-    for b in getattr(opt, "_buckets", []):
-        if hasattr(b, "received"):
-            b.received = [True] * len(b.params)
-
-
 # ----------------------------------------------------------------------------- passes
 def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[str], triad: float,
                  args) -> list[dict]:
@@ -133,11 +125,12 @@ def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[s
         b = backends.get(name)
         tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
         try:
-            t_p = common.time_fn(lambda: b.perturb_(theta, SEED, 0, k[0], 0, SIGMA, 0), device, **tkw)
+            t_p = common.time_fn(lambda: b.perturb_([theta], [0], SEED, 0, k[0], 0, SIGMA), device, **tkw)
 
             def upd():
-                b.restore_and_step_(theta, grad, mom, None, None, SEED, 0, k[0], 0, 0, SIGMA, LR, WD,
-                                    args.momentum, 0.0, False, False, NOISE_STD, 1.0)
+                b.restore_and_step_([theta], [grad], [mom] if mom is not None else None, [0], None,
+                                    None, SEED, 0, k[0], 0, SIGMA, LR, WD, args.momentum, 0.0,
+                                    False, False, NOISE_STD, 1.0)
                 k[0] += 1
 
             t_u = common.time_fn(upd, device, **tkw)
@@ -200,8 +193,7 @@ def _step_cases(dtype, device, args, sam_mod) -> list[tuple[str, callable, dict]
                                    seed=SEED, backend=backend, check_finite=check_finite)
 
             def closure():
-                _mark_grads(opt)   # the gradient stays in the bucket; no forward/backward
-                return None
+                return None   # p.grad stays from the last step (nothing zeroes it): no backward
 
             return lambda: opt.step(closure), (ps, opt)
         return make
@@ -251,15 +243,19 @@ def _step_cases(dtype, device, args, sam_mod) -> list[tuple[str, callable, dict]
     if sam_mod is not None and hasattr(sam_mod, "SAM"):
         def fused_sam(n):
             ps = _make_params(n, k, dtype, device)
-            for p in ps:
-                p.grad = torch.full_like(p, 1e-3)
+            grads = [torch.full_like(p, 1e-3) for p in ps]
             opt = sam_mod.SAM(ps, lr=LR, weight_decay=WD, momentum=args.momentum)
 
             def closure():
-                _mark_grads(opt)
+                for p, g in zip(ps, grads):
+                    p.grad = g   # what backward would have produced (no copy)
                 return None
 
-            return lambda: opt.step(closure), (ps, opt)
+            def step():
+                closure()   # g1
+                opt.step(closure)
+
+            return step, (ps, opt, grads)
         cases.append(("SAM fused_flat.sam", fused_sam, {}))
     return cases
 

@@ -1,15 +1,31 @@
-"""The one place that decides which backend runs a bucket.
+"""The one place that decides which backend runs a bucket, for both optimizer families.
 
-A backend is an object with ``perturb_`` and ``restore_and_step_`` of the signatures
-in fused_flat.ops / fused_flat.reference, and ``supports(tensor)``.
+A backend runs the passes of a bucket over *lists* of 1-D tensors (the :func:`flat` views
+of the user's parameters, gradients and momentum buffers, fused_flat.buckets) with each
+tensor's offset in the bucket's index space:
 
-'auto' rule: CUDA tensors -> 'triton' when Triton is importable, else 'cuda' (the
-compiled CUDA kernels), else 'reference'; CPU tensors -> 'cpp', else 'reference'.
-An explicit backend that cannot run raises ValueError naming why and how to fix it.
+* ``perturb_(params, offsets, seed, bucket_id, step, tag, sigma)``
+* ``restore_and_step_(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
+  step, restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
+  noise_std, grad_mult)``
+* ``sam_grad_sq_norm(grads, params, eta) -> 0-dim float64``, ``sam_perturb_(params, grads,
+  backups, adaptive, coef, eta)``, ``sam_restore_and_step_(params, backups, grads, moms,
+  grad_scale, found_inf, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
+  grad_mult)``, ``sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)``
+
+(the per-element math: fused_flat.reference and fused_flat.sam_reference). Backends whose
+kernels take one tensor at a time (the reference, the C++ CPU ops) are lifted to lists here;
+GPU backends may launch once per list.
+
+'auto' rule: CUDA tensors -> 'triton' when Triton is importable, else 'cuda' (the compiled
+CUDA kernels), else 'reference'; CPU tensors -> 'cpp', else 'reference'. A backend without
+the SAM ops is passed over for the SAM family ('auto' falls through to the next one). An
+explicit backend that cannot run raises ValueError naming why and how to fix it.
 """
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +34,7 @@ import torch
 from fused_flat import _native
 
 NAMES = ("auto", "reference", "cpp", "cuda", "triton")
+SAM_OPS = ("sam_grad_sq_norm", "sam_perturb_", "sam_restore_and_step_", "sam_probe_")
 
 
 @dataclass(frozen=True)
@@ -26,15 +43,72 @@ class Backend:
     perturb_: Callable
     restore_and_step_: Callable
     devices: tuple  # device types it runs on
+    sam_grad_sq_norm: Callable | None = None
+    sam_perturb_: Callable | None = None
+    sam_restore_and_step_: Callable | None = None
+    sam_probe_: Callable | None = None
 
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type in self.devices
 
+    @property
+    def has_sam(self) -> bool:
+        return self.sam_perturb_ is not None
 
+
+# --------------------------------------------------------------------------- list lifting
+def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None) -> Backend:
+    """A list Backend from per-tensor ops (signatures of fused_flat.reference /
+    sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset)."""
+
+    def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma):
+        for p, off in zip(params, offsets):
+            perturb_(p, seed, bucket_id, step, tag, sigma, off)
+
+    def restore_and_step_list(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
+                              step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
+                              nesterov, momentum_init, noise_std, grad_mult):
+        for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
+            restore_and_step_(p, g, moms[t] if moms is not None else None, grad_scale, found_inf,
+                              seed, bucket_id, step, off, restore_tag, sigma, lr, weight_decay,
+                              momentum, dampening, nesterov, momentum_init, noise_std, grad_mult)
+
+    kw = {}
+    if sam is not None:
+        def sq_norm_list(grads, params, eta):
+            parts = [sam.sam_grad_sq_norm(g, params[t] if params is not None else None, eta)
+                     for t, g in enumerate(grads)]
+            if not parts:
+                return torch.zeros((), dtype=torch.float64)
+            return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+        def sam_perturb_list(params, grads, backups, adaptive, coef, eta):
+            c = float(coef)
+            for p, g, b in zip(params, grads, backups):
+                sam.sam_perturb_(p, g, b, adaptive, c, eta)
+
+        def sam_restore_list(params, backups, grads, moms, grad_scale, found_inf, lr, weight_decay,
+                             momentum, dampening, nesterov, momentum_init, grad_mult):
+            for t, (p, b, g) in enumerate(zip(params, backups, grads)):
+                sam.sam_restore_and_step_(p, b, g, moms[t] if moms is not None else None,
+                                          grad_scale, found_inf, lr, weight_decay, momentum,
+                                          dampening, nesterov, momentum_init, grad_mult)
+
+        def sam_probe_list(params, backups, offsets, seed, bucket_id, step, delta):
+            for p, b, off in zip(params, backups, offsets):
+                sam.sam_probe_(p, b, seed, bucket_id, step, delta, off)
+
+        kw = dict(sam_grad_sq_norm=sq_norm_list, sam_perturb_=sam_perturb_list,
+                  sam_restore_and_step_=sam_restore_list, sam_probe_=sam_probe_list)
+    return Backend(name, perturb_list, restore_and_step_list, devices, **kw)
+
+
+# --------------------------------------------------------------------------- factories
 def _reference() -> Backend:
-    from fused_flat import reference
+    from fused_flat import reference, sam_reference
 
-    return Backend("reference", reference.perturb_, reference.restore_and_step_, ("cpu", "cuda", "meta"))
+    return lift("reference", ("cpu", "cuda", "meta"), reference.perturb_,
+                reference.restore_and_step_, sam_reference)
 
 
 def _compiled(name: str, device: str) -> Backend:
@@ -46,7 +120,15 @@ def _compiled(name: str, device: str) -> Backend:
                            "PATH (or CUDA_HOME set) and FORCE_CUDA=1")
     from fused_flat import ops
 
-    return Backend(name, ops.perturb_, ops.restore_and_step_, (device,))
+    sam = None
+    if device == "cpu":
+        if hasattr(torch.ops.fused_flat, "sam_perturb_"):
+            from fused_flat import sam_ops as sam
+        else:
+            _warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
+                                f"older sources); the SAM family runs on the pure-torch reference "
+                                f"backend. Rebuild: {_native.BUILD_HINT}.")
+    return lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam)
 
 
 def _triton() -> Backend:
@@ -65,6 +147,13 @@ _FACTORIES = {
     "triton": _triton,
 }
 _cache: dict[str, Backend | str] = {}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def get(name: str) -> Backend:
@@ -97,9 +186,11 @@ def check_name(name: str) -> None:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
 
 
-def resolve(name: str, t: torch.Tensor) -> Backend:
-    """The backend that runs bucket ``t`` when the user asked for ``name``."""
+def resolve(name: str, t: torch.Tensor, sam: bool = False) -> Backend:
+    """The backend that runs a bucket of tensors like ``t`` when the user asked for
+    ``name``; ``sam=True`` for the SAM family (the backend must have the SAM ops)."""
     check_name(name)
+    family = "SAM" if sam else "Langevin"
     if name != "auto":
         try:
             b = get(name)
@@ -108,6 +199,9 @@ def resolve(name: str, t: torch.Tensor) -> Backend:
         if not b.supports(t):
             raise ValueError(f"fused_flat: backend '{name}' runs on {b.devices} tensors, but a "
                              f"parameter bucket is on {t.device}; use backend='auto'.")
+        if sam and not b.has_sam:
+            raise ValueError(f"fused_flat: backend '{name}' has no {family} kernels yet; use "
+                             f"backend='auto' or backend='reference'")
         return b
     order = ("triton", "cuda") if t.device.type == "cuda" else ("cpp",)
     for cand in order:
@@ -115,8 +209,8 @@ def resolve(name: str, t: torch.Tensor) -> Backend:
             b = get(cand)
         except RuntimeError:
             continue
-        if b.supports(t):
+        if b.supports(t) and (b.has_sam or not sam):
             return b
-    if t.device.type in ("cpu", "cuda"):
+    if t.device.type == "cpu" or (t.device.type == "cuda" and not sam):
         _native.warn_fallback(f"the {t.device.type} {t.dtype} bucket")
     return get("reference")

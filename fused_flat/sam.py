@@ -1,4 +1,5 @@
-r"""SAM, ASAM, USAM, m-SAM and RW-SAM on flat parameter buckets (ALGORITHMS.md §3).
+r"""SAM, ASAM and USAM on tensor-list buckets (ALGORITHMS.md §3); m-SAM: fused_flat.msam,
+RW-SAM: fused_flat.rwsam.
 
 With :math:`g_1` the gradient at :math:`\theta` and :math:`g_2` the gradient at the
 perturbed point:
@@ -14,8 +15,8 @@ perturbed point:
 The norm is ONE global norm over every parameter of the optimizer (as davda54/sam).
 The API is davda54/sam's (``first_step``, ``second_step``, ``step(closure)``,
 ``adaptive=True``), with its known gaps closed: the base optimizer's state (momentum) is in
-``state_dict`` (#73), ``torch.amp.GradScaler`` works (#97), parameters never change storage
-(they live in flat buckets, fused_flat.buckets), BatchNorm statistics are updated once per
+``state_dict`` (#73), ``torch.amp.GradScaler`` works (#97), parameters, gradients and state stay
+torch's own tensors (a bucket is an index space over them, fused_flat.buckets), BatchNorm statistics are updated once per
 step (#17, #80; fused_flat.bn), and the SAM object *is* the optimizer whose param_groups the
 base optimizer uses, so LR schedulers attach to it directly.
 
@@ -30,89 +31,18 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch.optim import Optimizer
 
-from fused_flat import _native, backends, sam_reference
 from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import build_buckets
-from fused_flat.langevin import _number, _runs, default_seed
+from fused_flat.buckets import check_param, flat
+from fused_flat.core import FlatOptimizer, number
 
-_STATE_FORMAT = 1
 NORM_EPS = 1e-12
 RHO_DEFAULT = 0.05
 RHO_DEFAULT_ADAPTIVE = 2.0
-
-
-# ---------------------------------------------------------------------------- backends
-@dataclass(frozen=True)
-class SamBackend:
-    name: str
-    sam_grad_sq_norm: Callable
-    sam_perturb_: Callable
-    sam_restore_and_step_: Callable
-    sam_probe_: Callable
-
-
-_REFERENCE = SamBackend("reference", sam_reference.sam_grad_sq_norm, sam_reference.sam_perturb_,
-                        sam_reference.sam_restore_and_step_, sam_reference.sam_probe_)
-
-
-def _cpp() -> SamBackend | None:
-    if not _native.available():
-        return None
-    from fused_flat import sam_ops
-
-    if not hasattr(torch.ops.fused_flat, "sam_perturb_"):
-        return None
-    return SamBackend("cpp", sam_ops.sam_grad_sq_norm, sam_ops.sam_perturb_,
-                      sam_ops.sam_restore_and_step_, sam_ops.sam_probe_)
-
-
-def resolve_backend(name: str, t: torch.Tensor) -> SamBackend:
-    """The SAM backend that runs bucket ``t`` when the user asked for ``name`` ('auto': the
-    C++ kernels for CPU tensors when the extension is built, else the reference; CUDA
-    tensors run the reference until CUDA/Triton SAM kernels exist)."""
-    backends.check_name(name)
-    if name == "reference":
-        return _REFERENCE
-    if name in ("cuda", "triton"):
-        raise ValueError(f"fused_flat SAM: there are no '{name}' SAM kernels yet; use backend='auto' "
-                         f"(CUDA tensors run the 'reference' backend) or backend='reference'")
-    cpp = _cpp()
-    if name == "cpp":
-        if cpp is None:
-            raise ValueError(f"fused_flat SAM: backend 'cpp' is not available (compiled extension: "
-                             f"{_native.load_error or 'built without the SAM ops'}); "
-                             f"{_native.BUILD_HINT}, or use backend='auto'")
-        if t.device.type != "cpu":
-            raise ValueError(f"fused_flat SAM: backend 'cpp' runs CPU tensors, but a parameter bucket "
-                             f"is on {t.device}; use backend='auto'")
-        return cpp
-    if t.device.type == "cpu":
-        if cpp is not None:
-            return cpp
-        if _native.available():
-            _warn_stale_extension()
-        else:
-            _native.warn_fallback(f"the SAM {t.dtype} bucket")
-    return _REFERENCE
-
-
-_warned_stale = False
-
-
-def _warn_stale_extension() -> None:
-    global _warned_stale
-    if not _warned_stale:
-        _warned_stale = True
-        warnings.warn(f"fused_flat: the compiled extension has no SAM ops (built from older "
-                      f"sources); SAM runs on the pure-torch reference backend. Rebuild: "
-                      f"{_native.BUILD_HINT}.", RuntimeWarning, stacklevel=4)
-
 
 _warned_unfused = False
 
@@ -127,8 +57,7 @@ def _warn_unfused(base_cls: type) -> None:
             f"{base_cls.__name__}.step() then runs as usual.", UserWarning, stacklevel=3)
 
 
-# ---------------------------------------------------------------------------- SAM
-class SAM(Optimizer):
+class SAM(FlatOptimizer):
     r"""Sharpness-aware minimization (Foret et al.), ASAM (``adaptive=True``) and USAM
     (``normalize=False``) around a base optimizer.
 
@@ -180,10 +109,12 @@ class SAM(Optimizer):
         scaler.step(opt); scaler.update(); opt.zero_grad()
 
     Gradient accumulation: call ``backward()`` several times before ``first_step`` (g1) and
-    before ``second_step`` (g2); the flat gradient buffer accumulates as usual.
+    before ``second_step`` (g2); ``p.grad`` accumulates as usual. A parameter is perturbed
+    iff it has g1 and updated iff it has g2 (``p.grad is not None``); the momentum lives in
+    ``state[p]["momentum_buffer"]``, torch.optim.SGD's own state.
     """
 
-    _step_supports_amp_scaling = True  # GradScaler.step sets grad_scale / found_inf
+    _sam_family = True
 
     def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float | None = None,
                  adaptive: bool = False, normalize: bool = True, *, adaptive_eta: float = 0.0,
@@ -196,10 +127,10 @@ class SAM(Optimizer):
                             f"got {base_optimizer!r}")
         if issubclass(base_optimizer, SAM):
             raise TypeError(f"{name}: base_optimizer cannot itself be a SAM optimizer")
-        backends.check_name(backend)
-        self.backend = backend
-        self.check_finite = bool(check_finite)
         self.freeze_bn = bool(freeze_bn)
+        self._perturbed: list[list[int]] | None = None   # per bucket: indices perturbed by first_step
+        self._first_nonfinite = False
+        self._backups: dict = {}
         defaults = dict(rho=rho, adaptive=adaptive, normalize=normalize, adaptive_eta=adaptive_eta,
                         **base_kwargs)
         super().__init__(params, defaults)
@@ -211,16 +142,7 @@ class SAM(Optimizer):
             g.get("differentiable", False) for g in self.param_groups)
         if not self._fused_sgd:
             _warn_unfused(base_optimizer)
-        self._buckets = build_buckets(self.param_groups)
-        self._backends = [resolve_backend(backend, b.data) for b in self._buckets]
-        self._backup = [torch.empty_like(b.data) for b in self._buckets]
-        self._momentum: list[torch.Tensor | None] = [None] * len(self._buckets)
-        self._mom_ready = [[False] * len(b.params) for b in self._buckets]
-        self._perturbed = False
-        self._first_nonfinite = False
-        self._k = 0
-        self.skipped_steps = 0
-        self.seed: int | None = None
+        self._init_core(seed=getattr(self, "seed", None), backend=backend, check_finite=check_finite)
 
     # ----------------------------------------------------------------- setup
     def _validate_group(self, g: dict) -> None:
@@ -233,68 +155,77 @@ class SAM(Optimizer):
                              f"is USAM, e = rho * g")
         if g["rho"] is None:
             g["rho"] = RHO_DEFAULT_ADAPTIVE if g["adaptive"] else RHO_DEFAULT
-        g["rho"] = _number("rho", g["rho"], name)
+        g["rho"] = number("rho", g["rho"], name)
         if not 0.0 <= g["rho"] < math.inf:
             raise ValueError(f"{name}: invalid rho={g['rho']} (the perturbation radius must be finite "
                              f"and >= 0; rho=0 gives the base optimizer)")
-        g["adaptive_eta"] = _number("adaptive_eta", g["adaptive_eta"], name)
+        g["adaptive_eta"] = number("adaptive_eta", g["adaptive_eta"], name)
         if not 0.0 <= g["adaptive_eta"] < math.inf:
             raise ValueError(f"{name}: invalid adaptive_eta={g['adaptive_eta']} (ASAM's offset in "
                              f"T = |theta| + eta must be finite and >= 0)")
 
     def add_param_group(self, param_group: dict) -> None:
-        if hasattr(self, "_buckets"):
-            raise RuntimeError(f"{type(self).__name__}.add_param_group: parameter groups cannot be "
-                               f"added after construction (the flat buffers are fixed); build the "
-                               f"optimizer with every group")
-        super().add_param_group(param_group)
+        if not hasattr(self, "base_optimizer"):
+            return super().add_param_group(param_group)
+        for key in ("rho", "adaptive", "normalize", "adaptive_eta"):
+            param_group.setdefault(key, self.defaults[key])
+        params = param_group["params"]
+        for p in [params] if isinstance(params, torch.Tensor) else list(params):
+            if isinstance(p, torch.Tensor):
+                check_param(p, type(self).__name__)
+        self.base_optimizer.add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradient buffers (gradients stay views into them; ``set_to_none`` is
-        accepted for compatibility, a parameter without a gradient since the last zero_grad is
-        still skipped as torch.optim skips ``grad is None``)."""
-        for b in self._buckets:
-            b.zero_grad()
+    def _is_perturbed(self) -> bool:
+        return self._perturbed is not None
 
-    @property
-    def step_count(self) -> int:
-        """Completed steps (second_step calls, skipped ones included)."""
-        return self._k
+    def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
+        bk = self._backups.get(p)
+        if bk is None or bk.dtype != p.dtype or bk.shape != p.shape or bk.device != p.device \
+                or bk.stride() != p.stride():
+            bk = self._backups[p] = torch.empty_like(p)
+        return bk
 
     # ----------------------------------------------------------------- the two halves
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
-        """theta <- theta + e(g1); the unperturbed weights are kept in a backup.
+        """theta <- theta + e(g1) for every parameter with a gradient; their unperturbed
+        values are kept in a backup.
 
         ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the first loss; g1 is read
         as g / scale (needed by USAM; SAM/ASAM are scale-free up to the 1e-12). A non-finite
         g1 leaves the weights unperturbed and makes the step a skipped one.
         """
-        if self._perturbed:
+        if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step(): the weights are already "
                                f"perturbed; call second_step() (or step()) first")
         inv = 1.0
         if grad_scaler is not None and grad_scaler.is_enabled():
             inv = 1.0 / float(grad_scaler.get_scale())
-        for b in self._buckets:
-            b.sync()
+        buckets = self.buckets()
+        with_grad = [self._grads(b) for b in buckets]
+        grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
         sq = 0.0
-        for i, b in enumerate(self._buckets):
+        for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
-            sq += float(self._backends[i].sam_grad_sq_norm(b.grad, b.data if g["adaptive"] else None,
-                                                           g["adaptive_eta"]))
+            if with_grad[bi]:
+                ps = [flat(b.params[j]) for j in with_grad[bi]] if g["adaptive"] else None
+                sq += float(self._backends[bi].sam_grad_sq_norm(grads[bi], ps, g["adaptive_eta"]))
         norm = math.sqrt(sq) * inv
         self._first_nonfinite = not math.isfinite(norm)
-        for i, b in enumerate(self._buckets):
+        made = []
+        for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
-            if self._first_nonfinite:
-                self._backup[i].copy_(b.data)
+            idx = [] if self._first_nonfinite else with_grad[bi]
+            made.append(idx)
+            if not idx:
                 continue
             coef = g["rho"] * inv / (norm + NORM_EPS) if g["normalize"] else g["rho"] * inv
-            self._backends[i].sam_perturb_(b.data, b.grad, self._backup[i], g["adaptive"], coef,
-                                           g["adaptive_eta"])
-        self._perturbed = True
+            self._backends[bi].sam_perturb_(
+                [flat(b.params[j]) for j in idx], grads[bi],
+                [flat(self._backup_of(b.params[j])) for j in idx], g["adaptive"], coef,
+                g["adaptive_eta"])
+        self._perturbed = made
         if zero_grad:
             self.zero_grad()
 
@@ -302,90 +233,73 @@ class SAM(Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """theta <- backup (exact), then the base optimizer's step with g2 (the current
         gradient). Skipped, with the weights restored, on a non-finite g1/g2."""
-        if not self._perturbed:
+        if self._perturbed is None:
             raise RuntimeError(f"{type(self).__name__}.second_step(): no perturbation to undo; call "
                                f"first_step() after the first backward pass")
-        for b in self._buckets:
-            b.sync()
-        found_inf = self._found_inf()
-        skip = found_inf is not None and bool(found_inf.item())
-        grad_scale = getattr(self, "grad_scale", None)
+        buckets = self._buckets
+        try:
+            with_grad = [self._grads(b) for b in buckets]
+        except Exception:
+            self.restore()
+            raise
+        grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
+        found_inf = torch.ones(1) if self._first_nonfinite else self._found_inf(grads)
         if self._fused_sgd:
-            self._fused_update(found_inf, grad_scale, skip)
+            known_skip = self._known_skip(found_inf)
+            self._fused_update(buckets, with_grad, grads, found_inf, known_skip)
         else:
-            for i, b in enumerate(self._buckets):
-                b.data.copy_(self._backup[i])
-            if not skip:
+            self.restore()
+            known_skip = found_inf is not None and bool(found_inf.item())
+            if not known_skip:
+                grad_scale = getattr(self, "grad_scale", None)
                 if grad_scale is not None:
-                    for b in self._buckets:
-                        b.grad.div_(grad_scale.to(device=b.device, dtype=b.dtype))
+                    for b, idx in zip(buckets, with_grad):
+                        for j in idx:
+                            b.params[j].grad.div_(grad_scale.to(device=b.device, dtype=b.dtype))
                 self.base_optimizer.step()
-        self._perturbed = False
+        self._perturbed = None
         self._first_nonfinite = False
-        self._k += 1
+        self._finish_step(found_inf, known_skip)
         self._opt_called = True   # what torch's LR schedulers check: no "scheduler before step" warning
-        if skip:
-            self.skipped_steps += 1
-            warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self._k - 1}; the "
-                          f"update was skipped and the parameters restored", RuntimeWarning,
-                          stacklevel=3)
         if zero_grad:
             self.zero_grad()
+
+    def _fused_update(self, buckets, with_grad, grads, found_inf, known_skip: bool) -> None:
+        for bi, b in enumerate(buckets):
+            g = self.param_groups[b.group_index]
+            idx = with_grad[bi]
+            pert = set(self._perturbed[bi])
+            fresh = [b.params[j] for j in idx if j not in pert]   # g2 without g1: not perturbed
+            if fresh:
+                torch._foreach_copy_([self._backup_of(p) for p in fresh], fresh)
+            fi = found_inf.to(b.device) if found_inf is not None else None
+            gs = self._grad_scale(b.device)
+            mult = -1.0 if g.get("maximize", False) else 1.0
+            gpos = {j: k for k, j in enumerate(idx)}
+            for js, moms, init in self._momentum_lists(b, idx, g, create=not known_skip):
+                self._backends[bi].sam_restore_and_step_(
+                    [flat(b.params[j]) for j in js], [flat(self._backups[b.params[j]]) for j in js],
+                    [grads[bi][gpos[j]] for j in js], moms, gs, fi, g["lr"], g["weight_decay"],
+                    g["momentum"], g["dampening"], g["nesterov"], init, mult)
+            lone = [b.params[j] for j in sorted(pert - set(idx))]   # g1 without g2: restore only
+            if lone:
+                torch._foreach_copy_(lone, [self._backups[p] for p in lone])
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo an active perturbation without updating (no-op when none is active)."""
-        if self._perturbed:
-            for i, b in enumerate(self._buckets):
-                b.data.copy_(self._backup[i])
-            self._perturbed = False
-            self._first_nonfinite = False
-
-    def _found_inf(self) -> torch.Tensor | None:
-        if self._first_nonfinite:
-            return torch.ones(1)
-        scaler_found = getattr(self, "found_inf", None)   # set by torch.amp.GradScaler.step
-        if scaler_found is not None:
-            return scaler_found.float().reshape(1)
-        if not self.check_finite or not self._buckets:
-            return None
-        worst = max(float(torch.linalg.vector_norm(b.grad, float("inf"))) for b in self._buckets)
-        return torch.tensor([0.0 if math.isfinite(worst) else 1.0])
-
-    def _fused_update(self, found_inf, grad_scale, skip: bool) -> None:
-        for i, b in enumerate(self._buckets):
-            has = [b.received[j] for j in range(len(b.params))]
-            g = self.param_groups[b.group_index]
-            mu = g["momentum"]
-            if mu > 0 and self._momentum[i] is None:
-                self._momentum[i] = torch.zeros_like(b.data)
-            mom = self._momentum[i] if mu > 0 else None
-            ready = self._mom_ready[i]
-            fi = found_inf.to(b.device) if found_inf is not None else None
-            gs = grad_scale.float().to(b.device).reshape(1) if grad_scale is not None else None
-            mult = -1.0 if g.get("maximize", False) else 1.0
-            backup = self._backup[i]
-            for start, stop, with_grad, init in _runs(has, ready, mom is not None):
-                off = b.offsets[start]
-                sl = slice(off, b.offsets[stop - 1] + b.numels[stop - 1])
-                if with_grad:
-                    self._backends[i].sam_restore_and_step_(
-                        b.data[sl], backup[sl], b.grad[sl], mom[sl] if mom is not None else None,
-                        gs, fi, g["lr"], g["weight_decay"], mu, g["dampening"], g["nesterov"],
-                        init, mult)
-                else:
-                    b.data[sl].copy_(backup[sl])
-            if mom is not None and not skip:
-                for j, h in enumerate(has):
-                    if h and not ready[j]:
-                        ready[j] = True
-                        self.state[b.params[j]]["momentum_buffer"] = b.slice(mom, j).view_as(b.params[j])
+        if self._perturbed is None:
+            return
+        for b, idx in zip(self._buckets, self._perturbed):
+            ps = [b.params[j] for j in idx]
+            if ps:
+                torch._foreach_copy_(ps, [self._backups[p] for p in ps])
+        self._perturbed = None
+        self._first_nonfinite = False
 
     # ----------------------------------------------------------------- step
     def _has_gradients(self) -> bool:
-        for b in self._buckets:
-            b.sync()
-        return any(any(b.received) for b in self._buckets)
+        return any(p.grad is not None for g in self.param_groups for p in g["params"])
 
     def _bn_context(self):
         return running_stats_frozen() if self.freeze_bn else contextlib.nullcontext()
@@ -399,14 +313,14 @@ class SAM(Optimizer):
         """
         name = type(self).__name__
         if closure is None:
-            if self._perturbed:
+            if self._perturbed is not None:
                 self.second_step()
                 return None
             raise RuntimeError(
                 f"{name}.step() needs a closure that recomputes the loss and calls backward() "
                 f"(SAM takes two gradients per step): do the first forward/backward, then "
                 f"{name}.step(closure); or use first_step() / second_step()")
-        if self._perturbed:
+        if self._perturbed is not None:
             raise RuntimeError(f"{name}.step(closure) called after first_step(); call second_step()")
         if not self._has_gradients():
             raise RuntimeError(
@@ -424,307 +338,19 @@ class SAM(Optimizer):
         return loss
 
     # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def _torch_state_dict(self) -> dict:
         """The base optimizer's state_dict (its per-parameter state, e.g. SGD's
-        'momentum_buffer', and the param_groups with rho/adaptive/normalize) plus a
-        'fused_flat' entry (step counter, skipped steps, RW-SAM's seed)."""
-        if self._perturbed:
-            raise RuntimeError(f"{type(self).__name__}.state_dict(): the weights are perturbed; "
-                               f"call second_step() or restore() first")
-        sd = self.base_optimizer.state_dict()
-        sd["fused_flat"] = {"format": _STATE_FORMAT, "kind": type(self).__name__, "step": self._k,
-                            "skipped_steps": self.skipped_steps, "seed": self.seed}
-        return sd
+        'momentum_buffer', and the param_groups with rho/adaptive/normalize)."""
+        return self.base_optimizer.state_dict()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        name = type(self).__name__
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("fused_flat"), dict):
-            raise ValueError(f"{name}.load_state_dict: not a fused_flat SAM state_dict (no "
-                             f"'fused_flat' entry); it must come from {name}.state_dict()")
-        meta = state_dict["fused_flat"]
-        if meta.get("format") != _STATE_FORMAT:
-            raise ValueError(f"{name}.load_state_dict: unknown format {meta.get('format')!r} "
-                             f"(this version reads format {_STATE_FORMAT})")
-        k, seed = meta.get("step"), meta.get("seed")
-        if not isinstance(k, int) or k < 0 or (seed is not None and not (
-                isinstance(seed, int) and 0 <= seed < 2 ** 63)):
-            raise ValueError(f"{name}.load_state_dict: corrupted 'fused_flat' entry "
-                             f"(step={k!r}, seed={seed!r})")
-        self.restore()
-        base_sd = {key: v for key, v in state_dict.items() if key != "fused_flat"}
-        self.base_optimizer.load_state_dict(base_sd)
+    def _torch_load_state_dict(self, sd: dict) -> None:
+        self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        for g in self.param_groups:
-            self._validate_group(g)
-        self._k = k
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
-        if seed is not None:
-            self.seed = seed
-        if self._fused_sgd:
-            with torch.no_grad():
-                for i, b in enumerate(self._buckets):
-                    ready = [("momentum_buffer" in self.state.get(p, {})
-                              and self.state[p]["momentum_buffer"] is not None) for p in b.params]
-                    self._mom_ready[i] = ready
-                    if not any(ready):
-                        continue
-                    if self._momentum[i] is None:
-                        self._momentum[i] = torch.zeros_like(b.data)
-                    for j, p in enumerate(b.params):
-                        if ready[j]:
-                            view = b.slice(self._momentum[i], j)
-                            view.copy_(self.state[p]["momentum_buffer"].reshape(-1))
-                            self.state[p]["momentum_buffer"] = view.view_as(p)
 
 
-# ---------------------------------------------------------------------------- m-SAM
-def _split_batch(batch, m: int) -> list[tuple[object, int]]:
-    if isinstance(batch, torch.Tensor):
-        return [(t, t.shape[0]) for t in torch.split(batch, m)]
-    if isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
-        n = batch[0].shape[0]
-        if any(t.shape[0] != n for t in batch):
-            raise ValueError(f"MSAM: the batch tensors have different sizes along dim 0 "
-                             f"({[t.shape[0] for t in batch]}); they must split together")
-        parts = [torch.split(t, m) for t in batch]
-        return [(type(batch)(p), p[0].shape[0]) for p in zip(*parts)]
-    raise TypeError(f"MSAM.step: batch must be a tensor or a tuple/list of tensors (split along "
-                    f"dim 0), got {type(batch).__name__}")
+# Kept importable from here (the families now live in their own modules).
+from fused_flat.msam import MSAM  # noqa: E402
+from fused_flat.rwsam import RWSAM, choose_delta  # noqa: E402
 
-
-class MSAM(SAM):
-    r"""m-SAM: the batch is split into micro-batches of ``micro_batch_size`` samples; each
-    micro-batch i gets its own :math:`e_i` from its own :math:`g_{1,i}` and its own
-    :math:`g_{2,i}` at :math:`\theta + e_i`; the update uses the mean of the :math:`g_{2,i}`
-    (weighted by micro-batch size when the last one is smaller, so it is the plain mean
-    whenever m divides the batch).
-
-    Under DDP, SAM's per-rank perturbation (each rank perturbs with its local gradient, the
-    g2 are all-reduced) is exactly m-SAM with m = the per-device batch size.
-
-    ``step(closure, batch)``: ``closure(micro_batch)`` computes the mean loss of the
-    micro-batch (same structure as ``batch``: a tensor or a tuple/list of tensors, split
-    along dim 0) and calls ``backward()``; it is called twice per micro-batch. Gradients are
-    zeroed by the step. BatchNorm: the first pass of each micro-batch updates the running
-    statistics (as training on that micro-batch would), the perturbed pass does not
-    (``freeze_bn``). Memory: one gradient-sized accumulator beyond SAM. AMP: MSAM.step
-    takes no GradScaler (the backward passes are the closure's); use bf16 autocast.
-    """
-
-    def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float | None = None,
-                 adaptive: bool = False, normalize: bool = True, *, micro_batch_size: int,
-                 **kwargs):
-        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            raise ValueError(f"MSAM: micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
-        self.micro_batch_size = micro_batch_size
-        super().__init__(params, base_optimizer, rho, adaptive, normalize, **kwargs)
-        self._acc: list[torch.Tensor] | None = None
-
-    def step(self, closure=None, batch=None):
-        """One m-SAM step over ``batch``; returns the size-weighted mean of the first-pass
-        micro-batch losses (detached)."""
-        if closure is None or batch is None:
-            if closure is None and batch is None and self._perturbed:
-                self.second_step()
-                return None
-            raise RuntimeError("MSAM.step(closure, batch): closure(micro_batch) computes the "
-                               "micro-batch's loss and calls backward(); batch is a tensor or a "
-                               "tuple of tensors split along dim 0")
-        if self._perturbed:
-            raise RuntimeError("MSAM.step(closure, batch) called after first_step()")
-        parts = _split_batch(batch, self.micro_batch_size)
-        total = sum(n for _, n in parts)
-        if self._acc is None:
-            self._acc = [torch.zeros_like(b.grad) for b in self._buckets]
-        received = [[False] * len(b.params) for b in self._buckets]
-        nonfinite = False
-        loss_sum = 0.0
-        try:
-            for mb, n in parts:
-                w = n / total
-                self.zero_grad()
-                with torch.enable_grad():
-                    loss = closure(mb)
-                loss_sum = loss_sum + w * loss.detach() if isinstance(loss, torch.Tensor) else loss_sum
-                self.first_step(zero_grad=True)
-                nonfinite = nonfinite or self._first_nonfinite
-                with torch.enable_grad(), self._bn_context():
-                    closure(mb)
-                with torch.no_grad():
-                    for i, b in enumerate(self._buckets):
-                        b.sync()
-                        self._acc[i].add_(b.grad, alpha=w)
-                        received[i] = [r or s for r, s in zip(received[i], b.received)]
-                self.restore()
-        except BaseException:
-            self.restore()
-            for a in self._acc:
-                a.zero_()
-            raise
-        with torch.no_grad():
-            for i, b in enumerate(self._buckets):
-                b.grad.copy_(self._acc[i])
-                self._acc[i].zero_()
-                b.received = received[i]
-                self._backup[i].copy_(b.data)
-        self._perturbed = True            # the weights equal the backup: second_step updates
-        self._first_nonfinite = nonfinite
-        self.second_step()
-        return loss_sum
-
-
-# ---------------------------------------------------------------------------- RW-SAM
-class RWSAM(SAM):
-    r"""Reweighted SAM (papers/rw-sam-paper.txt, sec. 4; ALGORITHMS.md §3).
-
-    Per step k, with ``closure()`` returning the vector of per-sample losses :math:`\ell_i`
-    (with the autograd graph):
-
-    1. :math:`\ell_i(\theta)` (first forward; updates BatchNorm running statistics);
-    2. one extra forward at :math:`\theta + \delta v`, v Rademacher from the noise stream
-       (``seed``, bucket, k, tag 16), without autograd and with BatchNorm statistics frozen;
-       :math:`\hat g_i^2 = ((\ell_i(\theta + \delta v) - \ell_i(\theta)) / \delta)^2`
-       estimates :math:`\lVert\nabla \ell_i\rVert^2`;
-    3. normalization (the paper normalizes before the exponential; our choice): divide by
-       the batch mean, :math:`n_i = \hat g_i^2 / \mathrm{mean}_j \hat g_j^2` (scale-free, so
-       ``lam`` means the same for every model and loss scale);
-    4. :math:`p = \mathrm{softmax}(\lambda n)` (detached), :math:`g_1 = \nabla \sum_i p_i \ell_i`;
-    5. SAM (ASAM/USAM per ``adaptive``/``normalize``) with :math:`g_2` from the ordinary mean
-       loss :math:`\mathrm{mean}_i \ell_i` at :math:`\theta + e` (BatchNorm frozen).
-
-    ``lam = 0`` gives uniform weights: exactly SAM. ``delta`` (required) is the probe size;
-    pick it with :func:`choose_delta` before training. ``seed`` (in [0, 2^63)) defaults to a
-    draw from torch's default generator and is saved in ``state_dict``. ``last_weights``
-    holds the last step's p. The closure is called three times per step; it must not call
-    backward() itself. AMP: not supported by RWSAM.step (the first backward is internal).
-    """
-
-    def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float | None = None,
-                 adaptive: bool = False, normalize: bool = True, *, delta: float, lam: float = 0.5,
-                 seed: int | None = None, **kwargs):
-        delta = _number("delta", delta, "RWSAM")
-        if not 0.0 < delta < math.inf:
-            raise ValueError(f"RWSAM: invalid delta={delta} (the probe size must be finite and > 0; "
-                             f"fused_flat.sam.choose_delta picks one)")
-        lam = _number("lam", lam, "RWSAM")
-        if not math.isfinite(lam):
-            raise ValueError(f"RWSAM: invalid lam={lam} (must be finite; 0 gives SAM)")
-        if seed is None:
-            seed = default_seed()
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"RWSAM: seed must be an integer in [0, 2^63), got {seed!r}")
-        super().__init__(params, base_optimizer, rho, adaptive, normalize, **kwargs)
-        self.delta, self.lam, self.seed = delta, lam, seed
-        self.last_weights: torch.Tensor | None = None
-
-    def _per_sample(self, closure) -> torch.Tensor:
-        losses = closure()
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            raise ValueError("RWSAM.step(closure): closure() must return the 1-D tensor of "
-                             "per-sample losses (e.g. cross_entropy(..., reduction='none')), got "
-                             f"{type(losses).__name__}"
-                             f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else ''}")
-        return losses
-
-    def sample_weights(self, losses: torch.Tensor, probed: torch.Tensor) -> torch.Tensor:
-        """p = softmax(lam * ghat^2 / mean(ghat^2)) from the losses at theta and theta + delta v."""
-        dt = torch.promote_types(losses.dtype, torch.float32)
-        ghat2 = ((probed.detach().to(dt) - losses.detach().to(dt)) / self.delta) ** 2
-        normalized = ghat2 / ghat2.mean().clamp_min(torch.finfo(dt).tiny)
-        return torch.softmax(self.lam * normalized, dim=0)
-
-    def step(self, closure=None):
-        """One RW-SAM step; ``closure()`` returns the per-sample losses. Returns their mean
-        at theta (detached)."""
-        if closure is None:
-            if self._perturbed:
-                self.second_step()
-                return None
-            raise RuntimeError("RWSAM.step(closure): closure() must return the per-sample losses "
-                               "(1-D, with the autograd graph); RW-SAM computes both gradients")
-        if self._perturbed:
-            raise RuntimeError("RWSAM.step(closure) called after first_step(); call second_step()")
-        for b in self._buckets:
-            b.sync()
-        self.zero_grad()
-        with torch.enable_grad():
-            losses = self._per_sample(closure)
-        with torch.no_grad():
-            for i, b in enumerate(self._buckets):
-                self._backends[i].sam_probe_(b.data, self._backup[i], self.seed, b.bucket_id,
-                                             self._k, self.delta, 0)
-            try:
-                with self._bn_context():
-                    probed = self._per_sample(closure)
-            finally:
-                for i, b in enumerate(self._buckets):
-                    b.data.copy_(self._backup[i])
-            if probed.shape != losses.shape:
-                raise ValueError(f"RWSAM.step: closure() returned {tuple(probed.shape)} losses at "
-                                 f"the probe point but {tuple(losses.shape)} at theta")
-            p = self.sample_weights(losses, probed).to(losses.dtype)
-        with torch.enable_grad():
-            (p * losses).sum().backward()
-        self.last_weights = p
-        self.first_step(zero_grad=True)
-        try:
-            with torch.enable_grad(), self._bn_context():
-                self._per_sample(closure).mean().backward()
-        except BaseException:
-            self.restore()
-            raise
-        self.second_step()
-        return losses.detach().mean()
-
-
-def choose_delta(model: torch.nn.Module, per_sample_loss_fn: Callable[[], torch.Tensor],
-                 candidates: Sequence[float] = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5),
-                 seed: int = 0) -> tuple[float, dict[float, float]]:
-    r"""Pick RW-SAM's probe size delta before training, as the paper does.
-
-    For a Rademacher direction v (noise stream, ``seed``, tag 16) the exact per-sample
-    directional derivatives :math:`\nabla\ell_i \cdot v` come from autograd (double
-    backward, works with BatchNorm in train mode); for each candidate the finite difference
-    :math:`(\ell_i(\theta + \delta v) - \ell_i(\theta))/\delta` is compared with them. Returns
-    the delta of smallest relative error :math:`\lVert fd - dd\rVert / \lVert dd\rVert` and
-    all errors. BatchNorm running statistics are frozen throughout; the parameters are
-    restored exactly.
-    """
-    from fused_flat import noise
-
-    if not candidates or any(not (isinstance(c, (int, float)) and 0 < c < math.inf) for c in candidates):
-        raise ValueError(f"choose_delta: candidates must be positive finite numbers, got {candidates!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("choose_delta: the model has no parameter with requires_grad=True")
-    vs, off = [], 0
-    for p in params:
-        vs.append(noise.rademacher(seed, 0, 0, off, p.numel(), p.device).to(p.dtype).view_as(p))
-        off += p.numel()
-    with running_stats_frozen(model):
-        with torch.enable_grad():
-            losses = per_sample_loss_fn()
-            if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-                raise ValueError("choose_delta: per_sample_loss_fn() must return the 1-D tensor of "
-                                 "per-sample losses")
-            w = torch.ones_like(losses, requires_grad=True)
-            grads = torch.autograd.grad((w * losses).sum(), params, create_graph=True, allow_unused=True)
-            dot = sum((g * v).sum() for g, v in zip(grads, vs) if g is not None)
-            exact = torch.autograd.grad(dot, w)[0].detach().double()
-        base = losses.detach().double()
-        saved = [p.detach().clone() for p in params]
-        errors = {}
-        with torch.no_grad():
-            for d in candidates:
-                for p, v in zip(params, vs):
-                    p.add_(v, alpha=d)
-                try:
-                    fd = (per_sample_loss_fn().detach().double() - base) / d
-                finally:
-                    for p, s in zip(params, saved):
-                        p.copy_(s)
-                errors[float(d)] = float(torch.linalg.vector_norm(fd - exact)
-                                         / torch.linalg.vector_norm(exact).clamp_min(1e-300))
-    best = min(errors, key=errors.get)
-    return best, errors
+__all__ = ["SAM", "MSAM", "RWSAM", "choose_delta"]

@@ -157,5 +157,4 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
 def backend() -> backends.Backend:
     """The 'triton' Backend: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
     devices = ("cuda", "cpu") if interpreted() else ("cuda",)
-    return backends.Backend(name="triton", perturb_=perturb_, restore_and_step_=restore_and_step_,
-                            devices=devices)
+    return backends.lift("triton", devices, perturb_, restore_and_step_)

@@ -1,0 +1,338 @@
+"""The optimizer core shared by the Langevin family (fused_flat.langevin) and the SAM
+family (fused_flat.sam, msam, rwsam).
+
+One place for: the buckets (index spaces over the user's own tensors, rebuilt when a
+parameter changes dtype, device or shape), the backend of each bucket, the seed (rank 0's
+under torch.distributed), the step counter, the momentum state (``state[p]
+["momentum_buffer"]``, live, exactly as torch.optim.SGD keeps it), the non-finite skip
+(own check or ``torch.amp.GradScaler``'s ``found_inf``), and the checkpoint format
+(torch.optim.SGD's ``state_dict`` plus a ``fused_flat`` entry).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.optim import Optimizer
+
+from fused_flat import backends
+from fused_flat.buckets import Bucket, build_buckets, check_param, flat, flat_like, layout_key, same_layout
+
+# 1: flat physical buffers, stream layout 1. 2: tensor-list buckets (offsets rounded up to
+# a multiple of 4). A checkpoint of another format loads; its noise continues from a
+# different, statistically equivalent stream (one warning).
+STATE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+_SGD_ONLY_KEYS = ("foreach", "fused", "differentiable")
+
+
+def number(name: str, value, cls_name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{cls_name}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{cls_name}: {name} must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{cls_name}: {name} must not be NaN")
+    return float(value)
+
+
+def default_seed() -> int:
+    """A seed in [0, 2^63) drawn from torch's default generator (torch.manual_seed governs it)."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def check_seed(seed, cls_name: str) -> int:
+    if seed is None:
+        seed = default_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"{cls_name}: seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
+
+
+def broadcast_seed(seed: int, explicit: bool, cls_name: str) -> int:
+    """Rank 0's seed on every rank (once, at construction), so replicated parameters get
+    identical noise with no further communication."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return seed
+    dev = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([seed], dtype=torch.int64, device=dev)
+    dist.broadcast(t, src=0)
+    got = int(t.item())
+    if explicit and got != seed:
+        warnings.warn(f"{cls_name}: seed={seed} on rank {dist.get_rank()} differs from rank 0's "
+                      f"seed {got}; every rank uses rank 0's seed so that replicas receive the "
+                      f"same noise", UserWarning, stacklevel=4)
+    return got
+
+
+class FlatOptimizer(Optimizer):
+    """Base of every fused_flat optimizer (use the subclasses). Subclasses call
+    :meth:`_init_core` after ``Optimizer.__init__``."""
+
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler passes grad_scale / found_inf
+    _sam_family = False
+
+    def _init_core(self, *, seed: int | None, backend: str, check_finite: bool) -> None:
+        backends.check_name(backend)
+        self.backend = backend
+        self.check_finite = bool(check_finite)
+        self.seed = seed
+        self._k = 0
+        self.skipped_steps = 0
+        self._layout = None
+        self._buckets: list[Bucket] = []
+        self._backends: list[backends.Backend] = []
+        self._last_found_inf: torch.Tensor | None = None
+        self._warned_warm_start = False
+        self.buckets()   # validate the parameters and resolve the backends now
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        for p in [params] if isinstance(params, torch.Tensor) else list(params):
+            if isinstance(p, torch.Tensor):
+                check_param(p, type(self).__name__)
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+
+    def _validate_group(self, g: dict) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- buckets
+    def buckets(self) -> list[Bucket]:
+        """The current buckets, rebuilt first when a parameter changed dtype, device or shape
+        since the last call (``model.half()``, ``model.to(device)``): the momentum buffers
+        follow their parameters."""
+        key = layout_key(self.param_groups)
+        if key != self._layout:
+            if self._is_perturbed():
+                raise RuntimeError(f"{type(self).__name__}: a parameter changed dtype, device or "
+                                   f"shape while the weights were perturbed; change the model "
+                                   f"between steps")
+            name = type(self).__name__
+            for g in self.param_groups:
+                for p in g["params"]:
+                    check_param(p, name)
+            self._buckets = build_buckets(self.param_groups)
+            self._backends = [backends.resolve(self.backend, b.params[0], sam=self._sam_family)
+                              for b in self._buckets]
+            self._follow_params()
+            self._layout = key
+        return self._buckets
+
+    def _follow_params(self) -> None:
+        """Momentum buffers in their parameter's dtype, device and memory layout."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                buf = st.get("momentum_buffer") if st else None
+                if isinstance(buf, torch.Tensor) and (
+                        buf.dtype != p.dtype or buf.device != p.device or not same_layout(buf, p)):
+                    new = torch.empty_like(p)
+                    new.copy_(buf)
+                    st["momentum_buffer"] = new
+
+    def _is_perturbed(self) -> bool:
+        return False
+
+    # ----------------------------------------------------------------- gradients
+    def _grads(self, b: Bucket) -> list[int]:
+        """Indices of the bucket's parameters that have a gradient (``p.grad is not None``,
+        whoever wrote it), checked to be usable."""
+        out = []
+        for j, p in enumerate(b.params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise ValueError(f"{type(self).__name__}: sparse gradients are not supported; use "
+                                 f"a dense embedding (nn.Embedding(..., sparse=False))")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"{type(self).__name__}: a gradient of {tuple(g.shape)} {g.dtype} "
+                                 f"on {g.device} does not match its parameter ({tuple(p.shape)} "
+                                 f"{p.dtype} on {p.device})")
+            out.append(j)
+        return out
+
+    @staticmethod
+    def _flat_grad(p: torch.Tensor) -> torch.Tensor:
+        return flat_like(p.grad, p)
+
+    def _found_inf(self, flat_grads: list[list[torch.Tensor]]) -> torch.Tensor | None:
+        """1-element float32: 1 when the step must be skipped. GradScaler's ``found_inf``
+        when it drives the step, else (``check_finite``) whether any gradient the update
+        uses holds an inf or NaN."""
+        scaler_found = getattr(self, "found_inf", None)
+        if scaler_found is not None:
+            return scaler_found.float().reshape(1)
+        if not self.check_finite:
+            return None
+        worst = []
+        for grads in flat_grads:
+            if grads:
+                norms = torch._foreach_norm(grads, float("inf"))
+                worst.append(torch.stack(norms).max().float())
+        if not worst:
+            return None
+        dev = worst[0].device
+        w = torch.stack([t.to(dev) for t in worst]).max() if len(worst) > 1 else worst[0]
+        return (~torch.isfinite(w)).float().reshape(1)
+
+    def _grad_scale(self, device) -> torch.Tensor | None:
+        gs = getattr(self, "grad_scale", None)
+        return gs.float().to(device).reshape(1) if gs is not None else None
+
+    @staticmethod
+    def _known_skip(found_inf: torch.Tensor | None) -> bool:
+        """Whether the step is known (on the host, without a device sync) to be skipped."""
+        return found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
+
+    def _finish_step(self, found_inf: torch.Tensor | None, known_skip: bool) -> None:
+        self._k += 1
+        self._last_found_inf = found_inf
+        if known_skip:
+            self.skipped_steps += 1
+            warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self._k - 1}; the "
+                          f"update was skipped and the parameters restored", RuntimeWarning,
+                          stacklevel=4)
+
+    # ----------------------------------------------------------------- momentum
+    def _momentum_lists(self, b: Bucket, idx: list[int], group: dict, create: bool):
+        """torch.optim.SGD's momentum buffers of parameters ``idx`` as flat views, split by
+        whether the buffer is new (the kernel then sets it to d, as SGD's ``clone(d)``).
+        Returns [(indices, flat buffers or None, momentum_init)]."""
+        if group["momentum"] == 0:
+            return [(idx, None, False)]
+        old, new = [], []
+        for j in idx:
+            p = b.params[j]
+            buf = self.state[p].get("momentum_buffer") if p in self.state else None
+            if buf is None:
+                if not create:
+                    continue
+                buf = torch.zeros_like(p)
+                self.state[p]["momentum_buffer"] = buf
+                new.append(j)
+            else:
+                old.append(j)
+        out = []
+        for js, init in ((old, False), (new, True)):
+            if js:
+                out.append((js, [flat(self.state[b.params[j]]["momentum_buffer"]) for j in js], init))
+        if not create:   # a skipped step: the kernels only restore, parameters without a buffer too
+            rest = [j for j in idx if j not in set(old)]
+            if rest:
+                out.append((rest, None, False))
+        return out
+
+    @property
+    def step_count(self) -> int:
+        """k, the number of step() calls so far (the noise stream's step index)."""
+        return self._k
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step was skipped for a non-finite gradient (syncs on CUDA)."""
+        return self._last_found_inf is not None and bool(self._last_found_inf.item())
+
+    # ----------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict:
+        return {"format": STATE_FORMAT, "kind": type(self).__name__, "seed": self.seed,
+                "step": self._k, "skipped_steps": self.skipped_steps}
+
+    def state_dict(self) -> dict:
+        """torch.optim.SGD's format (per-parameter 'momentum_buffer') plus a 'fused_flat'
+        entry with the seed and the step counter."""
+        if self._is_perturbed():
+            raise RuntimeError(f"{type(self).__name__}.state_dict(): the weights are perturbed; "
+                               f"call step() or restore() first")
+        sd = self._torch_state_dict()
+        sd["fused_flat"] = self._meta()
+        return sd
+
+    def _torch_state_dict(self) -> dict:
+        return Optimizer.state_dict(self)
+
+    def _torch_load_state_dict(self, sd: dict) -> None:
+        Optimizer.load_state_dict(self, sd)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a fused_flat checkpoint (bit-exact resume), or a ``torch.optim.SGD`` one
+        (warm start: its momentum and hyperparameters are taken, this optimizer's seed and
+        step counter kept, with one warning)."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict: not an optimizer state_dict (no "
+                             f"'param_groups')")
+        meta = state_dict.get("fused_flat")
+        if meta is not None:
+            self._check_meta(meta)
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: the state_dict has "
+                             f"{len(saved_groups) if isinstance(saved_groups, list) else 'no'} param "
+                             f"groups, this optimizer has {len(self.param_groups)}: it comes from a "
+                             f"different model or optimizer")
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in saved_groups for i in g.get("params", [])]
+        if len(ids) != len(params):
+            raise ValueError(f"{name}.load_state_dict: the state_dict covers {len(ids)} parameters, "
+                             f"this optimizer has {len(params)}: it comes from a different model")
+        by_id = dict(zip(ids, params))
+        for pid, st in state_dict.get("state", {}).items():
+            if pid not in by_id:
+                raise ValueError(f"{name}.load_state_dict: state for unknown parameter id {pid}")
+            buf = st.get("momentum_buffer") if isinstance(st, dict) else None
+            if buf is not None and tuple(buf.shape) != tuple(by_id[pid].shape):
+                raise ValueError(f"{name}.load_state_dict: momentum_buffer of parameter {pid} has "
+                                 f"shape {tuple(buf.shape)}, the parameter has "
+                                 f"{tuple(by_id[pid].shape)}: the state_dict comes from a different model")
+        self.restore()
+        merged = []
+        for cur, saved in zip(self.param_groups, saved_groups):
+            g = {k: v for k, v in cur.items() if k != "params"}
+            g.update({k: v for k, v in saved.items() if k in cur or k not in _SGD_ONLY_KEYS})
+            merged.append(g)
+        sd = {k: v for k, v in state_dict.items() if k != "fused_flat"}
+        sd["param_groups"] = merged
+        self._torch_load_state_dict(sd)
+        for g in self.param_groups:
+            self._validate_group(g)
+        if meta is None:
+            if not self._warned_warm_start:
+                self._warned_warm_start = True
+                warnings.warn(f"{name}.load_state_dict: a torch.optim state_dict (no 'fused_flat' "
+                              f"entry): momentum and hyperparameters loaded, this optimizer's noise "
+                              f"seed and step counter kept (warm start)", UserWarning, stacklevel=2)
+        else:
+            if meta.get("seed") is not None:
+                self.seed = meta["seed"]
+            self._k = meta["step"]
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self._layout = None
+        self.buckets()
+
+    def _check_meta(self, meta) -> None:
+        name = type(self).__name__
+        if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+            fmt = meta.get("format") if isinstance(meta, dict) else meta
+            raise ValueError(f"{name}.load_state_dict: unknown format {fmt!r} (this version "
+                             f"reads formats {READABLE_FORMATS})")
+        seed, k = meta.get("seed"), meta.get("step")
+        if (seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                  or not 0 <= seed < 2 ** 63)) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"{name}.load_state_dict: corrupted 'fused_flat' entry "
+                             f"(seed={seed!r}, step={k!r})")
+        if meta["format"] != STATE_FORMAT:
+            warnings.warn(f"{name}.load_state_dict: a format-{meta['format']} checkpoint (this "
+                          f"version writes format {STATE_FORMAT}); momentum, seed and step counter "
+                          f"are loaded, but the noise continues from a different (statistically "
+                          f"equivalent) stream", UserWarning, stacklevel=3)
+
+    def restore(self) -> None:   # overridden by the families
+        return None
