@@ -97,9 +97,9 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 def layout_key(param_groups: list[dict]) -> tuple:
-    """What the bucket layout depends on; a change (``model.half()``, ``.to(device)``)
-    makes the optimizer rebuild its buckets at the next step."""
-    return tuple((p.dtype, p.device, p.shape) for g in param_groups for p in g["params"])
+    """What the bucket layout depends on; a change (``model.half()``, ``.to(device)``,
+    ``.to(memory_format=...)``) makes the optimizer rebuild its buckets at the next step."""
+    return tuple((p.dtype, p.device, p.shape, p.stride()) for g in param_groups for p in g["params"])
 
 
 def build_buckets(param_groups: list[dict]) -> list[Bucket]:
