@@ -36,7 +36,9 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
-    """The 1-D view of a dense tensor in memory order (no copy)."""
+    """The 1-D view of a dense tensor in memory order (no copy); of a DTensor, of its
+    rank-local shard."""
+    t = _local(t)
     if t.is_contiguous():
         return t.view(-1)
     return t.as_strided((t.numel(),), (1,))
@@ -70,6 +72,12 @@ class Bucket:
     params: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
     numel: int = 0   # size of the index space (rounded ends included)
+
+    def index(self, j: int) -> int:
+        """The index (in the bucket's index space) of the first element of parameter j that
+        this process holds: its offset, plus, for a sharded (DTensor) parameter, the
+        position of the local shard in the unsharded parameter."""
+        return self.offsets[j]
 
     def add(self, p: torch.Tensor) -> None:
         self.params.append(p)

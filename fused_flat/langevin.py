@@ -167,7 +167,7 @@ class LangevinOptimizer(FlatOptimizer):
             if self.exact_restore:
                 torch._foreach_copy_(params, [self._backups[p] for p in params])
             else:
-                self._backends[bi].perturb_([flat(p) for p in params], [b.offsets[j] for j in idx],
+                self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
                                             self.seed, b.bucket_id, self._k, tag, -sigma)
         self._perturbed = None
 
@@ -189,7 +189,7 @@ class LangevinOptimizer(FlatOptimizer):
                             or self._backups[p].shape != p.shape or self._backups[p].device != p.device:
                         self._backups[p] = torch.empty_like(p)
                 torch._foreach_copy_([self._backups[p] for p in params], params)
-            self._backends[bi].perturb_([flat(p) for p in params], [b.offsets[j] for j in idx],
+            self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
                                         self.seed, b.bucket_id, self._k, tag, sigma)
             made.append((idx, sigma))
         self._perturbed = (tag, made)
@@ -272,13 +272,13 @@ class LangevinOptimizer(FlatOptimizer):
                     backend.restore_and_step_(
                         [flat(b.params[j]) for j in sub], [flat_grads[bi][gpos[j]] for j in sub],
                         [moms[k] for k in sel] if moms is not None else None,
-                        [b.offsets[j] for j in sub], gs, fi, self.seed, b.bucket_id, self._k,
+                        [b.index(j) for j in sub], gs, fi, self.seed, b.bucket_id, self._k,
                         tag, sigma_r if restoring else 0.0, g["lr"], g["weight_decay"],
                         g["momentum"], g["dampening"], g["nesterov"], init,
                         self.group_noise_std(g), mult)
             no_grad = sorted(pert - set(idx))
             if no_grad:
-                backend.perturb_([flat(b.params[j]) for j in no_grad], [b.offsets[j] for j in no_grad],
+                backend.perturb_([flat(b.params[j]) for j in no_grad], [b.index(j) for j in no_grad],
                                  self.seed, b.bucket_id, self._k, tag, -sigma_r)
         self._perturbed = None
         self._finish_step(found_inf, known_skip)

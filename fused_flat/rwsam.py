@@ -97,7 +97,7 @@ class RWSAM(SAM):
                 bk = [self._backup_of(b.params[j]) for j in idx]
                 if ps:
                     self._backends[bi].sam_probe_([flat(p) for p in ps], [flat(t) for t in bk],
-                                                  [b.offsets[j] for j in idx], self.seed,
+                                                  [b.index(j) for j in idx], self.seed,
                                                   b.bucket_id, self._k, self.delta)
                 probed += ps
                 backups += bk
