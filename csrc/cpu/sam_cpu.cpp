@@ -8,6 +8,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "fused_flat/op_args.h"
@@ -141,12 +142,19 @@ void sam_probe_cpu(at::Tensor& param, at::Tensor& backup, int64_t seed, int64_t 
     scalar_t* p = param.data_ptr<scalar_t>();
     scalar_t* bk = backup.data_ptr<scalar_t>();
     const acc_t d = static_cast<acc_t>(delta);
+    // One Philox call per 4 elements (layout v2: v_i from w(16, i) = x_(i & 3)).
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t th = p[i];
-        bk[i] = th;
-        const acc_t v = static_cast<acc_t>(rademacher_sign(key, step, offset + i));
-        p[i] = static_cast<scalar_t>(static_cast<acc_t>(th) + d * v);
+      int64_t i = i0;
+      while (i < i1) {
+        const int64_t gi = offset + i;
+        const Words4 w = noise_words(key, gi >> 2, step, kTagRademacher);
+        const int64_t stop = std::min(i1, i + (4 - (gi & 3)));
+        for (; i < stop; ++i) {
+          const scalar_t th = p[i];
+          bk[i] = th;
+          const acc_t v = static_cast<acc_t>(rademacher(select_word(w, offset + i)));
+          p[i] = static_cast<scalar_t>(static_cast<acc_t>(th) + d * v);
+        }
       }
     });
   });
