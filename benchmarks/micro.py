@@ -7,6 +7,10 @@ What it measures, side by side in one process:
   device), on buckets of each size and dtype: median time, effective bandwidth = bytes the
   pass must move (read + written) / time, its fraction of this run's STREAM triad, the time
   a bandwidth-bound pass would take (bytes / triad) and the noise rate (bucket elements/s);
+* the noise roofline (CPU): ``fused_flat::noise_roofline``, the project's fastest generator of
+  the same stream (layout v2) into L1 buffers with no parameter traffic, for the tags each
+  pass needs (perturb: eps; restore_step: eps and xi); each pass reports "of noise limit" =
+  roofline time / pass time next to its fraction of STREAM;
 * torch.optim.SGD (for-loop, foreach, fused) over the same number of elements (split into
   ``--sgd-tensors`` tensors, as a model's parameters are), and torch's own Gaussian
   generators (``normal_`` in place, ``randn_like``) as the noise-rate yardstick;
@@ -116,6 +120,19 @@ def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[s
     grad = (torch.randn(n, device=device) * 1e-3).to(dtype)
     mom = torch.zeros_like(theta) if args.momentum > 0 else None
     k = [0]
+    tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
+    # The noise roofline (CPU): the fastest generator of the same stream (the ISA the cpp
+    # passes use) into L1 buffers, no parameter traffic; perturb needs one tag (eps), the
+    # update two (eps and xi). Each pass reports its fraction of it ("of noise limit").
+    roof = {}
+    if device.type == "cpu" and "cpp" in names:
+        from fused_flat import ops
+        isa = ops.cpu_isa()
+        for op, tags in (("perturb", [0]), ("restore_step", [0, 32])):
+            times = common.time_fn(lambda: ops.noise_roofline(SEED, 0, 0, tags, n), device, **tkw)
+            roof[op] = common.median(times)
+            rows.append(_row("noise", f"noise roofline ({op}: {len(tags)} tag{'s' if len(tags) > 1 else ''})",
+                             f"cpp {isa}, no parameter traffic", n, dtype, times, 0, triad, True))
     for name in names:
         if name == "reference" and n > args.reference_max_size:
             rows.append({"kind": "pass", "op": "perturb/restore_step", "impl": name, "n": n,
@@ -140,8 +157,11 @@ def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[s
                          "note": f"failed: {type(exc).__name__}: {exc}"})
             continue
         words_u = 5 if mom is not None else 3
-        rows.append(_row("pass", "perturb", name, n, dtype, t_p, 2 * n * es, triad, True))
-        rows.append(_row("pass", "restore_step", name, n, dtype, t_u, words_u * n * es, triad, True))
+        fr = lambda op, t: roof[op] / common.median(t) if op in roof else None  # noqa: E731
+        rows.append(_row("pass", "perturb", name, n, dtype, t_p, 2 * n * es, triad, True,
+                         frac_noise=fr("perturb", t_p)))
+        rows.append(_row("pass", "restore_step", name, n, dtype, t_u, words_u * n * es, triad, True,
+                         frac_noise=fr("restore_step", t_u)))
     # torch's Gaussian generators: the yardstick for the noise rate
     buf = torch.empty(n, dtype=dtype, device=device)
     tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
@@ -311,7 +331,7 @@ def bench_steps(n: int, dtype, device, args, sam_mod) -> list[dict]:
 # ----------------------------------------------------------------------------- output
 PASS_COLS = [("op", "pass"), ("impl", "impl"), ("dtype", "dtype"), ("n", "n"), ("median_s", "median s"),
              ("GBps", "GB/s"), ("frac_triad", "of triad"), ("t_bw_s", "bw-bound s"),
-             ("noise_Melem_s", "noise Melem/s"), ("bound", "bound")]
+             ("noise_Melem_s", "noise Melem/s"), ("frac_noise", "of noise limit"), ("bound", "bound")]
 STEP_COLS = [("impl", "optimizer step (no fwd/bwd)"), ("dtype", "dtype"), ("n", "n"), ("median_s", "median s"),
              ("x_sgd", "x SGD"), ("x_fused_fsgld", "x fused fSGLD"), ("note", "note")]
 

@@ -1,13 +1,19 @@
-"""The noise stream of ALGORITHMS.md §1 in pure torch: the readable spec.
+"""The noise stream of ALGORITHMS.md §1 (layout version 2) in pure torch: the readable spec.
 
 Every random number of fused_flat is a pure function of (seed, bucket_id, step, tag, i):
 
-    key     = (seed_lo32 ^ bucket_id, seed_hi32)
-    counter = (j_lo32, j_hi32, step_lo32, tag),  j = i >> 1
-    x0..x3  = Philox4x32-10(counter, key)
-    (a, b)  = (x0, x1) if i is even else (x2, x3)
-    u(x)    = ((x >> 8) + 0.5) * 2^-24              (fp32)
-    eps     = sqrt(-2 ln u(a)) cos(2 pi u(b)),  xi = sqrt(-2 ln u(a)) sin(2 pi u(b))
+    key      = (seed_lo32 ^ bucket_id, seed_hi32)
+    j        = i >> 2                                  (one Philox call serves 4 elements)
+    counter  = (j_lo32, j_hi32, step_lo32, tag)
+    x0..x3   = Philox4x32-10(counter, key)
+    (a, b)   = (x0, x1) if ((i >> 1) & 1) == 0 else (x2, x3)
+    u(x)     = ((x >> 8) + 0.5) * 2^-24               (fp32)
+    r        = sqrt(-2 ln u(a)),  t = 2 pi u(b)
+    z(tag,i) = r cos t if i is even else r sin t      (standard normal)
+    w(tag,i) = x_(i & 3)                              (the element's own word)
+
+Tags: eps of perturbation n is z(n, i), n = 0..15; xi (Langevin noise) is z(32, i); the
+RW-SAM Rademacher probe is the sign of the top bit of w(16, i).
 
 uint32 words are held in int64 tensors; the 32x32 -> 64 bit product is split in 16-bit
 halves so no intermediate leaves int64's range.
@@ -18,14 +24,18 @@ import math
 
 import torch
 
+LAYOUT_VERSION = 2
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 MASK32 = 0xFFFFFFFF
 
-TAG_PAIR = 0
+TAG_EPS = 0            # eps of perturbation n is tag TAG_EPS + n, n = 0..15
+TAG_PAIR = TAG_EPS     # layout-v1 name of tag 0, kept for importers
 TAG_RADEMACHER = 16
+TAG_XI = 32
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,13 +64,13 @@ def key_of(seed: int, bucket_id: int) -> tuple[int, int]:
     return (seed & MASK32) ^ (bucket_id & MASK32), (seed >> 32) & MASK32
 
 
-def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_pair: int, n_pairs: int,
+def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int, n_calls: int,
                  device=None) -> torch.Tensor:
-    """Words of pairs [first_pair, first_pair + n_pairs) as int64 [n_pairs, 4]
-    (first_pair is read as a uint64 bit pattern)."""
+    """Words of Philox calls [first_call, first_call + n_calls) as int64 [n_calls, 4]
+    (first_call is read as a uint64 bit pattern). Call j serves elements 4j .. 4j+3."""
     k0, k1 = key_of(seed, bucket_id)
-    first = first_pair - 2 ** 64 if first_pair >= 2 ** 63 else first_pair
-    j = torch.arange(n_pairs, dtype=torch.int64, device=device) + first
+    first = first_call - 2 ** 64 if first_call >= 2 ** 63 else first_call
+    j = torch.arange(n_calls, dtype=torch.int64, device=device) + first
     c2 = torch.full_like(j, step & MASK32)
     c3 = torch.full_like(j, tag & MASK32)
     return torch.stack(philox4x32_10(j & MASK32, (j >> 32) & MASK32, c2, c3, k0, k1), dim=1)
@@ -71,31 +81,49 @@ def uniform24(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
 
 
-def _element_words(seed, bucket_id, step, tag, offset, n, device):
-    first, last = offset >> 1, (offset + n - 1) >> 1
+def _calls(seed, bucket_id, step, tag, offset, n, device):
+    """Words of the calls covering elements [offset, offset + n), and each element's row."""
+    first, last = offset >> 2, (offset + n - 1) >> 2
     w = philox_words(seed, bucket_id, step, tag, first, last - first + 1, device)
     i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
-    row, odd = (i >> 1) - first, (i & 1).bool()
-    a = torch.where(odd, w[row, 2], w[row, 0])
-    b = torch.where(odd, w[row, 3], w[row, 1])
-    return a, b
+    return w, i, (i >> 2) - first
+
+
+def element_words(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
+                  device=None) -> torch.Tensor:
+    """w(tag, i) = x_(i & 3) of elements [offset, offset + n), as int64 in [0, 2^32)."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    w, i, row = _calls(seed, bucket_id, step, tag, offset, n, device)
+    return w[row, i & 3]
+
+
+def normal_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
+                 device=None) -> torch.Tensor:
+    """z(tag, i) of elements [offset, offset + n) of a bucket, float32 (standard normal)."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    w, i, row = _calls(seed, bucket_id, step, tag, offset, n, device)
+    second = ((i >> 1) & 1) * 2                    # 0: pair (x0, x1); 2: pair (x2, x3)
+    a = w[row, second]
+    b = w[row, second + 1]
+    r = torch.sqrt(-2.0 * torch.log(uniform24(a)))
+    t = (2.0 * math.pi) * uniform24(b)
+    return torch.where((i & 1).bool(), r * torch.sin(t), r * torch.cos(t))
 
 
 def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps, xi) of elements [offset, offset + n) of a bucket, float32, from one tag."""
-    if n == 0:
-        e = torch.empty(0, dtype=torch.float32, device=device)
-        return e, e.clone()
-    a, b = _element_words(seed, bucket_id, step, tag, offset, n, device)
-    r = torch.sqrt(-2.0 * torch.log(uniform24(a)))
-    t = (2.0 * math.pi) * uniform24(b)
-    return r * torch.cos(t), r * torch.sin(t)
+    """(eps, xi) of elements [offset, offset + n): eps = z(tag, i), xi = z(TAG_XI, i).
+
+    Layout v2 compatibility helper: what a pass with restore tag ``tag`` uses."""
+    return (normal_noise(seed, bucket_id, step, tag, offset, n, device),
+            normal_noise(seed, bucket_id, step, TAG_XI, offset, n, device))
 
 
 def rademacher(seed: int, bucket_id: int, step: int, offset: int, n: int, device=None) -> torch.Tensor:
-    """RW-SAM probe v in {+1, -1} (tag 16): -1 where the top bit of x0 (even) / x2 (odd) is set."""
+    """RW-SAM probe v in {+1, -1}: -1 where the top bit of w(16, i) is set."""
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
-    a, _ = _element_words(seed, bucket_id, step, TAG_RADEMACHER, offset, n, device)
-    return 1.0 - 2.0 * (a >> 31).to(torch.float32)
+    w = element_words(seed, bucket_id, step, TAG_RADEMACHER, offset, n, device)
+    return 1.0 - 2.0 * (w >> 31).to(torch.float32)

@@ -37,16 +37,51 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                              dampening, nesterov, momentum_init, noise_std, grad_mult)
 
 
-def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_pair: int,
-                 n_pairs: int) -> torch.Tensor:
-    """Philox words of pairs [first_pair, first_pair + n_pairs), int64 [n_pairs, 4] (CPU)."""
-    return _ops().philox_words(seed, bucket_id, step, tag, first_pair, n_pairs)
+def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int,
+                 n_calls: int) -> torch.Tensor:
+    """Philox words of calls [first_call, first_call + n_calls), int64 [n_calls, 4] (CPU).
+    Noise layout v2: call j serves bucket elements 4j .. 4j+3."""
+    return _ops().philox_words(seed, bucket_id, step, tag, first_call, n_calls)
+
+
+def normal_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int) -> torch.Tensor:
+    """z(tag, i) of bucket elements [offset, offset + n), float32 (CPU)."""
+    return _ops().normal_noise(seed, bucket_id, step, tag, offset, n)
+
+
+def element_words(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int) -> torch.Tensor:
+    """w(tag, i) = x_(i & 3), the element's own Philox word, of elements [offset, offset + n),
+    int64 in [0, 2^32) (CPU)."""
+    return _ops().element_words(seed, bucket_id, step, tag, offset, n)
 
 
 def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int,
                    n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps, xi) of bucket elements [offset, offset + n) from one tag, float32 (CPU)."""
+    """(eps, xi) = (z(tag, i), z(32, i)) of bucket elements [offset, offset + n), float32 (CPU):
+    the noise a pass with restore tag ``tag`` uses."""
     return _ops().gaussian_noise(seed, bucket_id, step, tag, offset, n)
+
+
+def noise_roofline(seed: int, bucket_id: int, step: int, tags: list[int], n: int) -> torch.Tensor:
+    """Generates z(tag, .) of n elements for each tag with the CPU's fastest generator into
+    L1 buffers (no parameter traffic) and returns a checksum: the noise limit of a pass."""
+    return _ops().noise_roofline(seed, bucket_id, step, list(tags), n)
+
+
+def cpu_isa() -> str:
+    """The ISA the CPU loops use now: 'baseline', 'avx2' or 'avx512'. The environment
+    variable FUSED_FLAT_CPU_ISA (baseline | avx2 | avx512 | auto) forces one, read at every
+    call; forcing one the CPU lacks raises."""
+    return _ops().cpu_isa()
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """found_inf of ``tensors``: float32 [1] on their device, 1.0 if any element is inf/nan.
+    One read of each tensor at memory bandwidth; no host synchronisation on CUDA."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32)
+    return _ops().all_finite(tensors)
 
 
 if _native.available():
@@ -62,8 +97,24 @@ if _native.available():
         return None
 
     @torch.library.register_fake("fused_flat::philox_words")
-    def _philox_words_fake(seed, bucket_id, step, tag, first_pair, n_pairs):
-        return torch.empty((n_pairs, 4), dtype=torch.int64)
+    def _philox_words_fake(seed, bucket_id, step, tag, first_call, n_calls):
+        return torch.empty((n_calls, 4), dtype=torch.int64)
+
+    @torch.library.register_fake("fused_flat::normal_noise")
+    def _normal_noise_fake(seed, bucket_id, step, tag, offset, n):
+        return torch.empty(n, dtype=torch.float32)
+
+    @torch.library.register_fake("fused_flat::element_words")
+    def _element_words_fake(seed, bucket_id, step, tag, offset, n):
+        return torch.empty(n, dtype=torch.int64)
+
+    @torch.library.register_fake("fused_flat::noise_roofline")
+    def _noise_roofline_fake(seed, bucket_id, step, tags, n):
+        return torch.empty((), dtype=torch.float32)
+
+    @torch.library.register_fake("fused_flat::all_finite")
+    def _all_finite_fake(tensors):
+        return torch.empty(1, dtype=torch.float32, device=tensors[0].device)
 
     @torch.library.register_fake("fused_flat::gaussian_noise")
     def _gaussian_noise_fake(seed, bucket_id, step, tag, offset, n):

@@ -25,7 +25,7 @@ def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int
     acc = _acc_dtype(param)
     for s in range(0, param.numel(), CHUNK):
         seg = param[s:s + CHUNK]
-        eps, _ = noise.gaussian_noise(seed, bucket_id, step, tag, offset + s, seg.numel(), param.device)
+        eps = noise.normal_noise(seed, bucket_id, step, tag, offset + s, seg.numel(), param.device)
         seg.copy_(seg.to(acc) + sigma * eps.to(acc))
 
 
@@ -39,9 +39,10 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         theta <- theta - sigma * eps(restore_tag)          (restore)
         d     <- g * grad_mult [/ grad_scale] + wd * theta
         m     <- d on the first step, else mu * m + (1 - dampening) * d ;  d <- m  (or d + mu * m)
-        theta <- theta - lr * d + noise_std * xi(tag 0)
+        theta <- theta - lr * d + noise_std * xi(tag 32)
 
-    A set ``found_inf`` skips everything but the restore.
+    A set ``found_inf`` skips everything but the restore. eps(tag) = z(tag, i) and
+    xi = z(32, i) of the noise stream, layout version 2 (fused_flat.noise).
     """
     if found_inf is not None and float(found_inf) != 0.0:
         perturb_(param, seed, bucket_id, step, restore_tag, -sigma, offset)
@@ -53,7 +54,7 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         n = p.numel()
         theta = p.to(acc)
         if sigma != 0.0:
-            eps, _ = noise.gaussian_noise(seed, bucket_id, step, restore_tag, offset + s, n, p.device)
+            eps = noise.normal_noise(seed, bucket_id, step, restore_tag, offset + s, n, p.device)
             theta = theta - sigma * eps.to(acc)
         d = g.to(acc) * mult
         d = d + weight_decay * theta
@@ -64,6 +65,17 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
             d = d + momentum * buf if nesterov else buf
         theta = theta - lr * d
         if noise_std != 0.0:
-            _, xi = noise.gaussian_noise(seed, bucket_id, step, noise.TAG_PAIR, offset + s, n, p.device)
+            xi = noise.normal_noise(seed, bucket_id, step, noise.TAG_XI, offset + s, n, p.device)
             theta = theta + noise_std * xi.to(acc)
         p.copy_(theta)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """found_inf: a 1-element float32 tensor on the tensors' device, 1.0 if any element of
+    any tensor is inf or nan, else 0.0 (the compiled ``fused_flat::all_finite``)."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    for t in tensors:
+        if t.numel():
+            found = torch.maximum(found, (~torch.isfinite(t)).any().to(torch.float32).reshape(1))
+    return found

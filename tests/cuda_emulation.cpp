@@ -57,7 +57,7 @@ static const char* tname() {
 }
 
 // Runs the sweep exactly as the launcher would: vector path when plan_vec agrees (never
-// for fp64), pair path otherwise; all threads of a grid of `stride` threads.
+// for fp64), call path otherwise; all threads of a grid of `stride` threads.
 template <typename T, bool kEps, bool kXi, bool kG, bool kM, typename Body>
 static bool emulate(T* p, const T* g, T* m, int64_t n, int64_t offset, const NoiseArgs& na,
                     int64_t stride, const Body& body) {
@@ -66,9 +66,10 @@ static bool emulate(T* p, const T* g, T* m, int64_t n, int64_t offset, const Noi
   if constexpr (!std::is_same_v<T, double>) vec = plan_vec<T>(geo, p, kG ? g : nullptr, kM ? m : nullptr);
   for (int64_t tid = 0; tid < stride; ++tid) {
     if (vec) {
-      sweep<T, 16 / sizeof(T), true, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
+      if constexpr (!std::is_same_v<T, double>)  // fp64 never takes the vector path
+        sweep<T, 16 / sizeof(T), true, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
     } else {
-      sweep<T, 2, false, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
+      sweep<T, 4, false, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
     }
   }
   return vec;
@@ -140,7 +141,7 @@ static void step_case(int64_t n, int64_t offset, int shift, int gshift, int64_t 
 }
 
 static const int64_t kSizes[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1027};
-static const int64_t kOffsets[] = {0, 1, 2, 3, 6, (int64_t(1) << 33) + 1};
+static const int64_t kOffsets[] = {0, 1, 2, 3, 4, 6, 8, (int64_t(1) << 33) + 1, (int64_t(1) << 33) + 4};
 static const int64_t kStrides[] = {1, 3, 64, 4096};
 
 template <typename T>

@@ -1,5 +1,6 @@
-"""The noise stream (ALGORITHMS.md §1): known answers, C++ vs reference, thread
-independence, and its distribution."""
+"""The noise stream (ALGORITHMS.md §1, layout version 2): known answers, the mapping of
+elements to calls and tags, C++ vs reference (every ISA path), thread independence, and
+its distribution."""
 import math
 
 import pytest
@@ -25,6 +26,46 @@ def _as_args(counter, key):
     return seed, counter[2], counter[3], j
 
 
+def _isas():
+    """The ISA paths of the CPU loops this CPU supports (each forced in turn)."""
+    if not HAS_CPP:
+        return []
+    import os
+    from fused_flat import ops
+    out = []
+    old = os.environ.get("FUSED_FLAT_CPU_ISA")
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            os.environ["FUSED_FLAT_CPU_ISA"] = isa
+            try:
+                if ops.cpu_isa() == isa:
+                    out.append(isa)
+            except RuntimeError:
+                pass
+    finally:
+        if old is None:
+            os.environ.pop("FUSED_FLAT_CPU_ISA", None)
+        else:
+            os.environ["FUSED_FLAT_CPU_ISA"] = old
+    return out
+
+
+ISAS = _isas()
+
+
+def _u(x):
+    return ((x >> 8) + 0.5) * 2.0 ** -24
+
+
+def _z_from_words(words, i):
+    """z(tag, i) in float64 from the words of call i >> 2, straight from ALGORITHMS.md §1."""
+    second = (i >> 1) & 1
+    a, b = words[2 * second], words[2 * second + 1]
+    r = math.sqrt(-2.0 * math.log(_u(a)))
+    t = 2.0 * math.pi * _u(b)
+    return r * math.cos(t) if i % 2 == 0 else r * math.sin(t)
+
+
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_reference_philox_known_answers(counter, key, expected):
     seed, step, tag, j = _as_args(counter, key)
@@ -41,31 +82,100 @@ def test_cpp_philox_known_answers(counter, key, expected):
     assert [int(x) for x in w[0]] == list(expected)
 
 
+def test_layout_v2_known_answers():
+    """Elements 0..3 of (seed 0, bucket 0, step 0, tag 0) come from the one call with counter
+    (0, 0, 0, 0), whose words are Random123's first known answer: element i takes the pair
+    (x0, x1) for i < 2, (x2, x3) otherwise, and r cos t (even i) / r sin t (odd i)."""
+    words = KAT[0][2]
+    want = [_z_from_words(words, i) for i in range(4)]
+    got = noise.normal_noise(0, 0, 0, 0, 0, 4)
+    assert max(abs(g - w) for g, w in zip(got.tolist(), want)) < 1e-5
+    # w(tag, i) = x_(i & 3)
+    assert noise.element_words(0, 0, 0, 0, 0, 4).tolist() == list(words)
+    # an element deep in the bucket, other tag, step, seed and bucket: call j = i >> 2,
+    # counter (j_lo, j_hi, step_lo, tag)
+    seed, bucket, step, tag, i = 0xDEADBEEF12345, 7, 2 ** 32 + 9, 32, (5 << 32) + 4 * 1234 + 3
+    w = [int(x) for x in noise.philox_words(seed, bucket, step, tag, i >> 2, 1)[0]]
+    assert noise.element_words(seed, bucket, step, tag, i, 1).item() == w[3]
+    z = noise.normal_noise(seed, bucket, step, tag, i - 3, 4).tolist()
+    assert max(abs(z[q] - _z_from_words(w, i - 3 + q)) for q in range(4)) < 1e-5
+
+
+@needs_cpp
+def test_cpp_layout_v2_known_answers():
+    from fused_flat import ops
+    words = KAT[0][2]
+    for isa in ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FUSED_FLAT_CPU_ISA", isa)
+            got = ops.normal_noise(0, 0, 0, 0, 0, 64)
+            assert max(abs(got[q].item() - _z_from_words(words, q)) for q in range(4)) < 1e-5
+            assert ops.element_words(0, 0, 0, 0, 0, 4).tolist() == list(words)
+
+
+def test_tags_of_the_passes():
+    """eps of perturbation n is tag n, xi is tag 32, the Rademacher probe tag 16."""
+    assert (noise.TAG_EPS, noise.TAG_RADEMACHER, noise.TAG_XI) == (0, 16, 32)
+    e, x = noise.gaussian_noise(4, 1, 3, 2, 5, 99)
+    assert torch.equal(e, noise.normal_noise(4, 1, 3, 2, 5, 99))
+    assert torch.equal(x, noise.normal_noise(4, 1, 3, 32, 5, 99))
+    w = noise.element_words(4, 1, 3, 16, 5, 99)
+    assert torch.equal(noise.rademacher(4, 1, 3, 5, 99), 1.0 - 2.0 * (w >> 31).float())
+
+
 @needs_cpp
 @pytest.mark.parametrize("seed,bucket,step,tag", [(0, 0, 0, 0), (2 ** 63 - 1, 7, 123456, 3),
-                                                  (0xDEADBEEF12345, 2 ** 31 + 5, 2 ** 32 + 9, 16)])
+                                                  (0xDEADBEEF12345, 2 ** 31 + 5, 2 ** 32 + 9, 16),
+                                                  (5, 1, 2, 32)])
 def test_cpp_words_bitwise_equal_reference(seed, bucket, step, tag):
     from fused_flat import ops
-    first = 2 ** 31 - 100  # crosses the j_lo -> j_hi boundary region of the counter
-    for f in (0, first, 2 ** 32 - 3):
+    for f in (0, 2 ** 31 - 100, 2 ** 32 - 3):   # the last crosses the j_lo -> j_hi carry
         a = ops.philox_words(seed, bucket, step, tag, f, 257)
         b = noise.philox_words(seed, bucket, step, tag, f, 257)
         assert torch.equal(a, b)
+    for off in (0, 3, 4 * (2 ** 32 - 5) + 1):
+        assert torch.equal(ops.element_words(seed, bucket, step, tag, off, 103),
+                           noise.element_words(seed, bucket, step, tag, off, 103))
 
 
 @needs_cpp
-@pytest.mark.parametrize("offset,n", [(0, 1), (1, 2), (3, 4097), (0, 100_003)])
-def test_cpp_normals_match_reference(offset, n):
+@pytest.mark.parametrize("offset,n", [(0, 1), (1, 2), (3, 4097), (0, 100_003), (6, 3),
+                                      (4 * (2 ** 32 - 20) + 2, 300)])
+def test_cpp_normals_match_reference_every_isa(offset, n):
     from fused_flat import ops
-    e, x = ops.gaussian_noise(42, 3, 5, 0, offset, n)
-    er, xr = noise.gaussian_noise(42, 3, 5, 0, offset, n)
-    assert (e - er).abs().max().item() <= 1e-5
-    assert (x - xr).abs().max().item() <= 1e-5
+    zr = noise.normal_noise(42, 3, 5, 0, offset, n)
+    base = None
+    for isa in ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FUSED_FLAT_CPU_ISA", isa)
+            z = ops.normal_noise(42, 3, 5, 0, offset, n)
+            e, x = ops.gaussian_noise(42, 3, 5, 0, offset, n)
+        assert (z - zr).abs().max().item() <= 1e-5
+        assert torch.equal(e, z)
+        assert (x - noise.normal_noise(42, 3, 5, 32, offset, n)).abs().max().item() <= 1e-5
+        if base is None:
+            base = z
+        assert torch.equal(z, base), f"{isa} differs from {ISAS[0]}"
 
 
 @needs_cpp
-def test_cpp_noise_independent_of_thread_count():
+def test_cpu_isa_forcing():
     from fused_flat import ops
+    assert "baseline" in ISAS
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSED_FLAT_CPU_ISA", "no-such-isa")
+        with pytest.raises(RuntimeError, match="FUSED_FLAT_CPU_ISA"):
+            ops.cpu_isa()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FUSED_FLAT_CPU_ISA", raising=False)
+        assert ops.cpu_isa() == ISAS[-1]   # the best one by default
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpp_noise_independent_of_thread_count(isa, monkeypatch):
+    from fused_flat import ops
+    monkeypatch.setenv("FUSED_FLAT_CPU_ISA", isa)
     n = (1 << 20) + 7
     p0 = torch.randn(n)
     g = torch.randn(n)
@@ -76,58 +186,86 @@ def test_cpp_noise_independent_of_thread_count():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             p, m = p0.clone(), m0.clone()
-            ops.perturb_(p, 9, 1, 4, 0, 0.01, 0)
-            ops.restore_and_step_(p, g, m, None, None, 9, 1, 4, 0, 0, 0.01, 0.1, 1e-4, 0.9, 0.0,
+            ops.perturb_(p, 9, 1, 4, 0, 0.01, 2)
+            ops.restore_and_step_(p, g, m, None, None, 9, 1, 4, 2, 0, 0.01, 0.1, 1e-4, 0.9, 0.0,
                                   False, False, 1e-3, 1.0)
-            e, x = ops.gaussian_noise(9, 1, 4, 0, 1, n)
-            outs.append((p, m, e, x))
+            z = ops.normal_noise(9, 1, 4, 0, 1, n)
+            outs.append((p, m, z))
     finally:
         torch.set_num_threads(old)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
 
-def _noise_samples(n=200_000):
-    return noise.gaussian_noise(1234, 0, 0, 0, 0, n)
+N_DIST = 400_000
 
 
 def test_noise_distribution_moments():
-    n = 200_000
-    e, x = _noise_samples(n)
+    n = N_DIST
     tol = 5.0 / math.sqrt(n)   # 5 standard errors of a mean of N(0,1) samples
-    for z in (e.double(), x.double()):
+    for tag in (0, 32):
+        z = noise.normal_noise(1234, 0, 0, tag, 0, n).double()
         assert abs(z.mean().item()) < tol
         # var of the sample variance of N(0,1) is 2/n
         assert abs(z.var().item() - 1.0) < 5.0 * math.sqrt(2.0 / n)
         # fourth moment 3: a check on the Gaussian shape, not just the variance
         assert abs((z ** 4).mean().item() - 3.0) < 5.0 * math.sqrt(96.0 / n)
-    corr = (e.double() * x.double()).mean().item()
-    assert abs(corr) < tol
+        # each of the 4 positions in a call is N(0, 1) by itself
+        for q in range(4):
+            zq = z[q::4]
+            assert abs(zq.mean().item()) < 5.0 / math.sqrt(zq.numel())
+            assert abs(zq.var().item() - 1.0) < 5.0 * math.sqrt(2.0 / zq.numel())
+
+
+def test_eps_and_xi_uncorrelated():
+    """eps (tag 0) and xi (tag 32) of the same element: different Philox calls."""
+    n = N_DIST
+    e, x = noise.gaussian_noise(1234, 0, 0, 0, 0, n)
+    e, x = e.double(), x.double()
+    tol = 5.0 / math.sqrt(n)
+    assert abs((e * x).mean().item()) < tol
+    assert abs((e * e * x * x).mean().item() - 1.0) < 5.0 * math.sqrt(8.0 / n)  # E[e²x²]=1 if independent
+
+
+def test_elements_of_one_call_uncorrelated():
+    """The 4 elements of one call (two Box-Muller transforms, cos and sin of each): no
+    correlation of the values, nor of their squares (r is shared by the cos/sin pair)."""
+    n = N_DIST
+    z = noise.normal_noise(99, 0, 0, 0, 0, n).double().view(-1, 4)
+    m = z.shape[0]
+    tol = 5.0 / math.sqrt(m)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert abs((z[:, a] * z[:, b]).mean().item()) < tol
+            # E[(z_a² - 1)(z_b² - 1)] = 0 for independent normals, variance 4
+            assert abs(((z[:, a] ** 2 - 1) * (z[:, b] ** 2 - 1)).mean().item()) < 5.0 * 2.0 / math.sqrt(m)
 
 
 def test_noise_uncorrelated_across_steps_tags_buckets():
     n = 100_000
     tol = 5.0 / math.sqrt(n)
-    base, _ = noise.gaussian_noise(5, 0, 0, 0, 0, n)
-    for other in (noise.gaussian_noise(5, 0, 1, 0, 0, n)[0],     # next step
-                  noise.gaussian_noise(5, 0, 0, 1, 0, n)[0],     # other tag
-                  noise.gaussian_noise(5, 1, 0, 0, 0, n)[0],     # other bucket
-                  noise.gaussian_noise(6, 0, 0, 0, 0, n)[0]):    # other seed
-        assert abs((base.double() * other.double()).mean().item()) < tol
+    base = noise.normal_noise(5, 0, 0, 0, 0, n).double()
+    for other in (noise.normal_noise(5, 0, 1, 0, 0, n),     # next step
+                  noise.normal_noise(5, 0, 0, 1, 0, n),     # other perturbation
+                  noise.normal_noise(5, 0, 0, 32, 0, n),    # xi
+                  noise.normal_noise(5, 0, 1, 32, 0, n),    # xi of the next step
+                  noise.normal_noise(5, 1, 0, 0, 0, n),     # other bucket
+                  noise.normal_noise(6, 0, 0, 0, 0, n)):    # other seed
+        assert abs((base * other.double()).mean().item()) < tol
 
 
 def test_noise_is_a_pure_function_of_the_index():
-    e_all, x_all = noise.gaussian_noise(77, 2, 3, 0, 0, 1001)
-    e_mid, x_mid = noise.gaussian_noise(77, 2, 3, 0, 333, 100)
-    assert torch.equal(e_all[333:433], e_mid) and torch.equal(x_all[333:433], x_mid)
+    z_all = noise.normal_noise(77, 2, 3, 0, 0, 1001)
+    for off, n in ((333, 100), (1, 3), (4, 4), (6, 1)):
+        assert torch.equal(z_all[off:off + n], noise.normal_noise(77, 2, 3, 0, off, n))
 
 
 @needs_cpp
 def test_cpp_noise_sliced_equals_whole():
     from fused_flat import ops
-    e_all, _ = ops.gaussian_noise(77, 2, 3, 0, 0, 1001)
-    e_mid, _ = ops.gaussian_noise(77, 2, 3, 0, 333, 100)
-    assert torch.equal(e_all[333:433], e_mid)
+    z_all = ops.normal_noise(77, 2, 3, 0, 0, 10001)
+    for off, n in ((333, 1000), (1, 3), (4, 4), (6, 1), (5, 9000)):
+        assert torch.equal(z_all[off:off + n], ops.normal_noise(77, 2, 3, 0, off, n))
 
 
 def test_rademacher_balanced():
@@ -137,21 +275,56 @@ def test_rademacher_balanced():
     assert abs(v.mean().item()) < 5.0 / math.sqrt(n)
 
 
+def _pass_cases():
+    # (dtype, n, offset, momentum, nesterov, restore_tag, sigma, noise_std)
+    return [
+        (torch.float32, 100_003, 1, 0.0, False, 0, 0.05, 1e-3),
+        (torch.float32, 70_001, 4, 0.9, True, 0, 0.05, 1e-3),
+        (torch.float32, 65_541, 2, 0.9, False, 2, 0.05, 0.0),
+        (torch.float32, 4099, 3, 0.0, False, 0, 0.0, 1e-3),
+        (torch.bfloat16, 100_003, 1, 0.9, False, 0, 0.05, 1e-3),
+        (torch.bfloat16, 4099, 0, 0.0, False, 1, 0.05, 1e-3),
+        (torch.float16, 4099, 2, 0.9, False, 0, 0.05, 1e-3),
+        (torch.float64, 4099, 1, 0.9, True, 0, 0.05, 1e-3),
+    ]
+
+
 @needs_cpp
-@pytest.mark.parametrize("momentum,nesterov,tag", [(0.0, False, 0), (0.9, True, 0), (0.9, False, 2)])
-def test_cpp_avx2_and_baseline_loops_bitwise_equal(monkeypatch, momentum, nesterov, tag):
-    """The fp32 loops built for AVX2 and for the baseline ISA give the same bits
-    (-ffp-contract=off: no FMA contraction in either)."""
-    from fused_flat import ops
-    n = 100_003
+@pytest.mark.parametrize("dtype,n,offset,momentum,nesterov,tag,sigma,noise_std", _pass_cases())
+def test_cpp_isa_paths_bitwise_equal(dtype, n, offset, momentum, nesterov, tag, sigma, noise_std):
+    """Every ISA path of the CPU loops (forced with FUSED_FLAT_CPU_ISA) gives the bits of the
+    portable baseline loop (-ffp-contract=off: no FMA contraction anywhere), and the pass is
+    the reference's up to rounding."""
+    from fused_flat import ops, reference
     gen = torch.Generator().manual_seed(1)
-    p0, g, m0 = (torch.randn(n, generator=gen) for _ in range(3))
+    p0, g, m0 = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
     outs = []
-    for isa in ("baseline", "auto"):
-        monkeypatch.setenv("FUSED_FLAT_CPU_ISA", isa)
-        p, m = p0.clone(), m0.clone()
-        ops.perturb_(p, 3, 1, 2, tag, 0.05, 1)
-        ops.restore_and_step_(p, g, m if momentum else None, None, None, 3, 1, 2, 1, tag, 0.05, 0.1,
-                              1e-4, momentum, 0.0, nesterov, False, 1e-3, 1.0)
-        outs.append((p, m))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for isa in ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FUSED_FLAT_CPU_ISA", isa)
+            p, m = p0.clone(), m0.clone()
+            ops.perturb_(p, 3, 1, 2, tag, sigma, offset)
+            pert = p.clone()
+            ops.restore_and_step_(p, g, m if momentum else None, None, None, 3, 1, 2, offset, tag, sigma,
+                                  0.1, 1e-4, momentum, 0.0, nesterov, False, noise_std, 1.0)
+            outs.append((isa, pert, p, m))
+    for isa, pert, p, m in outs[1:]:
+        assert torch.equal(pert, outs[0][1]), isa
+        assert torch.equal(p, outs[0][2]), isa
+        assert torch.equal(m, outs[0][3]), isa
+    # against the pure-torch reference (float math of torch's log/cos differs by ~1 ulp)
+    p, m = p0.clone(), m0.clone()
+    reference.perturb_(p, 3, 1, 2, tag, sigma, offset)
+    reference.restore_and_step_(p, g, m if momentum else None, None, None, 3, 1, 2, offset, tag, sigma,
+                                0.1, 1e-4, momentum, 0.0, nesterov, False, noise_std, 1.0)
+    atol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+    torch.testing.assert_close(p, outs[0][2], rtol=1e-2 if atol > 1e-5 else 1e-5, atol=atol)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpp_roofline_runs(isa, monkeypatch):
+    from fused_flat import ops
+    monkeypatch.setenv("FUSED_FLAT_CPU_ISA", isa)
+    c = ops.noise_roofline(1, 0, 0, [0, 32], 1 << 16)
+    assert c.dtype == torch.float32 and c.numel() == 1

@@ -59,12 +59,47 @@ def test_op_argument_errors(bad, match):
 def test_large_offset_uses_64bit_indices():
     """An element past 2^32 in a bucket gets the noise of its true index (j_hi word used)."""
     from fused_flat import noise, ops
-    off = (1 << 33) + 3
-    e, x = ops.gaussian_noise(5, 0, 1, 0, off, 64)
-    er, xr = noise.gaussian_noise(5, 0, 1, 0, off, 64)
+    off = (1 << 34) + 3   # j = i >> 2 has a nonzero high word
+    e = ops.normal_noise(5, 0, 1, 0, off, 64)
+    er = noise.normal_noise(5, 0, 1, 0, off, 64)
     assert (e - er).abs().max() <= 1e-5
-    e_lo, _ = ops.gaussian_noise(5, 0, 1, 0, off - (1 << 33), 64)   # same low 32 bits of j
+    e_lo = ops.normal_noise(5, 0, 1, 0, off - (1 << 34), 64)   # same low 32 bits of j = i >> 2
     assert not torch.equal(e, e_lo)
     p = torch.zeros(64)
     ops.perturb_(p, 5, 0, 1, 0, 1.0, off)
     assert (p - er).abs().max() <= 1e-5
+
+
+def test_opcheck_noise_ops():
+    for op, args in ((torch.ops.fused_flat.normal_noise.default, (1, 0, 3, 0, 5, 101)),
+                     (torch.ops.fused_flat.element_words.default, (1, 0, 3, 16, 5, 101)),
+                     (torch.ops.fused_flat.philox_words.default, (1, 0, 3, 16, 5, 11)),
+                     (torch.ops.fused_flat.all_finite.default, ([torch.randn(100), torch.randn(7)],))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [None, float("inf"), float("-inf"), float("nan")])
+def test_all_finite(dtype, bad):
+    from fused_flat import ops, reference
+    ts = [torch.randn(n).to(dtype) for n in (1, 100_003, 0, 257)]
+    if bad is not None:
+        ts[1][77_777] = bad
+    want = 0.0 if bad is None else 1.0
+    for mod in (ops, reference):
+        found = mod.all_finite(ts)
+        assert found.dtype == torch.float32 and found.shape == (1,) and found.item() == want
+    # the largest finite values are finite
+    big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+    assert ops.all_finite([big, -big]).item() == 0.0
+
+
+def test_all_finite_every_isa_and_noncontiguous(monkeypatch):
+    from fused_flat import ops
+    from tests.test_noise import ISAS
+    t = torch.randn(300, 301)
+    t[299, 3] = float("nan")
+    for isa in ISAS:
+        monkeypatch.setenv("FUSED_FLAT_CPU_ISA", isa)
+        assert ops.all_finite([t.t()]).item() == 1.0
+        assert ops.all_finite([t[:299]]).item() == 0.0

@@ -113,6 +113,19 @@ def test_gaussian_noise_matches_reference_and_cpp(n, offset, tag):
     assert (xi - c_xi).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("offset,n,tag", [(0, 4096, 0), (3, 1001, 16), ((5 << 32) + 2, 999, 32)])
+def test_element_words_and_normals_layout_v2(offset, n, tag):
+    """Layout v2 per element: w(tag, i) = x_(i & 3) bit for bit on the Triton, C++ and
+    reference backends; z(tag, i) within 1e-5 of the reference."""
+    z, w = tnoise.normal_noise_and_words(SEED, BUCKET, STEP, tag, offset, n, block=4096)
+    assert torch.equal(w, noise.element_words(SEED, BUCKET, STEP, tag, offset, n))
+    assert (z - noise.normal_noise(SEED, BUCKET, STEP, tag, offset, n)).abs().max().item() <= 1e-5
+    _cpp()
+    from fused_flat import ops
+    assert torch.equal(w, ops.element_words(SEED, BUCKET, STEP, tag, offset, n))
+    assert torch.equal(z, ops.normal_noise(SEED, BUCKET, STEP, tag, offset, n))
+
+
 def test_noise_bitwise_equal_to_cpp():
     # Same polynomials, same operation order, no FMA contraction on either side (the C++
     # build uses -ffp-contract=off, the interpreter evaluates op by op): identical floats.

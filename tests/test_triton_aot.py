@@ -36,11 +36,11 @@ ARCHS = (80, 90)
 REG_BOUND = {"perturb": 64, "restore_and_step": 128}
 SCALARS = ("sigma", "lr", "weight_decay", "momentum", "dampening", "noise_std", "grad_mult")
 RS_VARIANTS = {
-    # every feature on, two Philox calls per pair (restore_tag != 0): the register peak
-    "all": dict(HAS_MOM=True, NESTEROV=True, NEED_EPS=True, NEED_XI=True, EPS_FROM_PAIR=False,
+    # every feature on (eps and xi: two Philox calls per 4 elements): the register peak
+    "all": dict(HAS_MOM=True, NESTEROV=True, NEED_EPS=True, NEED_XI=True,
                 HAS_GRAD_SCALE=True, HAS_FOUND_INF=True),
-    # fSGLD as used by default: no momentum, eps and xi from one Philox call
-    "fsgld": dict(HAS_MOM=False, NESTEROV=False, NEED_EPS=True, NEED_XI=True, EPS_FROM_PAIR=True,
+    # fSGLD as used by default: no momentum
+    "fsgld": dict(HAS_MOM=False, NESTEROV=False, NEED_EPS=True, NEED_XI=True,
                   HAS_GRAD_SCALE=False, HAS_FOUND_INF=True),
 }
 # bf16 buckets: the register peak only (keeps the whole file under ~30 s on 2 cores)
@@ -80,10 +80,10 @@ def _compile_report() -> dict:
     for dt in ("fp32", "bf16"):
         for cc in ARCHS:
             sig = {"param_ptr": f"*{dt}", "key": "i64", "step_lo": "i64", "tag": "i32",
-                   "sigma": "fp32", "offset": "i64", "n": "i64", "ODD": "constexpr",
+                   "sigma": "fp32", "offset": "i64", "n": "i64", "MIS": "constexpr",
                    "BLOCK": "constexpr"}
             out[f"perturb/{dt}/sm{cc}"] = build(perturb.perturb_kernel, sig,
-                                                {"ODD": 0, "BLOCK": perturb.BLOCK}, ["param_ptr"], cc)
+                                                {"MIS": 0, "BLOCK": perturb.BLOCK}, ["param_ptr"], cc)
             for name, flags in RS_VARIANTS.items():
                 if dt == "bf16" and name not in BF16_VARIANTS:
                     continue
@@ -94,7 +94,7 @@ def _compile_report() -> dict:
                        "step_lo": "i64", "offset": "i64", "n": "i64", "restore_tag": "i32"}
                 sig.update({s: "fp32" for s in SCALARS})
                 sig["momentum_init"] = "i32"
-                const = dict(flags, ODD=0, BLOCK=restore_and_step.BLOCK)
+                const = dict(flags, MIS=0, BLOCK=restore_and_step.BLOCK)
                 sig.update({c: "constexpr" for c in const})
                 if not mom:
                     const["mom_ptr"] = None

@@ -1,5 +1,7 @@
 // CPU implementations of the fused_flat ops: one pass over a flat bucket per op,
-// parallel over Philox pairs with at::parallel_for (OpenMP). Every element's value is
+// parallel over Philox calls (4 elements each, noise layout v2) with at::parallel_for
+// (OpenMP); the loops are loops.h with the noise generator of the best ISA (baseline,
+// AVX2, AVX-512; FUSED_FLAT_CPU_ISA forces one). Every element's value is
 // a function of its bucket index alone (ALGORITHMS.md §1), never of the thread split,
 // and the per-element math is fused_flat/elementwise.h, shared with the CUDA kernels.
 #include <ATen/Dispatch.h>
@@ -7,9 +9,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <string>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -19,39 +25,80 @@
 #include "loops.h"
 
 namespace fused_flat {
+
+namespace cpu {
+IsaLoops loops_baseline() { return IsaLoopsOf<PortableNoise>::table(); }
+}  // namespace cpu
+
 namespace {
 
-constexpr int64_t kGrainPairs = int64_t(1) << 14;
+using cpu::bf16_t;
+using cpu::IsaLoops;
 
-// The AVX2 fp32 loops run when the CPU has AVX2+FMA, unless FUSED_FLAT_CPU_ISA=baseline
-// (used by the tests to check that both paths give identical bits).
-bool use_avx2() {
+constexpr int64_t kGrainCalls = int64_t(1) << 12;   // 16K elements per task at least
+
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool cpu_has(Isa isa) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  const char* isa = std::getenv("FUSED_FLAT_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
+  switch (isa) {
+    case Isa::kBaseline: return true;
+    case Isa::kAvx2: return cpu::avx2_compiled() && __builtin_cpu_supports("avx2");
+    case Isa::kAvx512:
+      return cpu::avx512_compiled() && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl");
+  }
   return false;
+#else
+  return isa == Isa::kBaseline;
 #endif
 }
 
-// Splits the slice [offset, offset + n) into its edge elements (a half-used Philox pair at
-// either end, done serially by edge(local_index, global_index)) and whole pairs, returned
-// as [j_begin, j_end) for the parallel loops.
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
+}
+
+// The ISA of the CPU loops: the best the CPU supports, or FUSED_FLAT_CPU_ISA
+// (baseline | avx2 | avx512 | auto), read at every call so tests can force each path.
+// Asking for an ISA the CPU (or the build) lacks is an error, never a silent fallback.
+Isa current_isa() {
+  static const Isa best = cpu_has(Isa::kAvx512) ? Isa::kAvx512
+                          : cpu_has(Isa::kAvx2) ? Isa::kAvx2
+                                                : Isa::kBaseline;
+  const char* env = std::getenv("FUSED_FLAT_CPU_ISA");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
+  Isa want;
+  if (std::strcmp(env, "baseline") == 0) want = Isa::kBaseline;
+  else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
+  else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
+  else TORCH_CHECK(false, "fused_flat: FUSED_FLAT_CPU_ISA must be baseline, avx2, avx512 or auto, got '", env, "'");
+  TORCH_CHECK(cpu_has(want), "fused_flat: FUSED_FLAT_CPU_ISA=", env,
+              " but this CPU (or this build) does not support it");
+  return want;
+}
+
+const IsaLoops& loops() {
+  static const IsaLoops tables[3] = {cpu::loops_baseline(), cpu::loops_avx2(), cpu::loops_avx512()};
+  return tables[static_cast<int>(current_isa())];
+}
+
+// Splits the slice [offset, offset + n) into its edge elements (a partly covered Philox
+// call at either end, done serially by edge(local_index, global_index)) and whole calls,
+// returned as [j_begin, j_end) for the parallel loops.
 template <typename Edge>
 std::pair<int64_t, int64_t> split_edges(int64_t offset, int64_t n, const Edge& edge) {
-  int64_t g0 = offset, g1 = offset + n;
   if (n <= 0) return {0, 0};
-  if (g0 & 1) {
-    edge(int64_t(0), g0);
-    ++g0;
+  const int64_t g1 = offset + n;
+  int64_t a = (offset + 3) & ~int64_t(3);   // first element of a whole call
+  int64_t b = g1 & ~int64_t(3);             // end of the last whole call
+  if (a >= b) {                              // no whole call
+    for (int64_t gi = offset; gi < g1; ++gi) edge(gi - offset, gi);
+    return {0, 0};
   }
-  if (g0 < g1 && (g1 & 1)) {
-    edge(g1 - 1 - offset, g1 - 1);
-    --g1;
-  }
-  return {g0 >> 1, g1 >> 1};
+  for (int64_t gi = offset; gi < a; ++gi) edge(gi - offset, gi);
+  for (int64_t gi = b; gi < g1; ++gi) edge(gi - offset, gi);
+  return {a >> 2, b >> 2};
 }
 
 template <typename scalar_t>
@@ -60,16 +107,18 @@ void perturb_typed(scalar_t* __restrict__ p, int64_t n, PhiloxKey key, int64_t s
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sigma = static_cast<acc_t>(sigma_d);
   const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
-    float e, x;
-    element_noise<true, false>(key, step, tag, gi, e, x);
+    const float e = element_normal(key, step, tag, gi);
     p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) + sigma * static_cast<acc_t>(e));
   });
-  const bool avx2 = std::is_same<scalar_t, float>::value && use_avx2();
-  at::parallel_for(range.first, range.second, kGrainPairs, [&](int64_t j0, int64_t j1) {
+  const IsaLoops& L = loops();
+  at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
     if constexpr (std::is_same<scalar_t, float>::value) {
-      if (avx2) return cpu::perturb_pairs_f32_avx2(p, j0, j1, offset, key, step, tag, sigma);
+      return L.perturb_f32(p, j0, j1, offset, key, step, tag, sigma);
+    } else if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+      return L.perturb_bf16(reinterpret_cast<bf16_t*>(p), j0, j1, offset, key, step, tag, sigma);
+    } else {
+      cpu::perturb_calls<scalar_t, acc_t, cpu::PortableNoise>(p, j0, j1, offset, key, step, tag, sigma);
     }
-    cpu::perturb_pairs<scalar_t, acc_t>(p, j0, j1, offset, key, step, tag, sigma);
   });
 }
 
@@ -100,12 +149,17 @@ void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict
       default: return update_element<true, true, true>(p, g, m, i, gi, key, step, tag, a);
     }
   });
-  const bool avx2 = std::is_same<scalar_t, float>::value && use_avx2();
-  at::parallel_for(range.first, range.second, kGrainPairs, [&](int64_t j0, int64_t j1) {
+  const IsaLoops& L = loops();
+  at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
     if constexpr (std::is_same<scalar_t, float>::value) {
-      if (avx2) return cpu::update_pairs_f32_avx2(variant, p, g, m, j0, j1, offset, key, step, tag, a);
+      return L.update_f32(variant, p, g, m, j0, j1, offset, key, step, tag, a);
+    } else if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+      return L.update_bf16(variant, reinterpret_cast<bf16_t*>(p), reinterpret_cast<const bf16_t*>(g),
+                           reinterpret_cast<bf16_t*>(m), j0, j1, offset, key, step, tag, a);
+    } else {
+      cpu::update_calls_dispatch<scalar_t, acc_t, cpu::PortableNoise>(variant, p, g, m, j0, j1, offset,
+                                                                      key, step, tag, a);
     }
-    cpu::update_pairs_dispatch<scalar_t, acc_t>(variant, p, g, m, j0, j1, offset, key, step, tag, a);
   });
 }
 
@@ -167,17 +221,17 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
 }
 
 at::Tensor philox_words_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
-                            int64_t first_pair, int64_t n_pairs) {
-  // first_pair is taken as the bit pattern of a uint64 (so Random123's test vectors,
-  // whose counters have the top bit set, can be checked).
+                            int64_t first_call, int64_t n_calls) {
+  // first_call is taken as the bit pattern of a uint64 (so Random123's test vectors,
+  // whose counters have the top bit set, can be checked). Call j serves elements 4j..4j+3.
   check_noise_args(seed, 0, tag);
-  TORCH_CHECK(n_pairs >= 0, "fused_flat.philox_words: n_pairs must be >= 0");
-  at::Tensor out = at::empty({n_pairs, 4}, at::TensorOptions().dtype(at::kLong));
+  TORCH_CHECK(n_calls >= 0, "fused_flat.philox_words: n_calls must be >= 0");
+  at::Tensor out = at::empty({n_calls, 4}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   const PhiloxKey key = make_key(seed, bucket_id);
-  at::parallel_for(0, n_pairs, kGrainPairs, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n_calls, kGrainCalls, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const Words4 w = noise_words(key, first_pair + r, step, static_cast<uint32_t>(tag));
+      const Words4 w = noise_words(key, first_call + r, step, static_cast<uint32_t>(tag));
       o[4 * r + 0] = w.x0;
       o[4 * r + 1] = w.x1;
       o[4 * r + 2] = w.x2;
@@ -187,25 +241,95 @@ at::Tensor philox_words_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gaussian_noise_cpu(int64_t seed, int64_t bucket_id, int64_t step,
-                                                      int64_t tag, int64_t offset, int64_t n) {
+// w(tag, i) = x_(i & 3) of elements [offset, offset + n), int64 in [0, 2^32).
+at::Tensor element_words_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
+                             int64_t offset, int64_t n) {
   check_noise_args(seed, offset, tag);
-  TORCH_CHECK(n >= 0, "fused_flat.gaussian_noise: n must be >= 0");
-  at::Tensor eps = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-  at::Tensor xi = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-  float* pe = eps.data_ptr<float>();
-  float* px = xi.data_ptr<float>();
+  TORCH_CHECK(n >= 0, "fused_flat.element_words: n must be >= 0");
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const PhiloxKey key = make_key(seed, bucket_id);
+  at::parallel_for(0, n, 4 * kGrainCalls, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) o[i] = element_word(key, step, static_cast<uint32_t>(tag), offset + i);
+  });
+  return out;
+}
+
+// z(tag, i) of elements [offset, offset + n), float32, through the CPU's noise generator.
+at::Tensor normal_noise_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
+                            int64_t offset, int64_t n) {
+  check_noise_args(seed, offset, tag);
+  TORCH_CHECK(tag >= 0, "fused_flat.normal_noise: tag must be >= 0, got ", tag);
+  TORCH_CHECK(n >= 0, "fused_flat.normal_noise: n must be >= 0");
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  float* z = out.data_ptr<float>();
   const PhiloxKey key = make_key(seed, bucket_id);
   const uint32_t t = static_cast<uint32_t>(tag);
-  at::parallel_for(0, n, kGrainPairs, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t gi = offset + i;
-      const Words4 w = noise_words(key, gi >> 1, step, t);
-      const bool odd = (gi & 1) != 0;
-      box_muller(odd ? w.x2 : w.x0, odd ? w.x3 : w.x1, pe[i], px[i]);
-    }
+  const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
+    z[i] = element_normal(key, step, t, gi);
   });
-  return {eps, xi};
+  const IsaLoops& L = loops();
+  at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
+    L.normals(key, step, t, j0, j1 - j0, z + (4 * j0 - offset));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_noise_cpu(int64_t seed, int64_t bucket_id, int64_t step,
+                                                      int64_t tag, int64_t offset, int64_t n) {
+  return {normal_noise_cpu(seed, bucket_id, step, tag, offset, n),
+          normal_noise_cpu(seed, bucket_id, step, kTagXi, offset, n)};
+}
+
+// The noise roofline: z of n elements (whole calls from 0) for each tag, generated into
+// per-thread L1 buffers with no parameter traffic. Returns a float32 checksum.
+at::Tensor noise_roofline_cpu(int64_t seed, int64_t bucket_id, int64_t step, at::IntArrayRef tags,
+                              int64_t n) {
+  check_noise_args(seed, 0, 0);
+  TORCH_CHECK(n >= 0 && tags.size() <= 8, "fused_flat.noise_roofline: n >= 0 and at most 8 tags");
+  uint32_t t[8];
+  for (size_t k = 0; k < tags.size(); ++k) t[k] = static_cast<uint32_t>(tags[k]);
+  const int nt = static_cast<int>(tags.size());
+  const PhiloxKey key = make_key(seed, bucket_id);
+  const IsaLoops& L = loops();
+  const int64_t calls = (n + 3) >> 2;
+  std::atomic<uint32_t> sink{0};
+  at::parallel_for(0, calls, kGrainCalls, [&](int64_t j0, int64_t j1) {
+    const float s = L.noise_only(j0, j1, key, step, t, nt);
+    sink.fetch_xor(float_bits(s));
+  });
+  return at::scalar_tensor(bits_float(sink.load()), at::TensorOptions().dtype(at::kFloat));
+}
+
+std::string cpu_isa_op() { return isa_name(current_isa()); }
+
+// found_inf of a list of tensors: 1.0 if any element is inf or nan (float32, shape [1]).
+at::Tensor all_finite_cpu(at::TensorList tensors) {
+  at::Tensor found = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+  bool bad = false;
+  const IsaLoops& L = loops();
+  for (const at::Tensor& t0 : tensors) {
+    if (bad) break;
+    TORCH_CHECK(t0.device().is_cpu(), "fused_flat.all_finite: CPU tensors expected, got ", t0.device());
+    if (t0.numel() == 0 || !at::isFloatingType(t0.scalar_type())) continue;
+    const at::Tensor t = t0.is_contiguous() ? t0 : t0.contiguous();
+    const size_t es = t.element_size();
+    const int64_t n = t.numel();
+    const void* base = t.data_ptr();
+    std::atomic<bool> any{false};
+    at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t b, int64_t e) {
+      if (any.load(std::memory_order_relaxed)) return;
+      bool r;
+      if (es == 4) r = L.any_nonfinite32(static_cast<const uint32_t*>(base) + b, e - b, 0x7F800000u);
+      else if (es == 2) r = L.any_nonfinite16(static_cast<const uint16_t*>(base) + b, e - b,
+                                              t.scalar_type() == at::kHalf ? 0x7C00u : 0x7F80u);
+      else r = L.any_nonfinite64(static_cast<const uint64_t*>(base) + b, e - b);
+      if (r) any.store(true, std::memory_order_relaxed);
+    });
+    bad = any.load();
+  }
+  if (bad) found.fill_(1.0f);
+  return found;
 }
 
 }  // namespace
@@ -213,6 +337,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_noise_cpu(int64_t seed, int64_t buck
 TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_and_step_", &restore_and_step_cpu);
+  m.impl("all_finite", &all_finite_cpu);
 }
 
 // Noise inspection ops take no tensor, so they are registered for the
@@ -220,6 +345,10 @@ TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
 TORCH_LIBRARY_IMPL(fused_flat, CompositeExplicitAutograd, m) {
   m.impl("philox_words", &philox_words_cpu);
   m.impl("gaussian_noise", &gaussian_noise_cpu);
+  m.impl("normal_noise", &normal_noise_cpu);
+  m.impl("element_words", &element_words_cpu);
+  m.impl("noise_roofline", &noise_roofline_cpu);
+  m.impl("cpu_isa", &cpu_isa_op);
 }
 
 }  // namespace fused_flat

@@ -1,25 +1,85 @@
-// The CPU inner loops over whole Philox pairs [j0, j1) of a bucket slice, templated on
-// the storage type. Included by kernels_cpu.cpp (baseline ISA, every dtype) and by
-// loops_avx2.cpp (fp32, compiled for AVX2 and dispatched at run time). With
-// -ffp-contract=off both give bit-identical results. No torch headers here: a TU built
-// for another ISA must not emit torch's inline functions.
+// The CPU inner loops over whole Philox calls [j0, j1) of a bucket slice (noise layout
+// version 2: call j serves elements 4j .. 4j+3 of one tag), templated on the storage type
+// and on the noise generator.
+//
+// Each loop works in chunks of kChunkCalls calls: the generator writes the chunk's
+// normals z(tag, 4j + q) into a small stack buffer in element order (L1-resident), then
+// a plain element loop applies the pass. The generator is either the portable one below
+// (elementwise.h, one call at a time) or a SIMD one (noise_simd.h, 8 or 16 calls per
+// vector, compiled for AVX2 / AVX-512 in their own translation units and picked at run
+// time). Both perform the same IEEE operations in the same order (-ffp-contract=off), so
+// every ISA gives the same bits. No torch headers here: a TU built for another ISA must
+// not emit torch's inline functions (16-bit types are the layout-compatible bf16_t /
+// the caller's c10 types, converted by to_acc / from_acc).
 #pragma once
 #include <stdint.h>
+#include <string.h>
 
 #include "fused_flat/elementwise.h"
 
 namespace fused_flat {
 namespace cpu {
 
+constexpr int64_t kChunkCalls = 64;                 // 256 elements per chunk
+constexpr int64_t kChunkElems = 4 * kChunkCalls;
+
+// bfloat16 storage, layout-compatible with c10::BFloat16; conversions exactly as c10's
+// (exact widening; round-to-nearest-even narrowing, NaN -> 0x7FC0).
+struct bf16_t {
+  uint16_t x;
+};
+
+template <typename acc_t, typename scalar_t>
+static inline __attribute__((always_inline)) acc_t to_acc(scalar_t v) {
+  return static_cast<acc_t>(v);
+}
 template <typename scalar_t, typename acc_t>
-static void perturb_pairs(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int64_t offset,
+static inline __attribute__((always_inline)) scalar_t from_acc(acc_t v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline __attribute__((always_inline)) float to_acc<float, bf16_t>(bf16_t v) {
+  return bits_float(static_cast<uint32_t>(v.x) << 16);
+}
+template <>
+inline __attribute__((always_inline)) bf16_t from_acc<bf16_t, float>(float v) {
+  const uint32_t u = float_bits(v);
+  const uint32_t r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  bf16_t b;
+  b.x = static_cast<uint16_t>(v != v ? 0x7FC0u : r);
+  return b;
+}
+
+// Anonymous namespace: each ISA translation unit gets its own copies of the inline code
+// below (no COMDAT sharing between a baseline and an AVX-512 build of one function).
+namespace {
+
+// The portable generator: out[4 (j - j0) + q] = z(tag, 4j + q) for j in [j0, j0 + n).
+struct PortableNoise {
+  static inline __attribute__((always_inline)) void normals(PhiloxKey key, int64_t step,
+                                                            uint32_t tag, int64_t j0, int64_t n,
+                                                            float* __restrict__ out) {
+    for (int64_t k = 0; k < n; ++k) {
+      call_normals(noise_words(key, j0 + k, step, tag), out[4 * k], out[4 * k + 1],
+                   out[4 * k + 2], out[4 * k + 3]);
+    }
+  }
+};
+
+// theta <- theta + sigma * z(tag) over the whole calls [j0, j1); p is element 0 of the
+// slice, whose bucket index is offset.
+template <typename scalar_t, typename acc_t, typename Gen>
+static void perturb_calls(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int64_t offset,
                           PhiloxKey key, int64_t step, uint32_t tag, acc_t sigma) {
-  for (int64_t j = j0; j < j1; ++j) {
-    float e0, x0, e1, x1;
-    pair_noise<true, false>(key, step, tag, j, e0, x0, e1, x1);
-    const int64_t i = 2 * j - offset;
-    p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) + sigma * static_cast<acc_t>(e0));
-    p[i + 1] = static_cast<scalar_t>(static_cast<acc_t>(p[i + 1]) + sigma * static_cast<acc_t>(e1));
+  alignas(64) float z[kChunkElems];
+  for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
+    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    Gen::normals(key, step, tag, jc, nc, z);
+    scalar_t* __restrict__ q = p + (4 * jc - offset);
+    const int64_t ne = 4 * nc;
+    for (int64_t e = 0; e < ne; ++e) {
+      q[e] = from_acc<scalar_t, acc_t>(to_acc<acc_t>(q[e]) + sigma * static_cast<acc_t>(z[e]));
+    }
   }
 }
 
@@ -27,70 +87,64 @@ template <typename scalar_t, typename acc_t, bool kMom>
 static inline __attribute__((always_inline)) void update_one(
     scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
     int64_t i, float e, float x, const StepArgs<acc_t>& a) {
-  acc_t mm = kMom ? static_cast<acc_t>(m[i]) : acc_t(0);
-  const acc_t th = langevin_update<kMom>(static_cast<acc_t>(p[i]), static_cast<acc_t>(g[i]), &mm,
+  acc_t mm = kMom ? to_acc<acc_t>(m[i]) : acc_t(0);
+  const acc_t th = langevin_update<kMom>(to_acc<acc_t>(p[i]), to_acc<acc_t>(g[i]), &mm,
                                          static_cast<acc_t>(e), static_cast<acc_t>(x), a);
-  p[i] = static_cast<scalar_t>(th);
-  if (kMom) m[i] = static_cast<scalar_t>(mm);
+  p[i] = from_acc<scalar_t, acc_t>(th);
+  if (kMom) m[i] = from_acc<scalar_t, acc_t>(mm);
 }
 
-template <typename scalar_t, typename acc_t, bool kMom, bool kEps, bool kXi, bool kNesterov,
-          bool kInit>
-static void update_pairs_fixed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+template <typename scalar_t, typename acc_t, typename Gen, bool kMom, bool kEps, bool kXi,
+          bool kNesterov, bool kInit>
+static void update_calls_fixed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                scalar_t* __restrict__ m, int64_t j0, int64_t j1, int64_t offset,
                                PhiloxKey key, int64_t step, uint32_t restore_tag,
                                const StepArgs<acc_t>& args) {
   // A local copy whose flags are compile-time constants: the branches of langevin_update
-  // fold away and the loop vectorizes.
+  // fold away and the element loop vectorizes.
   StepArgs<acc_t> a = args;
   a.nesterov = kNesterov;
   a.momentum_init = kInit;
-  // eps and xi from the same tag 0: one Philox call and no branch in the loop (the
-  // restore of a tag != 0 perturbation, n_perturbations > 1, takes the general path).
-  if (kEps && kXi && restore_tag == kTagPair) {
-    for (int64_t j = j0; j < j1; ++j) {
-      float e0, x0, e1, x1;
-      pair_noise<false, true>(key, step, kTagPair, j, e0, x0, e1, x1);
-      const int64_t i = 2 * j - offset;
-      update_one<scalar_t, acc_t, kMom>(p, g, m, i, e0, x0, a);
-      update_one<scalar_t, acc_t, kMom>(p, g, m, i + 1, e1, x1, a);
+  alignas(64) float e[kChunkElems];
+  alignas(64) float x[kChunkElems];
+  for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
+    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    if (kEps) Gen::normals(key, step, restore_tag, jc, nc, e);
+    if (kXi) Gen::normals(key, step, kTagXi, jc, nc, x);
+    const int64_t base = 4 * jc - offset;
+    const int64_t ne = 4 * nc;
+    for (int64_t k = 0; k < ne; ++k) {
+      update_one<scalar_t, acc_t, kMom>(p + base, g + base, kMom ? m + base : m, k,
+                                        kEps ? e[k] : 0.0f, kXi ? x[k] : 0.0f, a);
     }
-    return;
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    float e0, x0, e1, x1;
-    pair_noise<kEps, kXi>(key, step, restore_tag, j, e0, x0, e1, x1);
-    const int64_t i = 2 * j - offset;
-    update_one<scalar_t, acc_t, kMom>(p, g, m, i, e0, x0, a);
-    update_one<scalar_t, acc_t, kMom>(p, g, m, i + 1, e1, x1, a);
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kMom, bool kEps, bool kXi>
-static void update_pairs(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+template <typename scalar_t, typename acc_t, typename Gen, bool kMom, bool kEps, bool kXi>
+static void update_calls(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                          scalar_t* __restrict__ m, int64_t j0, int64_t j1, int64_t offset,
                          PhiloxKey key, int64_t step, uint32_t restore_tag,
                          const StepArgs<acc_t>& a) {
   if (!kMom) {
-    update_pairs_fixed<scalar_t, acc_t, kMom, kEps, kXi, false, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, false, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
   } else if (a.momentum_init) {
-    if (a.nesterov) update_pairs_fixed<scalar_t, acc_t, kMom, kEps, kXi, true, true>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
-    else update_pairs_fixed<scalar_t, acc_t, kMom, kEps, kXi, false, true>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    if (a.nesterov) update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, true, true>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    else update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, false, true>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
   } else {
-    if (a.nesterov) update_pairs_fixed<scalar_t, acc_t, kMom, kEps, kXi, true, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
-    else update_pairs_fixed<scalar_t, acc_t, kMom, kEps, kXi, false, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    if (a.nesterov) update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, true, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    else update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, false, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
   }
 }
 
-// Variant index of update_pairs: bit 0 momentum, bit 1 eps, bit 2 xi.
-template <typename scalar_t, typename acc_t>
-static void update_pairs_dispatch(int variant, scalar_t* p, const scalar_t* g, scalar_t* m,
+// Variant index of update_calls: bit 0 momentum, bit 1 eps, bit 2 xi.
+template <typename scalar_t, typename acc_t, typename Gen>
+static void update_calls_dispatch(int variant, scalar_t* p, const scalar_t* g, scalar_t* m,
                                   int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
                                   int64_t step, uint32_t restore_tag, const StepArgs<acc_t>& a) {
 #define FF_CASE(V, MOM, EPS, XI)                                                             \
   case V:                                                                                    \
-    update_pairs<scalar_t, acc_t, MOM, EPS, XI>(p, g, m, j0, j1, offset, key, step,          \
-                                                restore_tag, a);                             \
+    update_calls<scalar_t, acc_t, Gen, MOM, EPS, XI>(p, g, m, j0, j1, offset, key, step,     \
+                                                     restore_tag, a);                        \
     break;
   switch (variant) {
     FF_CASE(0, false, false, false)
@@ -105,12 +159,115 @@ static void update_pairs_dispatch(int variant, scalar_t* p, const scalar_t* g, s
 #undef FF_CASE
 }
 
-// fp32 loops compiled for AVX2+FMA (loops_avx2.cpp); callers check avx2_supported().
-void perturb_pairs_f32_avx2(float* p, int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
-                            int64_t step, uint32_t tag, float sigma);
-void update_pairs_f32_avx2(int variant, float* p, const float* g, float* m, int64_t j0,
-                           int64_t j1, int64_t offset, PhiloxKey key, int64_t step,
-                           uint32_t restore_tag, const StepArgs<float>& a);
+}  // namespace
+
+// Noise roofline: generates z(tag_t, .) of calls [j0, j1) for each of n_tags tags into an
+// L1-resident buffer, no parameter traffic; returns a checksum so nothing is elided.
+template <typename Gen>
+static float noise_only_calls(int64_t j0, int64_t j1, PhiloxKey key, int64_t step,
+                              const uint32_t* tags, int n_tags) {
+  alignas(64) float z[kChunkElems];
+  float acc = 0.0f;
+  for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
+    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    for (int t = 0; t < n_tags; ++t) {
+      Gen::normals(key, step, tags[t], jc, nc, z);
+      acc += z[0];
+    }
+  }
+  return acc;
+}
+
+// Whether any element is inf/nan: its exponent bits (mask) all set. Fixed blocks, each a
+// branch-free OR-reduction the compiler vectorizes; stops after the first bad block.
+template <typename word_t>
+static bool any_nonfinite_words(const word_t* __restrict__ p, int64_t n, word_t mask) {
+  constexpr int64_t kBlock = 8192;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = n - b < kBlock ? n : b + kBlock;
+    word_t acc = 0;
+    for (int64_t i = b; i < e; ++i) acc |= static_cast<word_t>((p[i] & mask) == mask);
+    if (acc) return true;
+  }
+  return false;
+}
+
+// The entry points of one ISA's loops (fp32, fp64, bf16; fp16 stays on the baseline).
+struct IsaLoops {
+  void (*normals)(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n, float* out);
+  void (*perturb_f32)(float* p, int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
+                      int64_t step, uint32_t tag, float sigma);
+  void (*perturb_bf16)(bf16_t* p, int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
+                       int64_t step, uint32_t tag, float sigma);
+  void (*update_f32)(int variant, float* p, const float* g, float* m, int64_t j0, int64_t j1,
+                     int64_t offset, PhiloxKey key, int64_t step, uint32_t restore_tag,
+                     const StepArgs<float>& a);
+  void (*update_bf16)(int variant, bf16_t* p, const bf16_t* g, bf16_t* m, int64_t j0,
+                      int64_t j1, int64_t offset, PhiloxKey key, int64_t step,
+                      uint32_t restore_tag, const StepArgs<float>& a);
+  float (*noise_only)(int64_t j0, int64_t j1, PhiloxKey key, int64_t step, const uint32_t* tags,
+                      int n_tags);
+  bool (*any_nonfinite32)(const uint32_t* p, int64_t n, uint32_t mask);
+  bool (*any_nonfinite16)(const uint16_t* p, int64_t n, uint32_t mask);
+  bool (*any_nonfinite64)(const uint64_t* p, int64_t n);
+};
+
+namespace {
+// Defines the IsaLoops of a generator (used once per ISA translation unit).
+template <typename Gen>
+struct IsaLoopsOf {
+  static void normals(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
+                      float* out) {
+    // Whole chunks through the generator (its tail handling covers any n).
+    Gen::normals(key, step, tag, j0, n, out);
+  }
+  static void perturb_f32(float* p, int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
+                          int64_t step, uint32_t tag, float sigma) {
+    perturb_calls<float, float, Gen>(p, j0, j1, offset, key, step, tag, sigma);
+  }
+  static void perturb_bf16(bf16_t* p, int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
+                           int64_t step, uint32_t tag, float sigma) {
+    perturb_calls<bf16_t, float, Gen>(p, j0, j1, offset, key, step, tag, sigma);
+  }
+  static void update_f32(int variant, float* p, const float* g, float* m, int64_t j0,
+                         int64_t j1, int64_t offset, PhiloxKey key, int64_t step,
+                         uint32_t restore_tag, const StepArgs<float>& a) {
+    update_calls_dispatch<float, float, Gen>(variant, p, g, m, j0, j1, offset, key, step,
+                                             restore_tag, a);
+  }
+  static void update_bf16(int variant, bf16_t* p, const bf16_t* g, bf16_t* m, int64_t j0,
+                          int64_t j1, int64_t offset, PhiloxKey key, int64_t step,
+                          uint32_t restore_tag, const StepArgs<float>& a) {
+    update_calls_dispatch<bf16_t, float, Gen>(variant, p, g, m, j0, j1, offset, key, step,
+                                              restore_tag, a);
+  }
+  static float noise_only(int64_t j0, int64_t j1, PhiloxKey key, int64_t step,
+                          const uint32_t* tags, int n_tags) {
+    return noise_only_calls<Gen>(j0, j1, key, step, tags, n_tags);
+  }
+  static bool nonfinite32(const uint32_t* p, int64_t n, uint32_t mask) {
+    return any_nonfinite_words<uint32_t>(p, n, mask);
+  }
+  static bool nonfinite16(const uint16_t* p, int64_t n, uint32_t mask) {
+    return any_nonfinite_words<uint16_t>(p, n, static_cast<uint16_t>(mask));
+  }
+  static bool nonfinite64(const uint64_t* p, int64_t n) {
+    return any_nonfinite_words<uint64_t>(p, n, uint64_t(0x7FF0000000000000ull));
+  }
+  static IsaLoops table() {
+    return IsaLoops{&normals, &perturb_f32, &perturb_bf16, &update_f32, &update_bf16,
+                    &noise_only, &nonfinite32, &nonfinite16, &nonfinite64};
+  }
+};
+}  // namespace
+
+// The loops of each ISA (nullptr-free: an ISA absent from the build reports false in
+// isa_compiled()).
+IsaLoops loops_baseline();
+IsaLoops loops_avx2();
+IsaLoops loops_avx512();
+bool avx2_compiled();
+bool avx512_compiled();
 
 }  // namespace cpu
 }  // namespace fused_flat

@@ -8,6 +8,8 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "fused_flat/op_args.h"
@@ -28,11 +30,22 @@ double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n, double eta
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t lo = b * kSamReduceBlock;
       const int64_t hi = lo + kSamReduceBlock < n ? lo + kSamReduceBlock : n;
-      double s = 0.0;
-      for (int64_t i = lo; i < hi; ++i) {
-        const acc_t th = kAdaptive ? static_cast<acc_t>(p[i]) : acc_t(0);
-        s += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i]), eta);
+      // kLanes independent partial sums (element i goes to lane i % kLanes), added in a
+      // fixed order: vectorizable, and still independent of the thread count.
+      constexpr int kLanes = 8;
+      double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = lo;
+      for (; i + kLanes <= hi; i += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+          const acc_t th = kAdaptive ? static_cast<acc_t>(p[i + k]) : acc_t(0);
+          acc[k] += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i + k]), eta);
+        }
       }
+      for (int k = 0; i < hi; ++i, ++k) {
+        const acc_t th = kAdaptive ? static_cast<acc_t>(p[i]) : acc_t(0);
+        acc[k] += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i]), eta);
+      }
+      const double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
       partial[static_cast<size_t>(b)] = s;
     }
   });
@@ -65,15 +78,19 @@ void sam_perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& back
     scalar_t* bk = backup.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(coef), eta = static_cast<acc_t>(eta_d);
-    at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t th = p[i];
-        bk[i] = th;
-        const acc_t t = static_cast<acc_t>(th), gi = static_cast<acc_t>(g[i]);
-        p[i] = static_cast<scalar_t>(adaptive ? sam_perturbed<true, acc_t>(t, gi, c, eta)
-                                              : sam_perturbed<false, acc_t>(t, gi, c, eta));
-      }
-    });
+    auto run = [&](auto adaptive_c) {
+      constexpr bool kAd = decltype(adaptive_c)::value;
+      at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t th = p[i];
+          bk[i] = th;
+          p[i] = static_cast<scalar_t>(
+              sam_perturbed<kAd, acc_t>(static_cast<acc_t>(th), static_cast<acc_t>(g[i]), c, eta));
+        }
+      });
+    };
+    if (adaptive) run(std::true_type{});
+    else run(std::false_type{});
   });
 }
 
@@ -141,12 +158,19 @@ void sam_probe_cpu(at::Tensor& param, at::Tensor& backup, int64_t seed, int64_t 
     scalar_t* p = param.data_ptr<scalar_t>();
     scalar_t* bk = backup.data_ptr<scalar_t>();
     const acc_t d = static_cast<acc_t>(delta);
+    // One Philox call per 4 elements (layout v2: v_i from w(16, i) = x_(i & 3)).
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t th = p[i];
-        bk[i] = th;
-        const acc_t v = static_cast<acc_t>(rademacher_sign(key, step, offset + i));
-        p[i] = static_cast<scalar_t>(static_cast<acc_t>(th) + d * v);
+      int64_t i = i0;
+      while (i < i1) {
+        const int64_t gi = offset + i;
+        const Words4 w = noise_words(key, gi >> 2, step, kTagRademacher);
+        const int64_t stop = std::min(i1, i + (4 - (gi & 3)));
+        for (; i < stop; ++i) {
+          const scalar_t th = p[i];
+          bk[i] = th;
+          const acc_t v = static_cast<acc_t>(rademacher(select_word(w, offset + i)));
+          p[i] = static_cast<scalar_t>(static_cast<acc_t>(th) + d * v);
+        }
       }
     });
   });

@@ -1,7 +1,7 @@
 // CUDA implementations of the fused_flat ops perturb_ and restore_and_step_.
 //
 // Same semantics as csrc/cpu/kernels_cpu.cpp, and the same per-element arithmetic:
-// the noise (fused_flat::pair_noise / element_noise) and the update
+// the noise (fused_flat::call_noise / element_noise, layout v2) and the update
 // (fused_flat::langevin_update) come from fused_flat/elementwise.h. Compiled with
 // -fmad=false (setup.py) so the fp32 results equal the CPU kernels' bit for bit.
 //
@@ -9,12 +9,13 @@
 //   * Every element's noise is a pure function of its bucket index gi = offset + i
 //     (ALGORITHMS.md §1); grid and block sizes only decide who computes it.
 //   * Vector path (fp32/bf16/fp16): when param, grad and momentum share the same
-//     16-byte misalignment and the first aligned element has an even bucket index, the
-//     aligned body is processed in 16-byte vectors (fp32: 4 elements = 2 Philox pairs;
-//     16-bit: 8 elements = 4 pairs), grid-stride with int64 indices. The < 16-byte head
-//     and tail (at most 2V - 2 elements) are done one element at a time (element_noise).
-//   * Pair path (odd parity, mismatched alignment, fp64): grid-stride over Philox pairs,
-//     one Philox call per two elements, scalar loads/stores.
+//     16-byte misalignment and the first aligned element starts a Philox call (bucket
+//     index a multiple of 4), the aligned body is processed in 16-byte vectors (fp32:
+//     4 elements = 1 Philox call per tag; 16-bit: 8 elements = 2 calls), grid-stride with
+//     int64 indices. The < 16-byte head and tail (at most 2V - 2 elements) are done one
+//     element at a time (element_noise).
+//   * Call path (other offsets, mismatched alignment, fp64): grid-stride over Philox
+//     calls, one call per tag and 4 elements, scalar loads/stores.
 //   * grad_scale and found_inf are read inside the kernel (no host synchronisation):
 //     found_inf != 0 -> only the restore theta -= sigma * eps(restore_tag), momentum
 //     untouched; otherwise g is multiplied by grad_mult / *grad_scale (computed in double,
@@ -134,8 +135,8 @@ void launch_perturb(const at::Tensor& param, NoiseArgs na, double sigma, int64_t
       return;
     }
   }
-  auto k = perturb_kernel<scalar_t, 2, false>;
-  const int64_t work = ((offset + geo.n + 1) >> 1) - (offset >> 1);
+  auto k = perturb_kernel<scalar_t, 4, false>;
+  const int64_t work = calls_touching(offset, geo.n);
   k<<<grid_for(k, work, device), kThreads, 0, stream>>>(p, geo, na, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -145,10 +146,10 @@ void launch_step_kernel(scalar_t* p, const scalar_t* g, scalar_t* m, const Geome
                         const NoiseArgs& na, const StepArgs<at::opmath_type<scalar_t>>& a,
                         double grad_mult, const float* gs, const float* fi, int device,
                         cudaStream_t stream) {
-  constexpr int V = kVec ? 16 / sizeof(scalar_t) : 2;
+  constexpr int V = kVec ? 16 / sizeof(scalar_t) : 4;
   auto k = restore_and_step_kernel<scalar_t, V, kVec, kMom, kEps, kXi>;
   const int64_t work = kVec ? geo.nvec + 2 * V
-                            : ((geo.offset + geo.n + 1) >> 1) - (geo.offset >> 1);
+                            : calls_touching(geo.offset, geo.n);
   k<<<grid_for(k, work, device), kThreads, 0, stream>>>(p, g, m, geo, na, a, grad_mult, gs, fi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,5 +1,5 @@
 // fused_flat CUDA: the index logic of the kernels (which thread handles which elements,
-// 16-byte vector path vs Philox-pair path), separated from the launch so that it is
+// 16-byte vector path vs Philox-call path), separated from the launch so that it is
 // __host__ __device__: tests/test_cuda_emulation.py compiles it with the host compiler
 // and runs every "thread" of several grid sizes sequentially against a per-element
 // oracle. No CUDA API is used here; tid / stride come from the caller.
@@ -52,7 +52,8 @@ FFC_HD void do_element(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
   if constexpr (kM) m[i] = static_cast<scalar_t>(mm);
 }
 
-// Vector path over one slice; see the file comment.
+// Vector path over one slice; see the file comment. Noise layout v2: a 16-byte vector
+// holds whole Philox calls (fp32: 1 call = 4 elements; 16-bit: 2 calls).
 template <typename scalar_t, int V, bool kEps, bool kXi, bool kG, bool kM, typename Body>
 FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ m, const Geometry& geo,
@@ -60,7 +61,7 @@ FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
     const Body& body) {
   using acc_t = at::opmath_type<scalar_t>;
   using VecT = Vec<scalar_t, V>;
-  static_assert(V % 2 == 0 && sizeof(VecT) == 16, "16-byte vectors of whole Philox pairs");
+  static_assert(V % 4 == 0 && sizeof(VecT) == 16, "16-byte vectors of whole Philox calls");
   const int64_t body_end = geo.head + geo.nvec * V;
   const int64_t edges = geo.head + (geo.n - body_end);
   for (int64_t t = tid; t < edges; t += stride) {
@@ -75,18 +76,18 @@ FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
     VecT gv, mv;
     if constexpr (kG) gv = *reinterpret_cast<const VecT*>(g + i0);
     if constexpr (kM) mv = *reinterpret_cast<const VecT*>(m + i0);
-    const int64_t j0 = (geo.offset + i0) >> 1;  // even by construction
+    const int64_t j0 = (geo.offset + i0) >> 2;  // a multiple of 4 by construction
 #pragma unroll
-    for (int k = 0; k < V / 2; ++k) {
-      float e0, x0, e1, x1;
-      pair_noise<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e0, x0, e1, x1);
+    for (int k = 0; k < V / 4; ++k) {
+      float e[4], x[4];
+      call_noise<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e, x);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int q = 2 * k + h;
+      for (int h = 0; h < 4; ++h) {
+        const int q = 4 * k + h;
         acc_t th = static_cast<acc_t>(pv.v[q]);
         const acc_t gg = kG ? static_cast<acc_t>(gv.v[q]) : acc_t(0);
         acc_t mm = kM ? static_cast<acc_t>(mv.v[q]) : acc_t(0);
-        body(th, gg, mm, h ? e1 : e0, h ? x1 : x0);
+        body(th, gg, mm, e[h], x[h]);
         pv.v[q] = static_cast<scalar_t>(th);
         if constexpr (kM) mv.v[q] = static_cast<scalar_t>(mm);
       }
@@ -96,21 +97,30 @@ FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
   }
 }
 
-// Pair path: grid-stride over the Philox pairs that touch [offset, offset + n).
+// Call path: grid-stride over the Philox calls that touch [offset, offset + n), each
+// serving its (up to) 4 elements.
 template <typename scalar_t, bool kEps, bool kXi, bool kG, bool kM, typename Body>
-FFC_HD void sweep_pairs(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+FFC_HD void sweep_calls(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                             scalar_t* __restrict__ m, const Geometry& geo,
                                             const NoiseArgs& na, int64_t tid, int64_t stride,
     const Body& body) {
-  const int64_t jbeg = geo.offset >> 1;
-  const int64_t jend = (geo.offset + geo.n + 1) >> 1;
+  const int64_t jbeg = geo.offset >> 2;
+  const int64_t jend = (geo.offset + geo.n + 3) >> 2;
   for (int64_t j = jbeg + tid; j < jend; j += stride) {
-    float e0, x0, e1, x1;
-    pair_noise<kEps, kXi>(na.key, na.step, na.tag, j, e0, x0, e1, x1);
-    const int64_t i0 = 2 * j - geo.offset;
-    if (i0 >= 0) do_element<scalar_t, kG, kM>(p, g, m, i0, e0, x0, body);
-    if (i0 + 1 < geo.n) do_element<scalar_t, kG, kM>(p, g, m, i0 + 1, e1, x1, body);
+    float e[4], x[4];
+    call_noise<kEps, kXi>(na.key, na.step, na.tag, j, e, x);
+    const int64_t i0 = 4 * j - geo.offset;
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const int64_t i = i0 + h;
+      if (i >= 0 && i < geo.n) do_element<scalar_t, kG, kM>(p, g, m, i, e[h], x[h], body);
+    }
   }
+}
+
+// Calls (work items of the call path) that touch [offset, offset + n).
+FFC_HD int64_t calls_touching(int64_t offset, int64_t n) {
+  return ((offset + n + 3) >> 2) - (offset >> 2);
 }
 
 template <typename scalar_t, int V, bool kVec, bool kEps, bool kXi, bool kG, bool kM, typename Body>
@@ -121,12 +131,13 @@ FFC_HD void sweep(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
   if constexpr (kVec) {
     sweep_vec<scalar_t, V, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
   } else {
-    sweep_pairs<scalar_t, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
+    sweep_calls<scalar_t, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
   }
 }
 
 // Decides the vector path for buckets of scalar_t: all pointers share one 16-byte
-// misalignment, the first aligned element has an even bucket index, and at least one
+// misalignment, the first aligned element starts a Philox call (bucket index a multiple
+// of 4), and at least one
 // whole vector fits. Fills geo.head / geo.nvec.
 template <typename scalar_t>
 inline bool plan_vec(Geometry& geo, const void* p, const void* g, const void* m) {
@@ -136,7 +147,7 @@ inline bool plan_vec(Geometry& geo, const void* p, const void* g, const void* m)
   if (m != nullptr && reinterpret_cast<uintptr_t>(m) % 16 != ap) return false;
   if (ap % sizeof(scalar_t) != 0) return false;
   const int64_t head = static_cast<int64_t>((16 - ap) % 16) / static_cast<int64_t>(sizeof(scalar_t));
-  if (head > geo.n || ((geo.offset + head) & 1) != 0) return false;
+  if (head > geo.n || ((geo.offset + head) & 3) != 0) return false;
   const int64_t nvec = (geo.n - head) / V;
   if (nvec == 0) return false;
   geo.head = head;

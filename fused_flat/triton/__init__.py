@@ -53,7 +53,7 @@ def _perturb_op(param: torch.Tensor, key: int, step_lo: int, tag: int, sigma: fl
     n = param.numel()
     wrap_triton(_perturb.perturb_kernel)[_perturb.grid(n, offset)](
         param, key, step_lo, tag, sigma, offset, n,
-        ODD=offset & 1, BLOCK=_perturb.BLOCK, num_warps=_perturb.NUM_WARPS)
+        MIS=offset & 3, BLOCK=_perturb.BLOCK, num_warps=_perturb.NUM_WARPS)
 
 
 @triton_op("fused_flat_triton::restore_and_step_", mutates_args={"param", "momentum_buffer"})
@@ -71,9 +71,9 @@ def _restore_and_step_op(param: torch.Tensor, grad: torch.Tensor,
         key, step_lo, offset, n, restore_tag,
         sigma, lr, weight_decay, momentum, dampening, noise_std, grad_mult, int(momentum_init),
         HAS_MOM=momentum_buffer is not None, NESTEROV=bool(nesterov) and momentum_buffer is not None,
-        NEED_EPS=need_eps, NEED_XI=need_xi, EPS_FROM_PAIR=need_eps and need_xi and restore_tag == 0,
+        NEED_EPS=need_eps, NEED_XI=need_xi,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        ODD=offset & 1, BLOCK=_rs.BLOCK, num_warps=_rs.NUM_WARPS)
+        MIS=offset & 3, BLOCK=_rs.BLOCK, num_warps=_rs.NUM_WARPS)
 
 
 # ------------------------------------------------------------------ argument checks

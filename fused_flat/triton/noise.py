@@ -1,4 +1,5 @@
-"""The noise stream of ALGORITHMS.md §1 as @triton.jit helpers, matching elementwise.h.
+"""The noise stream of ALGORITHMS.md §1 (layout version 2) as @triton.jit helpers,
+matching elementwise.h.
 
 Every helper reproduces the per-element math of csrc/include/fused_flat/elementwise.h
 operation for operation (same fp32 constants, same order, bit manipulation through
@@ -8,14 +9,15 @@ the C++ CPU build do not contract).
 
     key      = (seed_lo32 ^ bucket_id, seed_hi32), passed as ONE int64 scalar
                ``philox_key = (seed_hi32 << 32) | (seed_lo32 ^ bucket_id)`` (tl.philox's seed)
-    counter  = (j_lo32, j_hi32, step_lo32, tag), j = i >> 1
-    (a, b)   = (x0, x1) for element 2j, (x2, x3) for element 2j+1
+    counter  = (j_lo32, j_hi32, step_lo32, tag), j = i >> 2
+    element 4j + q: q = 0, 1 take r cos t, r sin t of the pair (x0, x1); q = 2, 3 of (x2, x3)
+    w(tag, i) = x_(i & 3)
 
-Kernels work on *pairs*: one Philox call serves elements 2j and 2j+1, and the two
-results are interleaved with tl.join + tl.reshape into element order.
+Kernels work on *calls*: one Philox call serves elements 4j .. 4j+3 of one tag, and the
+four results are interleaved with tl.join + tl.reshape into element order.
 
-Also here: two inspection kernels (words and Gaussian pair of a range of elements)
-used by the tests to compare the stream with fused_flat.noise and the C++ ops.
+Also here: inspection kernels (words of calls, z and w of a range of elements) used by
+the tests to compare the stream with fused_flat.noise and the C++ ops.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 
 MASK32 = 0xFFFFFFFF
+TAG_XI: tl.constexpr = tl.constexpr(32)   # the Langevin noise xi is z(32, i)
 
 
 def philox_key(seed: int, bucket_id: int) -> int:
@@ -34,8 +37,8 @@ def philox_key(seed: int, bucket_id: int) -> int:
 
 
 @triton.jit
-def pair_words(key, j, step_lo, tag):
-    """Philox4x32-10 words (x0, x1, x2, x3) of pair indices j (int64 tensor) at (step, tag)."""
+def call_words(key, j, step_lo, tag):
+    """Philox4x32-10 words (x0, x1, x2, x3) of call indices j (int64 tensor) at (step, tag)."""
     c0 = j.to(tl.uint32)                     # low 32 bits (truncation)
     c1 = (j >> 32).to(tl.uint32)
     c2 = (tl.zeros_like(j) + step_lo).to(tl.uint32)   # step_lo / tag may be python ints
@@ -110,36 +113,36 @@ def box_muller(a, b):
 
 
 @triton.jit
-def interleave(even, odd):
-    """[H] even-element and [H] odd-element values -> [2H] in element order (2k, 2k+1)."""
-    return tl.reshape(tl.join(even, odd), [2 * even.shape[0]])
+def interleave4(z0, z1, z2, z3):
+    """[Q] values of positions 0..3 of Q calls -> [4Q] in element order (4k, 4k+1, 4k+2, 4k+3)."""
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [4 * z0.shape[0]])
 
 
 @triton.jit
-def block_eps_xi(key, j, step_lo, tag):
-    """Both Gaussian pairs of pairs j: (eps, xi) of the 2H elements 2j, 2j+1, interleaved."""
-    x0, x1, x2, x3 = pair_words(key, j, step_lo, tag)
-    e0, s0 = box_muller(x0, x1)
-    e1, s1 = box_muller(x2, x3)
-    return interleave(e0, e1), interleave(s0, s1)
+def block_normals(key, j, step_lo, tag):
+    """z(tag, .) of the 4Q elements of calls j (a [Q] tensor), in element order: every
+    Box-Muller output used."""
+    x0, x1, x2, x3 = call_words(key, j, step_lo, tag)
+    z0, z1 = box_muller(x0, x1)
+    z2, z3 = box_muller(x2, x3)
+    return interleave4(z0, z1, z2, z3)
 
 
 @triton.jit
-def block_eps(key, j, step_lo, tag):
-    """eps only (cos half of Box-Muller) of the 2H elements of pairs j, interleaved."""
-    x0, x1, x2, x3 = pair_words(key, j, step_lo, tag)
-    e0, _s0 = box_muller(x0, x1)
-    e1, _s1 = box_muller(x2, x3)
-    return interleave(e0, e1)
+def block_words(key, j, step_lo, tag):
+    """w(tag, .) = x_(i & 3) of the 4Q elements of calls j, in element order (uint32): the
+    element's own word (stochastic-rounding bits, probes)."""
+    x0, x1, x2, x3 = call_words(key, j, step_lo, tag)
+    return interleave4(x0, x1, x2, x3)
 
 
 # ------------------------------------------------------------------ inspection kernels
 @triton.jit
-def _words_kernel(out_ptr, key, step_lo, tag, first_pair, n_pairs, BLOCK: tl.constexpr):
+def _words_kernel(out_ptr, key, step_lo, tag, first_call, n_calls, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     k = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = k < n_pairs
-    x0, x1, x2, x3 = pair_words(key, first_pair + k, step_lo, tag)
+    mask = k < n_calls
+    x0, x1, x2, x3 = call_words(key, first_call + k, step_lo, tag)
     tl.store(out_ptr + 4 * k + 0, x0.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * k + 1, x1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * k + 2, x2.to(tl.int64), mask=mask)
@@ -147,38 +150,57 @@ def _words_kernel(out_ptr, key, step_lo, tag, first_pair, n_pairs, BLOCK: tl.con
 
 
 @triton.jit
-def _gauss_kernel(eps_ptr, xi_ptr, key, step_lo, tag, offset, n, ODD: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    # Same indexing as the update kernels: program p covers pairs (offset >> 1) + p*H + k.
-    H: tl.constexpr = BLOCK // 2
+def _normal_kernel(z_ptr, w_ptr, key, step_lo, tag, offset, n, MIS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    # Same indexing as the update kernels: program p covers calls (offset >> 2) + p*Q + k,
+    # i.e. the local elements p * BLOCK - MIS + [0, BLOCK), MIS = offset & 3.
+    Q: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0).to(tl.int64)
-    j = (offset >> 1) + pid * H + tl.arange(0, H)
-    local = pid * BLOCK + tl.arange(0, BLOCK) - ODD
+    j = (offset >> 2) + pid * Q + tl.arange(0, Q)
+    local = pid * BLOCK + tl.arange(0, BLOCK) - MIS
     mask = (local >= 0) & (local < n)
-    eps, xi = block_eps_xi(key, j, step_lo, tag)
-    tl.store(eps_ptr + local, eps, mask=mask)
-    tl.store(xi_ptr + local, xi, mask=mask)
+    tl.store(z_ptr + local, block_normals(key, j, step_lo, tag), mask=mask)
+    tl.store(w_ptr + local, block_words(key, j, step_lo, tag).to(tl.int64), mask=mask)
 
 
-def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_pair: int, n_pairs: int,
+def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int, n_calls: int,
                  device="cpu", block: int = 1024) -> torch.Tensor:
-    """Words of pairs [first_pair, first_pair + n_pairs) as int64 [n_pairs, 4] (as fused_flat.noise)."""
-    out = torch.empty((n_pairs, 4), dtype=torch.int64, device=device)
-    if n_pairs:
-        first = first_pair - 2 ** 64 if first_pair >= 2 ** 63 else first_pair
-        _words_kernel[(triton.cdiv(n_pairs, block),)](
-            out, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, first, n_pairs, BLOCK=block)
+    """Words of calls [first_call, first_call + n_calls) as int64 [n_calls, 4] (as fused_flat.noise)."""
+    out = torch.empty((n_calls, 4), dtype=torch.int64, device=device)
+    if n_calls:
+        first = first_call - 2 ** 64 if first_call >= 2 ** 63 else first_call
+        _words_kernel[(triton.cdiv(n_calls, block),)](
+            out, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, first, n_calls, BLOCK=block)
     return out
+
+
+def normal_noise_and_words(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
+                           device="cpu", block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z(tag, i) float32, w(tag, i) int64) of bucket elements [offset, offset + n)."""
+    z = torch.empty(n, dtype=torch.float32, device=device)
+    w = torch.empty(n, dtype=torch.int64, device=device)
+    if n:
+        mis = offset & 3
+        _normal_kernel[(triton.cdiv(n + mis, block),)](
+            z, w, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, offset, n,
+            MIS=mis, BLOCK=block)
+    return z, w
+
+
+def normal_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
+                 device="cpu", block: int = 1024) -> torch.Tensor:
+    """z(tag, i) of bucket elements [offset, offset + n), float32 (as fused_flat.noise)."""
+    return normal_noise_and_words(seed, bucket_id, step, tag, offset, n, device, block)[0]
+
+
+def element_words(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
+                  device="cpu", block: int = 1024) -> torch.Tensor:
+    """w(tag, i) of bucket elements [offset, offset + n), int64 (as fused_flat.noise)."""
+    return normal_noise_and_words(seed, bucket_id, step, tag, offset, n, device, block)[1]
 
 
 def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
                    device="cpu", block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps, xi) of bucket elements [offset, offset + n), float32 (as fused_flat.noise)."""
-    eps = torch.empty(n, dtype=torch.float32, device=device)
-    xi = torch.empty(n, dtype=torch.float32, device=device)
-    if n:
-        odd = offset & 1
-        _gauss_kernel[(triton.cdiv(n + odd, block),)](
-            eps, xi, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, offset, n,
-            ODD=odd, BLOCK=block)
-    return eps, xi
+    """(z(tag, i), z(32, i)) of bucket elements [offset, offset + n) (as fused_flat.noise)."""
+    return (normal_noise(seed, bucket_id, step, tag, offset, n, device, block),
+            normal_noise(seed, bucket_id, step, 32, offset, n, device, block))

@@ -1,17 +1,17 @@
 """The Triton perturb pass: theta <- theta + sigma * eps(tag) over bucket elements [offset, offset + n).
 
-One read and one write of theta per element; eps is regenerated from the noise stream
-(fused_flat.triton.noise), never stored. Program p covers Philox pairs
-(offset >> 1) + p * BLOCK/2 + k, i.e. the local elements p * BLOCK - ODD + [0, BLOCK)
-(ODD = offset & 1, a constexpr so that for an even offset the compiler sees an aligned,
-contiguous block and emits 128-bit loads/stores). Math in fp32; fp32/bf16/fp16 buckets.
+One read and one write of theta per element; eps = z(tag, i) is regenerated from the
+noise stream (fused_flat.triton.noise, layout v2), never stored. Program p covers Philox
+calls (offset >> 2) + p * BLOCK/4 + k, i.e. the local elements p * BLOCK - MIS + [0, BLOCK)
+(MIS = offset & 3, a constexpr so that for an offset that is a multiple of 4 the compiler
+sees an aligned, contiguous block and emits 128-bit loads/stores). Math in fp32; fp32/bf16/fp16 buckets.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fused_flat.triton.noise import block_eps
+from fused_flat.triton.noise import block_normals
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -21,11 +21,11 @@ NUM_WARPS = 4
 # pattern as the step counter advances); none of them affects the generated code's speed.
 @triton.jit(do_not_specialize=["key", "step_lo", "tag", "offset", "n"])
 def perturb_kernel(param_ptr, key, step_lo, tag, sigma, offset, n,
-                   ODD: tl.constexpr, BLOCK: tl.constexpr):
-    H: tl.constexpr = BLOCK // 2
+                   MIS: tl.constexpr, BLOCK: tl.constexpr):
+    Q: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0).to(tl.int64)
-    j = (offset >> 1) + pid * H + tl.arange(0, H)
-    start = pid * BLOCK - ODD
+    j = (offset >> 2) + pid * Q + tl.arange(0, Q)
+    start = pid * BLOCK - MIS
     local = start + tl.arange(0, BLOCK)
     mask = (local >= 0) & (local < n)
     # Whole blocks take an unmasked path (the mask would defeat 128-bit accesses unless n
@@ -35,7 +35,7 @@ def perturb_kernel(param_ptr, key, step_lo, tag, sigma, offset, n,
         theta = tl.load(param_ptr + local).to(tl.float32)
     else:
         theta = tl.load(param_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    eps = block_eps(key, j, step_lo, tag)
+    eps = block_normals(key, j, step_lo, tag)
     theta = (theta + sigma * eps).to(param_ptr.dtype.element_ty)
     if full:
         tl.store(param_ptr + local, theta)
@@ -45,4 +45,4 @@ def perturb_kernel(param_ptr, key, step_lo, tag, sigma, offset, n,
 
 def grid(n: int, offset: int, block: int = BLOCK) -> tuple[int]:
     """Programs needed for n elements starting at bucket index offset."""
-    return (triton.cdiv(n + (offset & 1), block),)
+    return (triton.cdiv(n + (offset & 3), block),)

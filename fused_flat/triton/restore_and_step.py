@@ -5,22 +5,22 @@ Per element (ALGORITHMS.md §2, elementwise.h's langevin_update, fp32 math):
     theta <- theta - sigma * eps(restore_tag)                      (restore)
     d     <- g * grad_mult [/ grad_scale] + wd * theta
     m     <- d if momentum_init else mu * m + (1 - dampening) * d ; d <- m (or d + mu * m)
-    theta <- theta - lr * d + noise_std * xi(tag 0)
+    theta <- theta - lr * d + noise_std * xi          (xi = z(32, i), noise layout v2)
 
 One pass: reads theta, g, [m], writes theta, [m]. ``grad_scale`` and ``found_inf`` are
 one-element float32 tensors read *inside* the kernel (no host sync, CUDA-graph safe);
 found_inf != 0 leaves only the restore (theta - sigma * eps) and does not write m.
 All hyperparameters are runtime arguments (an LR scheduler never recompiles); the
 constexprs are layout/feature switches only: HAS_MOM, NESTEROV, NEED_EPS (sigma != 0),
-NEED_XI (noise_std != 0), EPS_FROM_PAIR (restore_tag == 0 with NEED_XI: one Philox call
-gives eps and xi), HAS_GRAD_SCALE, HAS_FOUND_INF, ODD (offset & 1), BLOCK.
+NEED_XI (noise_std != 0), HAS_GRAD_SCALE, HAS_FOUND_INF, MIS (offset & 3), BLOCK.
+eps = z(restore_tag, i) and xi = z(32, i) come from two Philox calls per 4 elements.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fused_flat.triton.noise import block_eps, block_eps_xi
+from fused_flat.triton.noise import TAG_XI, block_normals
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -35,12 +35,12 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
                             momentum_init,
                             HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
                             NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
-                            EPS_FROM_PAIR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                            HAS_FOUND_INF: tl.constexpr, ODD: tl.constexpr, BLOCK: tl.constexpr):
-    H: tl.constexpr = BLOCK // 2
+                            HAS_GRAD_SCALE: tl.constexpr,
+                            HAS_FOUND_INF: tl.constexpr, MIS: tl.constexpr, BLOCK: tl.constexpr):
+    Q: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0).to(tl.int64)
-    j = (offset >> 1) + pid * H + tl.arange(0, H)
-    start = pid * BLOCK - ODD
+    j = (offset >> 2) + pid * Q + tl.arange(0, Q)
+    start = pid * BLOCK - MIS
     local = start + tl.arange(0, BLOCK)
     mask = (local >= 0) & (local < n)
     # Whole blocks take an unmasked path (a mask would defeat 128-bit accesses unless n is
@@ -60,16 +60,10 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
 
     eps = tl.zeros([BLOCK], tl.float32)
     xi = tl.zeros([BLOCK], tl.float32)
+    if NEED_EPS:
+        eps = block_normals(key, j, step_lo, restore_tag)
     if NEED_XI:
-        eps0, xi = block_eps_xi(key, j, step_lo, 0)
-        if NEED_EPS:
-            if EPS_FROM_PAIR:
-                eps = eps0
-            else:
-                eps = block_eps(key, j, step_lo, restore_tag)
-    else:
-        if NEED_EPS:
-            eps = block_eps(key, j, step_lo, restore_tag)
+        xi = block_normals(key, j, step_lo, TAG_XI)
 
     if NEED_EPS:
         theta = theta - sigma * eps                     # restore
@@ -109,4 +103,4 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
 
 def grid(n: int, offset: int, block: int = BLOCK) -> tuple[int]:
     """Programs needed for n elements starting at bucket index offset."""
-    return (triton.cdiv(n + (offset & 1), block),)
+    return (triton.cdiv(n + (offset & 3), block),)

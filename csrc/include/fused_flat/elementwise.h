@@ -7,8 +7,15 @@
 // Contents (ALGORITHMS.md §1-§2):
 //   philox4x32_10      Philox4x32-10 (Random123 constants), counter (j_lo, j_hi, k, tag)
 //   uniform24          u(x) = ((x >> 8) + 0.5) * 2^-24, in fp32, IEEE-exact ops only
-//   box_muller         (eps, xi) = r (cos t, sin t), r = sqrt(-2 ln u(a)), t = 2 pi u(b)
+//   box_muller         r (cos t, sin t), r = sqrt(-2 ln u(a)), t = 2 pi u(b)
+//   call_normals       z(tag, 4j + 0..3) of one Philox call (layout version 2)
+//   element_normal     z(tag, i), element_word: w(tag, i) = x_(i & 3)
 //   langevin_update    restore + weight decay + momentum + Langevin noise + SGD update
+//
+// Noise stream layout version 2 (ALGORITHMS.md §1): call j = i >> 2 serves the 4
+// elements 4j..4j+3 of ONE tag; element i uses the Box-Muller pair (x0, x1) when
+// ((i >> 1) & 1) == 0, else (x2, x3), and takes r cos t (i even) or r sin t (i odd).
+// eps of perturbation n is tag n (0..15), xi tag 32, the Rademacher probe tag 16.
 //
 // log/sin/cos are our own branch-free polynomials (Cephes coefficients, ~1 ulp-ish,
 // max abs error < 1e-6 on the N(0,1) output), built only from + - * sqrt and bit
@@ -35,9 +42,11 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// Tags of ALGORITHMS.md §1.
-constexpr uint32_t kTagPair = 0;        // (eps, xi) of perturbation 0
+// Tags of ALGORITHMS.md §1 (layout version 2).
+constexpr uint32_t kTagEps = 0;         // eps of perturbation n is tag kTagEps + n, n < 16
 constexpr uint32_t kTagRademacher = 16; // RW-SAM probe
+constexpr uint32_t kTagXi = 32;         // Langevin noise xi
+constexpr int kNoiseLayoutVersion = 2;
 
 struct Words4 {
   uint32_t x0, x1, x2, x3;
@@ -90,7 +99,7 @@ FF_HD Words4 philox4x32_10(Words4 c, uint32_t k0, uint32_t k1) {
   return c;
 }
 
-// The four words that serve elements 2j and 2j+1 of a bucket at step k, tag.
+// The four words of Philox call j, which serves elements 4j .. 4j+3 of a bucket at step k, tag.
 FF_HD Words4 noise_words(PhiloxKey key, int64_t j, int64_t step, uint32_t tag) {
   const uint64_t uj = static_cast<uint64_t>(j);
   Words4 c;
@@ -176,51 +185,70 @@ FF_HD void sincos_2pi(float u, float& c, float& s) {
   s = (quadrant >= 2) ? -s0 : s0;
 }
 
-// The Gaussian pair of one element from its two words: eps = r cos t, xi = r sin t.
-FF_HD void box_muller(uint32_t a, uint32_t b, float& eps, float& xi) {
+// One Box-Muller transform of the words (a, b): c = r cos t, s = r sin t.
+FF_HD void box_muller(uint32_t a, uint32_t b, float& c, float& s) {
 #if defined(__CUDA_ARCH__)
   const float r = sqrtf(-2.0f * log_unit(uniform24(a)));
 #else
   const float r = __builtin_sqrtf(-2.0f * log_unit(uniform24(a)));
 #endif
+  float ct, st;
+  sincos_2pi(uniform24(b), ct, st);
+  c = r * ct;
+  s = r * st;
+}
+
+// z(tag, 4j + q), q = 0..3, from the words of call j: every Box-Muller output is used.
+FF_HD void call_normals(Words4 w, float& z0, float& z1, float& z2, float& z3) {
+  box_muller(w.x0, w.x1, z0, z1);
+  box_muller(w.x2, w.x3, z2, z3);
+}
+
+// z(tag, gi) of one element (the bucket's edges; inspection).
+FF_HD float element_normal(PhiloxKey key, int64_t step, uint32_t tag, int64_t gi) {
+  const Words4 w = noise_words(key, gi >> 2, step, tag);
+  const bool second = ((gi >> 1) & 1) != 0;
   float c, s;
-  sincos_2pi(uniform24(b), c, s);
-  eps = r * c;
-  xi = r * s;
+  box_muller(second ? w.x2 : w.x0, second ? w.x3 : w.x1, c, s);
+  return (gi & 1) ? s : c;
 }
 
-// Both elements' pairs from one Philox call: element 2j uses (x0, x1), 2j+1 uses (x2, x3).
-FF_HD void gaussian_pairs(Words4 w, float& eps_even, float& xi_even, float& eps_odd,
-                          float& xi_odd) {
-  box_muller(w.x0, w.x1, eps_even, xi_even);
-  box_muller(w.x2, w.x3, eps_odd, xi_odd);
+// w(tag, gi) = x_(gi & 3): the element's own word (stochastic-rounding bits, probes).
+FF_HD uint32_t select_word(Words4 w, int64_t gi) {
+  const int q = static_cast<int>(gi & 3);
+  return q == 0 ? w.x0 : q == 1 ? w.x1 : q == 2 ? w.x2 : w.x3;
 }
 
-// Noise of one pair j (elements 2j, 2j+1) for a pass. kEps: eps of tag eps_tag;
-// kXi: xi of tag 0. When both come from tag 0 one Philox call serves all four values.
-template <bool kEps, bool kXi>
-FF_HD void pair_noise(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t j, float& e0,
-                      float& x0, float& e1, float& x1) {
-  e0 = x0 = e1 = x1 = 0.0f;
-  if (kXi) gaussian_pairs(noise_words(key, j, step, kTagPair), e0, x0, e1, x1);
-  if (kEps && (!kXi || eps_tag != kTagPair)) {
-    float d0, d1;
-    gaussian_pairs(noise_words(key, j, step, eps_tag), e0, d0, e1, d1);
-  }
+FF_HD uint32_t element_word(PhiloxKey key, int64_t step, uint32_t tag, int64_t gi) {
+  return select_word(noise_words(key, gi >> 2, step, tag), gi);
 }
 
-// The same for one element of global index gi (the bucket's edges).
+// Noise of one element for a pass: eps = z(eps_tag, gi) if kEps, xi = z(32, gi) if kXi
+// (0 otherwise).
 template <bool kEps, bool kXi>
 FF_HD void element_noise(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t gi, float& eps,
                          float& xi) {
-  float e0, x0, e1, x1;
-  pair_noise<kEps, kXi>(key, step, eps_tag, gi >> 1, e0, x0, e1, x1);
-  const bool odd = (gi & 1) != 0;
-  eps = odd ? e1 : e0;
-  xi = odd ? x1 : x0;
+  eps = kEps ? element_normal(key, step, eps_tag, gi) : 0.0f;
+  xi = kXi ? element_normal(key, step, kTagXi, gi) : 0.0f;
 }
 
-// Rademacher sign (+1/-1) from the top bit of x0 (even element) or x2 (odd element).
+// Noise of the 4 elements of call j for a pass (e[q], x[q] of element 4j + q).
+template <bool kEps, bool kXi>
+FF_HD void call_noise(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t j, float* e,
+                      float* x) {
+  if (kEps) {
+    call_normals(noise_words(key, j, step, eps_tag), e[0], e[1], e[2], e[3]);
+  } else {
+    e[0] = e[1] = e[2] = e[3] = 0.0f;
+  }
+  if (kXi) {
+    call_normals(noise_words(key, j, step, kTagXi), x[0], x[1], x[2], x[3]);
+  } else {
+    x[0] = x[1] = x[2] = x[3] = 0.0f;
+  }
+}
+
+// Rademacher sign (+1/-1) from the top bit of a word.
 FF_HD float rademacher(uint32_t word) { return (word >> 31) ? -1.0f : 1.0f; }
 
 // Hyperparameters of one update pass, in the compute type acc_t (float, or double

@@ -59,10 +59,9 @@ FF_HD acc_t sam_sgd_update(acc_t theta, acc_t g, acc_t* m, const SamStepArgs<acc
   return theta - a.lr * d;
 }
 
-// v_i in {+1, -1}: -1 where the top bit of x0 (even i) / x2 (odd i) of tag 16 is set.
+// v_i in {+1, -1}: -1 where the top bit of w(16, i) is set (layout version 2).
 FF_HD float rademacher_sign(PhiloxKey key, int64_t step, int64_t gi) {
-  const Words4 w = noise_words(key, gi >> 1, step, kTagRademacher);
-  return rademacher((gi & 1) ? w.x2 : w.x0);
+  return rademacher(element_word(key, step, kTagRademacher, gi));
 }
 
 }  // namespace fused_flat

@@ -1,0 +1,146 @@
+// SIMD generator of the noise stream (layout version 2) for one ISA: W Philox calls per
+// vector (lane l = call j0 + l), then uniform24, the branch-free log and the
+// quadrant-reduced sincos of elementwise.h operation for operation on W lanes, and a
+// 4 x W transpose so the 4W normals land in element order.
+//
+// Included by exactly one translation unit per ISA (loops_avx2.cpp, loops_avx512.cpp)
+// after `#pragma GCC target(...)`, with a traits struct S that provides the vector types
+// and the few operations GCC's vector extensions do not express:
+//   S::W                          lanes (8 or 16)
+//   S::U / S::I / S::F            uint32 / int32 / float vectors of W lanes
+//   S::mulhilo(U a, uint32_t m, U& hi, U& lo)   32x32 -> 64 products, per lane
+//   S::sqrt(F)                    IEEE sqrt (correctly rounded, as __builtin_sqrtf)
+//   S::store4(float* out, F z0, F z1, F z2, F z3)  out[4l + q] = zq[l]
+// Every other operation is a GCC vector-extension operator, lane-wise the same IEEE
+// operation as the scalar code (-ffp-contract=off: no FMA contraction).
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#include "fused_flat/elementwise.h"
+#include "loops.h"
+
+namespace fused_flat {
+namespace cpu {
+
+template <class S>
+struct SimdNoise {
+  using U = typename S::U;
+  using I = typename S::I;
+  using F = typename S::F;
+  static constexpr int W = S::W;
+
+  static inline __attribute__((always_inline)) void philox(U& c0, U& c1, U& c2, U& c3,
+                                                           uint32_t k0, uint32_t k1) {
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      U hi0, lo0, hi1, lo1;
+      S::mulhilo(c0, kPhiloxM0, hi0, lo0);
+      S::mulhilo(c2, kPhiloxM1, hi1, lo1);
+      const U n0 = hi1 ^ c1 ^ k0;
+      const U n2 = hi0 ^ c3 ^ k1;
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+  }
+
+  static inline __attribute__((always_inline)) F uniform24(U x) {
+    const I v = (I)(x >> 8);
+    return (__builtin_convertvector(v, F) + 0.5f) * 5.9604644775390625e-08f;
+  }
+
+  static inline __attribute__((always_inline)) F log_unit(F x) {
+    const U bits = (U)x;
+    I e = (I)((bits >> 23) & 0xffu) - 126;
+    F m = (F)((bits & 0x007fffffu) | 0x3f000000u);
+    const I small = m < 0.707106781186547524f;   // -1 where true
+    e = e + small;
+    m = small ? (m + m) - 1.0f : m - 1.0f;
+    const F z = m * m;
+    F y = m * 7.0376836292e-2f;   // y * m with y the constant: same product
+    y = y - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const F fe = __builtin_convertvector(e, F);
+    y = y + (-2.12194440e-4f) * fe;
+    y = y - 0.5f * z;
+    return (m + y) + 0.693359375f * fe;
+  }
+
+  static inline __attribute__((always_inline)) void sincos_2pi(F u, F& c, F& s) {
+    const F v = 4.0f * u;
+    const I qi = __builtin_convertvector(v + 0.5f, I);   // truncation, v + 0.5 >= 0
+    const F q = __builtin_convertvector(qi, F);
+    const F a = (v - q) * 1.57079632679489662f;
+    const F z = a * a;
+    F sp = z * -1.9515295891e-4f;
+    sp = sp + 8.3321608736e-3f;
+    sp = sp * z - 1.6666654611e-1f;
+    const F sa = (sp * z) * a + a;
+    F cp = z * 2.443315711809948e-5f;
+    cp = cp - 1.388731625493765e-3f;
+    cp = cp * z + 4.166664568298827e-2f;
+    const F ca = (cp * z) * z - 0.5f * z + 1.0f;
+    const I quadrant = qi & 3;
+    const I odd = (quadrant & 1) != 0;
+    const F c0 = odd ? sa : ca;
+    const F s0 = odd ? ca : sa;
+    c = ((quadrant == 1) | (quadrant == 2)) ? -c0 : c0;
+    s = (quadrant >= 2) ? -s0 : s0;
+  }
+
+  static inline __attribute__((always_inline)) void box_muller(U a, U b, F& c, F& s) {
+    const F r = S::sqrt(-2.0f * log_unit(uniform24(a)));
+    F ct, st;
+    sincos_2pi(uniform24(b), ct, st);
+    c = r * ct;
+    s = r * st;
+  }
+
+  // The W calls j0 .. j0 + W - 1 (no 2^32 wrap of j_lo inside: checked by the caller).
+  static inline __attribute__((always_inline)) void block(PhiloxKey key, uint32_t step_lo,
+                                                          uint32_t tag, int64_t j0,
+                                                          float* __restrict__ out) {
+    const uint64_t uj = static_cast<uint64_t>(j0);
+    U lane;
+    for (int l = 0; l < W; ++l) lane[l] = static_cast<uint32_t>(l);
+    U c0 = lane + static_cast<uint32_t>(uj);
+    U c1 = lane * 0u + static_cast<uint32_t>(uj >> 32);
+    U c2 = lane * 0u + step_lo;
+    U c3 = lane * 0u + tag;
+    philox(c0, c1, c2, c3, key.k0, key.k1);
+    F z0, z1, z2, z3;
+    box_muller(c0, c1, z0, z1);
+    box_muller(c2, c3, z2, z3);
+    S::store4(out, z0, z1, z2, z3);
+  }
+
+  // out[4 (j - j0) + q] = z(tag, 4j + q), j in [j0, j0 + n).
+  static void normals(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
+                      float* __restrict__ out) {
+    const uint32_t step_lo = static_cast<uint32_t>(static_cast<uint64_t>(step));
+    int64_t k = 0;
+    for (; k + W <= n; k += W) {
+      const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
+      if (lo > 0xFFFFFFFFu - (W - 1)) {   // j_lo wraps inside this vector: portable calls
+        PortableNoise::normals(key, step, tag, j0 + k, W, out + 4 * k);
+      } else {
+        block(key, step_lo, tag, j0 + k, out + 4 * k);
+      }
+    }
+    if (k < n) PortableNoise::normals(key, step, tag, j0 + k, n - k, out + 4 * k);
+  }
+};
+
+}  // namespace cpu
+}  // namespace fused_flat
