@@ -8,6 +8,7 @@ tensor's offset in the bucket's index space:
 * ``restore_and_step_(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
   step, restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
   noise_std, grad_mult)``
+* ``all_finite(tensors) -> float32 [1]`` (1.0 when any element is inf or NaN; one read)
 * ``sam_grad_sq_norm(grads, params, eta) -> 0-dim float64``, ``sam_perturb_(params, grads,
   backups, adaptive, coef, eta)``, ``sam_restore_and_step_(params, backups, grads, moms,
   grad_scale, found_inf, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
@@ -47,6 +48,7 @@ class Backend:
     sam_perturb_: Callable | None = None
     sam_restore_and_step_: Callable | None = None
     sam_probe_: Callable | None = None
+    all_finite: Callable | None = None   # (tensors) -> float32 [1], 1.0 if any inf/nan
 
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type in self.devices
@@ -57,7 +59,8 @@ class Backend:
 
 
 # --------------------------------------------------------------------------- list lifting
-def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None) -> Backend:
+def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
+         all_finite=None) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset)."""
 
@@ -100,7 +103,9 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None) -> Ba
 
         kw = dict(sam_grad_sq_norm=sq_norm_list, sam_perturb_=sam_perturb_list,
                   sam_restore_and_step_=sam_restore_list, sam_probe_=sam_probe_list)
-    return Backend(name, perturb_list, restore_and_step_list, devices, **kw)
+    if all_finite is None:
+        from fused_flat.reference import all_finite
+    return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite, **kw)
 
 
 # --------------------------------------------------------------------------- factories
@@ -128,7 +133,8 @@ def _compiled(name: str, device: str) -> Backend:
             _warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
                                 f"older sources); the SAM family runs on the pure-torch reference "
                                 f"backend. Rebuild: {_native.BUILD_HINT}.")
-    return lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam)
+    return lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
+                ops.all_finite if device == "cpu" else None)
 
 
 def _triton() -> Backend:

@@ -16,11 +16,11 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from fused_flat import backends
+from fused_flat import backends, noise
 from fused_flat.buckets import Bucket, build_buckets, check_param, flat, flat_like, layout_key, same_layout
 
-# 1: flat physical buffers, stream layout 1. 2: tensor-list buckets (offsets rounded up to
-# a multiple of 4). A checkpoint of another format loads; its noise continues from a
+# 1: flat physical buffers, noise stream layout 1. 2: tensor-list buckets (offsets rounded
+# up to a multiple of 4), noise stream layout 2 (ALGORITHMS.md §1). A checkpoint of another format loads; its noise continues from a
 # different, statistically equivalent stream (one warning).
 STATE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -172,16 +172,12 @@ class FlatOptimizer(Optimizer):
             return scaler_found.float().reshape(1)
         if not self.check_finite:
             return None
-        worst = []
-        for grads in flat_grads:
+        found = None
+        for bi, grads in enumerate(flat_grads):
             if grads:
-                norms = torch._foreach_norm(grads, float("inf"))
-                worst.append(torch.stack(norms).max().float())
-        if not worst:
-            return None
-        dev = worst[0].device
-        w = torch.stack([t.to(dev) for t in worst]).max() if len(worst) > 1 else worst[0]
-        return (~torch.isfinite(w)).float().reshape(1)
+                f = self._backends[bi].all_finite(grads)
+                found = f if found is None else torch.maximum(found, f.to(found.device))
+        return found
 
     def _grad_scale(self, device) -> torch.Tensor | None:
         gs = getattr(self, "grad_scale", None)
@@ -242,7 +238,8 @@ class FlatOptimizer(Optimizer):
 
     # ----------------------------------------------------------------- checkpoints
     def _meta(self) -> dict:
-        return {"format": STATE_FORMAT, "kind": type(self).__name__, "seed": self.seed,
+        return {"format": STATE_FORMAT, "stream": noise.LAYOUT_VERSION, "kind": type(self).__name__,
+                "seed": self.seed,
                 "step": self._k, "skipped_steps": self.skipped_steps}
 
     def state_dict(self) -> dict:
