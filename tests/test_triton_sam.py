@@ -19,8 +19,9 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest) or a GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from fused_flat import noise, sam_reference  # noqa: E402
+from fused_flat import sam_reference  # noqa: E402
 from fused_flat.triton import sam as tsam  # noqa: E402
+from tests.noise_v2_oracle import rademacher_v2_oracle  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -146,18 +147,6 @@ def test_restore_and_step(dtype, case, scaler):
         if moms is not None:
             for a, b in zip(got_m, moms):
                 assert torch.equal(a, b)
-
-
-def rademacher_v2_oracle(seed, bucket_id, step, offset, n):
-    """Layout v2: top bit of w(16, i) = x_(i & 3) of Philox call j = i >> 2."""
-    i = torch.arange(offset, offset + n, dtype=torch.int64)
-    j = i >> 2
-    k0, k1 = noise.key_of(seed, bucket_id)
-    words = noise.philox4x32_10(j & noise.MASK32, (j >> 32) & noise.MASK32,
-                                torch.full_like(j, step & noise.MASK32), torch.full_like(j, 16),
-                                k0, k1)
-    w = torch.stack(words, 1).gather(1, (i & 3).unsqueeze(1)).squeeze(1)
-    return 1.0 - 2.0 * (w >> 31).to(torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
