@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from fused_flat import _native
+from fused_flat import _native, cuda_arch
 from fused_flat import multi_tensor as mt
 
 CHUNK = 1 << 14   # elements per CUDA block: 16 x (256 threads x 4 fp32) or 8 x (x 8 bf16)
@@ -45,6 +45,8 @@ def _ops():
 def _tables(lists, offsets=None):
     ref = lists[0]
     device = ref[0].device
+    if device.type == "cuda":
+        cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
     p = mt.plan([t.numel() for t in ref], CHUNK, device, offsets)
     return p, mt.pointer_table(lists, device)
 
