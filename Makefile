@@ -12,7 +12,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export TRITON_CACHE_DIR ?= $(CURDIR)/build/triton_cache
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: venv build test bench bench-micro clean
+.PHONY: venv build test bench bench-micro gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: build
 
 bench-micro: build
 	$(VPY) -m fused_flat bench micro
+
+# The GPU report: build for this GPU, GPU tests, micro (fraction of copy bandwidth) and e2e
+# benchmarks, results/gpu-report.md with verdicts. Without a GPU: one line, exit 0.
+gpu-check: venv
+	$(VPY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build fused_flat/*.so
