@@ -13,6 +13,7 @@
 #pragma once
 #include <ATen/OpMathType.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "fused_flat/sam_elementwise.h"
 
@@ -53,6 +54,39 @@ struct alignas(16) MVec {
   scalar_t v[V];
 };
 
+// 16-byte global loads / stores. The pointers come from the pointer table (int64 in
+// memory), so the compiler cannot prove they are global and would emit generic
+// LD.E.128 / ST.E.128; explicit ld.global.v4 / st.global.v4 give LDG.E.128 / STG.E.128.
+template <typename VecT>
+FFM_HD VecT load16(const VecT* p) {
+  static_assert(sizeof(VecT) == 16, "16-byte vectors");
+#if defined(__CUDA_ARCH__)
+  uint4 u;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+               : "l"(p));
+  VecT v;
+  memcpy(&v, &u, 16);
+  return v;
+#else
+  return *p;
+#endif
+}
+
+template <typename VecT>
+FFM_HD void store16(VecT* p, const VecT& v) {
+#if defined(__CUDA_ARCH__)
+  uint4 u;
+  memcpy(&u, &v, 16);
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :
+               : "l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+
 // Visits elements [start, end) of K streams p[0..K). kRead / kWrite: bit k set when stream
 // k is read / written. body(x, i): x[K] the elements in acc_t (0 for unread streams), i the
 // element index in the tensor; the body updates x in place.
@@ -69,7 +103,7 @@ FFM_HD void visit_chunk(scalar_t* const (&p)[K], int64_t start, int64_t end, int
     MVec<scalar_t, V> v[K];
 #pragma unroll
     for (int k = 0; k < K; ++k)
-      if ((kRead >> k) & 1u) v[k] = *reinterpret_cast<const MVec<scalar_t, V>*>(p[k] + i);
+      if ((kRead >> k) & 1u) v[k] = load16(reinterpret_cast<const MVec<scalar_t, V>*>(p[k] + i));
 #pragma unroll
     for (int q = 0; q < V; ++q) {
       acc_t x[K];
@@ -83,7 +117,7 @@ FFM_HD void visit_chunk(scalar_t* const (&p)[K], int64_t start, int64_t end, int
     }
 #pragma unroll
     for (int k = 0; k < K; ++k)
-      if ((kWrite >> k) & 1u) *reinterpret_cast<MVec<scalar_t, V>*>(p[k] + i) = v[k];
+      if ((kWrite >> k) & 1u) store16(reinterpret_cast<MVec<scalar_t, V>*>(p[k] + i), v[k]);
   }
   for (int64_t i = vend + tid; i < end; i += nthreads) {
     acc_t x[K];
