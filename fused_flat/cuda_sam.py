@@ -45,8 +45,10 @@ def _ops():
 def _tables(lists, offsets=None):
     ref = lists[0]
     device = ref[0].device
-    if device.type == "cuda":
-        cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
+    if device.type != "cuda":
+        raise ValueError(f"fused_flat.cuda_sam: CUDA tensors only, got {device}; use "
+                         f"fused_flat.triton.sam, fused_flat.sam_ops or fused_flat.sam_reference")
+    cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
     p = mt.plan([t.numel() for t in ref], CHUNK, device, offsets)
     return p, mt.pointer_table(lists, device)
 

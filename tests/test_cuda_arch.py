@@ -42,3 +42,16 @@ def test_arch_specific_exact_only():
 def test_empty_list():
     with pytest.raises(RuntimeError, match="no CUDA architecture"):
         check_capability((9, 0), "")
+
+
+def test_cuda_sam_refuses_cpu_tensors():
+    from fused_flat import cuda_sam
+    a = [torch_zeros(3)]
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        cuda_sam.sam_perturb_(a, [torch_zeros(3)], [torch_zeros(3)], False, 0.1, 0.0)
+    assert float(cuda_sam.sam_grad_sq_norm([], None, 0.0)) == 0.0
+
+
+def torch_zeros(n):
+    import torch
+    return torch.zeros(n)
