@@ -4,14 +4,15 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
-# CUDA sources are compiled whenever nvcc is found (for sm_80 and sm_90, no GPU needed).
+# CUDA sources are compiled whenever nvcc is found (SASS for sm_80 and sm_90 plus PTX for
+# newer GPUs, no GPU needed); fused_flat.cuda_arch refuses GPUs this list cannot serve.
 # nvcc may be a wrapper script (here: /usr/local/bin/nvcc), so ask for the toolkit dir.
 CUDA_HOME ?= $(shell for d in "$$CUDA_PATH" /usr/local/cuda; do [ -n "$$d" ] && [ -x "$$d/bin/nvcc" ] && [ -f "$$d/include/cuda.h" ] && { echo $$d; exit; }; done; n=$$(command -v nvcc) && d=$$(dirname $$(dirname $$(readlink -f $$n))) && [ -f "$$d/include/cuda.h" ] && echo $$d)
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export TRITON_CACHE_DIR ?= $(CURDIR)/build/triton_cache
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: venv build test bench bench-micro clean
+.PHONY: venv build test bench bench-micro gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -33,6 +34,11 @@ bench: build
 
 bench-micro: build
 	$(VPY) -m fused_flat bench micro
+
+# The GPU report: build for this GPU, GPU tests, micro (fraction of copy bandwidth) and e2e
+# benchmarks, results/gpu-report.md with verdicts. Without a GPU: one line, exit 0.
+gpu-check: venv
+	$(VPY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build fused_flat/*.so

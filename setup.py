@@ -4,7 +4,8 @@ Environment:
   FUSED_FLAT_NO_EXTENSION=1   build no extension at all (pure-torch reference backend only)
   FORCE_CUDA=1                build the CUDA sources even if torch sees no GPU (the default
                               whenever nvcc is found); FORCE_CUDA=0 never builds them
-  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0+PTX": SASS for A100 and
+                              H100, plus PTX that newer GPUs JIT-compile at load)
   CUDA_HOME                   CUDA toolkit (default /usr/local/cuda when nvcc lives there)
 """
 import glob
@@ -14,6 +15,9 @@ import shutil
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+# Multi-tensor (tensor-list) ops: schemas and CUDA kernels, built only with CUDA.
+CUDA_ONLY_SOURCES = ["csrc/multi_ops.cpp"]
 
 
 def _cuda_home():
@@ -40,7 +44,7 @@ def _extensions():
         # torch reads CUDA_HOME at import; set it before importing cpp_extension.
         if cuda_home:
             os.environ.setdefault("CUDA_HOME", cuda_home)
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     from torch.utils import cpp_extension
 
     if with_cuda and cpp_extension.CUDA_HOME is None:
@@ -51,11 +55,14 @@ def _extensions():
     include = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off",
            "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = [f for f in sorted(glob.glob("csrc/*.cpp")) if f not in CUDA_ONLY_SOURCES]
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     macros = []
     extra = {"cxx": cxx}
     if with_cuda:
+        # csrc/cuda/*.cu: kernels_cuda.cu (flat passes), sam_cuda.cu (multi-tensor SAM)
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        sources += CUDA_ONLY_SOURCES
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("FUSED_FLAT_WITH_CUDA", "1"), ("FUSED_FLAT_CUDA_ARCHS", '"%s"' % archs)]
         extra["nvcc"] = ["-O3", "-Xcompiler=-g0", "-lineinfo", "--expt-relaxed-constexpr",

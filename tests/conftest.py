@@ -1,14 +1,18 @@
-"""Test configuration. Triton's interpreter must be switched on before any @triton.jit
-kernel is defined, so it is set here, before fused_flat is imported anywhere."""
+"""Test configuration. Without a GPU, Triton's interpreter must be switched on before any
+@triton.jit kernel is defined, so it is set here, before fused_flat is imported anywhere.
+With a CUDA GPU the kernels are compiled for it (TRITON_INTERPRET stays unset unless the
+caller sets it)."""
 import os
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton_cache"))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import fused_flat  # noqa: E402,F401
 from fused_flat import backends  # noqa: E402

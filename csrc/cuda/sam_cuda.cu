@@ -1,0 +1,289 @@
+// CUDA kernels of the multi-tensor SAM-family ops (schemas: csrc/multi_ops.cpp; Python:
+// fused_flat/cuda_sam.py). One launch per bucket per pass: one block per row of the chunk
+// table (fused_flat/multi_tensor.py); the index logic and the per-element bodies live in
+// sam_multi.cuh (host-emulated by tests/test_cuda_emulation.py), the arithmetic in
+// fused_flat/sam_elementwise.h (shared with the CPU kernels). Compiled with -fmad=false.
+//
+// No host synchronisation anywhere: coef (a 1-element float64 device tensor when the norm
+// was computed on the device), grad_scale and found_inf are read by the kernels; the
+// squared norm is reduced per block (warp shuffles, fixed order) into one float64 partial
+// per chunk and summed on the device by at::sum: deterministic, capturable in a CUDA graph.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <limits>
+#include <vector>
+
+#include "fused_flat/op_args.h"
+#include "sam_multi.cuh"
+
+namespace fused_flat {
+namespace cuda_impl {
+namespace multi {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+using acc_of = at::opmath_type<scalar_t>;
+
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sums[kThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  double s = 0.0;
+  if (warp == 0) {
+    s = lane < kThreads / 32 ? warp_sums[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+  }
+  return s;  // valid in thread 0
+}
+
+template <typename scalar_t, bool kAdaptive>
+__global__ void __launch_bounds__(kThreads)
+sam_sq_norm_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                   const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
+                   double* __restrict__ partial, acc_of<scalar_t> eta) {
+  using acc_t = acc_of<scalar_t>;
+  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  SqNormBody<kAdaptive, acc_t> body{eta, 0.0};
+  if constexpr (kAdaptive) {
+    scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
+    visit_chunk<scalar_t, 2, 0b11u, 0u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  } else {
+    scalar_t* const p[1] = {table_ptr<scalar_t>(ptrs, 0, T, r.t)};
+    visit_chunk<scalar_t, 1, 0b1u, 0u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  }
+  const double s = block_sum(body.sum);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+template <typename scalar_t, bool kAdaptive>
+__global__ void __launch_bounds__(kThreads)
+sam_perturb_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                   const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
+                   acc_of<scalar_t> coef, const double* __restrict__ coef_ptr,
+                   acc_of<scalar_t> eta) {
+  using acc_t = acc_of<scalar_t>;
+  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  PerturbBody<kAdaptive, acc_t> body{coef_ptr != nullptr ? static_cast<acc_t>(*coef_ptr) : coef, eta};
+  scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
+                          table_ptr<scalar_t>(ptrs, 2, T, r.t)};
+  visit_chunk<scalar_t, 3, 0b011u, 0b101u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+}
+
+template <typename scalar_t, bool kMom>
+__global__ void __launch_bounds__(kThreads)
+sam_restore_step_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                        const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
+                        SamStepArgs<acc_of<scalar_t>> a, double grad_mult,
+                        const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+  using acc_t = acc_of<scalar_t>;
+  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  if (found_inf != nullptr && *found_inf != 0.0f) {
+    // skipped step (non-finite gradient): exact restore only, momentum untouched
+    RestoreBody<acc_t> body;
+    scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
+    visit_chunk<scalar_t, 2, 0b10u, 0b01u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+    return;
+  }
+  if (grad_scale != nullptr) a.grad_mult = static_cast<acc_t>(grad_mult / static_cast<double>(*grad_scale));
+  StepBody<kMom, acc_t> body{a};
+  if constexpr (kMom) {
+    scalar_t* const p[4] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
+                            table_ptr<scalar_t>(ptrs, 2, T, r.t), table_ptr<scalar_t>(ptrs, 3, T, r.t)};
+    visit_chunk<scalar_t, 4, 0b1110u, 0b1001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  } else {
+    scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
+                            table_ptr<scalar_t>(ptrs, 2, T, r.t)};
+    visit_chunk<scalar_t, 3, 0b110u, 0b001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+sam_probe_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                 const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk, PhiloxKey key,
+                 int64_t step, acc_of<scalar_t> delta) {
+  using acc_t = acc_of<scalar_t>;
+  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  ProbeBody<acc_t> body{key, step, r.offset, delta};
+  scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
+  visit_chunk<scalar_t, 2, 0b01u, 0b11u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+}
+
+// ------------------------------------------------------------------- host side
+struct Tables {
+  const int64_t* chunks;
+  const int64_t* meta;
+  const int64_t* ptrs;
+  int64_t T;
+  int64_t n_chunks;
+  int64_t chunk;
+};
+
+// The lists: same length, 1-D contiguous, one floating dtype, one CUDA device, equal numels
+// across lists. The tables: int64 on that device, shapes [n_chunks, 2], [T, 2], [K, T].
+// Their contents are trusted (fused_flat.multi_tensor builds them from these very lists).
+Tables check_args(const char* op, const std::vector<const at::TensorList*>& lists,
+                  const at::Tensor& chunks, const at::Tensor& meta, const at::Tensor& ptrs,
+                  int64_t chunk) {
+  const at::TensorList& ref = *lists[0];
+  const int64_t T = static_cast<int64_t>(ref.size());
+  TORCH_CHECK(T > 0, "fused_flat.", op, ": empty tensor list");
+  const at::Tensor& t0 = ref[0];
+  TORCH_CHECK(t0.is_cuda(), "fused_flat.", op, ": tensors must be on a CUDA device, got ", t0.device());
+  for (size_t k = 0; k < lists.size(); ++k) {
+    const at::TensorList& l = *lists[k];
+    TORCH_CHECK(static_cast<int64_t>(l.size()) == T, "fused_flat.", op, ": tensor list ", k,
+                " has ", l.size(), " tensors, expected ", T);
+    for (int64_t t = 0; t < T; ++t) {
+      check_bucket(l[t], op);
+      TORCH_CHECK(l[t].scalar_type() == t0.scalar_type() && l[t].device() == t0.device() &&
+                      l[t].numel() == ref[t].numel(),
+                  "fused_flat.", op, ": list ", k, " tensor ", t, " must be ", t0.scalar_type(),
+                  " on ", t0.device(), " with ", ref[t].numel(), " elements; got ",
+                  l[t].scalar_type(), " on ", l[t].device(), " with ", l[t].numel());
+    }
+  }
+  auto table_ok = [&](const at::Tensor& x, int64_t rows, int64_t cols, const char* name) {
+    TORCH_CHECK(x.scalar_type() == at::kLong && x.device() == t0.device() && x.is_contiguous() &&
+                    x.dim() == 2 && (rows < 0 || x.size(0) == rows) && x.size(1) == cols,
+                "fused_flat.", op, ": ", name, " must be a contiguous int64 [", rows, ", ", cols,
+                "] tensor on ", t0.device(), ", got ", x.scalar_type(), " ", x.sizes(), " on ",
+                x.device(), " (build it with fused_flat.multi_tensor)");
+  };
+  table_ok(chunks, -1, 2, "chunks");
+  table_ok(meta, T, 2, "meta");
+  table_ok(ptrs, static_cast<int64_t>(lists.size()), T, "ptrs");
+  TORCH_CHECK(chunk > 0 && chunk % 16 == 0, "fused_flat.", op, ": chunk must be a positive multiple of 16, got ", chunk);
+  TORCH_CHECK(chunks.size(0) <= std::numeric_limits<int>::max(), "fused_flat.", op, ": too many chunks");
+  return Tables{chunks.data_ptr<int64_t>(), meta.data_ptr<int64_t>(), ptrs.data_ptr<int64_t>(), T,
+                chunks.size(0), chunk};
+}
+
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+
+at::Tensor sam_grad_sq_norm_multi_cuda(at::TensorList grads, at::TensorList params,
+                                       const at::Tensor& chunks, const at::Tensor& meta,
+                                       const at::Tensor& ptrs, int64_t chunk, double eta) {
+  const bool adaptive = !params.empty();
+  std::vector<const at::TensorList*> lists{&grads};
+  if (adaptive) lists.push_back(&params);
+  const Tables tb = check_args("sam_grad_sq_norm_multi", lists, chunks, meta, ptrs, chunk);
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const auto opts = grads[0].options().dtype(at::kDouble);
+  if (tb.n_chunks == 0) return at::zeros({}, opts);
+  at::Tensor partial = at::empty({tb.n_chunks}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "sam_grad_sq_norm_multi", [&] {
+    using acc_t = acc_of<scalar_t>;
+    auto k = adaptive ? sam_sq_norm_kernel<scalar_t, true> : sam_sq_norm_kernel<scalar_t, false>;
+    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(grads[0])>>>(
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, partial.data_ptr<double>(), static_cast<acc_t>(eta));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return at::sum(partial);
+}
+
+void sam_perturb_multi_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                            const at::Tensor& chunks, const at::Tensor& meta, const at::Tensor& ptrs,
+                            int64_t chunk, bool adaptive, double coef,
+                            const c10::optional<at::Tensor>& coef_tensor, double eta) {
+  const Tables tb = check_args("sam_perturb_multi_", {&params, &grads, &backups}, chunks, meta, ptrs, chunk);
+  const double* coef_ptr = nullptr;
+  if (coef_tensor.has_value()) {
+    TORCH_CHECK(coef_tensor->numel() == 1 && coef_tensor->scalar_type() == at::kDouble &&
+                    coef_tensor->device() == params[0].device(),
+                "fused_flat.sam_perturb_multi_: coef_tensor must be a one-element float64 tensor on ",
+                params[0].device());
+    coef_ptr = coef_tensor->data_ptr<double>();
+  }
+  if (tb.n_chunks == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_perturb_multi_", [&] {
+    using acc_t = acc_of<scalar_t>;
+    auto k = adaptive ? sam_perturb_kernel<scalar_t, true> : sam_perturb_kernel<scalar_t, false>;
+    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, static_cast<acc_t>(coef), coef_ptr,
+        static_cast<acc_t>(eta));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backups,
+                                     at::TensorList grads, at::TensorList moms,
+                                     const c10::optional<at::Tensor>& grad_scale,
+                                     const c10::optional<at::Tensor>& found_inf,
+                                     const at::Tensor& chunks, const at::Tensor& meta,
+                                     const at::Tensor& ptrs, int64_t chunk, double lr,
+                                     double weight_decay, double momentum, double dampening,
+                                     bool nesterov, bool momentum_init, double grad_mult) {
+  const bool mom = !moms.empty();
+  std::vector<const at::TensorList*> lists{&params, &backups, &grads};
+  if (mom) lists.push_back(&moms);
+  const Tables tb = check_args("sam_restore_and_step_multi_", lists, chunks, meta, ptrs, chunk);
+  check_scalar_tensor(grad_scale, params[0], "grad_scale");
+  check_scalar_tensor(found_inf, params[0], "found_inf");
+  if (tb.n_chunks == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_restore_and_step_multi_", [&] {
+    using acc_t = acc_of<scalar_t>;
+    SamStepArgs<acc_t> a;
+    a.lr = static_cast<acc_t>(lr);
+    a.weight_decay = static_cast<acc_t>(weight_decay);
+    a.momentum = static_cast<acc_t>(momentum);
+    a.dampening = static_cast<acc_t>(dampening);
+    a.grad_mult = static_cast<acc_t>(grad_mult);
+    a.nesterov = nesterov;
+    a.momentum_init = momentum_init;
+    auto k = mom ? sam_restore_step_kernel<scalar_t, true> : sam_restore_step_kernel<scalar_t, false>;
+    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, a, grad_mult, gs, fi);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void sam_probe_multi_cuda(at::TensorList params, at::TensorList backups, const at::Tensor& chunks,
+                          const at::Tensor& meta, const at::Tensor& ptrs, int64_t chunk,
+                          int64_t seed, int64_t bucket_id, int64_t step, double delta) {
+  const Tables tb = check_args("sam_probe_multi_", {&params, &backups}, chunks, meta, ptrs, chunk);
+  check_noise_args(seed, 0, 0);
+  if (tb.n_chunks == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const PhiloxKey key = make_key(seed, bucket_id);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_probe_multi_", [&] {
+    using acc_t = acc_of<scalar_t>;
+    sam_probe_kernel<scalar_t><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, key, step, static_cast<acc_t>(delta));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace multi
+}  // namespace cuda_impl
+
+TORCH_LIBRARY_IMPL(fused_flat, CUDA, m) {
+  m.impl("sam_grad_sq_norm_multi", &cuda_impl::multi::sam_grad_sq_norm_multi_cuda);
+  m.impl("sam_perturb_multi_", &cuda_impl::multi::sam_perturb_multi_cuda);
+  m.impl("sam_restore_and_step_multi_", &cuda_impl::multi::sam_restore_and_step_multi_cuda);
+  m.impl("sam_probe_multi_", &cuda_impl::multi::sam_probe_multi_cuda);
+}
+
+}  // namespace fused_flat

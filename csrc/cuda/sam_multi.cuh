@@ -1,0 +1,203 @@
+// fused_flat CUDA: the index logic and per-element bodies of the multi-tensor SAM kernels
+// (csrc/cuda/sam_cuda.cu), __host__ __device__ so that tests/sam_multi_emulation.cpp runs
+// them on the host, thread by thread, against a per-element oracle. No CUDA API here.
+//
+// Launch tables (fused_flat/multi_tensor.py): block b reads row b = (t, start) of the chunk
+// table, (numel_t, offset_t) of the tensor table and the K data pointers of tensor t from
+// the pointer table (row k = k-th tensor-list argument), then visits elements
+// [start, min(start + chunk, numel_t)) of tensor t: in 16-byte vectors (LDG.E.128 /
+// STG.E.128) when all K pointers are 16-byte aligned (start is a multiple of the chunk, a
+// multiple of every V), then the < V tail element by element; element by element when a
+// pointer is misaligned (a view into another storage). The choice is per block and
+// uniform inside it.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "fused_flat/sam_elementwise.h"
+
+#if defined(__CUDACC__)
+#define FFM_HD __host__ __device__ __forceinline__
+#else
+#define FFM_HD inline
+#endif
+
+namespace fused_flat {
+namespace cuda_impl {
+namespace multi {
+
+struct Row {
+  int64_t t;       // tensor index
+  int64_t start;   // first element (within tensor t)
+  int64_t end;     // one past the last element (within tensor t)
+  int64_t offset;  // bucket index of tensor t's element 0
+};
+
+FFM_HD Row load_row(const int64_t* chunks, const int64_t* meta, int64_t b, int64_t chunk) {
+  Row r;
+  r.t = chunks[2 * b];
+  r.start = chunks[2 * b + 1];
+  const int64_t n = meta[2 * r.t];
+  r.end = r.start + chunk < n ? r.start + chunk : n;
+  r.offset = meta[2 * r.t + 1];
+  return r;
+}
+
+template <typename scalar_t>
+FFM_HD scalar_t* table_ptr(const int64_t* ptrs, int k, int64_t T, int64_t t) {
+  return reinterpret_cast<scalar_t*>(static_cast<uintptr_t>(ptrs[k * T + t]));
+}
+
+template <typename scalar_t, int V>
+struct alignas(16) MVec {
+  scalar_t v[V];
+};
+
+// 16-byte global loads / stores. The pointers come from the pointer table (int64 in
+// memory), so the compiler cannot prove they are global and would emit generic
+// LD.E.128 / ST.E.128; explicit ld.global.v4 / st.global.v4 give LDG.E.128 / STG.E.128.
+template <typename VecT>
+FFM_HD VecT load16(const VecT* p) {
+  static_assert(sizeof(VecT) == 16, "16-byte vectors");
+#if defined(__CUDA_ARCH__)
+  uint4 u;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+               : "l"(p));
+  VecT v;
+  memcpy(&v, &u, 16);
+  return v;
+#else
+  return *p;
+#endif
+}
+
+template <typename VecT>
+FFM_HD void store16(VecT* p, const VecT& v) {
+#if defined(__CUDA_ARCH__)
+  uint4 u;
+  memcpy(&u, &v, 16);
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :
+               : "l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+
+// Visits elements [start, end) of K streams p[0..K). kRead / kWrite: bit k set when stream
+// k is read / written. body(x, i): x[K] the elements in acc_t (0 for unread streams), i the
+// element index in the tensor; the body updates x in place.
+template <typename scalar_t, int K, unsigned kRead, unsigned kWrite, typename Body>
+FFM_HD void visit_chunk(scalar_t* const (&p)[K], int64_t start, int64_t end, int64_t tid,
+                        int64_t nthreads, Body& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
+  uintptr_t mis = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) mis |= reinterpret_cast<uintptr_t>(p[k] + start);
+  const int64_t vend = (mis & 15u) == 0 ? start + (end - start) / V * V : start;
+  for (int64_t i = start + tid * V; i < vend; i += nthreads * V) {
+    MVec<scalar_t, V> v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if ((kRead >> k) & 1u) v[k] = load16(reinterpret_cast<const MVec<scalar_t, V>*>(p[k] + i));
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      acc_t x[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        x[k] = ((kRead >> k) & 1u) ? static_cast<acc_t>(v[k].v[q]) : acc_t(0);
+      body(x, i + q);
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if ((kWrite >> k) & 1u) v[k].v[q] = static_cast<scalar_t>(x[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if ((kWrite >> k) & 1u) store16(reinterpret_cast<MVec<scalar_t, V>*>(p[k] + i), v[k]);
+  }
+  for (int64_t i = vend + tid; i < end; i += nthreads) {
+    acc_t x[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) x[k] = ((kRead >> k) & 1u) ? static_cast<acc_t>(p[k][i]) : acc_t(0);
+    body(x, i);
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if ((kWrite >> k) & 1u) p[k][i] = static_cast<scalar_t>(x[k]);
+  }
+}
+
+// ------------------------------------------------------------------ RW-SAM probe (v2)
+// v_i in {+1, -1}: -1 where the top bit of w(16, i) = x_(i & 3) of Philox call j = i >> 2
+// (counter (j_lo, j_hi, step_lo, 16)) is set: noise layout v2 (ALGORITHMS.md §1). The one
+// place to point at the shared v2 helper of elementwise.h once it exists.
+FFM_HD float probe_sign_v2(PhiloxKey key, int64_t step, int64_t gi) {
+  const uint64_t j = static_cast<uint64_t>(gi) >> 2;
+  Words4 c;
+  c.x0 = static_cast<uint32_t>(j);
+  c.x1 = static_cast<uint32_t>(j >> 32);
+  c.x2 = static_cast<uint32_t>(static_cast<uint64_t>(step));
+  c.x3 = kTagRademacher;
+  const Words4 w = philox4x32_10(c, key.k0, key.k1);
+  const int lane = static_cast<int>(gi & 3);
+  const uint32_t word = lane == 0 ? w.x0 : lane == 1 ? w.x1 : lane == 2 ? w.x2 : w.x3;
+  return (word >> 31) ? -1.0f : 1.0f;
+}
+
+// ------------------------------------------------------------------ bodies
+// Streams: (g[, theta]); read only.
+template <bool kAdaptive, typename acc_t>
+struct SqNormBody {
+  acc_t eta;
+  double sum;
+  FFM_HD void operator()(acc_t* x, int64_t) {
+    sum += sam_sq_term<kAdaptive, acc_t>(kAdaptive ? x[1] : acc_t(0), x[0], eta);
+  }
+};
+
+// Streams: (theta, g, backup); read 0b011, write 0b101.
+template <bool kAdaptive, typename acc_t>
+struct PerturbBody {
+  acc_t coef, eta;
+  FFM_HD void operator()(acc_t* x, int64_t) {
+    x[2] = x[0];
+    x[0] = sam_perturbed<kAdaptive, acc_t>(x[0], x[1], coef, eta);
+  }
+};
+
+// Streams: (theta, backup, g[, m]); read 0b1110 / 0b0110, write 0b1001 / 0b0001.
+template <bool kMom, typename acc_t>
+struct StepBody {
+  SamStepArgs<acc_t> a;
+  FFM_HD void operator()(acc_t* x, int64_t) {
+    acc_t m = kMom ? x[3] : acc_t(0);
+    x[0] = sam_sgd_update<kMom, acc_t>(x[1], x[2], &m, a);
+    if (kMom) x[3] = m;
+  }
+};
+
+// Streams: (theta, backup); read 0b10, write 0b01: the skipped step's exact restore.
+template <typename acc_t>
+struct RestoreBody {
+  FFM_HD void operator()(acc_t* x, int64_t) { x[0] = x[1]; }
+};
+
+// Streams: (theta, backup); read 0b01, write 0b11.
+template <typename acc_t>
+struct ProbeBody {
+  PhiloxKey key;
+  int64_t step;
+  int64_t offset;  // bucket index of the tensor's element 0
+  acc_t delta;
+  FFM_HD void operator()(acc_t* x, int64_t i) {
+    x[1] = x[0];
+    x[0] = x[0] + delta * static_cast<acc_t>(probe_sign_v2(key, step, offset + i));
+  }
+};
+
+}  // namespace multi
+}  // namespace cuda_impl
+}  // namespace fused_flat

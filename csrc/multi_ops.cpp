@@ -1,0 +1,36 @@
+// Op schemas of the multi-tensor (tensor-list) ops: one launch per bucket per pass.
+// A fragment of the fused_flat library. Kernels: csrc/cuda/sam_cuda.cu (CUDA dispatch key
+// only); Python entry points with list signatures: fused_flat/cuda_sam.py, which builds the
+// launch tables with fused_flat.multi_tensor:
+//   chunks  int64 [n_chunks, 2]  rows (tensor index, first element); one block per row
+//   meta    int64 [T, 2]         rows (numel, bucket offset of element 0)
+//   ptrs    int64 [K, T]         data_ptr() of each tensor of each of the K list arguments
+//   chunk   elements per row (a positive multiple of 16)
+// Every list holds 1-D contiguous tensors of one floating dtype on one device; the lists
+// of one call have equal lengths and numels. An empty optional list (params of the norm,
+// moms of the step) means "absent".
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
+  // sum of t_i^2 over all elements of all tensors, float64 0-dim on the device; t = g, or
+  // (|theta| + eta) g when params is non-empty (ASAM). Deterministic: fixed per-chunk
+  // partials, summed on the device.
+  m.def("sam_grad_sq_norm_multi(Tensor[] grads, Tensor[] params, Tensor chunks, Tensor meta, "
+        "Tensor ptrs, int chunk, float eta) -> Tensor");
+  // backup <- theta ; theta <- theta + (c * s) * g, s = (|theta| + eta)^2 if adaptive else 1;
+  // c = coef_tensor (1-element float64, read on the device) if given, else coef.
+  m.def("sam_perturb_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+        "Tensor chunks, Tensor meta, Tensor ptrs, int chunk, bool adaptive, float coef, "
+        "Tensor? coef_tensor, float eta) -> ()");
+  // theta <- backup, then torch.optim.SGD's step with g * grad_mult [/ grad_scale]; a set
+  // found_inf only restores (momentum untouched). Both scalars are read on the device.
+  m.def("sam_restore_and_step_multi_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, "
+        "Tensor(b!)[] moms, Tensor? grad_scale, Tensor? found_inf, Tensor chunks, Tensor meta, "
+        "Tensor ptrs, int chunk, float lr, float weight_decay, float momentum, float dampening, "
+        "bool nesterov, bool momentum_init, float grad_mult) -> ()");
+  // RW-SAM probe: backup <- theta ; theta <- theta + delta * v_i, v the Rademacher sign of
+  // bucket index i = meta[t].offset + e (tag 16, noise layout v2: top bit of x_(i & 3) of
+  // Philox call i >> 2).
+  m.def("sam_probe_multi_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor chunks, "
+        "Tensor meta, Tensor ptrs, int chunk, int seed, int bucket_id, int step, float delta) -> ()");
+}

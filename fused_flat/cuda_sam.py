@@ -1,0 +1,136 @@
+"""The multi-tensor SAM-family ops on CUDA (``torch.ops.fused_flat.sam_*_multi``), with list
+signatures: one kernel launch per bucket per pass.
+
+    sam_grad_sq_norm(grads, params|None, eta) -> 0-dim float64 tensor on the device
+    sam_perturb_(params, grads, backups, adaptive, coef, eta)
+    sam_restore_and_step_(params, backups, grads, moms|None, grad_scale, found_inf, lr,
+                          weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult)
+    sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
+
+Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math is
+fused_flat/sam_reference.py's (kernels: csrc/cuda/sam_cuda.cu on
+csrc/include/fused_flat/sam_elementwise.h). The launch tables come from
+fused_flat.multi_tensor (cached device int64 tensors: no host-to-device copy once warm).
+``coef`` may be a Python float or a 1-element device tensor (read by the kernel, so the
+global norm never leaves the GPU); ``grad_scale`` / ``found_inf`` are read by the kernel.
+No call synchronises with the host. Fake implementations are registered so the ops trace
+under ``torch.compile``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fused_flat import _native, cuda_arch
+from fused_flat import multi_tensor as mt
+
+CHUNK = 1 << 14   # elements per CUDA block: 16 x (256 threads x 4 fp32) or 8 x (x 8 bf16)
+
+
+def available() -> bool:
+    return _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_multi_")
+
+
+def _ops():
+    if not _native.available():
+        raise RuntimeError(f"fused_flat: the compiled extension is not available "
+                           f"({_native.load_error}); {_native.BUILD_HINT}")
+    if not hasattr(torch.ops.fused_flat, "sam_perturb_multi_"):
+        raise RuntimeError("fused_flat: the extension was built without the CUDA multi-tensor ops "
+                           f"(no nvcc, or FORCE_CUDA=0); {_native.BUILD_HINT} with CUDA_HOME set")
+    return torch.ops.fused_flat
+
+
+def _tables(lists, offsets=None):
+    ref = lists[0]
+    device = ref[0].device
+    if device.type != "cuda":
+        raise ValueError(f"fused_flat.cuda_sam: CUDA tensors only, got {device}; use "
+                         f"fused_flat.triton.sam, fused_flat.sam_ops or fused_flat.sam_reference")
+    cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
+    p = mt.plan([t.numel() for t in ref], CHUNK, device, offsets)
+    return p, mt.pointer_table(lists, device)
+
+
+def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None,
+                     eta: float) -> torch.Tensor:
+    """sum_i t_i^2, float64 0-dim on the device; t = g, or (|theta| + eta) g (ASAM)."""
+    mt.check_lists("sam_grad_sq_norm", "grads", grads, params=params)
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    lists = [list(grads)] + ([list(params)] if params is not None else [])
+    p, ptrs = _tables(lists)
+    return _ops().sam_grad_sq_norm_multi(list(grads), list(params) if params is not None else [],
+                                         p.chunks, p.meta, ptrs, p.chunk, float(eta))
+
+
+def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                 backups: Sequence[torch.Tensor], adaptive: bool, coef: float | torch.Tensor,
+                 eta: float) -> None:
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive."""
+    mt.check_lists("sam_perturb_", "params", params, grads=grads, backups=backups)
+    if not params:
+        return
+    coef_t = None
+    if isinstance(coef, torch.Tensor):
+        coef_t = coef.reshape(()).to(torch.float64)   # device op (no-op for float64): no sync
+        coef = 0.0
+    p, ptrs = _tables([list(params), list(grads), list(backups)])
+    _ops().sam_perturb_multi_(list(params), list(grads), list(backups), p.chunks, p.meta, ptrs,
+                              p.chunk, bool(adaptive), float(coef), coef_t, float(eta))
+
+
+def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                          grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor] | None,
+                          grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                          lr: float, weight_decay: float, momentum: float, dampening: float,
+                          nesterov: bool, momentum_init: bool, grad_mult: float) -> None:
+    """theta <- backup, then torch.optim.SGD's update with g2; found_inf set: restore only."""
+    mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
+                   moms=moms)
+    if not params:
+        return
+    lists = [list(params), list(backups), list(grads)] + ([list(moms)] if moms is not None else [])
+    p, ptrs = _tables(lists)
+    _ops().sam_restore_and_step_multi_(
+        list(params), list(backups), list(grads), list(moms) if moms is not None else [],
+        grad_scale, found_inf, p.chunks, p.meta, ptrs, p.chunk, float(lr), float(weight_decay),
+        float(momentum), float(dampening), bool(nesterov), bool(momentum_init), float(grad_mult))
+
+
+def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+               offsets: Sequence[int], seed: int, bucket_id: int, step: int,
+               delta: float) -> None:
+    """backup <- theta ; theta <- theta + delta * v (Rademacher, tag 16, layout v2) at bucket
+    index offsets[t] + e."""
+    mt.check_lists("sam_probe_", "params", params, backups=backups)
+    if len(offsets) != len(params):
+        raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
+    if not params:
+        return
+    p, ptrs = _tables([list(params), list(backups)], offsets)
+    _ops().sam_probe_multi_(list(params), list(backups), p.chunks, p.meta, ptrs, p.chunk,
+                            int(seed), int(bucket_id), int(step), float(delta))
+
+
+if available():
+
+    @torch.library.register_fake("fused_flat::sam_grad_sq_norm_multi")
+    def _sq_norm_fake(grads, params, chunks, meta, ptrs, chunk, eta):
+        return torch.empty((), dtype=torch.float64, device=grads[0].device)
+
+    @torch.library.register_fake("fused_flat::sam_perturb_multi_")
+    def _perturb_fake(params, grads, backups, chunks, meta, ptrs, chunk, adaptive, coef,
+                      coef_tensor, eta):
+        return None
+
+    @torch.library.register_fake("fused_flat::sam_restore_and_step_multi_")
+    def _step_fake(params, backups, grads, moms, grad_scale, found_inf, chunks, meta, ptrs,
+                   chunk, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
+                   grad_mult):
+        return None
+
+    @torch.library.register_fake("fused_flat::sam_probe_multi_")
+    def _probe_fake(params, backups, chunks, meta, ptrs, chunk, seed, bucket_id, step, delta):
+        return None

@@ -1,0 +1,371 @@
+"""The SAM-family passes as multi-tensor Triton kernels: one launch per bucket per pass.
+
+List ops (each list: 1-D contiguous tensors of one dtype and device, same numels across
+the lists of one call); the per-element math is csrc/include/fused_flat/sam_elementwise.h,
+and fused_flat/sam_reference.py is the oracle:
+
+    sam_grad_sq_norm(grads, params|None, eta) -> 0-dim float64 tensor on the device
+    sam_perturb_(params, grads, backups, adaptive, coef, eta)
+    sam_restore_and_step_(params, backups, grads, moms|None, grad_scale, found_inf, lr,
+                          weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult)
+    sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
+
+Launch: fused_flat.multi_tensor's cached tables. Program b reads its row (t, start) of the
+chunk table, tensor t's numel / bucket offset from the tensor table and its data pointers
+from the pointer table (``int64 -> pointer`` casts), then walks ``CHUNK`` elements in
+``BLOCK`` steps: whole blocks unmasked, the last one masked. ``coef`` may be a Python
+float or a 1-element device tensor (read in the kernel: the global norm never leaves the
+device); ``grad_scale`` / ``found_inf`` are read in the kernel too. The squared norm is a
+two-stage deterministic reduction: one float64 partial per chunk, then ``partials.sum()``
+on the device (no host sync, no atomics: the same bits on every run).
+
+Math in fp32 for fp32/bf16/fp16; fp64 lists go to the reference (fp64 arithmetic), as the
+flat Triton ops do. Devices: CUDA, and CPU under TRITON_INTERPRET=1.
+
+RW-SAM's probe sign is ``rademacher_v2``: the top bit of w(16, i) = x_(i & 3) of Philox
+call j = i >> 2 (noise-stream layout v2, ALGORITHMS.md §1), isolated in one helper so it
+can be pointed at the shared v2 helper of fused_flat/triton/noise.py later.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_flat import multi_tensor as mt
+from fused_flat import sam_reference
+from fused_flat.triton.noise import MASK32, philox_key
+
+BLOCK = 1024
+CHUNK = 16 * BLOCK      # elements per program (a multiple of BLOCK); tests may lower it
+NUM_WARPS = 4
+TAG_RADEMACHER = 16
+
+_NO_SPEC = ["T", "eta"]
+
+
+# ------------------------------------------------------------------ table access
+@triton.jit
+def _row(chunks_ptr, meta_ptr, CHUNK: tl.constexpr):
+    """(tensor t, first element s, elements end = min(numel_t - s, CHUNK), bucket offset of t)."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks_ptr + 2 * b)
+    s = tl.load(chunks_ptr + 2 * b + 1)
+    n = tl.load(meta_ptr + 2 * t)
+    off = tl.load(meta_ptr + 2 * t + 1)
+    return t, s, tl.minimum(n - s, CHUNK), off
+
+
+@triton.jit
+def _ptr(ptrs_ptr, k, T, t, carrier, ALIGNED: tl.constexpr):
+    """Pointer of list k, tensor t, typed like ``carrier``; 16-byte aligned when ALIGNED."""
+    p = tl.load(ptrs_ptr + k * T + t).to(tl.pointer_type(carrier.dtype.element_ty))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _offs(s, it, BLOCK: tl.constexpr):
+    o = s + it + tl.arange(0, BLOCK)
+    return tl.max_contiguous(tl.multiple_of(o, 16), BLOCK)
+
+
+@triton.jit
+def _ld(ptr, o, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + o, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + o)
+    return x
+
+
+@triton.jit
+def _st(ptr, o, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + o, x, mask=mask)
+    else:
+        tl.store(ptr + o, x)
+
+
+# ------------------------------------------------------------------ the noise bit (v2)
+@triton.jit
+def rademacher_v2(key, gi, step_lo):
+    """v_i in {+1, -1}: -1 where the top bit of w(16, i) = x_(i & 3) of Philox call
+    j = i >> 2 (counter (j_lo, j_hi, step_lo, 16)) is set. Layout v2."""
+    j = gi >> 2
+    c0 = j.to(tl.uint32)
+    c1 = (j >> 32).to(tl.uint32)
+    c2 = (tl.zeros_like(j) + step_lo).to(tl.uint32)
+    c3 = (tl.zeros_like(j) + 16).to(tl.uint32)
+    x0, x1, x2, x3 = tl.philox(key, c0, c1, c2, c3, 10)
+    lane = gi & 3
+    w = tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+    return tl.where((w >> 31) != 0, -1.0, 1.0)
+
+
+# ------------------------------------------------------------------ kernels
+@triton.jit
+def _sq_block(g_ptr, p_ptr, o, mask, eta, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr):
+    g = _ld(g_ptr, o, mask, MASKED).to(tl.float32).to(tl.float64)
+    if ADAPTIVE:
+        th = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
+        t = (tl.abs(th) + eta).to(tl.float64) * g
+    else:
+        t = g
+    return t * t
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def sq_norm_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, partial_ptr, carrier, eta,
+                   ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    t, s, end, _off = _row(chunks_ptr, meta_ptr, CHUNK)
+    g_ptr = _ptr(ptrs_ptr, 0, T, t, carrier, ALIGNED)
+    p_ptr = g_ptr
+    if ADAPTIVE:
+        p_ptr = _ptr(ptrs_ptr, 1, T, t, carrier, ALIGNED)
+    acc = tl.zeros([BLOCK], tl.float64)
+    nfull = (end // BLOCK) * BLOCK
+    for it in range(0, nfull, BLOCK):
+        acc += _sq_block(g_ptr, p_ptr, _offs(s, it, BLOCK), None, eta, ADAPTIVE, False)
+    if nfull < end:
+        o = _offs(s, nfull, BLOCK)
+        acc += _sq_block(g_ptr, p_ptr, o, o < s + end, eta, ADAPTIVE, True)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _perturb_block(p_ptr, g_ptr, b_ptr, o, mask, coef, eta, ADAPTIVE: tl.constexpr,
+                   MASKED: tl.constexpr):
+    x = _ld(p_ptr, o, mask, MASKED)
+    _st(b_ptr, o, x, mask, MASKED)
+    th = x.to(tl.float32)
+    g = _ld(g_ptr, o, mask, MASKED).to(tl.float32)
+    if ADAPTIVE:
+        t = tl.abs(th) + eta
+        new = th + (coef * (t * t)) * g
+    else:
+        new = th + coef * g
+    _st(p_ptr, o, new.to(p_ptr.dtype.element_ty), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["coef"])
+def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, coef_ptr, coef, eta,
+                   ADAPTIVE: tl.constexpr, COEF_PTR: tl.constexpr, ALIGNED: tl.constexpr,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, s, end, _off = _row(chunks_ptr, meta_ptr, CHUNK)
+    p_ptr = _ptr(ptrs_ptr, 0, T, t, carrier, ALIGNED)
+    g_ptr = _ptr(ptrs_ptr, 1, T, t, carrier, ALIGNED)
+    b_ptr = _ptr(ptrs_ptr, 2, T, t, carrier, ALIGNED)
+    c = coef
+    if COEF_PTR:
+        c = tl.load(coef_ptr).to(tl.float32)
+    nfull = (end // BLOCK) * BLOCK
+    for it in range(0, nfull, BLOCK):
+        _perturb_block(p_ptr, g_ptr, b_ptr, _offs(s, it, BLOCK), None, c, eta, ADAPTIVE, False)
+    if nfull < end:
+        o = _offs(s, nfull, BLOCK)
+        _perturb_block(p_ptr, g_ptr, b_ptr, o, o < s + end, c, eta, ADAPTIVE, True)
+
+
+@triton.jit
+def _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, mask, skip, mult, lr, weight_decay, momentum,
+                dampening, momentum_init, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+                MASKED: tl.constexpr):
+    theta = _ld(b_ptr, o, mask, MASKED).to(tl.float32)
+    g = _ld(g_ptr, o, mask, MASKED).to(tl.float32)
+    d = g * mult
+    d = d + weight_decay * theta
+    if HAS_MOM:
+        m = _ld(m_ptr, o, mask, MASKED).to(tl.float32)
+        buf = tl.where(momentum_init != 0, d, momentum * m + (1.0 - dampening) * d)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+        buf = tl.where(skip, m, buf)            # skipped step: momentum untouched
+        _st(m_ptr, o, buf.to(m_ptr.dtype.element_ty), mask, MASKED)
+    new = tl.where(skip, theta, theta - lr * d)  # skipped step: exact restore only
+    _st(p_ptr, o, new.to(p_ptr.dtype.element_ty), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["lr", "weight_decay", "momentum", "dampening",
+                                          "grad_mult", "momentum_init"])
+def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_scale_ptr,
+                            found_inf_ptr, lr, weight_decay, momentum, dampening, grad_mult,
+                            momentum_init, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+                            HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                            ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, s, end, _off = _row(chunks_ptr, meta_ptr, CHUNK)
+    p_ptr = _ptr(ptrs_ptr, 0, T, t, carrier, ALIGNED)
+    b_ptr = _ptr(ptrs_ptr, 1, T, t, carrier, ALIGNED)
+    g_ptr = _ptr(ptrs_ptr, 2, T, t, carrier, ALIGNED)
+    m_ptr = p_ptr
+    if HAS_MOM:
+        m_ptr = _ptr(ptrs_ptr, 3, T, t, carrier, ALIGNED)
+    mult = grad_mult
+    if HAS_GRAD_SCALE:
+        mult = tl.div_rn(mult, tl.load(grad_scale_ptr))
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0
+    nfull = (end // BLOCK) * BLOCK
+    for it in range(0, nfull, BLOCK):
+        _step_block(p_ptr, b_ptr, g_ptr, m_ptr, _offs(s, it, BLOCK), None, skip, mult, lr,
+                    weight_decay, momentum, dampening, momentum_init, HAS_MOM, NESTEROV, False)
+    if nfull < end:
+        o = _offs(s, nfull, BLOCK)
+        _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, o < s + end, skip, mult, lr, weight_decay,
+                    momentum, dampening, momentum_init, HAS_MOM, NESTEROV, True)
+
+
+@triton.jit
+def _probe_block(p_ptr, b_ptr, o, mask, off, key, step_lo, delta, MASKED: tl.constexpr):
+    x = _ld(p_ptr, o, mask, MASKED)
+    _st(b_ptr, o, x, mask, MASKED)
+    v = rademacher_v2(key, off + o, step_lo)
+    new = x.to(tl.float32) + delta * v
+    _st(p_ptr, o, new.to(p_ptr.dtype.element_ty), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["key", "step_lo", "delta"])
+def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, key, step_lo, delta,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, s, end, off = _row(chunks_ptr, meta_ptr, CHUNK)
+    p_ptr = _ptr(ptrs_ptr, 0, T, t, carrier, ALIGNED)
+    b_ptr = _ptr(ptrs_ptr, 1, T, t, carrier, ALIGNED)
+    nfull = (end // BLOCK) * BLOCK
+    for it in range(0, nfull, BLOCK):
+        _probe_block(p_ptr, b_ptr, _offs(s, it, BLOCK), None, off, key, step_lo, delta, False)
+    if nfull < end:
+        o = _offs(s, nfull, BLOCK)
+        _probe_block(p_ptr, b_ptr, o, o < s + end, off, key, step_lo, delta, True)
+
+
+# ------------------------------------------------------------------ launchers
+def _aligned(lists) -> bool:
+    return all(t.data_ptr() % 16 == 0 for lst in lists for t in lst)
+
+
+def _launch_args(lists, offsets=None):
+    ref = lists[0]
+    device = ref[0].device
+    p = mt.plan([t.numel() for t in ref], CHUNK, device, offsets)
+    ptrs = mt.pointer_table(lists, device)
+    return p, ptrs, dict(ALIGNED=_aligned(lists), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> None:
+    if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != ref.device):
+        raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
+                         f"{ref.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
+
+
+def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None,
+                     eta: float) -> torch.Tensor:
+    """sum_i t_i^2 over every element of every tensor, float64 0-dim on the device;
+    t = g, or (|theta| + eta) * g when ``params`` is given (ASAM)."""
+    mt.check_lists("sam_grad_sq_norm", "grads", grads, params=params)
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    device = grads[0].device
+    if grads[0].dtype == torch.float64:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i, g in enumerate(grads):
+            total += sam_reference.sam_grad_sq_norm(g, None if params is None else params[i], eta)
+        return total
+    lists = [list(grads)] + ([list(params)] if params is not None else [])
+    p, ptrs, kw = _launch_args(lists)
+    if p.n_chunks == 0:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    partial = torch.empty(p.n_chunks, dtype=torch.float64, device=device)
+    sq_norm_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, partial, grads[0],
+                                  float(eta), ADAPTIVE=params is not None, **kw)
+    return partial.sum()
+
+
+def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                 backups: Sequence[torch.Tensor], adaptive: bool, coef: float | torch.Tensor,
+                 eta: float) -> None:
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive
+    else 1. ``coef``: a float or a 1-element tensor on the device (read in the kernel)."""
+    mt.check_lists("sam_perturb_", "params", params, grads=grads, backups=backups)
+    if not params:
+        return
+    coef_t = None
+    if isinstance(coef, torch.Tensor):
+        if coef.numel() != 1 or coef.device != params[0].device:
+            raise ValueError(f"sam_perturb_: coef must be a float or a 1-element tensor on "
+                             f"{params[0].device}, got {coef.numel()} elements on {coef.device}")
+        coef_t = coef.reshape(1)
+    if params[0].dtype == torch.float64:
+        for p, g, b in zip(params, grads, backups):
+            c = float(coef_t) if coef_t is not None else coef   # fp64 fallback: host read
+            sam_reference.sam_perturb_(p, g, b, adaptive, c, eta)
+        return
+    p, ptrs, kw = _launch_args([list(params), list(grads), list(backups)])
+    if p.n_chunks == 0:
+        return
+    perturb_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0],
+                                  coef_t if coef_t is not None else params[0],
+                                  0.0 if coef_t is not None else float(coef), float(eta),
+                                  ADAPTIVE=bool(adaptive), COEF_PTR=coef_t is not None, **kw)
+
+
+def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                          grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor] | None,
+                          grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                          lr: float, weight_decay: float, momentum: float, dampening: float,
+                          nesterov: bool, momentum_init: bool, grad_mult: float) -> None:
+    """theta <- backup, then torch.optim.SGD's update with g2 (fused_flat.sam_reference);
+    a set ``found_inf`` only restores (momentum untouched). No host sync."""
+    mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
+                   moms=moms)
+    if not params:
+        return
+    _check_scalar(grad_scale, params[0], "grad_scale")
+    _check_scalar(found_inf, params[0], "found_inf")
+    if params[0].dtype == torch.float64:
+        for i, (p, b, g) in enumerate(zip(params, backups, grads)):
+            sam_reference.sam_restore_and_step_(p, b, g, None if moms is None else moms[i],
+                                                grad_scale, found_inf, lr, weight_decay,
+                                                momentum, dampening, nesterov, momentum_init,
+                                                grad_mult)
+        return
+    lists = [list(params), list(backups), list(grads)] + ([list(moms)] if moms is not None else [])
+    p, ptrs, kw = _launch_args(lists)
+    if p.n_chunks == 0:
+        return
+    restore_and_step_kernel[(p.n_chunks,)](
+        p.chunks, p.meta, ptrs, p.n_tensors, params[0],
+        grad_scale if grad_scale is not None else params[0],
+        found_inf if found_inf is not None else params[0],
+        float(lr), float(weight_decay), float(momentum), float(dampening), float(grad_mult),
+        int(bool(momentum_init)), HAS_MOM=moms is not None,
+        NESTEROV=bool(nesterov) and moms is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, **kw)
+
+
+def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+               offsets: Sequence[int], seed: int, bucket_id: int, step: int,
+               delta: float) -> None:
+    """backup <- theta ; theta <- theta + delta * v, v the Rademacher probe of tag 16
+    (layout v2) at bucket index offsets[t] + e of element e of tensor t."""
+    mt.check_lists("sam_probe_", "params", params, backups=backups)
+    if len(offsets) != len(params):
+        raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"sam_probe_: seed must be in [0, 2^63), got {seed}")
+    if not params:
+        return
+    if params[0].dtype == torch.float64:
+        raise NotImplementedError("sam_probe_: float64 lists are not supported by the Triton "
+                                  "backend (use the reference)")
+    p, ptrs, kw = _launch_args([list(params), list(backups)], offsets)
+    if p.n_chunks == 0:
+        return
+    probe_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0],
+                                philox_key(seed, bucket_id), step & MASK32, float(delta), **kw)

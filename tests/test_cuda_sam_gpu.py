@@ -1,0 +1,129 @@
+"""GPU tests of the multi-tensor SAM CUDA ops (fused_flat/cuda_sam.py) and the compiled
+Triton ones (fused_flat/triton/sam.py); skipped without a CUDA GPU (the host emulation
+tests/test_sam_cuda_emulation.py and the static SASS checks run instead).
+
+Oracles: fused_flat/sam_reference.py tensor by tensor on the GPU (1 ulp: fp32 1e-6
+relative, bf16 2^-7; the compiled Triton kernels may contract to FMA), the layout-v2
+probe oracle, and torch.cuda.set_sync_debug_mode("error") around warm calls: no host sync.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fused_flat import sam_reference
+from tests.noise_v2_oracle import rademacher_v2_oracle
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+RTOL = {torch.float32: 2e-6, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10,
+        torch.float64: 1e-12}
+
+
+def _impls():
+    from fused_flat import cuda_sam
+    out = [cuda_sam]
+    try:
+        from fused_flat.triton import sam as tsam
+        out.append(tsam)
+    except ImportError:
+        pass
+    return out
+
+
+def _sizes(seed):
+    rng = random.Random(seed)
+    return [1, 0, 3, 16384, 16385, 100_000] + [rng.randint(1, 50_000) for _ in range(5)]
+
+
+def _list(sizes, dtype, gen, shift=0):
+    out = []
+    for n in sizes:
+        full = torch.randn(n + shift, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        out.append(full[shift:])
+    return out
+
+
+def _close(got, want, dtype, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=RTOL[dtype], atol=1e-7,
+                                   msg=lambda m: f"{what}[{i}]: {m}")
+
+
+@pytest.mark.parametrize("impl", _impls(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shift", [0, 1])          # 1: misaligned views, scalar path
+def test_passes_vs_reference(impl, dtype, shift):
+    gen = torch.Generator().manual_seed(3)
+    sizes = _sizes(shift)
+    ps, gs, bs = _list(sizes, dtype, gen, shift), _list(sizes, dtype, gen, shift), _list(sizes, dtype, gen, shift)
+    ms = _list(sizes, dtype, gen, shift)
+    for adaptive in (False, True):
+        got = impl.sam_grad_sq_norm(gs, ps if adaptive else None, 0.01)
+        want = sum(float(sam_reference.sam_grad_sq_norm(g, p if adaptive else None, 0.01))
+                   for g, p in zip(gs, ps))
+        assert abs(float(got) - want) <= 1e-9 * want
+        coef = torch.tensor(0.05, dtype=torch.float64, device="cuda") / (got.sqrt() + 1e-12)
+        wp, wb = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
+        for p, g, b in zip(wp, gs, wb):
+            sam_reference.sam_perturb_(p, g, b, adaptive, float(coef), 0.01)
+        gp, gb = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
+        impl.sam_perturb_(gp, gs, gb, adaptive, coef, 0.01)
+        _close(gp, wp, dtype, "perturb")
+        assert all(torch.equal(a, b) for a, b in zip(gb, ps))
+    gsc, fi = torch.tensor([512.0], device="cuda"), torch.tensor([0.0], device="cuda")
+    for mom in (None, ms):
+        wp = [p.clone() for p in ps]
+        wm = None if mom is None else [m.clone() for m in mom]
+        for i in range(len(sizes)):
+            sam_reference.sam_restore_and_step_(wp[i], bs[i], gs[i], None if wm is None else wm[i],
+                                                gsc, fi, 0.1, 5e-4, 0.9, 0.0, True, False, 1.0)
+        gp = [p.clone() for p in ps]
+        gm = None if mom is None else [m.clone() for m in mom]
+        impl.sam_restore_and_step_(gp, bs, gs, gm, gsc, fi, 0.1, 5e-4, 0.9, 0.0, True, False, 1.0)
+        _close(gp, wp, dtype, "step")
+        if gm is not None:
+            _close(gm, wm, dtype, "momentum")
+    fi.fill_(1.0)
+    gp, gm = [p.clone() for p in ps], [m.clone() for m in ms]
+    impl.sam_restore_and_step_(gp, bs, gs, gm, gsc, fi, 0.1, 5e-4, 0.9, 0.0, True, False, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(gp, bs))
+    assert all(torch.equal(a, b) for a, b in zip(gm, ms))
+    offsets = [0, 1, 7, 2 ** 33 + 3] + [1000 * i + 1 for i in range(len(sizes) - 4)]
+    gp, gb = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
+    impl.sam_probe_(gp, gb, offsets, 0x1234_5678_9ABC, 3, 17, 1e-2)
+    for p, b, g, n, off in zip(ps, gb, gp, sizes, offsets):
+        v = rademacher_v2_oracle(0x1234_5678_9ABC, 3, 17, off, n).cuda()
+        _close([g], [(p.float() + 1e-2 * v).to(dtype)], dtype, "probe")
+        assert torch.equal(b, p)
+
+
+@pytest.mark.parametrize("impl", _impls(), ids=lambda m: m.__name__)
+def test_no_host_sync(impl):
+    gen = torch.Generator().manual_seed(0)
+    sizes = _sizes(0)
+    ps, gs, bs, ms = (_list(sizes, torch.float32, gen) for _ in range(4))
+    gsc, fi = torch.tensor([1.0], device="cuda"), torch.tensor([0.0], device="cuda")
+
+    def step():
+        n2 = impl.sam_grad_sq_norm(gs, None, 0.0)
+        coef = 0.05 / (n2.sqrt() + 1e-12)
+        impl.sam_perturb_(ps, gs, bs, False, coef, 0.0)
+        impl.sam_restore_and_step_(ps, bs, gs, ms, gsc, fi, 0.1, 0.0, 0.9, 0.0, False, False, 1.0)
+        impl.sam_probe_(ps, bs, [0] * len(ps), 1, 0, 1, 1e-3)
+
+    step()                                   # warm the table caches and compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def test_capability_check_passes_here():
+    from fused_flat import cuda_arch
+    assert cuda_arch.check_device("cuda") in ("sass", "ptx")
