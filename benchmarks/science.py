@@ -20,9 +20,11 @@ and weight decay (lr 0.02, momentum 0.9, weight decay 5e-4, constant lr).
 Optimizers: SGD (torch.optim.SGD); SGLD (fused_flat.SGLD, beta); FSGLD with the coupled
 sigma = beta^(-(1+eta)/4); FSGLD with sigma decoupled at 0.5x and 2x the coupled value (the
 paper's sec. 4.4 ablation, same beta); RWP at the coupled sigma (fSGLD without the Langevin
-noise); SAM (rho 0.05, SGD base). Default beta = 1e6, eta = 0.01: sigma = 0.0306 and Langevin
-noise sqrt(2 lr / beta) = 2.0e-4 per step (the paper's beta in [1e7, 1e9] is for 50k CIFAR
-images; at beta 1e8, sigma = 0.0095 barely moves a 6k-parameter CNN, see --beta).
+noise); SAM (rho 0.05, SGD base). Default beta = 1e5, eta = 0.01: sigma = 0.0546 and Langevin
+noise sqrt(2 lr / beta) = 6.3e-4 per step. beta was picked by a one-seed pilot (seed 100, not
+among the reported seeds 0-4; 20% noise; beta in {1e4, 1e5, 1e6, 1e8}; criterion: FSGLD's test
+accuracy on seed 100's split). The paper's beta in [1e7, 1e9] is for 50k CIFAR images; at
+beta 1e8, sigma = 0.0095 barely changes this 6k-parameter CNN's solution (see --beta).
 
 Measured per run: final-iterate test accuracy, NLL, ECE (15 bins), Brier; BMA over one
 snapshot per epoch in the second half of training (accuracy, NLL, ECE, OOD AUROC/AUPR);
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--beta", type=float, default=1e6, help="inverse temperature of SGLD / FSGLD")
+    ap.add_argument("--beta", type=float, default=1e5, help="inverse temperature of SGLD / FSGLD")
     ap.add_argument("--eta", type=float, default=0.01)
     ap.add_argument("--rho", type=float, default=0.05, help="SAM radius")
     ap.add_argument("--trace-probes", type=int, default=30)
