@@ -23,7 +23,7 @@ paper's sec. 4.4 ablation, same beta); RWP at the coupled sigma (fSGLD without t
 noise); SAM (rho 0.05, SGD base). Default beta = 1e5, eta = 0.01: sigma = 0.0546 and Langevin
 noise sqrt(2 lr / beta) = 6.3e-4 per step. beta was picked by a one-seed pilot (seed 100, not
 among the reported seeds 0-4; 20% noise; beta in {1e4, 1e5, 1e6, 1e8}; criterion: FSGLD's test
-accuracy on seed 100's split). The paper's beta in [1e7, 1e9] is for 50k CIFAR images; at
+accuracy on seed 100's split, whose test images overlap those of seeds 0-4). The paper's beta in [1e7, 1e9] is for 50k CIFAR images; at
 beta 1e8, sigma = 0.0095 barely changes this 6k-parameter CNN's solution (see --beta).
 
 Measured per run: final-iterate test accuracy, NLL, ECE (15 bins), Brier; BMA over one
