@@ -17,7 +17,7 @@ export TRITON_DEFAULT_FP_FUSION ?= 1
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q $(TORCH_PIN) numpy pytest matplotlib tqdm ninja setuptools wheel pybind11 safetensors
+	$(VPY) -m pip install -q $(TORCH_PIN) numpy pytest matplotlib tqdm ninja setuptools wheel pybind11 safetensors scipy scikit-learn torchmetrics
 	touch $@
 
 venv: $(VENV)/.installed

@@ -4,6 +4,7 @@
     python -m fused_flat bench micro [...]    # per-pass kernels vs torch.optim.SGD and STREAM
     python -m fused_flat bench e2e [...]      # training steps of ResNet-18 / a GPT block stack
     python -m fused_flat bench stream [...]   # STREAM copy/triad bandwidth only
+    python -m fused_flat science [--quick]    # fSGLD paper's claims on digits (benchmarks/science.py)
 
 (``fused-flat`` is the same command as a console script.) The benchmarks live in the
 ``benchmarks/`` directory of a source checkout, next to the ``fused_flat`` package; an
@@ -142,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                              add_help=True)
     p_bench.add_argument("name", choices=BENCHMARKS)
     p_bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
+    p_sci = sub.add_parser("science", help="does fSGLD find flatter minima? (digits, label noise; --help)",
+                           add_help=False)
+    p_sci.add_argument("args", nargs=argparse.REMAINDER, help="options of benchmarks/science.py")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["science"]:          # its options go to benchmarks/science.py unparsed
+        load_benchmark("science").main(argv[1:])
+        return 0
     args = ap.parse_args(argv)
     if args.cmd == "info":
         info = collect_info()
