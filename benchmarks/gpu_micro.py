@@ -87,7 +87,7 @@ def _passes(n: int, dtype: torch.dtype, n_tensors: int, dev):
 
     def flat(backend_name):
         from fused_flat import backends
-        be = backends.get(backend_name)
+        be = backends.per_tensor(backends.get(backend_name))
 
         def perturb():
             be.perturb_(p, 1234, 0, 1, 0, 1e-3, 0)

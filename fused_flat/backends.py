@@ -25,6 +25,7 @@ explicit backend that cannot run raises ValueError naming why and how to fix it.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -108,6 +109,12 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite, **kw)
 
 
+def with_sam_lists(b: Backend, mod) -> Backend:
+    """``b`` with the SAM-family list ops of ``mod`` (functions already taking lists: one
+    launch per bucket, fused_flat.triton.sam and fused_flat.cuda_sam)."""
+    return dataclasses.replace(b, **{name: getattr(mod, name) for name in SAM_OPS})
+
+
 # --------------------------------------------------------------------------- factories
 def _reference() -> Backend:
     from fused_flat import reference, sam_reference
@@ -133,8 +140,14 @@ def _compiled(name: str, device: str) -> Backend:
             _warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
                                 f"older sources); the SAM family runs on the pure-torch reference "
                                 f"backend. Rebuild: {_native.BUILD_HINT}.")
-    return lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
-                ops.all_finite if device == "cpu" else None)
+    b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
+             ops.all_finite if device == "cpu" else None)
+    if device == "cuda":
+        from fused_flat import cuda_sam
+
+        if cuda_sam.available():
+            b = with_sam_lists(b, cuda_sam)
+    return b
 
 
 def _triton() -> Backend:
@@ -217,6 +230,32 @@ def resolve(name: str, t: torch.Tensor, sam: bool = False) -> Backend:
             continue
         if b.supports(t) and (b.has_sam or not sam):
             return b
-    if t.device.type == "cpu" or (t.device.type == "cuda" and not sam):
-        _native.warn_fallback(f"the {t.device.type} {t.dtype} bucket")
+    if t.device.type in ("cpu", "cuda"):
+        if _native.available():
+            _warn_once(f"{family}-{t.device.type}",
+                       f"fused_flat: no compiled {family} kernels for {t.device.type} buckets here "
+                       f"(the extension was built without them); the pure-torch reference backend "
+                       f"runs them, correct but slow. Rebuild: {_native.BUILD_HINT}.")
+        else:
+            _native.warn_fallback(f"the {t.device.type} {t.dtype} bucket")
     return get("reference")
+
+
+def per_tensor(b: Backend):
+    """``b``'s Langevin passes with the per-tensor signatures of fused_flat.reference
+    (``perturb_(param, seed, bucket_id, step, tag, sigma, offset)``, ...), for tests and
+    benchmarks that drive one tensor."""
+    import types
+
+    def perturb_(param, seed, bucket_id, step, tag, sigma, offset=0):
+        b.perturb_([param], [offset], seed, bucket_id, step, tag, sigma)
+
+    def restore_and_step_(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
+                          step, offset, restore_tag, sigma, lr, weight_decay, momentum, dampening,
+                          nesterov, momentum_init, noise_std, grad_mult):
+        b.restore_and_step_([param], [grad], None if momentum_buffer is None else [momentum_buffer],
+                            [offset], grad_scale, found_inf, seed, bucket_id, step, restore_tag,
+                            sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
+                            noise_std, grad_mult)
+
+    return types.SimpleNamespace(name=b.name, perturb_=perturb_, restore_and_step_=restore_and_step_)

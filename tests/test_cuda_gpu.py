@@ -36,20 +36,20 @@ ULP_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -7
 
 @pytest.fixture(scope="module")
 def cuda_be():
-    return backends.get("cuda")   # raises (test error) if the extension lacks CUDA kernels
+    return backends.per_tensor(backends.get("cuda"))   # raises (test error) if the extension lacks CUDA kernels
 
 
 @pytest.fixture(scope="module")
 def cpp_be():
-    return backends.get("cpp")
+    return backends.per_tensor(backends.get("cpp"))
 
 
 def _others():
     """Backends compared with tolerance on the GPU: 'reference', and compiled 'triton'."""
-    out = [backends.get("reference")]
+    out = [backends.per_tensor(backends.get("reference"))]
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         try:
-            out.append(backends.get("triton"))
+            out.append(backends.per_tensor(backends.get("triton")))
         except RuntimeError:
             pass
     return out

@@ -427,3 +427,20 @@ def test_package_imports_and_reports_backends():
     av = fused_flat.available_backends()
     assert av["reference"] == "ok"
     assert set(av) >= {"reference", "cpp", "cuda", "triton"}
+
+
+def test_per_tensor_view_of_a_list_backend():
+    from fused_flat import backends
+
+    one = backends.per_tensor(backends.get("reference"))
+    a, b = torch.randn(11), torch.randn(11)
+    b.copy_(a)
+    one.perturb_(a, 3, 1, 2, 0, 0.5, 8)
+    reference.perturb_(b, 3, 1, 2, 0, 0.5, 8)
+    assert torch.equal(a, b)
+    g = torch.randn(11)
+    one.restore_and_step_(a, g, None, None, None, 3, 1, 2, 8, 0, 0.5, 0.1, 0.0, 0.0, 0.0, False,
+                          False, 0.01, 1.0)
+    reference.restore_and_step_(b, g, None, None, None, 3, 1, 2, 8, 0, 0.5, 0.1, 0.0, 0.0, 0.0,
+                                False, False, 0.01, 1.0)
+    assert torch.equal(a, b)

@@ -506,8 +506,8 @@ def test_clear_errors():
         SAM(make_net().parameters(), adaptive=True, normalize=False)
     with pytest.raises(TypeError, match="Optimizer class"):
         SAM(make_net().parameters(), base_optimizer=torch.optim.SGD(make_net().parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="'triton' has no SAM kernels"):
-        SAM(make_net().parameters(), backend="triton")
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        SAM(make_net().parameters(), backend="cuda")     # CPU tensors (or no CUDA build)
     opt = SAM(net.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()
@@ -543,3 +543,33 @@ def test_rwsam_save_resume_bitwise():
     for t1, t2 in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(t1, t2)
     assert torch.equal(opt.last_weights, opt2.last_weights)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the Triton SAM kernels on CPU tensors (interpreter)")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_backend_optimizer_matches_reference(variant):
+    """The optimizer on the Triton multi-tensor SAM kernels (one launch per bucket and pass)
+    follows the reference backend, fp32."""
+    data = batches(n=3, dtype=torch.float32)
+    nets = [make_net(torch.float32), make_net(torch.float32)]
+    opts = [SAM(n.parameters(), backend=b, **VARIANTS[variant], **SGD_CFG)
+            for n, b in zip(nets, ("triton", "reference"))]
+    assert opts[0]._backends[0].name == "triton"
+    for net, opt in zip(nets, opts):
+        run_ours(net, opt, data)
+    for p, q in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_backend_without_sam_kernels_raises(monkeypatch):
+    from fused_flat import backends, reference
+
+    nosam = backends.lift("cpp", ("cpu",), reference.perturb_, reference.restore_and_step_)
+    monkeypatch.setitem(backends._cache, "cpp", nosam)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.raises(ValueError, match="'cpp' has no SAM kernels"):
+        SAM(make_net().parameters(), backend="cpp")
+    with pytest.warns(RuntimeWarning, match="no compiled SAM kernels"):
+        opt = SAM(make_net().parameters(), backend="auto")   # falls through, says so once
+    assert opt._backends[0].name == "reference"

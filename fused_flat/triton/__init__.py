@@ -157,4 +157,6 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
 def backend() -> backends.Backend:
     """The 'triton' Backend: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
     devices = ("cuda", "cpu") if interpreted() else ("cuda",)
-    return backends.lift("triton", devices, perturb_, restore_and_step_)
+    from fused_flat.triton import sam
+
+    return backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_), sam)
