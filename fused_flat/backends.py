@@ -8,6 +8,10 @@ tensor's offset in the bucket's index space:
 * ``restore_and_step_(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
   step, restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
   noise_std, grad_mult)``
+* ``perturb_from_(params, masters, offsets, seed, bucket_id, step, tag, sigma)``: 16-bit
+  params <- round(fp32 master + sigma * eps) (``master_weights=True``)
+* ``restore_and_step_`` and ``sam_restore_and_step_`` take ``stochastic_rounding`` (and SAM the
+  seed, bucket, step and offsets of its rounding bits) for 16-bit parameters
 * ``all_finite(tensors) -> float32 [1]`` (1.0 when any element is inf or NaN; one read)
 * ``sam_grad_sq_norm(grads, params, eta) -> 0-dim float64``, ``sam_perturb_(params, grads,
   backups, adaptive, coef, eta)``, ``sam_restore_and_step_(params, backups, grads, moms,
@@ -50,6 +54,8 @@ class Backend:
     sam_restore_and_step_: Callable | None = None
     sam_probe_: Callable | None = None
     all_finite: Callable | None = None   # (tensors) -> float32 [1], 1.0 if any inf/nan
+    perturb_from_: Callable | None = None   # (params16, masters32, offsets, seed, bucket, step, tag, sigma)
+    stochastic_rounding: bool = False   # restore_and_step_ / sam_restore_and_step_ can round stochastically
 
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type in self.devices
@@ -61,7 +67,7 @@ class Backend:
 
 # --------------------------------------------------------------------------- list lifting
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
-         all_finite=None) -> Backend:
+         all_finite=None, perturb_from_=None) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset)."""
 
@@ -71,11 +77,18 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
 
     def restore_and_step_list(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
                               step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
-                              nesterov, momentum_init, noise_std, grad_mult):
+                              nesterov, momentum_init, noise_std, grad_mult,
+                              stochastic_rounding=False):
+        extra = (True,) if stochastic_rounding else ()
         for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
             restore_and_step_(p, g, moms[t] if moms is not None else None, grad_scale, found_inf,
                               seed, bucket_id, step, off, restore_tag, sigma, lr, weight_decay,
-                              momentum, dampening, nesterov, momentum_init, noise_std, grad_mult)
+                              momentum, dampening, nesterov, momentum_init, noise_std, grad_mult,
+                              *extra)
+
+    def perturb_from_list(params, masters, offsets, seed, bucket_id, step, tag, sigma):
+        for p, m, off in zip(params, masters, offsets):
+            (perturb_from_ or _perturb_from_torch)(p, m, seed, bucket_id, step, tag, sigma, off)
 
     kw = {}
     if sam is not None:
@@ -92,11 +105,13 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                 sam.sam_perturb_(p, g, b, adaptive, c, eta)
 
         def sam_restore_list(params, backups, grads, moms, grad_scale, found_inf, lr, weight_decay,
-                             momentum, dampening, nesterov, momentum_init, grad_mult):
+                             momentum, dampening, nesterov, momentum_init, grad_mult,
+                             stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None):
             for t, (p, b, g) in enumerate(zip(params, backups, grads)):
+                extra = (True, seed, bucket_id, step, offsets[t]) if stochastic_rounding else ()
                 sam.sam_restore_and_step_(p, b, g, moms[t] if moms is not None else None,
                                           grad_scale, found_inf, lr, weight_decay, momentum,
-                                          dampening, nesterov, momentum_init, grad_mult)
+                                          dampening, nesterov, momentum_init, grad_mult, *extra)
 
         def sam_probe_list(params, backups, offsets, seed, bucket_id, step, delta):
             for p, b, off in zip(params, backups, offsets):
@@ -106,7 +121,21 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                   sam_restore_and_step_=sam_restore_list, sam_probe_=sam_probe_list)
     if all_finite is None:
         from fused_flat.reference import all_finite
-    return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite, **kw)
+    import inspect
+
+    sr = "stochastic_rounding" in inspect.signature(restore_and_step_).parameters and (
+        sam is None or "stochastic_rounding" in inspect.signature(sam.sam_restore_and_step_).parameters)
+    return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite,
+                   perturb_from_=perturb_from_list, stochastic_rounding=sr, **kw)
+
+
+def _perturb_from_torch(param, master, seed, bucket_id, step, tag, sigma, offset=0):
+    """param <- round(master + sigma * z(tag)) in plain torch (fp32 math), for backends
+    without a ``perturb_from_`` kernel."""
+    from fused_flat import noise
+
+    z = noise.normal_noise(seed, bucket_id, step, tag, offset, param.numel(), param.device)
+    param.copy_(master.float() + sigma * z)
 
 
 def with_sam_lists(b: Backend, mod) -> Backend:
@@ -137,7 +166,7 @@ def _compiled(name: str, device: str) -> Backend:
         if hasattr(torch.ops.fused_flat, "sam_perturb_"):
             from fused_flat import sam_ops as sam
         else:
-            _warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
+            warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
                                 f"older sources); the SAM family runs on the pure-torch reference "
                                 f"backend. Rebuild: {_native.BUILD_HINT}.")
     b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
@@ -169,7 +198,7 @@ _cache: dict[str, Backend | str] = {}
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, msg: str) -> None:
+def warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
@@ -232,7 +261,7 @@ def resolve(name: str, t: torch.Tensor, sam: bool = False) -> Backend:
             return b
     if t.device.type in ("cpu", "cuda"):
         if _native.available():
-            _warn_once(f"{family}-{t.device.type}",
+            warn_once(f"{family}-{t.device.type}",
                        f"fused_flat: no compiled {family} kernels for {t.device.type} buckets here "
                        f"(the extension was built without them); the pure-torch reference backend "
                        f"runs them, correct but slow. Rebuild: {_native.BUILD_HINT}.")

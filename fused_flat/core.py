@@ -25,6 +25,7 @@ from fused_flat.buckets import Bucket, build_buckets, check_param, flat, flat_li
 STATE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 _SGD_ONLY_KEYS = ("foreach", "fused", "differentiable")
+FP32_STATE_KEYS = ("momentum_buffer", "master_weight")   # per-parameter state that may be fp32
 
 
 def number(name: str, value, cls_name: str) -> float:
@@ -126,16 +127,26 @@ class FlatOptimizer(Optimizer):
         return self._buckets
 
     def _follow_params(self) -> None:
-        """Momentum buffers in their parameter's dtype, device and memory layout."""
+        """State tensors (momentum, masters) follow their parameter's device and memory
+        layout, and its dtype unless they are kept in fp32 (``_fp32_state``)."""
         for g in self.param_groups:
             for p in g["params"]:
                 st = self.state.get(p)
-                buf = st.get("momentum_buffer") if st else None
-                if isinstance(buf, torch.Tensor) and (
-                        buf.dtype != p.dtype or buf.device != p.device or not same_layout(buf, p)):
-                    new = torch.empty_like(p)
-                    new.copy_(buf)
-                    st["momentum_buffer"] = new
+                if not st:
+                    continue
+                dtype = torch.float32 if self._fp32_state(p) else p.dtype
+                for key in FP32_STATE_KEYS:
+                    buf = st.get(key)
+                    if isinstance(buf, torch.Tensor) and (
+                            buf.dtype != dtype or buf.device != p.device or not same_layout(buf, p)):
+                        new = torch.empty_like(p, dtype=dtype)
+                        new.copy_(buf)
+                        st[key] = new
+
+    def _fp32_state(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s momentum and master weight are kept in fp32 (16-bit parameters
+        with master weights)."""
+        return False
 
     def _is_perturbed(self) -> bool:
         return False
@@ -211,7 +222,7 @@ class FlatOptimizer(Optimizer):
             if buf is None:
                 if not create:
                     continue
-                buf = torch.zeros_like(p)
+                buf = torch.zeros_like(p, dtype=torch.float32 if self._fp32_state(p) else p.dtype)
                 self.state[p]["momentum_buffer"] = buf
                 new.append(j)
             else:
@@ -298,6 +309,14 @@ class FlatOptimizer(Optimizer):
         sd = {k: v for k, v in state_dict.items() if k != "fused_flat"}
         sd["param_groups"] = merged
         self._torch_load_state_dict(sd)
+        for pid, st in state_dict.get("state", {}).items():   # torch cast them to the param dtype
+            p = by_id[pid]
+            if self._fp32_state(p) and isinstance(st, dict):
+                for key in FP32_STATE_KEYS:
+                    if isinstance(st.get(key), torch.Tensor):
+                        t = torch.empty_like(p, dtype=torch.float32)
+                        t.copy_(st[key])
+                        self.state[p][key] = t
         for g in self.param_groups:
             self._validate_group(g)
         if meta is None:

@@ -27,6 +27,8 @@ import torch
 
 from fused_flat import backends
 from fused_flat.buckets import flat
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, default_seed, number
 
 # Kept for code that imported them from here.
@@ -51,8 +53,21 @@ class LangevinOptimizer(FlatOptimizer):
             t >= 1 the gradients are set aside (one gradient-sized buffer per parameter, the
             only extra memory of this mode) and zeroed in place; after the step ``p.grad``
             holds the sum of the n gradients.
-        exact_restore (bool): keep a backup copy (parameter-sized) and restore bit-exactly
-            instead of regenerating eps (which restores to within 1 ulp).
+        exact_restore (bool | None): keep a backup copy (parameter-sized, in the parameter's
+            dtype) and restore bit-exactly instead of regenerating eps (which restores to
+            within 1 ulp in fp32 but drifts in 16 bits). None (default): True for bf16/fp16
+            parameters (a 2-byte backup), False for fp32/fp64.
+        stochastic_rounding (bool | None): round the update written into bf16/fp16
+            parameters stochastically, with 16 bits of the noise stream (ALGORITHMS.md §1),
+            so updates smaller than half an ulp survive in the mean. None (default): on for
+            16-bit parameters. It fixes stalling, not the sampling temperature: the rounding
+            noise, of order sqrt(ulp * |update|), is far above the Langevin noise at large beta.
+        master_weights (bool): keep an fp32 master copy of every bf16/fp16 parameter in
+            ``state[p]["master_weight"]``: the perturbation writes round(master + sigma eps)
+            into the 16-bit weight, the update runs on the master (fp32 momentum too) and
+            writes round(master) back, so perturbation, restore and Langevin noise are exact:
+            the mode for sampling at the intended temperature. 4 bytes per 16-bit parameter
+            (+4 with momentum), saved in ``state_dict``.
         seed (int | None): noise seed in [0, 2^63); default: drawn from torch's default
             generator. Under torch.distributed, rank 0's seed is used on every rank.
         backend (str): 'auto', 'cpp', 'reference' (and 'triton', 'cuda' where built).
@@ -80,8 +95,9 @@ class LangevinOptimizer(FlatOptimizer):
     def __init__(self, params, lr: float = 1e-3, beta: float = 1e8, eta: float = 0.01,
                  sigma: float | None = None, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False, *,
-                 n_perturbations: int = 1, exact_restore: bool = False, seed: int | None = None,
-                 backend: str = "auto", check_finite: bool = True):
+                 n_perturbations: int = 1, exact_restore: bool | None = None,
+                 stochastic_rounding: bool | None = None, master_weights: bool = False,
+                 seed: int | None = None, backend: str = "auto", check_finite: bool = True):
         name = type(self).__name__
         if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 1:
             raise ValueError(f"{name}: n_perturbations must be an integer >= 1, got {n_perturbations!r}")
@@ -92,7 +108,12 @@ class LangevinOptimizer(FlatOptimizer):
                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)
         self.n_perturbations = n_perturbations
-        self.exact_restore = bool(exact_restore)
+        for key, val in (("exact_restore", exact_restore), ("stochastic_rounding", stochastic_rounding)):
+            if val is not None and not isinstance(val, bool):
+                raise ValueError(f"{name}: {key} must be True, False or None, got {val!r}")
+        self.exact_restore = exact_restore
+        self.stochastic_rounding = stochastic_rounding
+        self.master_weights = bool(master_weights)
         self._perturbed = None   # (tag, [(indices, sigma) or None per bucket]) while perturbed
         self._backups: dict = {}
         super().__init__(params, defaults)
@@ -153,23 +174,65 @@ class LangevinOptimizer(FlatOptimizer):
             raise RuntimeError(f"{type(self).__name__}: n_perturbations > 1 needs step(closure)")
         self._move(0)
 
+    # ----------------------------------------------------------------- 16-bit modes
+    def _masters(self, b) -> bool:
+        return self.master_weights and b.dtype in LOW_PRECISION
+
+    def _fp32_state(self, p) -> bool:
+        return self.master_weights and p.dtype in LOW_PRECISION
+
+    def _restore_mode(self, b) -> str:
+        """How a bucket's perturbation is undone: from the fp32 masters, from a backup copy,
+        or by regenerating eps."""
+        if self._masters(b):
+            return "master"
+        exact = self.exact_restore
+        if exact is None:
+            exact = b.dtype in LOW_PRECISION
+        return "backup" if exact else "regen"
+
+    def _sr(self, b, backend) -> bool:
+        want = (b.dtype in LOW_PRECISION and not self._masters(b)
+                and self.stochastic_rounding is not False)
+        if want and not backend.stochastic_rounding:
+            backends.warn_once(f"sr-{backend.name}", f"fused_flat: backend '{backend.name}' has no "
+                               f"stochastic-rounding kernels; 16-bit updates are rounded to nearest")
+            return False
+        return want
+
+    def _master(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        m = st.get("master_weight")
+        if m is None or m.shape != p.shape or m.device != p.device:
+            m = torch.empty_like(p, dtype=torch.float32)
+            m.copy_(p)
+            st["master_weight"] = m
+        return m
+
+    # ----------------------------------------------------------------- perturbation
     @torch.no_grad()
     def restore(self) -> None:
         """Undo the active perturbation without updating (no-op when none is active)."""
         if self._perturbed is None:
             return
         tag, made = self._perturbed
-        for bi, b in enumerate(self._buckets):
-            if made[bi] is None:
-                continue
-            idx, sigma = made[bi]
-            params = [b.params[j] for j in idx]
-            if self.exact_restore:
-                torch._foreach_copy_(params, [self._backups[p] for p in params])
-            else:
-                self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
-                                            self.seed, b.bucket_id, self._k, tag, -sigma)
+        for bi, entry in enumerate(made):
+            if entry is not None:
+                self._restore_bucket(bi, entry, tag)
         self._perturbed = None
+
+    def _restore_bucket(self, bi: int, entry, tag: int) -> None:
+        idx, sigma, mode = entry
+        b = self._buckets[bi]
+        params = [b.params[j] for j in idx]
+        if mode == "master":
+            for p in params:
+                p.copy_(self.state[p]["master_weight"])
+        elif mode == "backup":
+            torch._foreach_copy_(params, [self._backups[p] for p in params])
+        else:
+            self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
+                                        self.seed, b.bucket_id, self._k, tag, -sigma)
 
     def _move(self, tag: int) -> None:
         """Restore the active perturbation (if any), then perturb with eps of ``tag`` every
@@ -183,15 +246,23 @@ class LangevinOptimizer(FlatOptimizer):
                 made.append(None)
                 continue
             params = [b.params[j] for j in idx]
-            if self.exact_restore:
-                for p in params:
-                    if p not in self._backups or self._backups[p].dtype != p.dtype \
-                            or self._backups[p].shape != p.shape or self._backups[p].device != p.device:
-                        self._backups[p] = torch.empty_like(p)
-                torch._foreach_copy_([self._backups[p] for p in params], params)
-            self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
-                                        self.seed, b.bucket_id, self._k, tag, sigma)
-            made.append((idx, sigma))
+            mode = self._restore_mode(b)
+            offsets = [b.index(j) for j in idx]
+            if mode == "master":
+                self._backends[bi].perturb_from_([flat(p) for p in params],
+                                                 [flat(self._master(p)) for p in params], offsets,
+                                                 self.seed, b.bucket_id, self._k, tag, sigma)
+            else:
+                if mode == "backup":
+                    for p in params:
+                        bk = self._backups.get(p)
+                        if bk is None or bk.dtype != p.dtype or bk.shape != p.shape \
+                                or bk.device != p.device or bk.stride() != p.stride():
+                            self._backups[p] = torch.empty_like(p)
+                    torch._foreach_copy_([self._backups[p] for p in params], params)
+                self._backends[bi].perturb_([flat(p) for p in params], offsets, self.seed,
+                                            b.bucket_id, self._k, tag, sigma)
+            made.append((idx, sigma, mode))
         self._perturbed = (tag, made)
 
     def _needs_perturbation(self) -> bool:
@@ -241,16 +312,18 @@ class LangevinOptimizer(FlatOptimizer):
         return losses[0] if n == 1 else sum(losses) / n
 
     def _update(self, grad_mult: float) -> None:
-        if self._perturbed is not None and self.exact_restore:
-            self.restore()      # bit-exact from the backup; the update pass restores nothing
-        made = self._perturbed[1] if self._perturbed is not None else None
-        tag = self._perturbed[0] if self._perturbed is not None else 0
+        tag, made = self._perturbed if self._perturbed is not None else (0, None)
         buckets = self._buckets if made is not None else self.buckets()
         try:
             with_grad = [self._grads(b) for b in buckets]
         except Exception:
             self.restore()
             raise
+        if made is not None:   # buckets restored from a copy: now, exactly; the update pass
+            for bi, entry in enumerate(made):   # then restores nothing
+                if entry is not None and entry[2] != "regen":
+                    self._restore_bucket(bi, entry, tag)
+                    made[bi] = None
         flat_grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
         found_inf = self._found_inf(flat_grads)
         known_skip = self._known_skip(found_inf)
@@ -263,19 +336,28 @@ class LangevinOptimizer(FlatOptimizer):
             gs = self._grad_scale(b.device)
             mult = -grad_mult if g["maximize"] else grad_mult
             gpos = {j: k for k, j in enumerate(idx)}
+            masters = self._masters(b)
+            sr = self._sr(b, backend)
+            grads = flat_grads[bi]
+            if masters:   # the update runs on the fp32 masters (fp32 gradients, transient)
+                grads = [t.float() for t in grads]
             for js, moms, init in self._momentum_lists(b, idx, g, create=not known_skip):
                 for restoring in (True, False):
                     sel = [k for k, j in enumerate(js) if (j in pert) == restoring]
                     if not sel:
                         continue
                     sub = [js[k] for k in sel]
+                    targets = [flat(self._master(b.params[j]) if masters else b.params[j]) for j in sub]
                     backend.restore_and_step_(
-                        [flat(b.params[j]) for j in sub], [flat_grads[bi][gpos[j]] for j in sub],
+                        targets, [grads[gpos[j]] for j in sub],
                         [moms[k] for k in sel] if moms is not None else None,
                         [b.index(j) for j in sub], gs, fi, self.seed, b.bucket_id, self._k,
                         tag, sigma_r if restoring else 0.0, g["lr"], g["weight_decay"],
                         g["momentum"], g["dampening"], g["nesterov"], init,
-                        self.group_noise_std(g), mult)
+                        self.group_noise_std(g), mult, sr)
+            if masters:
+                for j in idx:
+                    b.params[j].copy_(self.state[b.params[j]]["master_weight"])
             no_grad = sorted(pert - set(idx))
             if no_grad:
                 backend.perturb_([flat(b.params[j]) for j in no_grad], [b.index(j) for j in no_grad],
