@@ -141,7 +141,12 @@ def _perturb_from_torch(param, master, seed, bucket_id, step, tag, sigma, offset
 def with_sam_lists(b: Backend, mod) -> Backend:
     """``b`` with the SAM-family list ops of ``mod`` (functions already taking lists: one
     launch per bucket, fused_flat.triton.sam and fused_flat.cuda_sam)."""
-    return dataclasses.replace(b, **{name: getattr(mod, name) for name in SAM_OPS})
+    import inspect
+
+    sr = b.stochastic_rounding and "stochastic_rounding" in inspect.signature(
+        mod.sam_restore_and_step_).parameters
+    return dataclasses.replace(b, stochastic_rounding=sr,
+                               **{name: getattr(mod, name) for name in SAM_OPS})
 
 
 # --------------------------------------------------------------------------- factories

@@ -25,7 +25,8 @@ from fused_flat.buckets import Bucket, build_buckets, check_param, flat, flat_li
 STATE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 _SGD_ONLY_KEYS = ("foreach", "fused", "differentiable")
-FP32_STATE_KEYS = ("momentum_buffer", "master_weight")   # per-parameter state that may be fp32
+FP32_STATE_KEYS = ("momentum_buffer", "master_weight")
+LOW_PRECISION = (torch.bfloat16, torch.float16)   # per-parameter state that may be fp32
 
 
 def number(name: str, value, cls_name: str) -> float:
@@ -143,10 +144,43 @@ class FlatOptimizer(Optimizer):
                         new.copy_(buf)
                         st[key] = new
 
+    # ----------------------------------------------------------------- 16-bit parameters
+    def _init_low_precision(self, stochastic_rounding, master_weights) -> None:
+        name = type(self).__name__
+        if stochastic_rounding is not None and not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"{name}: stochastic_rounding must be True, False or None, got "
+                             f"{stochastic_rounding!r}")
+        self.stochastic_rounding = stochastic_rounding
+        self.master_weights = bool(master_weights)
+
+    def _masters(self, b) -> bool:
+        """Whether bucket ``b`` keeps fp32 master weights (``master_weights=True``, 16-bit)."""
+        return getattr(self, "master_weights", False) and b.dtype in LOW_PRECISION
+
     def _fp32_state(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s momentum and master weight are kept in fp32 (16-bit parameters
-        with master weights)."""
-        return False
+        """Whether ``p``'s momentum and master weight are kept in fp32."""
+        return getattr(self, "master_weights", False) and p.dtype in LOW_PRECISION
+
+    def _sr(self, b, backend) -> bool:
+        """Whether the update of bucket ``b`` rounds stochastically into its 16-bit weights."""
+        want = (b.dtype in LOW_PRECISION and not self._masters(b)
+                and getattr(self, "stochastic_rounding", None) is not False)
+        if want and not backend.stochastic_rounding:
+            backends.warn_once(f"sr-{backend.name}", f"fused_flat: backend '{backend.name}' has no "
+                               f"stochastic-rounding kernels; 16-bit updates are rounded to nearest")
+            return False
+        return want
+
+    def _master(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of a 16-bit parameter, ``state[p]["master_weight"]`` (made from
+        the parameter on first use)."""
+        st = self.state[p]
+        m = st.get("master_weight")
+        if m is None or m.shape != p.shape or m.device != p.device:
+            m = torch.empty_like(p, dtype=torch.float32)
+            m.copy_(p)
+            st["master_weight"] = m
+        return m
 
     def _is_perturbed(self) -> bool:
         return False

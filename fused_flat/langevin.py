@@ -28,8 +28,7 @@ import torch
 from fused_flat import backends
 from fused_flat.buckets import flat
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, default_seed, number
+from fused_flat.core import LOW_PRECISION, FlatOptimizer, broadcast_seed, check_seed, default_seed, number
 
 # Kept for code that imported them from here.
 _number = number
@@ -108,12 +107,10 @@ class LangevinOptimizer(FlatOptimizer):
                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)
         self.n_perturbations = n_perturbations
-        for key, val in (("exact_restore", exact_restore), ("stochastic_rounding", stochastic_rounding)):
-            if val is not None and not isinstance(val, bool):
-                raise ValueError(f"{name}: {key} must be True, False or None, got {val!r}")
+        if exact_restore is not None and not isinstance(exact_restore, bool):
+            raise ValueError(f"{name}: exact_restore must be True, False or None, got {exact_restore!r}")
         self.exact_restore = exact_restore
-        self.stochastic_rounding = stochastic_rounding
-        self.master_weights = bool(master_weights)
+        self._init_low_precision(stochastic_rounding, master_weights)
         self._perturbed = None   # (tag, [(indices, sigma) or None per bucket]) while perturbed
         self._backups: dict = {}
         super().__init__(params, defaults)
@@ -174,13 +171,6 @@ class LangevinOptimizer(FlatOptimizer):
             raise RuntimeError(f"{type(self).__name__}: n_perturbations > 1 needs step(closure)")
         self._move(0)
 
-    # ----------------------------------------------------------------- 16-bit modes
-    def _masters(self, b) -> bool:
-        return self.master_weights and b.dtype in LOW_PRECISION
-
-    def _fp32_state(self, p) -> bool:
-        return self.master_weights and p.dtype in LOW_PRECISION
-
     def _restore_mode(self, b) -> str:
         """How a bucket's perturbation is undone: from the fp32 masters, from a backup copy,
         or by regenerating eps."""
@@ -191,25 +181,6 @@ class LangevinOptimizer(FlatOptimizer):
             exact = b.dtype in LOW_PRECISION
         return "backup" if exact else "regen"
 
-    def _sr(self, b, backend) -> bool:
-        want = (b.dtype in LOW_PRECISION and not self._masters(b)
-                and self.stochastic_rounding is not False)
-        if want and not backend.stochastic_rounding:
-            backends.warn_once(f"sr-{backend.name}", f"fused_flat: backend '{backend.name}' has no "
-                               f"stochastic-rounding kernels; 16-bit updates are rounded to nearest")
-            return False
-        return want
-
-    def _master(self, p: torch.Tensor) -> torch.Tensor:
-        st = self.state[p]
-        m = st.get("master_weight")
-        if m is None or m.shape != p.shape or m.device != p.device:
-            m = torch.empty_like(p, dtype=torch.float32)
-            m.copy_(p)
-            st["master_weight"] = m
-        return m
-
-    # ----------------------------------------------------------------- perturbation
     @torch.no_grad()
     def restore(self) -> None:
         """Undo the active perturbation without updating (no-op when none is active)."""

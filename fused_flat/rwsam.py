@@ -8,7 +8,7 @@ import torch
 
 from fused_flat.bn import running_stats_frozen
 from fused_flat.buckets import flat, round_up4
-from fused_flat.core import broadcast_seed, check_seed, number
+from fused_flat.core import number
 from fused_flat.sam import SAM
 
 
@@ -47,10 +47,7 @@ class RWSAM(SAM):
         lam = number("lam", lam, "RWSAM")
         if not math.isfinite(lam):
             raise ValueError(f"RWSAM: invalid lam={lam} (must be finite; 0 gives SAM)")
-        explicit = seed is not None
-        # The core picks the seed up at construction: rank 0's under torch.distributed.
-        self.seed = broadcast_seed(check_seed(seed, "RWSAM"), explicit, "RWSAM")
-        super().__init__(params, base_optimizer, rho, adaptive, normalize, **kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, normalize, seed=seed, **kwargs)
         self.delta, self.lam = delta, lam
         self.last_weights: torch.Tensor | None = None
 

@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 
 from fused_flat.bn import running_stats_frozen
 from fused_flat.buckets import check_param, flat
-from fused_flat.core import FlatOptimizer, number
+from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, number
 
 NORM_EPS = 1e-12
 RHO_DEFAULT = 0.05
@@ -81,6 +81,13 @@ class SAM(FlatOptimizer):
             (fused_flat.bn.running_stats_frozen), so they are updated once per step, by the
             first pass, exactly as with the base optimizer alone. In the two-call form use
             ``with running_stats_frozen(model):`` around the second forward yourself.
+        seed (int | None): the noise seed (RW-SAM's probe, the stochastic-rounding bits);
+            default drawn from torch's generator, rank 0's under torch.distributed.
+        stochastic_rounding (bool | None), master_weights (bool): bf16/fp16 parameters, as in
+            the Langevin family (fused path only): the ascent step always restores exactly
+            from its backup; the base update rounds stochastically into the 16-bit weights
+            (default), or runs on fp32 masters (``state[p]["master_weight"]``, fp32 momentum)
+            and writes round(master) back.
         **base_kwargs: the base optimizer's hyperparameters (``lr``, ``momentum``, ...).
 
     Usage (davda54/sam's)::
@@ -119,7 +126,8 @@ class SAM(FlatOptimizer):
     def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float | None = None,
                  adaptive: bool = False, normalize: bool = True, *, adaptive_eta: float = 0.0,
                  backend: str = "auto", check_finite: bool = True, freeze_bn: bool = True,
-                 **base_kwargs):
+                 seed: int | None = None, stochastic_rounding: bool | None = None,
+                 master_weights: bool = False, **base_kwargs):
         name = type(self).__name__
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(f"{name}: base_optimizer must be a torch.optim.Optimizer class (e.g. "
@@ -142,7 +150,10 @@ class SAM(FlatOptimizer):
             g.get("differentiable", False) for g in self.param_groups)
         if not self._fused_sgd:
             _warn_unfused(base_optimizer)
-        self._init_core(seed=getattr(self, "seed", None), backend=backend, check_finite=check_finite)
+        self._init_low_precision(stochastic_rounding, master_weights)
+        explicit = seed is not None
+        self._init_core(seed=broadcast_seed(check_seed(seed, name), explicit, name), backend=backend,
+                        check_finite=check_finite)
 
     # ----------------------------------------------------------------- setup
     def _validate_group(self, g: dict) -> None:
@@ -220,6 +231,9 @@ class SAM(FlatOptimizer):
             made.append(idx)
             if not idx:
                 continue
+            if self._masters(b):   # the masters hold the unperturbed weights from the start
+                for j in idx:
+                    self._master(b.params[j])
             coef = g["rho"] * inv / (norm + NORM_EPS) if g["normalize"] else g["rho"] * inv
             self._backends[bi].sam_perturb_(
                 [flat(b.params[j]) for j in idx], grads[bi],
@@ -267,20 +281,36 @@ class SAM(FlatOptimizer):
     def _fused_update(self, buckets, with_grad, grads, found_inf, known_skip: bool) -> None:
         for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
+            backend = self._backends[bi]
             idx = with_grad[bi]
             pert = set(self._perturbed[bi])
-            fresh = [b.params[j] for j in idx if j not in pert]   # g2 without g1: not perturbed
-            if fresh:
-                torch._foreach_copy_([self._backup_of(p) for p in fresh], fresh)
             fi = found_inf.to(b.device) if found_inf is not None else None
             gs = self._grad_scale(b.device)
             mult = -1.0 if g.get("maximize", False) else 1.0
             gpos = {j: k for k, j in enumerate(idx)}
+            masters = self._masters(b)
+            sr = self._sr(b, backend)
+            gl = grads[bi]
+            if masters:   # the ascent is undone by writing round(master) back below
+                targets = {j: self._master(b.params[j]) for j in idx}
+                sources = targets
+                gl = [t.float() for t in gl]
+            else:
+                fresh = [b.params[j] for j in idx if j not in pert]   # g2 without g1: not perturbed
+                if fresh:
+                    torch._foreach_copy_([self._backup_of(p) for p in fresh], fresh)
+                targets = {j: b.params[j] for j in idx}
+                sources = {j: self._backups[b.params[j]] for j in idx}
             for js, moms, init in self._momentum_lists(b, idx, g, create=not known_skip):
-                self._backends[bi].sam_restore_and_step_(
-                    [flat(b.params[j]) for j in js], [flat(self._backups[b.params[j]]) for j in js],
-                    [grads[bi][gpos[j]] for j in js], moms, gs, fi, g["lr"], g["weight_decay"],
-                    g["momentum"], g["dampening"], g["nesterov"], init, mult)
+                backend.sam_restore_and_step_(
+                    [flat(targets[j]) for j in js], [flat(sources[j]) for j in js],
+                    [gl[gpos[j]] for j in js], moms, gs, fi, g["lr"], g["weight_decay"],
+                    g["momentum"], g["dampening"], g["nesterov"], init, mult,
+                    *((True, self.seed, b.bucket_id, self._k, [b.index(j) for j in js]) if sr else ()))
+            if masters:
+                for j in set(idx) | pert:
+                    b.params[j].copy_(self._master(b.params[j]))
+                continue
             lone = [b.params[j] for j in sorted(pert - set(idx))]   # g1 without g2: restore only
             if lone:
                 torch._foreach_copy_(lone, [self._backups[p] for p in lone])

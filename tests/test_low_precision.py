@@ -177,3 +177,34 @@ def test_master_weights_equal_an_fp32_run_on_the_masters():
         assert torch.equal(a, b.detach())
     for p, m in zip(m16.parameters(), masters):
         assert torch.equal(p.detach(), m.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("mode", [dict(), dict(master_weights=True), dict(stochastic_rounding=False)])
+def test_sam_lr_zero_leaves_16_bit_parameters_unchanged(dtype, mode):
+    """The ascent step restores exactly from its backup in every mode."""
+    model = tiny(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), lr=0.0, momentum=0.9, rho=0.5, seed=1, **mode)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.randn(6, 5, generator=g).to(dtype)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step(lambda: model(x).float().square().mean().backward())
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_sam_small_updates_land_exactly_with_master_weights():
+    ulp = 2.0 ** -8
+    w = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    opt = SAM([w], lr=0.1, rho=0.05, master_weights=True, seed=2)
+    for _ in range(100):
+        w.grad = torch.full_like(w, ulp)      # lr * g = 0.1 ulp
+        opt.first_step(zero_grad=True)
+        w.grad = torch.full_like(w, ulp)
+        opt.second_step(zero_grad=True)
+    expected = torch.tensor(1.0 - 100 * 0.1 * ulp, dtype=torch.float64).to(torch.bfloat16)
+    assert torch.equal(w.detach(), torch.full_like(w, expected.item()))
+    assert opt.state[w]["master_weight"].dtype == torch.float32
