@@ -138,6 +138,7 @@ class SAM(FlatOptimizer):
         self.freeze_bn = bool(freeze_bn)
         self._perturbed: list[list[int]] | None = None   # per bucket: indices perturbed by first_step
         self._first_nonfinite = False
+        self._first_found: torch.Tensor | None = None   # g1 non-finite, on the device (CUDA)
         self._backups: dict = {}
         defaults = dict(rho=rho, adaptive=adaptive, normalize=normalize, adaptive_eta=adaptive_eta,
                         **base_kwargs)
@@ -210,20 +211,28 @@ class SAM(FlatOptimizer):
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step(): the weights are already "
                                f"perturbed; call second_step() (or step()) first")
-        inv = 1.0
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            inv = 1.0 / float(grad_scaler.get_scale())
         buckets = self.buckets()
         with_grad = [self._grads(b) for b in buckets]
         grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
-        sq = 0.0
+        parts = []
         for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
             if with_grad[bi]:
                 ps = [flat(b.params[j]) for j in with_grad[bi]] if g["adaptive"] else None
-                sq += float(self._backends[bi].sam_grad_sq_norm(grads[bi], ps, g["adaptive_eta"]))
-        norm = math.sqrt(sq) * inv
-        self._first_nonfinite = not math.isfinite(norm)
+                parts.append(self._backends[bi].sam_grad_sq_norm(grads[bi], ps, g["adaptive_eta"]))
+        scaled = grad_scaler is not None and grad_scaler.is_enabled()
+        if all(b.device.type == "cpu" for b in buckets):   # host values cost nothing here
+            inv = 1.0 / float(grad_scaler.get_scale()) if scaled else 1.0
+            norm = math.sqrt(sum(float(t) for t in parts)) * inv
+            self._first_nonfinite = not math.isfinite(norm)
+        else:   # device tensors throughout: no host synchronization
+            dev = buckets[0].device
+            sq = torch.stack([t.to(dev) for t in parts]).sum() if parts else \
+                torch.zeros((), dtype=torch.float64, device=dev)
+            inv = (1.0 / grad_scaler._get_scale_async().to(dev, torch.float64).reshape(())) if scaled else 1.0
+            norm = sq.sqrt() * inv
+            self._first_found = (~torch.isfinite(norm)).float().reshape(1)
+            self._first_nonfinite = False
         made = []
         for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
@@ -258,6 +267,9 @@ class SAM(FlatOptimizer):
             raise
         grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
         found_inf = torch.ones(1) if self._first_nonfinite else self._found_inf(grads)
+        if self._first_found is not None:   # g1's verdict, kept on the device
+            first = self._first_found
+            found_inf = first if found_inf is None else torch.maximum(found_inf.to(first.device), first)
         if self._fused_sgd:
             known_skip = self._known_skip(found_inf)
             self._fused_update(buckets, with_grad, grads, found_inf, known_skip)
@@ -273,6 +285,7 @@ class SAM(FlatOptimizer):
                 self.base_optimizer.step()
         self._perturbed = None
         self._first_nonfinite = False
+        self._first_found = None
         self._finish_step(found_inf, known_skip)
         self._opt_called = True   # what torch's LR schedulers check: no "scheduler before step" warning
         if zero_grad:
@@ -326,6 +339,7 @@ class SAM(FlatOptimizer):
                 torch._foreach_copy_(ps, [self._backups[p] for p in ps])
         self._perturbed = None
         self._first_nonfinite = False
+        self._first_found = None
 
     # ----------------------------------------------------------------- step
     def _has_gradients(self) -> bool:
