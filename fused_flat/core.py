@@ -17,7 +17,8 @@ import torch
 from torch.optim import Optimizer
 
 from fused_flat import backends
-from fused_flat.buckets import Bucket, build_buckets, check_param, flat, flat_like, layout_key, same_layout
+from fused_flat.buckets import (Bucket, build_buckets, check_param, flat, flat_like, layout_key,
+                                same_layout)
 
 # 1: flat physical buffers, stream layout 1. 2: tensor-list buckets (offsets rounded up to
 # a multiple of 4). A checkpoint of another format loads; its noise continues from a
@@ -88,6 +89,7 @@ class FlatOptimizer(Optimizer):
         self._layout = None
         self._buckets: list[Bucket] = []
         self._backends: list[backends.Backend] = []
+        self._shard_keys: list[tuple] = []   # the process-group tuples of sharded parameters
         self._last_found_inf: torch.Tensor | None = None
         self._warned_warm_start = False
         self.buckets()   # validate the parameters and resolve the backends now
@@ -121,6 +123,12 @@ class FlatOptimizer(Optimizer):
             self._buckets = build_buckets(self.param_groups)
             self._backends = [backends.resolve(self.backend, b.params[0], sam=self._sam_family)
                               for b in self._buckets]
+            keys: dict = {}
+            for b in self._buckets:
+                for k in b.shard_keys:
+                    if k:
+                        keys.setdefault(k, None)
+            self._shard_keys = list(keys)
             self._follow_params()
             self._layout = key
         return self._buckets
@@ -169,7 +177,7 @@ class FlatOptimizer(Optimizer):
         uses holds an inf or NaN."""
         scaler_found = getattr(self, "found_inf", None)
         if scaler_found is not None:
-            return scaler_found.float().reshape(1)
+            return self._reduce_max_sharded(scaler_found.float().reshape(1).clone())
         if not self.check_finite:
             return None
         worst = []
@@ -178,10 +186,51 @@ class FlatOptimizer(Optimizer):
                 norms = torch._foreach_norm(grads, float("inf"))
                 worst.append(torch.stack(norms).max().float())
         if not worst:
-            return None
+            if not self._shard_keys:
+                return None
+            worst = [torch.zeros((), device=self._collective_device())]
         dev = worst[0].device
         w = torch.stack([t.to(dev) for t in worst]).max() if len(worst) > 1 else worst[0]
-        return (~torch.isfinite(w)).float().reshape(1)
+        return self._reduce_max_sharded((~torch.isfinite(w)).float().reshape(1))
+
+    # ----------------------------------------------------------------- sharded parameters
+    def _collective_device(self) -> torch.device:
+        return self._buckets[0].device if self._buckets else torch.device("cpu")
+
+    def _reduce_max_sharded(self, t: torch.Tensor) -> torch.Tensor:
+        """With sharded (DTensor) parameters, each rank sees only its shard of the gradients:
+        MAX over every group holding other shards, so all ranks skip a step together. A
+        device-side collective (no host sync)."""
+        if self._shard_keys:
+            import torch.distributed as dist
+            for grp in dict.fromkeys(g for key in self._shard_keys for g in key):
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=grp)
+        return t
+
+    def _split_sharded(self, b: Bucket, idx: list[int]) -> dict:
+        """Positions k of ``idx`` grouped by the process groups their parameter is split
+        across (key ``()``: not split), for reductions that must see every shard."""
+        out: dict = {}
+        for k, j in enumerate(idx):
+            out.setdefault(b.shard_keys[j], []).append(k)
+        return out
+
+    def _sum_sharded(self, parts: dict) -> torch.Tensor | None:
+        """``parts``: {shard key: local partial sum (tensor)}. Sums every key's partials over
+        its groups (one all-reduce per group of sharded parameters, issued on every rank in
+        the same order, zero where a rank holds nothing) and adds them up; None if empty."""
+        import torch.distributed as dist
+        total = parts.get(())
+        for key in self._shard_keys:
+            t = parts.get(key)
+            if t is None:
+                dev = total.device if total is not None else self._collective_device()
+                t = torch.zeros((), dtype=torch.float64, device=dev)
+            t = t.to(torch.float64).clone()
+            for grp in key:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=grp)
+            total = t if total is None else total + t.to(total.device)
+        return total
 
     def _grad_scale(self, device) -> torch.Tensor | None:
         gs = getattr(self, "grad_scale", None)

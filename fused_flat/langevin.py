@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from fused_flat import backends
-from fused_flat.buckets import flat
+from fused_flat.buckets import flat, local_copy_
 from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, default_seed, number
 
 # Kept for code that imported them from here.
@@ -165,7 +165,7 @@ class LangevinOptimizer(FlatOptimizer):
             idx, sigma = made[bi]
             params = [b.params[j] for j in idx]
             if self.exact_restore:
-                torch._foreach_copy_(params, [self._backups[p] for p in params])
+                local_copy_(params, [self._backups[p] for p in params])
             else:
                 self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
                                             self.seed, b.bucket_id, self._k, tag, -sigma)
@@ -188,7 +188,7 @@ class LangevinOptimizer(FlatOptimizer):
                     if p not in self._backups or self._backups[p].dtype != p.dtype \
                             or self._backups[p].shape != p.shape or self._backups[p].device != p.device:
                         self._backups[p] = torch.empty_like(p)
-                torch._foreach_copy_([self._backups[p] for p in params], params)
+                local_copy_([self._backups[p] for p in params], params)
             self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
                                         self.seed, b.bucket_id, self._k, tag, sigma)
             made.append((idx, sigma))

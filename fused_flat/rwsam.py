@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import flat, round_up4
+from fused_flat.buckets import flat, local_copy_, round_up4
 from fused_flat.core import broadcast_seed, check_seed, number
 from fused_flat.sam import SAM
 
@@ -108,7 +108,7 @@ class RWSAM(SAM):
             finally:
                 _set_rng_state(after)
                 if probed:
-                    torch._foreach_copy_(probed, backups)
+                    local_copy_(probed, backups)
             if probe_losses.shape != losses.shape:
                 raise ValueError(f"RWSAM.step: closure() returned {tuple(probe_losses.shape)} losses at "
                                  f"the probe point but {tuple(losses.shape)} at theta")

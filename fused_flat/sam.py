@@ -37,7 +37,7 @@ import torch
 from torch.optim import Optimizer
 
 from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import check_param, flat
+from fused_flat.buckets import check_param, flat, local_copy_
 from fused_flat.core import FlatOptimizer, number
 
 NORM_EPS = 1e-12
@@ -205,13 +205,17 @@ class SAM(FlatOptimizer):
         buckets = self.buckets()
         with_grad = [self._grads(b) for b in buckets]
         grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
-        sq = 0.0
+        parts: dict = {}   # {shard key: partial sum of squares}; sharded ones are reduced over the mesh
         for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
-            if with_grad[bi]:
-                ps = [flat(b.params[j]) for j in with_grad[bi]] if g["adaptive"] else None
-                sq += float(self._backends[bi].sam_grad_sq_norm(grads[bi], ps, g["adaptive_eta"]))
-        norm = math.sqrt(sq) * inv
+            idx = with_grad[bi]
+            for key, ks in self._split_sharded(b, idx).items():
+                ps = [flat(b.params[idx[k]]) for k in ks] if g["adaptive"] else None
+                part = self._backends[bi].sam_grad_sq_norm([grads[bi][k] for k in ks], ps,
+                                                           g["adaptive_eta"]).to(torch.float64)
+                parts[key] = part if key not in parts else parts[key] + part.to(parts[key].device)
+        sq = self._sum_sharded(parts)
+        norm = math.sqrt(float(sq)) * inv if sq is not None else 0.0
         self._first_nonfinite = not math.isfinite(norm)
         made = []
         for bi, b in enumerate(buckets):
@@ -271,7 +275,7 @@ class SAM(FlatOptimizer):
             pert = set(self._perturbed[bi])
             fresh = [b.params[j] for j in idx if j not in pert]   # g2 without g1: not perturbed
             if fresh:
-                torch._foreach_copy_([self._backup_of(p) for p in fresh], fresh)
+                local_copy_([self._backup_of(p) for p in fresh], fresh)
             fi = found_inf.to(b.device) if found_inf is not None else None
             gs = self._grad_scale(b.device)
             mult = -1.0 if g.get("maximize", False) else 1.0
@@ -283,7 +287,7 @@ class SAM(FlatOptimizer):
                     g["momentum"], g["dampening"], g["nesterov"], init, mult)
             lone = [b.params[j] for j in sorted(pert - set(idx))]   # g1 without g2: restore only
             if lone:
-                torch._foreach_copy_(lone, [self._backups[p] for p in lone])
+                local_copy_(lone, [self._backups[p] for p in lone])
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -293,7 +297,7 @@ class SAM(FlatOptimizer):
         for b, idx in zip(self._buckets, self._perturbed):
             ps = [b.params[j] for j in idx]
             if ps:
-                torch._foreach_copy_(ps, [self._backups[p] for p in ps])
+                local_copy_(ps, [self._backups[p] for p in ps])
         self._perturbed = None
         self._first_nonfinite = False
 
