@@ -171,3 +171,42 @@ def test_fsdp2_nonfinite_shard_skips_on_every_rank(fsdp_results):
         for a, b in zip(res["before"], res["after"]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)   # restored (regenerated eps)
     assert_ranks_identical([r["nan_skip/fsgld"]["after"] for r in fsdp_results])
+
+
+# --------------------------------------------------------------------------- the example
+def run_torchrun(args: list[str], timeout: float = JOB_TIMEOUT) -> str:
+    """``torchrun --standalone --nproc-per-node 2 -m fused_flat.examples.train_distributed``
+    (a free port), killed with its workers after ``timeout`` seconds."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(dc.WORLD), "-m", "fused_flat.examples.train_distributed", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout:.0f} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _checksum(out: str) -> float:
+    line = [ln for ln in out.splitlines() if ln.startswith("done:")][-1]
+    return float(line.split("parameter checksum ")[1].split(";")[0])
+
+
+def test_example_runs_under_torchrun(capsys):
+    out = run_torchrun(["--strategy", "fsdp2", "--optimizer", "fsgld", "--steps", "6",
+                        "--log-every", "3", "--cpu"])
+    assert "fsdp2 on 2 process(es), gloo" in out
+    assert "replicas identical: True" in out
+    from fused_flat.examples import train_distributed
+
+    assert train_distributed.main(["--optimizer", "fsgld", "--steps", "6", "--cpu"]) == 0
+    single = _checksum(capsys.readouterr().out)
+    assert abs(_checksum(out) - single) <= 1e-6 * abs(single)
