@@ -72,6 +72,30 @@ def broadcast_seed(seed: int, explicit: bool, cls_name: str) -> int:
     return got
 
 
+def refuse_dcp_state_init(cls_name: str) -> None:
+    """Raise when ``step()`` is called by torch.distributed.checkpoint.state_dict's
+    ``_init_optim_state`` (get_state_dict / set_state_dict on an optimizer without state),
+    which makes a step with zero gradients to create the state: that would advance the noise
+    stream (or fail obscurely), and those helpers drop the 'fused_flat' entry anyway."""
+    import sys
+
+    f = sys._getframe(2)
+    for _ in range(6):
+        if f is None:
+            return
+        if f.f_code.co_name == "_init_optim_state" and "checkpoint" in f.f_code.co_filename:
+            raise RuntimeError(
+                f"{cls_name}: torch.distributed.checkpoint.state_dict (get_state_dict, "
+                f"set_state_dict, get/set_optimizer_state_dict) is not supported: it creates "
+                f"optimizer state by calling step() with zero gradients, which would advance the "
+                f"noise stream, and it drops the 'fused_flat' entry (seed, step counter) so a "
+                f"resumed run would not continue the same noise. Use "
+                f"fused_flat.distributed.save_checkpoint / load_checkpoint (DCP with the "
+                f"optimizer state keyed by parameter name), or optim_state_dict / "
+                f"load_optim_state_dict from the same module.")
+        f = f.f_back
+
+
 class FlatOptimizer(Optimizer):
     """Base of every fused_flat optimizer (use the subclasses). Subclasses call
     :meth:`_init_core` after ``Optimizer.__init__``."""
@@ -182,6 +206,7 @@ class FlatOptimizer(Optimizer):
             return None
         worst = []
         for grads in flat_grads:
+            grads = [t for t in grads if t.numel()]   # an empty (local shard of a) gradient
             if grads:
                 norms = torch._foreach_norm(grads, float("inf"))
                 worst.append(torch.stack(norms).max().float())

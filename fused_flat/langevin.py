@@ -27,7 +27,8 @@ import torch
 
 from fused_flat import backends
 from fused_flat.buckets import flat, local_copy_
-from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, default_seed, number
+from fused_flat.core import (FlatOptimizer, broadcast_seed, check_seed, default_seed, number,
+                             refuse_dcp_state_init)
 
 # Kept for code that imported them from here.
 _number = number
@@ -207,6 +208,7 @@ class LangevinOptimizer(FlatOptimizer):
         An exception in the closure restores the weights before it propagates.
         """
         if closure is None:
+            refuse_dcp_state_init(type(self).__name__)
             if self._perturbed is None and self._needs_perturbation():
                 raise RuntimeError(
                     f"{type(self).__name__}.step() needs a closure (step(closure)), or call "

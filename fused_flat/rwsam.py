@@ -8,7 +8,7 @@ import torch
 
 from fused_flat.bn import running_stats_frozen
 from fused_flat.buckets import flat, local_copy_, round_up4
-from fused_flat.core import broadcast_seed, check_seed, number
+from fused_flat.core import broadcast_seed, check_seed, number, refuse_dcp_state_init
 from fused_flat.sam import SAM
 
 
@@ -76,6 +76,7 @@ class RWSAM(SAM):
         first forward (the same dropout masks), and the state afterwards is as if the probe
         had not run."""
         if closure is None:
+            refuse_dcp_state_init(type(self).__name__)
             if self._perturbed is not None:
                 self.second_step()
                 return None

@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 
 from fused_flat.bn import running_stats_frozen
 from fused_flat.buckets import check_param, flat, local_copy_
-from fused_flat.core import FlatOptimizer, number
+from fused_flat.core import FlatOptimizer, number, refuse_dcp_state_init
 
 NORM_EPS = 1e-12
 RHO_DEFAULT = 0.05
@@ -317,6 +317,7 @@ class SAM(FlatOptimizer):
         """
         name = type(self).__name__
         if closure is None:
+            refuse_dcp_state_init(type(self).__name__)
             if self._perturbed is not None:
                 self.second_step()
                 return None

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fused_flat import FSGLD, MSAM, RWP, RWSAM, SAM, SGLD
+from fused_flat.buckets import flat_like
 
 WORLD = 2
 BATCH = 8          # global batch; each rank takes BATCH // WORLD rows
@@ -25,10 +26,11 @@ STEPS = 5
 SEED = 1234
 
 
-def mlp(seed: int = 0) -> nn.Module:
-    """6 -> 7 -> 3: dim-0 sizes 7 and 3 shard unevenly over 2 ranks."""
+def mlp(seed: int = 0, out: int = 3) -> nn.Module:
+    """6 -> 7 -> out: dim-0 sizes 7 and 3 shard unevenly over 2 ranks; out=1 leaves rank 1
+    an empty shard of the last layer."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, out))
 
 
 class Branchy(nn.Module):
@@ -45,9 +47,9 @@ class Branchy(nn.Module):
         return out + self.extra(x) if use_extra else out
 
 
-def batch(step: int):
+def batch(step: int, out: int = 3):
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 3, generator=g)
+    return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 3, generator=g)[:, :out]
 
 
 def shard(t: torch.Tensor, rank: int, world: int = WORLD) -> torch.Tensor:
@@ -123,16 +125,17 @@ def full_params(model) -> list[torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- references
-def reference(name: str, steps: int = STEPS, msam_micro: int | None = None) -> list[torch.Tensor]:
+def reference(name: str, steps: int = STEPS, msam_micro: int | None = None,
+              out: int = 3) -> list[torch.Tensor]:
     """The single-process run on the concatenated batch. ``msam_micro``: MSAM with that
     micro-batch size (the reference of SAM with a local first gradient under DDP)."""
-    model = mlp()
+    model = mlp(out=out)
     if msam_micro is not None:
         opt = MSAM(model.parameters(), lr=0.05, momentum=0.9, rho=0.05, micro_batch_size=msam_micro)
     else:
         opt = make_opt(name, model.parameters())
     for k in range(steps):
-        x, y = batch(k)
+        x, y = batch(k, out)
         train_step("msam" if msam_micro is not None else name, model, opt, x, y)
     return full_params(model)
 
@@ -168,7 +171,10 @@ def _ddp_jobs(rank: int, results: dict) -> None:
                 x, y = batch(k)
                 train_step(opt_name, ddp, opt, shard(x, rank), shard(y, rank), micro=micro,
                            sync=ddp.no_sync, fwd=fwd)
-        results[key] = {"params": full_params(model),
+        # gradient_as_bucket_view: the kernels read DDP's bucket views in place (no copy)
+        no_copy = all(flat_like(p.grad, p).data_ptr() == p.grad.data_ptr()
+                      for p in model.parameters() if p.grad is not None)
+        results[key] = {"params": full_params(model), "no_copy": no_copy,
                         "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}
 
     for cfg, (kwargs, before, micro) in DDP_CONFIGS.items():
@@ -202,10 +208,10 @@ def _ddp_jobs(rank: int, results: dict) -> None:
                         "warnings": [str(w.message) for w in caught if "rank 0" in str(w.message)]}
 
 
-def _fsdp_model(mesh):
+def _fsdp_model(mesh, out: int = 3):
     from torch.distributed.fsdp import fully_shard
 
-    model = mlp()
+    model = mlp(out=out)
     for m in model:
         if isinstance(m, nn.Linear):
             fully_shard(m, mesh=mesh)
@@ -220,9 +226,9 @@ def _fsdp_jobs(rank: int, results: dict, tmpdir: str) -> None:
 
     mesh = init_device_mesh("cpu", (WORLD,))
 
-    def steps(model, opt, name, ks):
+    def steps(model, opt, name, ks, out=3):
         for k in ks:
-            x, y = batch(k)
+            x, y = batch(k, out)
             train_step(name, model, opt, shard(x, rank), shard(y, rank))
 
     for name in COMPARED + ("asam",):
@@ -231,6 +237,26 @@ def _fsdp_jobs(rank: int, results: dict, tmpdir: str) -> None:
         steps(model, opt, name, range(STEPS))
         results[f"fsdp2/{name}"] = {"params": full_params(model),
                                     "local": [p.to_local().numel() for p in model.parameters()]}
+    # Linear(7, 1): rank 1 holds an empty shard of the last layer.
+    for name in ("fsgld", "sam"):
+        model = _fsdp_model(mesh, out=1)
+        opt = make_opt(name, model.parameters())
+        steps(model, opt, name, range(STEPS), out=1)
+        results[f"fsdp2_empty/{name}"] = {"params": full_params(model),
+                                          "local": [p.to_local().numel() for p in model.parameters()]}
+    # torch.distributed.checkpoint.state_dict helpers: a clear error, not a silent step.
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    errors = {}
+    for name in ("sgld", "fsgld", "sam"):
+        model = _fsdp_model(mesh)
+        opt = make_opt(name, model.parameters())
+        try:
+            get_state_dict(model, opt)
+            errors[name] = None
+        except RuntimeError as exc:
+            errors[name] = (str(exc), opt.step_count)
+    results["get_state_dict"] = errors
     # DCP checkpoint: 5 steps, save, fresh model + optimizer, load, 5 more == 10 straight.
     for name in ("fsgld", "sam"):
         model = _fsdp_model(mesh)

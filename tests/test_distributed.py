@@ -104,6 +104,7 @@ def test_ddp_gradient_as_bucket_view_no_warnings(ddp_results):
     for opt_name in dc.COMPARED:
         for r in ddp_results:
             assert r[f"bucket_view/{opt_name}"]["warnings"] == []
+            assert r[f"bucket_view/{opt_name}"]["no_copy"]
 
 
 @pytest.mark.parametrize("opt_name", [o for o in dc.ALL_OPTS if o not in dc.COMPARED])
@@ -145,6 +146,23 @@ def test_fsdp2_uneven_shards_match_single_process(fsdp_results, opt_name):
     per_rank = params(fsdp_results, key)
     assert_ranks_identical(per_rank)
     assert_matches(per_rank[0], ref(opt_name))
+
+
+@pytest.mark.parametrize("opt_name", ["fsgld", "sam"])
+def test_fsdp2_empty_shard(fsdp_results, opt_name):
+    key = f"fsdp2_empty/{opt_name}"
+    assert [r[key]["local"][2:] for r in fsdp_results] == [[7, 1], [0, 0]]
+    per_rank = params(fsdp_results, key)
+    assert_ranks_identical(per_rank)
+    assert_matches(per_rank[0], ref(opt_name, out=1))
+
+
+def test_dcp_state_dict_helpers_raise_a_clear_error(fsdp_results):
+    for r in fsdp_results:
+        for name, got in r["get_state_dict"].items():
+            assert got is not None, name
+            msg, k = got
+            assert "fused_flat.distributed.save_checkpoint" in msg and k == 0
 
 
 @pytest.mark.parametrize("opt_name", ["fsgld", "sam"])
