@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     loss_fn = nn.CrossEntropyLoss()
     if rank == 0:
         print(f"fused_flat {fused_flat.__version__}: {args.strategy} on {world} process(es), "
-              f"{backend}, device {device.type}; {type(opt).__name__} seed {getattr(opt, 'seed', None)}; "
+              f"{backend}, device {device.type}; {type(opt).__name__}"
+              f"{'' if getattr(opt, 'seed', None) is None else f' seed {opt.seed}'}; "
               f"global batch {args.batch_size} ({local} per rank)", flush=True)
     t0 = time.perf_counter()
     for step in range(start, args.steps):
