@@ -231,7 +231,7 @@ def _fsdp_jobs(rank: int, results: dict, tmpdir: str) -> None:
             x, y = batch(k, out)
             train_step(name, model, opt, shard(x, rank), shard(y, rank))
 
-    for name in COMPARED + ("asam",):
+    for name in ALL_OPTS:
         model = _fsdp_model(mesh)
         opt = make_opt(name, model.parameters())
         steps(model, opt, name, range(STEPS))
@@ -330,6 +330,7 @@ def worker(rank: int, job: str, store_path: str, outdir: str) -> None:
         else:
             JOBS[job](rank, results)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()   # no rank tears the group (and the store) down while another uses it
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

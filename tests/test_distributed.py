@@ -138,7 +138,7 @@ def test_seed_is_rank0s_everywhere(ddp_results):
 
 
 # --------------------------------------------------------------------------- FSDP2
-@pytest.mark.parametrize("opt_name", dc.COMPARED + ("asam",))
+@pytest.mark.parametrize("opt_name", dc.COMPARED + ("asam", "sgld"))
 def test_fsdp2_uneven_shards_match_single_process(fsdp_results, opt_name):
     key = f"fsdp2/{opt_name}"
     # uneven: 7 rows of Linear(6, 7) are split 4 + 3
@@ -146,6 +146,15 @@ def test_fsdp2_uneven_shards_match_single_process(fsdp_results, opt_name):
     per_rank = params(fsdp_results, key)
     assert_ranks_identical(per_rank)
     assert_matches(per_rank[0], ref(opt_name))
+
+
+@pytest.mark.parametrize("opt_name", ["msam", "rwsam"])
+def test_fsdp2_msam_rwsam_match_ddp(fsdp_results, ddp_results, opt_name):
+    """MSAM / RWSAM: per-rank micro-batches and sample weights, so no one-process
+    reference; the full parameters agree on every rank and with the DDP run."""
+    per_rank = params(fsdp_results, f"fsdp2/{opt_name}")
+    assert_ranks_identical(per_rank)
+    assert_matches(per_rank[0], params(ddp_results, f"after/{opt_name}")[0])
 
 
 @pytest.mark.parametrize("opt_name", ["fsgld", "sam"])
@@ -209,7 +218,7 @@ def run_torchrun(args: list[str], timeout: float = JOB_TIMEOUT) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"torchrun did not finish in {timeout:.0f} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{out[-3000:]}"
     return out
 
 

@@ -181,6 +181,7 @@ def main(argv=None) -> int:
         if args.checkpoint:
             print(f"checkpoint: {args.checkpoint}", flush=True)
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     return 0 if identical else 1
 
