@@ -10,6 +10,13 @@ not, so freezing or unfreezing one never shifts another's noise.
 
 The optimizer never assigns ``p.data`` or ``p.grad``: the kernels run over
 :func:`flat` views of the user's own tensors.
+
+Sharded parameters (FSDP2's DTensors, ``Shard(0)``, even or uneven): the index space is
+the unsharded one (``Bucket.numel`` counts global numels) and the kernels run over each
+rank's local shard with ``Bucket.index(j)`` = the offset of parameter j plus the global
+position of the local shard's first element, so every element receives the noise it
+receives in an unsharded run. :func:`shard_groups` tells which process groups hold the
+other shards (global reductions: SAM's norm, the non-finite check).
 """
 from __future__ import annotations
 
@@ -71,17 +78,21 @@ class Bucket:
     dtype: torch.dtype
     params: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
-    numel: int = 0   # size of the index space (rounded ends included)
+    numel: int = 0   # size of the index space (rounded ends included; global numels)
+    starts: list = field(default_factory=list)   # per parameter: global index of its first local element
+    shard_keys: list = field(default_factory=list)   # per parameter: shard_groups(p), () if not split
 
     def index(self, j: int) -> int:
         """The index (in the bucket's index space) of the first element of parameter j that
         this process holds: its offset, plus, for a sharded (DTensor) parameter, the
         position of the local shard in the unsharded parameter."""
-        return self.offsets[j]
+        return self.offsets[j] + self.starts[j]
 
     def add(self, p: torch.Tensor) -> None:
         self.params.append(p)
         self.offsets.append(self.numel)
+        self.starts.append(shard_start(p))
+        self.shard_keys.append(shard_groups(p))
         self.numel += round_up4(p.numel())
 
 
@@ -90,6 +101,8 @@ def check_param(p: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: sparse parameters are not supported")
     if not p.is_floating_point():
         raise ValueError(f"{where}: parameters must be floating point, got {p.dtype}")
+    if is_dtensor(p):
+        shard_start(p)   # raises on an unsupported sharding
     local = _local(p)
     if not is_dense(local):
         raise ValueError(
@@ -99,9 +112,73 @@ def check_param(p: torch.Tensor, where: str) -> None:
             f"own (e.g. nn.Parameter(t.clone()))")
 
 
+def is_dtensor(p) -> bool:
+    return hasattr(p, "to_local") and hasattr(p, "placements") and hasattr(p, "device_mesh")
+
+
 def _local(p: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor of a DTensor parameter, the tensor itself otherwise."""
-    return p.to_local() if hasattr(p, "to_local") and hasattr(p, "placements") else p
+    return p.to_local() if is_dtensor(p) else p
+
+
+def local_copy_(dsts: list, srcs: list) -> None:
+    """``torch._foreach_copy_`` that also takes DTensors (copies the local shards: DTensor
+    has no sharding rule for ``_foreach_copy_``); a copy between tensors of one layout."""
+    if dsts:
+        torch._foreach_copy_([_local(t) for t in dsts], [_local(t) for t in srcs])
+
+
+def _sharded_dims(p) -> tuple:
+    """The mesh dims along which DTensor ``p`` is split (its local data differs across
+    them); () for a replicated DTensor or an ordinary tensor."""
+    if not is_dtensor(p):
+        return ()
+    out = []
+    for d, pl in enumerate(p.placements):
+        if pl.is_replicate():
+            continue
+        if pl.is_shard():
+            out.append(d)
+            continue
+        raise ValueError(f"fused_flat: a DTensor parameter with placement {pl} (mesh dim {d}) is not "
+                         f"supported; parameters must be Shard(0) (FSDP2's fully_shard) or "
+                         f"Replicate. Redistribute it (p.redistribute(placements=[Shard(0)]))")
+    return tuple(out)
+
+
+def shard_start(p: torch.Tensor) -> int:
+    """The index, in the unsharded parameter (memory order), of the first element of this
+    rank's local shard: 0 for an ordinary or replicated tensor; rows before the shard times
+    the row's numel for ``Shard(0)`` (FSDP2; uneven shards included). Other shardings raise,
+    as the local shard would not be one run of the unsharded memory order."""
+    dims = _sharded_dims(p)
+    if not dims:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    shape = tuple(p.shape)
+    if any(ls != gs for ls, gs in zip(local_shape[1:], shape[1:])) \
+            or any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
+        raise ValueError(f"fused_flat: a DTensor parameter of shape {shape} sharded as "
+                         f"{tuple(p.placements)}: only dim-0 sharding (Shard(0), FSDP2's default) "
+                         f"is supported, where the local shard is one run of the unsharded "
+                         f"parameter; use fully_shard's default shard placement")
+    row = 1
+    for n in shape[1:]:
+        row *= n
+    local = p.to_local()
+    if local.numel() > 0 and local.dim() > 1 and local.shape[0] > 1 and local.stride(0) != row:
+        raise ValueError(f"fused_flat: a Shard(0) DTensor parameter of shape {shape} whose local "
+                         f"shard has strides {tuple(local.stride())}: dim 0 must be outermost in "
+                         f"memory (contiguous or channels_last)")
+    return int(offset[0]) * row
+
+
+def shard_groups(p) -> tuple:
+    """The process groups across which a DTensor parameter is split (all-reduce over each,
+    in order, to reduce over its shards); () when it is not split."""
+    return tuple(p.device_mesh.get_group(d) for d in _sharded_dims(p))
 
 
 def layout_key(param_groups: list[dict]) -> tuple:

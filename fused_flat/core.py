@@ -17,7 +17,8 @@ import torch
 from torch.optim import Optimizer
 
 from fused_flat import backends, noise
-from fused_flat.buckets import Bucket, build_buckets, check_param, flat, flat_like, layout_key, same_layout
+from fused_flat.buckets import (Bucket, build_buckets, check_param, flat, flat_like, layout_key,
+                                same_layout)
 
 # 1: flat physical buffers, noise stream layout 1. 2: tensor-list buckets (offsets rounded
 # up to a multiple of 4), noise stream layout 2 (ALGORITHMS.md §1). A checkpoint of another format loads; its noise continues from a
@@ -73,6 +74,30 @@ def broadcast_seed(seed: int, explicit: bool, cls_name: str) -> int:
     return got
 
 
+def refuse_dcp_state_init(cls_name: str) -> None:
+    """Raise when ``step()`` is called by torch.distributed.checkpoint.state_dict's
+    ``_init_optim_state`` (get_state_dict / set_state_dict on an optimizer without state),
+    which makes a step with zero gradients to create the state: that would advance the noise
+    stream (or fail obscurely), and those helpers drop the 'fused_flat' entry anyway."""
+    import sys
+
+    f = sys._getframe(2)
+    for _ in range(6):
+        if f is None:
+            return
+        if f.f_code.co_name == "_init_optim_state" and "checkpoint" in f.f_code.co_filename:
+            raise RuntimeError(
+                f"{cls_name}: torch.distributed.checkpoint.state_dict (get_state_dict, "
+                f"set_state_dict, get/set_optimizer_state_dict) is not supported: it creates "
+                f"optimizer state by calling step() with zero gradients, which would advance the "
+                f"noise stream, and it drops the 'fused_flat' entry (seed, step counter) so a "
+                f"resumed run would not continue the same noise. Use "
+                f"fused_flat.distributed.save_checkpoint / load_checkpoint (DCP with the "
+                f"optimizer state keyed by parameter name), or optim_state_dict / "
+                f"load_optim_state_dict from the same module.")
+        f = f.f_back
+
+
 class FlatOptimizer(Optimizer):
     """Base of every fused_flat optimizer (use the subclasses). Subclasses call
     :meth:`_init_core` after ``Optimizer.__init__``."""
@@ -90,6 +115,7 @@ class FlatOptimizer(Optimizer):
         self._layout = None
         self._buckets: list[Bucket] = []
         self._backends: list[backends.Backend] = []
+        self._shard_keys: list[tuple] = []   # the process-group tuples of sharded parameters
         self._last_found_inf: torch.Tensor | None = None
         self._warned_warm_start = False
         self.buckets()   # validate the parameters and resolve the backends now
@@ -123,6 +149,12 @@ class FlatOptimizer(Optimizer):
             self._buckets = build_buckets(self.param_groups)
             self._backends = [backends.resolve(self.backend, b.params[0], sam=self._sam_family)
                               for b in self._buckets]
+            keys: dict = {}
+            for b in self._buckets:
+                for k in b.shard_keys:
+                    if k:
+                        keys.setdefault(k, None)
+            self._shard_keys = list(keys)
             self._follow_params()
             self._layout = key
         return self._buckets
@@ -214,15 +246,59 @@ class FlatOptimizer(Optimizer):
         uses holds an inf or NaN."""
         scaler_found = getattr(self, "found_inf", None)
         if scaler_found is not None:
-            return scaler_found.float().reshape(1)
+            return self._reduce_max_sharded(scaler_found.float().reshape(1).clone())
         if not self.check_finite:
             return None
         found = None
         for bi, grads in enumerate(flat_grads):
+            grads = [t for t in grads if t.numel()]   # an empty (local shard of a) gradient
             if grads:
                 f = self._backends[bi].all_finite(grads)
                 found = f if found is None else torch.maximum(found, f.to(found.device))
-        return found
+        if found is None:
+            if not self._shard_keys:
+                return None
+            found = torch.zeros(1, device=self._collective_device())
+        return self._reduce_max_sharded(found)
+
+    # ----------------------------------------------------------------- sharded parameters
+    def _collective_device(self) -> torch.device:
+        return self._buckets[0].device if self._buckets else torch.device("cpu")
+
+    def _reduce_max_sharded(self, t: torch.Tensor) -> torch.Tensor:
+        """With sharded (DTensor) parameters, each rank sees only its shard of the gradients:
+        MAX over every group holding other shards, so all ranks skip a step together. A
+        device-side collective (no host sync)."""
+        if self._shard_keys:
+            import torch.distributed as dist
+            for grp in dict.fromkeys(g for key in self._shard_keys for g in key):
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=grp)
+        return t
+
+    def _split_sharded(self, b: Bucket, idx: list[int]) -> dict:
+        """Positions k of ``idx`` grouped by the process groups their parameter is split
+        across (key ``()``: not split), for reductions that must see every shard."""
+        out: dict = {}
+        for k, j in enumerate(idx):
+            out.setdefault(b.shard_keys[j], []).append(k)
+        return out
+
+    def _sum_sharded(self, parts: dict) -> torch.Tensor | None:
+        """``parts``: {shard key: local partial sum (tensor)}. Sums every key's partials over
+        its groups (one all-reduce per group of sharded parameters, issued on every rank in
+        the same order, zero where a rank holds nothing) and adds them up; None if empty."""
+        import torch.distributed as dist
+        total = parts.get(())
+        for key in self._shard_keys:
+            t = parts.get(key)
+            if t is None:
+                dev = total.device if total is not None else self._collective_device()
+                t = torch.zeros((), dtype=torch.float64, device=dev)
+            t = t.to(torch.float64).clone()
+            for grp in key:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=grp)
+            total = t if total is None else total + t.to(total.device)
+        return total
 
     def _grad_scale(self, device) -> torch.Tensor | None:
         gs = getattr(self, "grad_scale", None)

@@ -26,9 +26,9 @@ from typing import Callable
 import torch
 
 from fused_flat import backends
-from fused_flat.buckets import flat
-
-from fused_flat.core import LOW_PRECISION, FlatOptimizer, broadcast_seed, check_seed, default_seed, number
+from fused_flat.buckets import flat, local_copy_
+from fused_flat.core import (LOW_PRECISION, FlatOptimizer, broadcast_seed, check_seed, default_seed,
+                             number, refuse_dcp_state_init)
 
 # Kept for code that imported them from here.
 _number = number
@@ -200,7 +200,7 @@ class LangevinOptimizer(FlatOptimizer):
             for p in params:
                 p.copy_(self.state[p]["master_weight"])
         elif mode == "backup":
-            torch._foreach_copy_(params, [self._backups[p] for p in params])
+            local_copy_(params, [self._backups[p] for p in params])
         else:
             self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
                                         self.seed, b.bucket_id, self._k, tag, -sigma)
@@ -230,7 +230,7 @@ class LangevinOptimizer(FlatOptimizer):
                         if bk is None or bk.dtype != p.dtype or bk.shape != p.shape \
                                 or bk.device != p.device or bk.stride() != p.stride():
                             self._backups[p] = torch.empty_like(p)
-                    torch._foreach_copy_([self._backups[p] for p in params], params)
+                    local_copy_([self._backups[p] for p in params], params)
                 self._backends[bi].perturb_([flat(p) for p in params], offsets, self.seed,
                                             b.bucket_id, self._k, tag, sigma)
             made.append((idx, sigma, mode))
@@ -249,6 +249,7 @@ class LangevinOptimizer(FlatOptimizer):
         An exception in the closure restores the weights before it propagates.
         """
         if closure is None:
+            refuse_dcp_state_init(type(self).__name__)
             if self._perturbed is None and self._needs_perturbation():
                 raise RuntimeError(
                     f"{type(self).__name__}.step() needs a closure (step(closure)), or call "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fused_flat.core import refuse_dcp_state_init
 from fused_flat.sam import SAM
 
 def _split_batch(batch, m: int) -> list[tuple[object, int]]:
@@ -51,6 +52,7 @@ class MSAM(SAM):
         """One m-SAM step over ``batch``; returns the size-weighted mean of the first-pass
         micro-batch losses (detached)."""
         if closure is None or batch is None:
+            refuse_dcp_state_init("MSAM")
             if closure is None and batch is None and self._perturbed is not None:
                 self.second_step()
                 return None

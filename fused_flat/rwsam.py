@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 import torch
 
 from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import flat, round_up4
-from fused_flat.core import number
+from fused_flat.buckets import flat, local_copy_, round_up4
+from fused_flat.core import number, refuse_dcp_state_init
 from fused_flat.sam import SAM
 
 
@@ -73,6 +73,7 @@ class RWSAM(SAM):
         first forward (the same dropout masks), and the state afterwards is as if the probe
         had not run."""
         if closure is None:
+            refuse_dcp_state_init(type(self).__name__)
             if self._perturbed is not None:
                 self.second_step()
                 return None
@@ -105,7 +106,7 @@ class RWSAM(SAM):
             finally:
                 _set_rng_state(after)
                 if probed:
-                    torch._foreach_copy_(probed, backups)
+                    local_copy_(probed, backups)
             if probe_losses.shape != losses.shape:
                 raise ValueError(f"RWSAM.step: closure() returned {tuple(probe_losses.shape)} losses at "
                                  f"the probe point but {tuple(losses.shape)} at theta")

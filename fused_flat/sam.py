@@ -37,8 +37,8 @@ import torch
 from torch.optim import Optimizer
 
 from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import check_param, flat
-from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, number
+from fused_flat.buckets import check_param, flat, local_copy_
+from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, number, refuse_dcp_state_init
 
 NORM_EPS = 1e-12
 RHO_DEFAULT = 0.05
@@ -214,21 +214,24 @@ class SAM(FlatOptimizer):
         buckets = self.buckets()
         with_grad = [self._grads(b) for b in buckets]
         grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
-        parts = []
+        parts: dict = {}   # {shard key: partial sum of squares}; sharded ones are reduced over the mesh
         for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
-            if with_grad[bi]:
-                ps = [flat(b.params[j]) for j in with_grad[bi]] if g["adaptive"] else None
-                parts.append(self._backends[bi].sam_grad_sq_norm(grads[bi], ps, g["adaptive_eta"]))
+            idx = with_grad[bi]
+            for key, ks in self._split_sharded(b, idx).items():
+                ps = [flat(b.params[idx[k]]) for k in ks] if g["adaptive"] else None
+                part = self._backends[bi].sam_grad_sq_norm([grads[bi][k] for k in ks], ps,
+                                                           g["adaptive_eta"]).to(torch.float64)
+                parts[key] = part if key not in parts else parts[key] + part.to(parts[key].device)
+        sq = self._sum_sharded(parts)
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
         if all(b.device.type == "cpu" for b in buckets):   # host values cost nothing here
             inv = 1.0 / float(grad_scaler.get_scale()) if scaled else 1.0
-            norm = math.sqrt(sum(float(t) for t in parts)) * inv
+            norm = math.sqrt(float(sq)) * inv if sq is not None else 0.0
             self._first_nonfinite = not math.isfinite(norm)
         else:   # device tensors throughout: no host synchronization
             dev = buckets[0].device
-            sq = torch.stack([t.to(dev) for t in parts]).sum() if parts else \
-                torch.zeros((), dtype=torch.float64, device=dev)
+            sq = sq.to(dev) if sq is not None else torch.zeros((), dtype=torch.float64, device=dev)
             inv = (1.0 / grad_scaler._get_scale_async().to(dev, torch.float64).reshape(())) if scaled else 1.0
             norm = sq.sqrt() * inv
             self._first_found = (~torch.isfinite(norm)).float().reshape(1)
@@ -311,7 +314,7 @@ class SAM(FlatOptimizer):
             else:
                 fresh = [b.params[j] for j in idx if j not in pert]   # g2 without g1: not perturbed
                 if fresh:
-                    torch._foreach_copy_([self._backup_of(p) for p in fresh], fresh)
+                    local_copy_([self._backup_of(p) for p in fresh], fresh)
                 targets = {j: b.params[j] for j in idx}
                 sources = {j: self._backups[b.params[j]] for j in idx}
             for js, moms, init in self._momentum_lists(b, idx, g, create=not known_skip):
@@ -326,7 +329,7 @@ class SAM(FlatOptimizer):
                 continue
             lone = [b.params[j] for j in sorted(pert - set(idx))]   # g1 without g2: restore only
             if lone:
-                torch._foreach_copy_(lone, [self._backups[p] for p in lone])
+                local_copy_(lone, [self._backups[p] for p in lone])
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -336,7 +339,7 @@ class SAM(FlatOptimizer):
         for b, idx in zip(self._buckets, self._perturbed):
             ps = [b.params[j] for j in idx]
             if ps:
-                torch._foreach_copy_(ps, [self._backups[p] for p in ps])
+                local_copy_(ps, [self._backups[p] for p in ps])
         self._perturbed = None
         self._first_nonfinite = False
         self._first_found = None
@@ -357,6 +360,7 @@ class SAM(FlatOptimizer):
         """
         name = type(self).__name__
         if closure is None:
+            refuse_dcp_state_init(type(self).__name__)
             if self._perturbed is not None:
                 self.second_step()
                 return None

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m fused_flat.examples.<name> --help``."""
