@@ -9,11 +9,17 @@ TORCH_LIBRARY(fused_flat, m) {
   m.def("perturb_(Tensor(a!) param, int seed, int bucket_id, int step, int tag, float sigma, "
         "int offset=0) -> ()");
   // Fused restore + weight decay + momentum + Langevin noise + SGD update (ALGORITHMS.md §2).
+  // stochastic_rounding: bf16/fp16 params get the SR of the fp32 result (ALGORITHMS.md §1,
+  // rbits from tags 0 and 32); ignored for fp32/fp64.
   m.def("restore_and_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, "
         "Tensor? grad_scale, Tensor? found_inf, int seed, int bucket_id, int step, int offset, "
         "int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
         "float dampening, bool nesterov, bool momentum_init, float noise_std, "
-        "float grad_mult) -> ()");
+        "float grad_mult, bool stochastic_rounding=False) -> ()");
+  // param (16-bit) <- round-to-nearest(master + sigma * eps(tag)), fp32 math (master fp32 or
+  // fp64; param any floating dtype), elements [offset, offset + numel) of the bucket.
+  m.def("perturb_from_(Tensor(a!) param, Tensor master, int seed, int bucket_id, int step, "
+        "int tag, float sigma, int offset=0) -> ()");
   // Inspection of the noise stream, layout version 2 (tests, cross-backend checks):
   // Philox words of calls [first_call, first_call + n_calls) as int64 [n_calls, 4] (call j
   // serves elements 4j..4j+3); z(tag, i) of elements [offset, offset + n), float32;

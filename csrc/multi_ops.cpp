@@ -24,10 +24,13 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
         "Tensor? coef_tensor, float eta) -> ()");
   // theta <- backup, then torch.optim.SGD's step with g * grad_mult [/ grad_scale]; a set
   // found_inf only restores (momentum untouched). Both scalars are read on the device.
+  // stochastic_rounding (bf16/fp16; ignored otherwise): theta stored as SR(theta), rbits of
+  // tags 0 and 32 of (seed, bucket_id, step) at bucket index meta[t].offset + e.
   m.def("sam_restore_and_step_multi_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, "
         "Tensor(b!)[] moms, Tensor? grad_scale, Tensor? found_inf, Tensor chunks, Tensor meta, "
         "Tensor ptrs, int chunk, float lr, float weight_decay, float momentum, float dampening, "
-        "bool nesterov, bool momentum_init, float grad_mult) -> ()");
+        "bool nesterov, bool momentum_init, float grad_mult, bool stochastic_rounding=False, "
+        "int seed=0, int bucket_id=0, int step=0) -> ()");
   // RW-SAM probe: backup <- theta ; theta <- theta + delta * v_i, v the Rademacher sign of
   // bucket index i = meta[t].offset + e (tag 16, noise layout v2: top bit of x_(i & 3) of
   // Philox call i >> 2).

@@ -11,10 +11,13 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
         "float coef, float eta=0.0) -> ()");
   // theta <- backup, then torch.optim.SGD's step with g2 * grad_mult [/ grad_scale]
   // (weight decay, momentum, dampening, nesterov). A set found_inf restores only.
+  // stochastic_rounding: bf16/fp16 params get SR(theta) (ALGORITHMS.md §1) with the rbits
+  // of tags 0 and 32 of (seed, bucket_id, step) at bucket index offset + e.
   m.def("sam_restore_and_step_(Tensor(a!) param, Tensor backup, Tensor grad, "
         "Tensor(b!)? momentum_buffer, Tensor? grad_scale, Tensor? found_inf, float lr, "
         "float weight_decay, float momentum, float dampening, bool nesterov, "
-        "bool momentum_init, float grad_mult) -> ()");
+        "bool momentum_init, float grad_mult, bool stochastic_rounding=False, int seed=0, "
+        "int bucket_id=0, int step=0, int offset=0) -> ()");
   // RW-SAM probe: backup <- theta ; theta <- theta + delta * v, v Rademacher (tag 16) of
   // bucket elements [offset, offset + numel).
   m.def("sam_probe_(Tensor(a!) param, Tensor(b!) backup, int seed, int bucket_id, int step, "

@@ -4,7 +4,8 @@ signatures: one kernel launch per bucket per pass.
     sam_grad_sq_norm(grads, params|None, eta) -> 0-dim float64 tensor on the device
     sam_perturb_(params, grads, backups, adaptive, coef, eta)
     sam_restore_and_step_(params, backups, grads, moms|None, grad_scale, found_inf, lr,
-                          weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult)
+                          weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult,
+                          stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None)
     sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
 
 Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math is
@@ -93,18 +94,27 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
                           grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor] | None,
                           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
                           lr: float, weight_decay: float, momentum: float, dampening: float,
-                          nesterov: bool, momentum_init: bool, grad_mult: float) -> None:
-    """theta <- backup, then torch.optim.SGD's update with g2; found_inf set: restore only."""
+                          nesterov: bool, momentum_init: bool, grad_mult: float,
+                          stochastic_rounding: bool = False, seed: int = 0, bucket_id: int = 0,
+                          step: int = 0, offsets: Sequence[int] | None = None) -> None:
+    """theta <- backup, then torch.optim.SGD's update with g2; found_inf set: restore only.
+    ``stochastic_rounding`` (bf16/fp16; ignored otherwise): theta stored as SR(theta) with
+    the rbits of (seed, bucket_id, step) at bucket index offsets[t] + e (offsets default to
+    the packed prefix sums of the numels)."""
     mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
                    moms=moms)
+    if offsets is not None and len(offsets) != len(params):
+        raise ValueError(f"sam_restore_and_step_: {len(offsets)} offsets for {len(params)} tensors")
     if not params:
         return
+    sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     lists = [list(params), list(backups), list(grads)] + ([list(moms)] if moms is not None else [])
-    p, ptrs = _tables(lists)
+    p, ptrs = _tables(lists, offsets if sr else None)
     _ops().sam_restore_and_step_multi_(
         list(params), list(backups), list(grads), list(moms) if moms is not None else [],
         grad_scale, found_inf, p.chunks, p.meta, ptrs, p.chunk, float(lr), float(weight_decay),
-        float(momentum), float(dampening), bool(nesterov), bool(momentum_init), float(grad_mult))
+        float(momentum), float(dampening), bool(nesterov), bool(momentum_init), float(grad_mult),
+        sr, int(seed), int(bucket_id), int(step))
 
 
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
@@ -136,7 +146,7 @@ if available():
     @torch.library.register_fake("fused_flat::sam_restore_and_step_multi_")
     def _step_fake(params, backups, grads, moms, grad_scale, found_inf, chunks, meta, ptrs,
                    chunk, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
-                   grad_mult):
+                   grad_mult, stochastic_rounding=False, seed=0, bucket_id=0, step=0):
         return None
 
     @torch.library.register_fake("fused_flat::sam_probe_multi_")

@@ -127,3 +127,61 @@ def rademacher(seed: int, bucket_id: int, step: int, offset: int, n: int, device
         return torch.empty(0, dtype=torch.float32, device=device)
     w = element_words(seed, bucket_id, step, TAG_RADEMACHER, offset, n, device)
     return 1.0 - 2.0 * (w >> 31).to(torch.float32)
+
+
+# ------------------------------------------------------------------ stochastic rounding
+def sr_bits(seed: int, bucket_id: int, step: int, offset: int, n: int, device=None) -> torch.Tensor:
+    """The stochastic-rounding bits of elements [offset, offset + n) at step ``step``, int64
+    in [0, 2^16): rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8), the low bytes of the
+    element's tag-0 and tag-32 Philox words (which u() discards)."""
+    w0 = element_words(seed, bucket_id, step, TAG_EPS, offset, n, device)
+    w32 = element_words(seed, bucket_id, step, TAG_XI, offset, n, device)
+    return (w0 & 0xFF) | ((w32 & 0xFF) << 8)
+
+
+def _bits_to(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint16 bit patterns held in int64 -> a tensor of the 16-bit dtype."""
+    return torch.where(h >= 0x8000, h - 0x10000, h).to(torch.int16).view(dtype)
+
+
+def stochastic_round(x: torch.Tensor, rbits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stochastic rounding of float32 ``x`` to bf16 / fp16 with 16-bit ``rbits`` (int64),
+    as elementwise.h's sr_bf16_bits / sr_fp16_bits (ALGORITHMS.md §1):
+
+        SR(x) = sign(x) * (floor(|x| / ulp) + up) * ulp,
+        up    = 1 iff rbits + floor(2^16 * frac(|x| / ulp)) >= 2^16
+
+    ulp is the 16-bit format's spacing at |x| (its binade; the subnormal spacing below the
+    smallest normal): add rbits / 2^16 ulp to |x|, truncate toward zero. For bf16 that is
+    "add rbits to the fp32 bit pattern and keep the high 16 bits". P(up) = frac(|x|/ulp),
+    exactly unless more than 16 bits are discarded (fp16 below 2^-17: frac truncated to 16
+    bits). Representable values are unchanged; rounding up past the largest finite value
+    gives +-inf (fp16: |x| >= 65536 is inf); inf stays inf; NaN -> NaN.
+    fp32 / fp64 ``dtype``: plain conversion (no rounding to do).
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    x = x.to(torch.float32)
+    u = x.view(torch.int32).to(torch.int64) & MASK32
+    r = rbits.to(torch.int64) & 0xFFFF
+    if dtype == torch.bfloat16:
+        nonfinite = (u & 0x7F800000) == 0x7F800000
+        nan = nonfinite & ((u & 0x007FFFFF) != 0)
+        h = torch.where(nonfinite, u >> 16, (u + r) >> 16)
+        h = torch.where(nan, torch.full_like(h, 0x7FC0), h)
+        return _bits_to(h, dtype)
+    sign = (u >> 16) & 0x8000
+    m = u & 0x7FFFFFFF
+    E = m >> 23
+    sig = torch.where(E > 0, (m & 0x007FFFFF) | 0x00800000, m)
+    shift = torch.where(E >= 113, torch.full_like(E, 13), torch.where(E == 0, torch.full_like(E, 125), 126 - E))
+    S = torch.clamp(shift, max=40)
+    k = sig >> S
+    d = ((sig & ((torch.ones_like(S) << S) - 1)) << 16) >> S
+    up = (r + d) >> 16
+    h = torch.where(E >= 113, (E - 113) << 10, torch.zeros_like(E)) + k + up
+    h = torch.clamp(h, max=0x7C00)
+    h = torch.where(E == 0xFF, torch.where((m & 0x007FFFFF) != 0, torch.full_like(h, 0x7E00),
+                                           torch.full_like(h, 0x7C00)), h)
+    h = torch.where((E == 0xFF) & ((m & 0x007FFFFF) != 0), h, sign | h)
+    return _bits_to(h, dtype)

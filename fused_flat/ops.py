@@ -30,11 +30,21 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                       grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
                       bucket_id: int, step: int, offset: int, restore_tag: int, sigma: float,
                       lr: float, weight_decay: float, momentum: float, dampening: float,
-                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float) -> None:
-    """The fused restore + decay + momentum + Langevin + update pass (see reference.py)."""
+                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float,
+                      stochastic_rounding: bool = False) -> None:
+    """The fused restore + decay + momentum + Langevin + update pass (see reference.py);
+    ``stochastic_rounding``: bf16/fp16 params get the stochastically rounded result
+    (ALGORITHMS.md §1), ignored for fp32/fp64."""
     _ops().restore_and_step_(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
                              step, offset, restore_tag, sigma, lr, weight_decay, momentum,
-                             dampening, nesterov, momentum_init, noise_std, grad_mult)
+                             dampening, nesterov, momentum_init, noise_std, grad_mult,
+                             stochastic_rounding)
+
+
+def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,
+                  tag: int, sigma: float, offset: int = 0) -> None:
+    """param <- round-to-nearest(master + sigma * eps(tag)), fp32 math (see reference.py)."""
+    _ops().perturb_from_(param, master, seed, bucket_id, step, tag, sigma, offset)
 
 
 def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int,
@@ -93,7 +103,12 @@ if _native.available():
     @torch.library.register_fake("fused_flat::restore_and_step_")
     def _restore_and_step_fake(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
                                step, offset, restore_tag, sigma, lr, weight_decay, momentum,
-                               dampening, nesterov, momentum_init, noise_std, grad_mult):
+                               dampening, nesterov, momentum_init, noise_std, grad_mult,
+                               stochastic_rounding=False):
+        return None
+
+    @torch.library.register_fake("fused_flat::perturb_from_")
+    def _perturb_from_fake(param, master, seed, bucket_id, step, tag, sigma, offset=0):
         return None
 
     @torch.library.register_fake("fused_flat::philox_words")

@@ -33,7 +33,8 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                       grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
                       bucket_id: int, step: int, offset: int, restore_tag: int, sigma: float,
                       lr: float, weight_decay: float, momentum: float, dampening: float,
-                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float) -> None:
+                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float,
+                      stochastic_rounding: bool = False) -> None:
     """ALGORITHMS.md §2, one chunk at a time:
 
         theta <- theta - sigma * eps(restore_tag)          (restore)
@@ -43,6 +44,12 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
 
     A set ``found_inf`` skips everything but the restore. eps(tag) = z(tag, i) and
     xi = z(32, i) of the noise stream, layout version 2 (fused_flat.noise).
+
+    ``stochastic_rounding``: a bf16 / fp16 ``param`` receives the stochastically rounded
+    fp32 result (fused_flat.noise.stochastic_round with the rbits of sr_bits: tags 0 and
+    32 of this step) instead of the round-to-nearest one. The momentum buffer and the
+    skipped step's restore (found_inf) stay round-to-nearest; fp32 / fp64 params ignore
+    the flag (nothing to round).
     """
     if found_inf is not None and float(found_inf) != 0.0:
         perturb_(param, seed, bucket_id, step, restore_tag, -sigma, offset)
@@ -67,6 +74,28 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         if noise_std != 0.0:
             xi = noise.normal_noise(seed, bucket_id, step, noise.TAG_XI, offset + s, n, p.device)
             theta = theta + noise_std * xi.to(acc)
+        if stochastic_rounding and p.dtype in (torch.bfloat16, torch.float16):
+            rbits = noise.sr_bits(seed, bucket_id, step, offset + s, n, p.device)
+            p.copy_(noise.stochastic_round(theta, rbits, p.dtype))
+        else:
+            p.copy_(theta)
+
+
+def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,
+                  tag: int, sigma: float, offset: int = 0) -> None:
+    """param <- round-to-nearest(master + sigma * eps(tag)) over bucket elements
+    [offset, offset + numel): the perturbation of a 16-bit model from fp32 master weights.
+    Math in fp32 (fp64 when master is fp64); ``param`` may have any floating dtype.
+    sigma = 0 copies master into param (rounded)."""
+    if master.numel() != param.numel():
+        raise ValueError(f"perturb_from_: master has {master.numel()} elements, param {param.numel()}")
+    acc = _acc_dtype(master)
+    for s in range(0, param.numel(), CHUNK):
+        p, m = param[s:s + CHUNK], master[s:s + CHUNK]
+        theta = m.to(acc)
+        if sigma != 0.0:
+            eps = noise.normal_noise(seed, bucket_id, step, tag, offset + s, p.numel(), p.device)
+            theta = theta + sigma * eps.to(acc)
         p.copy_(theta)
 
 

@@ -40,11 +40,14 @@ def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch
                           momentum_buffer: torch.Tensor | None, grad_scale: torch.Tensor | None,
                           found_inf: torch.Tensor | None, lr: float, weight_decay: float,
                           momentum: float, dampening: float, nesterov: bool, momentum_init: bool,
-                          grad_mult: float) -> None:
-    """theta <- backup, then torch.optim.SGD's update with g2 (see sam_reference); one pass."""
+                          grad_mult: float, stochastic_rounding: bool = False, seed: int = 0,
+                          bucket_id: int = 0, step: int = 0, offset: int = 0) -> None:
+    """theta <- backup, then torch.optim.SGD's update with g2 (see sam_reference); one pass.
+    ``stochastic_rounding``: bf16/fp16 params get SR(theta) with the rbits (tags 0, 32) of
+    (seed, bucket_id, step) at bucket indices offset + e."""
     _ops().sam_restore_and_step_(param, backup, grad, momentum_buffer, grad_scale, found_inf, lr,
                                  weight_decay, momentum, dampening, nesterov, momentum_init,
-                                 grad_mult)
+                                 grad_mult, stochastic_rounding, seed, bucket_id, step, offset)
 
 
 def sam_probe_(param: torch.Tensor, backup: torch.Tensor, seed: int, bucket_id: int, step: int,
@@ -66,7 +69,8 @@ if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
     @torch.library.register_fake("fused_flat::sam_restore_and_step_")
     def _restore_and_step_fake(param, backup, grad, momentum_buffer, grad_scale, found_inf, lr,
                                weight_decay, momentum, dampening, nesterov, momentum_init,
-                               grad_mult):
+                               grad_mult, stochastic_rounding=False, seed=0, bucket_id=0, step=0,
+                               offset=0):
         return None
 
     @torch.library.register_fake("fused_flat::sam_probe_")

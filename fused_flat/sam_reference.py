@@ -47,13 +47,18 @@ def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch
                           momentum_buffer: torch.Tensor | None, grad_scale: torch.Tensor | None,
                           found_inf: torch.Tensor | None, lr: float, weight_decay: float,
                           momentum: float, dampening: float, nesterov: bool, momentum_init: bool,
-                          grad_mult: float) -> None:
+                          grad_mult: float, stochastic_rounding: bool = False, seed: int = 0,
+                          bucket_id: int = 0, step: int = 0, offset: int = 0) -> None:
     """theta <- backup, then torch.optim.SGD's update with d = g * grad_mult [/ grad_scale]:
 
         d <- d + wd * theta ;  m <- d (first step) or mu m + (1 - dampening) d
         d <- m (or d + mu m with nesterov) ;  theta <- theta - lr d
 
     A set ``found_inf`` only restores (the momentum is left untouched).
+    ``stochastic_rounding``: a bf16/fp16 param gets the stochastically rounded theta
+    (fused_flat.noise.stochastic_round) with the rbits of (seed, bucket_id, step) at bucket
+    indices [offset, offset + numel): tags 0 and 32, as the Langevin passes. Ignored for
+    fp32/fp64; the momentum buffer stays round-to-nearest.
     """
     if found_inf is not None and float(found_inf) != 0.0:
         param.copy_(backup)
@@ -69,7 +74,13 @@ def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch
             buf = d if momentum_init else momentum * m.to(acc) + (1.0 - dampening) * d
             m.copy_(buf)
             d = d + momentum * buf if nesterov else buf
-        param[s:s + CHUNK].copy_(th - lr * d)
+        new = th - lr * d
+        p = param[s:s + CHUNK]
+        if stochastic_rounding and p.dtype in (torch.bfloat16, torch.float16):
+            rbits = noise.sr_bits(seed, bucket_id, step, offset + s, p.numel(), p.device)
+            p.copy_(noise.stochastic_round(new, rbits, p.dtype))
+        else:
+            p.copy_(new)
 
 
 def sam_probe_(param: torch.Tensor, backup: torch.Tensor, seed: int, bucket_id: int, step: int,

@@ -28,6 +28,15 @@ namespace fused_flat {
 
 namespace cpu {
 IsaLoops loops_baseline() { return IsaLoopsOf<PortableNoise>::table(); }
+// Stochastic-rounding formats of the c10 16-bit types (loops.h).
+template <>
+struct Fmt16<at::BFloat16> {
+  static constexpr int kind = 1;
+};
+template <>
+struct Fmt16<at::Half> {
+  static constexpr int kind = 2;
+};
 }  // namespace cpu
 
 namespace {
@@ -124,29 +133,36 @@ void perturb_typed(scalar_t* __restrict__ p, int64_t n, PhiloxKey key, int64_t s
 
 template <bool kMom, bool kEps, bool kXi, typename scalar_t, typename acc_t>
 void update_element(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t i, int64_t gi,
-                    PhiloxKey key, int64_t step, uint32_t tag, const StepArgs<acc_t>& a) {
+                    PhiloxKey key, int64_t step, uint32_t tag, const StepArgs<acc_t>& a,
+                    bool sr) {
   float e, x;
   element_noise<kEps, kXi>(key, step, tag, gi, e, x);
-  cpu::update_one<scalar_t, acc_t, kMom>(p, g, m, i, e, x, a);
+  if (sr) {
+    cpu::update_one<scalar_t, acc_t, kMom, true>(p, g, m, i, e, x, a, element_sr_bits(key, step, gi));
+  } else {
+    cpu::update_one<scalar_t, acc_t, kMom>(p, g, m, i, e, x, a);
+  }
 }
 
 template <typename scalar_t>
 void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                             scalar_t* __restrict__ m, int64_t n, PhiloxKey key, int64_t step,
                             uint32_t tag, int64_t offset,
-                            const StepArgs<at::opmath_type<scalar_t>>& a) {
+                            const StepArgs<at::opmath_type<scalar_t>>& a, bool sr_flag) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int variant = (m != nullptr ? 1 : 0) | (a.sigma != 0 ? 2 : 0) | (a.noise_std != 0 ? 4 : 0);
+  const bool sr = sr_flag && cpu::Fmt16<scalar_t>::kind != 0;
+  const int base_variant = (m != nullptr ? 1 : 0) | (a.sigma != 0 ? 2 : 0) | (a.noise_std != 0 ? 4 : 0);
+  const int variant = base_variant | (sr ? 8 : 0);
   const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
-    switch (variant) {
-      case 0: return update_element<false, false, false>(p, g, m, i, gi, key, step, tag, a);
-      case 1: return update_element<true, false, false>(p, g, m, i, gi, key, step, tag, a);
-      case 2: return update_element<false, true, false>(p, g, m, i, gi, key, step, tag, a);
-      case 3: return update_element<true, true, false>(p, g, m, i, gi, key, step, tag, a);
-      case 4: return update_element<false, false, true>(p, g, m, i, gi, key, step, tag, a);
-      case 5: return update_element<true, false, true>(p, g, m, i, gi, key, step, tag, a);
-      case 6: return update_element<false, true, true>(p, g, m, i, gi, key, step, tag, a);
-      default: return update_element<true, true, true>(p, g, m, i, gi, key, step, tag, a);
+    switch (base_variant) {
+      case 0: return update_element<false, false, false>(p, g, m, i, gi, key, step, tag, a, sr);
+      case 1: return update_element<true, false, false>(p, g, m, i, gi, key, step, tag, a, sr);
+      case 2: return update_element<false, true, false>(p, g, m, i, gi, key, step, tag, a, sr);
+      case 3: return update_element<true, true, false>(p, g, m, i, gi, key, step, tag, a, sr);
+      case 4: return update_element<false, false, true>(p, g, m, i, gi, key, step, tag, a, sr);
+      case 5: return update_element<true, false, true>(p, g, m, i, gi, key, step, tag, a, sr);
+      case 6: return update_element<false, true, true>(p, g, m, i, gi, key, step, tag, a, sr);
+      default: return update_element<true, true, true>(p, g, m, i, gi, key, step, tag, a, sr);
     }
   });
   const IsaLoops& L = loops();
@@ -183,7 +199,7 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
                           int64_t bucket_id, int64_t step, int64_t offset, int64_t restore_tag,
                           double sigma, double lr, double weight_decay, double momentum,
                           double dampening, bool nesterov, bool momentum_init, double noise_std,
-                          double grad_mult) {
+                          double grad_mult, bool stochastic_rounding) {
   check_bucket(param, "param");
   check_like(param, grad, "grad");
   if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
@@ -216,7 +232,59 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
-    restore_and_step_typed<scalar_t>(p, g, m, param.numel(), key, step, rtag, offset, a);
+    restore_and_step_typed<scalar_t>(p, g, m, param.numel(), key, step, rtag, offset, a,
+                                     stochastic_rounding);
+  });
+}
+
+// param <- round-to-nearest(master + sigma * z(tag)): master fp32, param bf16/fp16/fp32.
+// The normals come from the ISA's generator (loops().normals) in L1 chunks.
+template <typename scalar_t>
+void perturb_from_typed(scalar_t* __restrict__ p, const float* __restrict__ ms, int64_t n,
+                        PhiloxKey key, int64_t step, uint32_t tag, float sigma, int64_t offset) {
+  const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
+    const float e = sigma != 0.0f ? element_normal(key, step, tag, gi) : 0.0f;
+    p[i] = static_cast<scalar_t>(ms[i] + sigma * e);
+  });
+  const IsaLoops& L = loops();
+  at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
+    alignas(64) float z[cpu::kChunkElems];
+    for (int64_t jc = j0; jc < j1; jc += cpu::kChunkCalls) {
+      const int64_t nc = j1 - jc < cpu::kChunkCalls ? j1 - jc : cpu::kChunkCalls;
+      const int64_t base = 4 * jc - offset;
+      const int64_t ne = 4 * nc;
+      if (sigma != 0.0f) {
+        L.normals(key, step, tag, jc, nc, z);
+        for (int64_t k = 0; k < ne; ++k) p[base + k] = static_cast<scalar_t>(ms[base + k] + sigma * z[k]);
+      } else {
+        for (int64_t k = 0; k < ne; ++k) p[base + k] = static_cast<scalar_t>(ms[base + k]);
+      }
+    }
+  });
+}
+
+void perturb_from_cpu(at::Tensor& param, const at::Tensor& master, int64_t seed, int64_t bucket_id,
+                      int64_t step, int64_t tag, double sigma, int64_t offset) {
+  check_bucket(param, "param");
+  check_bucket(master, "master");
+  TORCH_CHECK(master.scalar_type() == at::kFloat && master.numel() == param.numel() &&
+                  master.device() == param.device(),
+              "fused_flat.perturb_from_: master must be float32 with the param's numel (",
+              param.numel(), ") on ", param.device(), ", got ", master.scalar_type(), " numel ",
+              master.numel(), " on ", master.device());
+  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf ||
+                  param.scalar_type() == at::kFloat,
+              "fused_flat.perturb_from_: param must be bf16, fp16 or fp32, got ", param.scalar_type());
+  check_noise_args(seed, offset, tag);
+  TORCH_CHECK(tag >= 0, "fused_flat.perturb_from_: tag must be >= 0, got ", tag);
+  const PhiloxKey key = make_key(seed, bucket_id);
+  const float* ms = master.data_ptr<float>();
+  const float s = static_cast<float>(sigma);
+  const uint32_t t = static_cast<uint32_t>(tag);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "perturb_from_", [&] {
+    if constexpr (!std::is_same<scalar_t, double>::value) {
+      perturb_from_typed<scalar_t>(param.data_ptr<scalar_t>(), ms, param.numel(), key, step, t, s, offset);
+    }
   });
 }
 
@@ -337,6 +405,7 @@ at::Tensor all_finite_cpu(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_and_step_", &restore_and_step_cpu);
+  m.impl("perturb_from_", &perturb_from_cpu);
   m.impl("all_finite", &all_finite_cpu);
 }
 

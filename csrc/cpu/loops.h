@@ -50,6 +50,33 @@ inline __attribute__((always_inline)) bf16_t from_acc<bf16_t, float>(float v) {
   return b;
 }
 
+// Format of a 16-bit storage type for stochastic rounding: 1 bf16, 2 fp16, 0 other
+// (c10::BFloat16 / c10::Half are specialized in kernels_cpu.cpp, the only TU that sees them).
+template <typename T>
+struct Fmt16 {
+  static constexpr int kind = 0;
+};
+template <>
+struct Fmt16<bf16_t> {
+  static constexpr int kind = 1;
+};
+
+// The stored value of an fp32/fp64 result: stochastically rounded with rbits (elementwise.h
+// sr_bf16_bits / sr_fp16_bits) for a 16-bit type when kSR, else round-to-nearest.
+template <typename scalar_t, typename acc_t, bool kSR>
+static inline __attribute__((always_inline)) scalar_t store_rounded(acc_t v, uint32_t rbits) {
+  if constexpr (kSR && Fmt16<scalar_t>::kind != 0) {
+    const uint16_t h = Fmt16<scalar_t>::kind == 1 ? sr_bf16_bits(static_cast<float>(v), rbits)
+                                                  : sr_fp16_bits(static_cast<float>(v), rbits);
+    scalar_t out;
+    memcpy(&out, &h, sizeof(h));
+    return out;
+  } else {
+    (void)rbits;
+    return from_acc<scalar_t, acc_t>(v);
+  }
+}
+
 // Anonymous namespace: each ISA translation unit gets its own copies of the inline code
 // below (no COMDAT sharing between a baseline and an AVX-512 build of one function).
 namespace {
@@ -62,6 +89,30 @@ struct PortableNoise {
     for (int64_t k = 0; k < n; ++k) {
       call_normals(noise_words(key, j0 + k, step, tag), out[4 * k], out[4 * k + 1],
                    out[4 * k + 2], out[4 * k + 3]);
+    }
+  }
+  // The normals and the words w(tag, 4j + q) = x_q of calls [j0, j0 + n), element order.
+  static inline __attribute__((always_inline)) void normals_words(
+      PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n, float* __restrict__ out,
+      uint32_t* __restrict__ w) {
+    for (int64_t k = 0; k < n; ++k) {
+      const Words4 x = noise_words(key, j0 + k, step, tag);
+      call_normals(x, out[4 * k], out[4 * k + 1], out[4 * k + 2], out[4 * k + 3]);
+      w[4 * k] = x.x0;
+      w[4 * k + 1] = x.x1;
+      w[4 * k + 2] = x.x2;
+      w[4 * k + 3] = x.x3;
+    }
+  }
+  static inline __attribute__((always_inline)) void words(PhiloxKey key, int64_t step,
+                                                          uint32_t tag, int64_t j0, int64_t n,
+                                                          uint32_t* __restrict__ w) {
+    for (int64_t k = 0; k < n; ++k) {
+      const Words4 x = noise_words(key, j0 + k, step, tag);
+      w[4 * k] = x.x0;
+      w[4 * k + 1] = x.x1;
+      w[4 * k + 2] = x.x2;
+      w[4 * k + 3] = x.x3;
     }
   }
 };
@@ -83,19 +134,19 @@ static void perturb_calls(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int6
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kMom>
+template <typename scalar_t, typename acc_t, bool kMom, bool kSR = false>
 static inline __attribute__((always_inline)) void update_one(
     scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
-    int64_t i, float e, float x, const StepArgs<acc_t>& a) {
+    int64_t i, float e, float x, const StepArgs<acc_t>& a, uint32_t rbits = 0) {
   acc_t mm = kMom ? to_acc<acc_t>(m[i]) : acc_t(0);
   const acc_t th = langevin_update<kMom>(to_acc<acc_t>(p[i]), to_acc<acc_t>(g[i]), &mm,
                                          static_cast<acc_t>(e), static_cast<acc_t>(x), a);
-  p[i] = from_acc<scalar_t, acc_t>(th);
+  p[i] = store_rounded<scalar_t, acc_t, kSR>(th, rbits);
   if (kMom) m[i] = from_acc<scalar_t, acc_t>(mm);
 }
 
 template <typename scalar_t, typename acc_t, typename Gen, bool kMom, bool kEps, bool kXi,
-          bool kNesterov, bool kInit>
+          bool kNesterov, bool kInit, bool kSR>
 static void update_calls_fixed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                scalar_t* __restrict__ m, int64_t j0, int64_t j1, int64_t offset,
                                PhiloxKey key, int64_t step, uint32_t restore_tag,
@@ -107,54 +158,86 @@ static void update_calls_fixed(scalar_t* __restrict__ p, const scalar_t* __restr
   a.momentum_init = kInit;
   alignas(64) float e[kChunkElems];
   alignas(64) float x[kChunkElems];
+  // Stochastic rounding: the words of tag 0 and tag 32 (reused from the eps / xi calls
+  // when the pass makes them; otherwise generated for the rbits alone).
+  alignas(64) uint32_t w0[kSR ? kChunkElems : 1];
+  alignas(64) uint32_t w32[kSR ? kChunkElems : 1];
   for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
     const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
-    if (kEps) Gen::normals(key, step, restore_tag, jc, nc, e);
-    if (kXi) Gen::normals(key, step, kTagXi, jc, nc, x);
+    if constexpr (kSR) {
+      if (kEps && restore_tag == kTagEps) {
+        Gen::normals_words(key, step, restore_tag, jc, nc, e, w0);
+      } else {
+        if (kEps) Gen::normals(key, step, restore_tag, jc, nc, e);
+        Gen::words(key, step, kTagEps, jc, nc, w0);
+      }
+      if (kXi) Gen::normals_words(key, step, kTagXi, jc, nc, x, w32);
+      else Gen::words(key, step, kTagXi, jc, nc, w32);
+    } else {
+      if (kEps) Gen::normals(key, step, restore_tag, jc, nc, e);
+      if (kXi) Gen::normals(key, step, kTagXi, jc, nc, x);
+    }
     const int64_t base = 4 * jc - offset;
     const int64_t ne = 4 * nc;
     for (int64_t k = 0; k < ne; ++k) {
-      update_one<scalar_t, acc_t, kMom>(p + base, g + base, kMom ? m + base : m, k,
-                                        kEps ? e[k] : 0.0f, kXi ? x[k] : 0.0f, a);
+      const uint32_t rb = kSR ? sr_bits_of(w0[kSR ? k : 0], w32[kSR ? k : 0]) : 0u;
+      update_one<scalar_t, acc_t, kMom, kSR>(p + base, g + base, kMom ? m + base : m, k,
+                                             kEps ? e[k] : 0.0f, kXi ? x[k] : 0.0f, a, rb);
     }
   }
 }
 
-template <typename scalar_t, typename acc_t, typename Gen, bool kMom, bool kEps, bool kXi>
+template <typename scalar_t, typename acc_t, typename Gen, bool kMom, bool kEps, bool kXi,
+          bool kSR>
 static void update_calls(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                          scalar_t* __restrict__ m, int64_t j0, int64_t j1, int64_t offset,
                          PhiloxKey key, int64_t step, uint32_t restore_tag,
                          const StepArgs<acc_t>& a) {
+#define FF_FIXED(NEST, INIT)                                                                 \
+  update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, NEST, INIT, kSR>(                \
+      p, g, m, j0, j1, offset, key, step, restore_tag, a)
   if (!kMom) {
-    update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, false, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    FF_FIXED(false, false);
   } else if (a.momentum_init) {
-    if (a.nesterov) update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, true, true>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
-    else update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, false, true>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    if (a.nesterov) FF_FIXED(true, true);
+    else FF_FIXED(false, true);
   } else {
-    if (a.nesterov) update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, true, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
-    else update_calls_fixed<scalar_t, acc_t, Gen, kMom, kEps, kXi, false, false>(p, g, m, j0, j1, offset, key, step, restore_tag, a);
+    if (a.nesterov) FF_FIXED(true, false);
+    else FF_FIXED(false, false);
   }
+#undef FF_FIXED
 }
 
-// Variant index of update_calls: bit 0 momentum, bit 1 eps, bit 2 xi.
+// Variant index of update_calls: bit 0 momentum, bit 1 eps, bit 2 xi, bit 3 stochastic
+// rounding (16-bit storage only; ignored for fp32/fp64).
 template <typename scalar_t, typename acc_t, typename Gen>
 static void update_calls_dispatch(int variant, scalar_t* p, const scalar_t* g, scalar_t* m,
                                   int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
                                   int64_t step, uint32_t restore_tag, const StepArgs<acc_t>& a) {
-#define FF_CASE(V, MOM, EPS, XI)                                                             \
+  constexpr bool kCanSR = Fmt16<scalar_t>::kind != 0;
+  if (!kCanSR) variant &= 7;
+#define FF_CASE(V, MOM, EPS, XI, SR)                                                         \
   case V:                                                                                    \
-    update_calls<scalar_t, acc_t, Gen, MOM, EPS, XI>(p, g, m, j0, j1, offset, key, step,     \
-                                                     restore_tag, a);                        \
+    update_calls<scalar_t, acc_t, Gen, MOM, EPS, XI, SR && kCanSR>(p, g, m, j0, j1, offset,  \
+                                                                  key, step, restore_tag, a); \
     break;
   switch (variant) {
-    FF_CASE(0, false, false, false)
-    FF_CASE(1, true, false, false)
-    FF_CASE(2, false, true, false)
-    FF_CASE(3, true, true, false)
-    FF_CASE(4, false, false, true)
-    FF_CASE(5, true, false, true)
-    FF_CASE(6, false, true, true)
-    FF_CASE(7, true, true, true)
+    FF_CASE(0, false, false, false, false)
+    FF_CASE(1, true, false, false, false)
+    FF_CASE(2, false, true, false, false)
+    FF_CASE(3, true, true, false, false)
+    FF_CASE(4, false, false, true, false)
+    FF_CASE(5, true, false, true, false)
+    FF_CASE(6, false, true, true, false)
+    FF_CASE(7, true, true, true, false)
+    FF_CASE(8, false, false, false, true)
+    FF_CASE(9, true, false, false, true)
+    FF_CASE(10, false, true, false, true)
+    FF_CASE(11, true, true, false, true)
+    FF_CASE(12, false, false, true, true)
+    FF_CASE(13, true, false, true, true)
+    FF_CASE(14, false, true, true, true)
+    FF_CASE(15, true, true, true, true)
   }
 #undef FF_CASE
 }

@@ -107,10 +107,13 @@ struct SimdNoise {
     s = r * st;
   }
 
-  // The W calls j0 .. j0 + W - 1 (no 2^32 wrap of j_lo inside: checked by the caller).
+  // The W calls j0 .. j0 + W - 1 (no 2^32 wrap of j_lo inside: checked by the caller):
+  // their normals (kNormals) and / or their words (kWords), both in element order.
+  template <bool kNormals, bool kWords>
   static inline __attribute__((always_inline)) void block(PhiloxKey key, uint32_t step_lo,
                                                           uint32_t tag, int64_t j0,
-                                                          float* __restrict__ out) {
+                                                          float* __restrict__ out,
+                                                          uint32_t* __restrict__ wout) {
     const uint64_t uj = static_cast<uint64_t>(j0);
     U lane;
     for (int l = 0; l < W; ++l) lane[l] = static_cast<uint32_t>(l);
@@ -119,26 +122,60 @@ struct SimdNoise {
     U c2 = lane * 0u + step_lo;
     U c3 = lane * 0u + tag;
     philox(c0, c1, c2, c3, key.k0, key.k1);
-    F z0, z1, z2, z3;
-    box_muller(c0, c1, z0, z1);
-    box_muller(c2, c3, z2, z3);
-    S::store4(out, z0, z1, z2, z3);
+    if (kWords) {   // the same 4 x W transpose, on the bit patterns
+      alignas(64) float tmp[4 * W];
+      S::store4(tmp, (F)c0, (F)c1, (F)c2, (F)c3);
+      memcpy(wout, tmp, sizeof(tmp));
+    }
+    if (kNormals) {
+      F z0, z1, z2, z3;
+      box_muller(c0, c1, z0, z1);
+      box_muller(c2, c3, z2, z3);
+      S::store4(out, z0, z1, z2, z3);
+    }
   }
 
-  // out[4 (j - j0) + q] = z(tag, 4j + q), j in [j0, j0 + n).
-  static void normals(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
-                      float* __restrict__ out) {
+  template <bool kNormals, bool kWords>
+  static inline __attribute__((always_inline)) void run(PhiloxKey key, int64_t step,
+                                                        uint32_t tag, int64_t j0, int64_t n,
+                                                        float* __restrict__ out,
+                                                        uint32_t* __restrict__ w) {
     const uint32_t step_lo = static_cast<uint32_t>(static_cast<uint64_t>(step));
     int64_t k = 0;
     for (; k + W <= n; k += W) {
       const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
       if (lo > 0xFFFFFFFFu - (W - 1)) {   // j_lo wraps inside this vector: portable calls
-        PortableNoise::normals(key, step, tag, j0 + k, W, out + 4 * k);
+        tail<kNormals, kWords>(key, step, tag, j0 + k, W, out, w, k);
       } else {
-        block(key, step_lo, tag, j0 + k, out + 4 * k);
+        block<kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
+                                kWords ? w + 4 * k : w);
       }
     }
-    if (k < n) PortableNoise::normals(key, step, tag, j0 + k, n - k, out + 4 * k);
+    if (k < n) tail<kNormals, kWords>(key, step, tag, j0 + k, n - k, out, w, k);
+  }
+
+  template <bool kNormals, bool kWords>
+  static inline __attribute__((always_inline)) void tail(PhiloxKey key, int64_t step,
+                                                         uint32_t tag, int64_t j, int64_t n,
+                                                         float* out, uint32_t* w, int64_t k) {
+    if (kNormals && kWords) PortableNoise::normals_words(key, step, tag, j, n, out + 4 * k, w + 4 * k);
+    else if (kNormals) PortableNoise::normals(key, step, tag, j, n, out + 4 * k);
+    else PortableNoise::words(key, step, tag, j, n, w + 4 * k);
+  }
+
+  // out[4 (j - j0) + q] = z(tag, 4j + q), j in [j0, j0 + n).
+  static void normals(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
+                      float* __restrict__ out) {
+    run<true, false>(key, step, tag, j0, n, out, nullptr);
+  }
+  // ... and w[4 (j - j0) + q] = w(tag, 4j + q) = x_q of call j.
+  static void normals_words(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
+                            float* __restrict__ out, uint32_t* __restrict__ w) {
+    run<true, true>(key, step, tag, j0, n, out, w);
+  }
+  static void words(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
+                    uint32_t* __restrict__ w) {
+    run<false, true>(key, step, tag, j0, n, nullptr, w);
   }
 };
 

@@ -94,6 +94,42 @@ void sam_perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& back
   });
 }
 
+// SR(theta) as scalar_t (16-bit types; others: plain conversion, never called with SR).
+template <typename scalar_t, typename acc_t>
+scalar_t sr_store(acc_t th, uint32_t rbits) {
+  if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    return at::BFloat16(sr_bf16_bits(static_cast<float>(th), rbits), at::BFloat16::from_bits());
+  } else if constexpr (std::is_same<scalar_t, at::Half>::value) {
+    return at::Half(sr_fp16_bits(static_cast<float>(th), rbits), at::Half::from_bits());
+  } else {
+    return static_cast<scalar_t>(th);
+  }
+}
+
+// The SR variant: one tag-0 and one tag-32 Philox call per 4 elements (bucket index
+// offset + i), as sam_probe_ walks its calls.
+template <typename scalar_t, bool kMom>
+void restore_step_sr_typed(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m,
+                           int64_t n, const SamStepArgs<at::opmath_type<scalar_t>>& a,
+                           PhiloxKey key, int64_t step, int64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    while (i < i1) {
+      const int64_t gi = offset + i;
+      uint32_t rb[4];
+      call_sr_bits(noise_words(key, gi >> 2, step, kTagEps), noise_words(key, gi >> 2, step, kTagXi), rb);
+      const int64_t stop = std::min(i1, i + (4 - (gi & 3)));
+      for (; i < stop; ++i) {
+        acc_t mm = kMom ? static_cast<acc_t>(m[i]) : acc_t(0);
+        const acc_t th = sam_sgd_update<kMom, acc_t>(static_cast<acc_t>(bk[i]), static_cast<acc_t>(g[i]), &mm, a);
+        p[i] = sr_store<scalar_t, acc_t>(th, rb[(offset + i) & 3]);
+        if (kMom) m[i] = static_cast<scalar_t>(mm);
+      }
+    }
+  });
+}
+
 template <typename scalar_t, bool kMom>
 void restore_step_typed(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m, int64_t n,
                         const SamStepArgs<at::opmath_type<scalar_t>>& a) {
@@ -113,13 +149,16 @@ void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const
                               const c10::optional<at::Tensor>& grad_scale,
                               const c10::optional<at::Tensor>& found_inf, double lr,
                               double weight_decay, double momentum, double dampening,
-                              bool nesterov, bool momentum_init, double grad_mult) {
+                              bool nesterov, bool momentum_init, double grad_mult,
+                              bool stochastic_rounding, int64_t seed, int64_t bucket_id,
+                              int64_t step, int64_t offset) {
   check_bucket(param, "param");
   check_like(param, backup, "backup");
   check_like(param, grad, "grad");
   if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
   check_scalar_tensor(grad_scale, param, "grad_scale");
   check_scalar_tensor(found_inf, param, "found_inf");
+  if (stochastic_rounding) check_noise_args(seed, offset, 0);
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
     param.copy_(backup);  // skipped step: exact restore only, momentum untouched
     return;
@@ -139,6 +178,18 @@ void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* bk = backup.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (stochastic_rounding) {
+        const PhiloxKey key = make_key(seed, bucket_id);
+        if (momentum_buffer.has_value()) {
+          restore_step_sr_typed<scalar_t, true>(p, bk, g, momentum_buffer->data_ptr<scalar_t>(),
+                                                param.numel(), a, key, step, offset);
+        } else {
+          restore_step_sr_typed<scalar_t, false>(p, bk, g, nullptr, param.numel(), a, key, step, offset);
+        }
+        return;
+      }
+    }
     if (momentum_buffer.has_value()) {
       restore_step_typed<scalar_t, true>(p, bk, g, momentum_buffer->data_ptr<scalar_t>(), param.numel(), a);
     } else {

@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fused_flat/op_args.h"
@@ -102,6 +103,38 @@ sam_restore_step_kernel(const int64_t* __restrict__ chunks, const int64_t* __res
   }
   if (grad_scale != nullptr) a.grad_mult = static_cast<acc_t>(grad_mult / static_cast<double>(*grad_scale));
   StepBody<kMom, acc_t> body{a};
+  if constexpr (kMom) {
+    scalar_t* const p[4] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
+                            table_ptr<scalar_t>(ptrs, 2, T, r.t), table_ptr<scalar_t>(ptrs, 3, T, r.t)};
+    visit_chunk<scalar_t, 4, 0b1110u, 0b1001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  } else {
+    scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
+                            table_ptr<scalar_t>(ptrs, 2, T, r.t)};
+    visit_chunk<scalar_t, 3, 0b110u, 0b001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  }
+}
+
+// sam_restore_step_kernel with stochastic rounding of theta (16-bit scalar_t only): its own
+// name, so the static checks of the round-to-nearest kernels keep their counts.
+// Min 4 blocks per SM: caps the registers at 64 (the Philox state and the cached rbits
+// pushed the momentum variant to 72 on sm_90); no spills (tests/test_stochastic_rounding.py).
+template <typename scalar_t, bool kMom>
+__global__ void __launch_bounds__(kThreads, 4)
+sam_restore_step_sr_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                           const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
+                           SamStepArgs<float> a, double grad_mult,
+                           const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
+                           PhiloxKey key, int64_t step) {
+  static_assert(sizeof(scalar_t) == 2, "stochastic rounding: 16-bit parameters only");
+  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  if (found_inf != nullptr && *found_inf != 0.0f) {
+    RestoreBody<float> body;
+    scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
+    visit_chunk<scalar_t, 2, 0b10u, 0b01u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+    return;
+  }
+  if (grad_scale != nullptr) a.grad_mult = static_cast<float>(grad_mult / static_cast<double>(*grad_scale));
+  StepSrBody<kMom, std::is_same_v<scalar_t, c10::BFloat16>> body{a, key, step, r.offset};
   if constexpr (kMom) {
     scalar_t* const p[4] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
                             table_ptr<scalar_t>(ptrs, 2, T, r.t), table_ptr<scalar_t>(ptrs, 3, T, r.t)};
@@ -225,6 +258,22 @@ void sam_perturb_multi_cuda(at::TensorList params, at::TensorList grads, at::Ten
   });
 }
 
+// The SR launch for 16-bit scalar_t (returns false for other types: plain kernel then).
+template <typename scalar_t>
+bool launch_sam_step_sr(const Tables& tb, bool mom, const SamStepArgs<acc_of<scalar_t>>& a,
+                        double grad_mult, const float* gs, const float* fi, PhiloxKey key,
+                        int64_t step, cudaStream_t stream) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    auto k = mom ? sam_restore_step_sr_kernel<scalar_t, true> : sam_restore_step_sr_kernel<scalar_t, false>;
+    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream>>>(tb.chunks, tb.meta, tb.ptrs, tb.T,
+                                                              tb.chunk, a, grad_mult, gs, fi, key, step);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  } else {
+    return false;
+  }
+}
+
 void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backups,
                                      at::TensorList grads, at::TensorList moms,
                                      const c10::optional<at::Tensor>& grad_scale,
@@ -232,13 +281,16 @@ void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backu
                                      const at::Tensor& chunks, const at::Tensor& meta,
                                      const at::Tensor& ptrs, int64_t chunk, double lr,
                                      double weight_decay, double momentum, double dampening,
-                                     bool nesterov, bool momentum_init, double grad_mult) {
+                                     bool nesterov, bool momentum_init, double grad_mult,
+                                     bool stochastic_rounding, int64_t seed, int64_t bucket_id,
+                                     int64_t step) {
   const bool mom = !moms.empty();
   std::vector<const at::TensorList*> lists{&params, &backups, &grads};
   if (mom) lists.push_back(&moms);
   const Tables tb = check_args("sam_restore_and_step_multi_", lists, chunks, meta, ptrs, chunk);
   check_scalar_tensor(grad_scale, params[0], "grad_scale");
   check_scalar_tensor(found_inf, params[0], "found_inf");
+  if (stochastic_rounding) check_noise_args(seed, 0, 0);
   if (tb.n_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
@@ -253,6 +305,11 @@ void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backu
     a.grad_mult = static_cast<acc_t>(grad_mult);
     a.nesterov = nesterov;
     a.momentum_init = momentum_init;
+    if (stochastic_rounding && launch_sam_step_sr<scalar_t>(tb, mom, a, grad_mult, gs, fi,
+                                                           make_key(seed, bucket_id), step,
+                                                           stream_of(params[0]))) {
+      return;
+    }
     auto k = mom ? sam_restore_step_kernel<scalar_t, true> : sam_restore_step_kernel<scalar_t, false>;
     k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
         tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, a, grad_mult, gs, fi);

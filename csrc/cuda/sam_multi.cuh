@@ -12,6 +12,8 @@
 // uniform inside it.
 #pragma once
 #include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -176,6 +178,43 @@ struct StepBody {
     acc_t m = kMom ? x[3] : acc_t(0);
     x[0] = sam_sgd_update<kMom, acc_t>(x[1], x[2], &m, a);
     if (kMom) x[3] = m;
+  }
+};
+
+// StepBody with stochastic rounding of theta (16-bit scalar_t): rbits from the tag-0 and
+// tag-32 words of the element's Philox call (bucket index offset + i), cached per call (the
+// elements of a thread come in call order). x[0] receives the SR result as a float: it is
+// exactly representable in scalar_t, so visit_chunk's round-to-nearest store is exact.
+template <bool kMom, bool kBf16>
+struct StepSrBody {
+  SamStepArgs<float> a;
+  PhiloxKey key;
+  int64_t step;
+  int64_t offset;  // bucket index of the tensor's element 0
+  int64_t cj = -1;
+  uint32_t r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+  FFM_HD void operator()(float* x, int64_t i) {
+    float m = kMom ? x[3] : 0.0f;
+    const float th = sam_sgd_update<kMom, float>(x[1], x[2], &m, a);
+    if (kMom) x[3] = m;
+    const int64_t gi = offset + i;
+    const int64_t j = gi >> 2;
+    if (j != cj) {
+      cj = j;
+      const Words4 w0 = noise_words(key, j, step, kTagEps);
+      const Words4 w32 = noise_words(key, j, step, kTagXi);
+      r0 = sr_bits_of(w0.x0, w32.x0);
+      r1 = sr_bits_of(w0.x1, w32.x1);
+      r2 = sr_bits_of(w0.x2, w32.x2);
+      r3 = sr_bits_of(w0.x3, w32.x3);
+    }
+    const int q = static_cast<int>(gi & 3);
+    const uint32_t rb = q == 0 ? r0 : q == 1 ? r1 : q == 2 ? r2 : r3;
+    if constexpr (kBf16) {
+      x[0] = static_cast<float>(c10::BFloat16(sr_bf16_bits(th, rb), c10::BFloat16::from_bits()));
+    } else {
+      x[0] = static_cast<float>(c10::Half(sr_fp16_bits(th, rb), c10::Half::from_bits()));
+    }
   }
 };
 

@@ -5,7 +5,11 @@
 // oracle. No CUDA API is used here; tid / stride come from the caller.
 #pragma once
 #include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "fused_flat/elementwise.h"
 
@@ -32,6 +36,20 @@ struct Geometry {
   int64_t nvec;    // number of aligned vectors (vector path only)
 };
 
+// The stored value of theta: stochastically rounded with rbits (elementwise.h) for a 16-bit
+// scalar_t when kSR, else the round-to-nearest conversion.
+template <typename scalar_t, bool kSR, typename acc_t>
+FFC_HD scalar_t store_theta(acc_t th, uint32_t rbits) {
+  if constexpr (kSR && std::is_same_v<scalar_t, c10::BFloat16>) {
+    return c10::BFloat16(sr_bf16_bits(static_cast<float>(th), rbits), c10::BFloat16::from_bits());
+  } else if constexpr (kSR && std::is_same_v<scalar_t, c10::Half>) {
+    return c10::Half(sr_fp16_bits(static_cast<float>(th), rbits), c10::Half::from_bits());
+  } else {
+    (void)rbits;
+    return static_cast<scalar_t>(th);
+  }
+}
+
 template <typename scalar_t, int V>
 struct alignas(16) Vec {
   scalar_t v[V];
@@ -39,22 +57,23 @@ struct alignas(16) Vec {
 
 // Per-element body: body(theta, g, m, eps, xi) updates theta (and m) in acc_t.
 // kG / kM: whether g and m are read (and m written).
-template <typename scalar_t, bool kG, bool kM, typename Body>
+// kSR: theta is stored stochastically rounded with rbits.
+template <typename scalar_t, bool kG, bool kM, typename Body, bool kSR = false>
 FFC_HD void do_element(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                            scalar_t* __restrict__ m, int64_t i, float e, float x,
-                                           const Body& body) {
+                                           const Body& body, uint32_t rbits = 0) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t th = static_cast<acc_t>(p[i]);
   const acc_t gg = kG ? static_cast<acc_t>(g[i]) : acc_t(0);
   acc_t mm = kM ? static_cast<acc_t>(m[i]) : acc_t(0);
   body(th, gg, mm, e, x);
-  p[i] = static_cast<scalar_t>(th);
+  p[i] = store_theta<scalar_t, kSR>(th, rbits);
   if constexpr (kM) m[i] = static_cast<scalar_t>(mm);
 }
 
 // Vector path over one slice; see the file comment. Noise layout v2: a 16-byte vector
 // holds whole Philox calls (fp32: 1 call = 4 elements; 16-bit: 2 calls).
-template <typename scalar_t, int V, bool kEps, bool kXi, bool kG, bool kM, typename Body>
+template <typename scalar_t, int V, bool kEps, bool kXi, bool kG, bool kM, bool kSR, typename Body>
 FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                           scalar_t* __restrict__ m, const Geometry& geo,
                                           const NoiseArgs& na, int64_t tid, int64_t stride,
@@ -67,8 +86,10 @@ FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
   for (int64_t t = tid; t < edges; t += stride) {
     const int64_t i = t < geo.head ? t : body_end + (t - geo.head);
     float e, x;
-    element_noise<kEps, kXi>(na.key, na.step, na.tag, geo.offset + i, e, x);
-    do_element<scalar_t, kG, kM>(p, g, m, i, e, x, body);
+    uint32_t rb = 0;
+    if constexpr (kSR) element_noise_sr<kEps, kXi>(na.key, na.step, na.tag, geo.offset + i, e, x, rb);
+    else element_noise<kEps, kXi>(na.key, na.step, na.tag, geo.offset + i, e, x);
+    do_element<scalar_t, kG, kM, Body, kSR>(p, g, m, i, e, x, body, rb);
   }
   for (int64_t v = tid; v < geo.nvec; v += stride) {
     const int64_t i0 = geo.head + v * V;
@@ -80,7 +101,9 @@ FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
 #pragma unroll
     for (int k = 0; k < V / 4; ++k) {
       float e[4], x[4];
-      call_noise<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e, x);
+      uint32_t rb[4] = {0u, 0u, 0u, 0u};
+      if constexpr (kSR) call_noise_sr<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e, x, rb);
+      else call_noise<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e, x);
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         const int q = 4 * k + h;
@@ -88,7 +111,7 @@ FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
         const acc_t gg = kG ? static_cast<acc_t>(gv.v[q]) : acc_t(0);
         acc_t mm = kM ? static_cast<acc_t>(mv.v[q]) : acc_t(0);
         body(th, gg, mm, e[h], x[h]);
-        pv.v[q] = static_cast<scalar_t>(th);
+        pv.v[q] = store_theta<scalar_t, kSR>(th, rb[h]);
         if constexpr (kM) mv.v[q] = static_cast<scalar_t>(mm);
       }
     }
@@ -99,7 +122,7 @@ FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
 
 // Call path: grid-stride over the Philox calls that touch [offset, offset + n), each
 // serving its (up to) 4 elements.
-template <typename scalar_t, bool kEps, bool kXi, bool kG, bool kM, typename Body>
+template <typename scalar_t, bool kEps, bool kXi, bool kG, bool kM, bool kSR, typename Body>
 FFC_HD void sweep_calls(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                             scalar_t* __restrict__ m, const Geometry& geo,
                                             const NoiseArgs& na, int64_t tid, int64_t stride,
@@ -108,12 +131,14 @@ FFC_HD void sweep_calls(scalar_t* __restrict__ p, const scalar_t* __restrict__ g
   const int64_t jend = (geo.offset + geo.n + 3) >> 2;
   for (int64_t j = jbeg + tid; j < jend; j += stride) {
     float e[4], x[4];
-    call_noise<kEps, kXi>(na.key, na.step, na.tag, j, e, x);
+    uint32_t rb[4] = {0u, 0u, 0u, 0u};
+    if constexpr (kSR) call_noise_sr<kEps, kXi>(na.key, na.step, na.tag, j, e, x, rb);
+    else call_noise<kEps, kXi>(na.key, na.step, na.tag, j, e, x);
     const int64_t i0 = 4 * j - geo.offset;
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       const int64_t i = i0 + h;
-      if (i >= 0 && i < geo.n) do_element<scalar_t, kG, kM>(p, g, m, i, e[h], x[h], body);
+      if (i >= 0 && i < geo.n) do_element<scalar_t, kG, kM, Body, kSR>(p, g, m, i, e[h], x[h], body, rb[h]);
     }
   }
 }
@@ -123,15 +148,19 @@ FFC_HD int64_t calls_touching(int64_t offset, int64_t n) {
   return ((offset + n + 3) >> 2) - (offset >> 2);
 }
 
-template <typename scalar_t, int V, bool kVec, bool kEps, bool kXi, bool kG, bool kM, typename Body>
+// kSR (16-bit scalar_t): theta stored stochastically rounded, rbits from the words of
+// tags 0 and 32 (elementwise.h call_noise_sr / element_noise_sr: no extra Philox call when
+// the pass makes both, i.e. eps of tag 0 and xi).
+template <typename scalar_t, int V, bool kVec, bool kEps, bool kXi, bool kG, bool kM,
+          bool kSR = false, typename Body>
 FFC_HD void sweep(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                       scalar_t* __restrict__ m, const Geometry& geo,
                                       const NoiseArgs& na, int64_t tid, int64_t stride,
     const Body& body) {
   if constexpr (kVec) {
-    sweep_vec<scalar_t, V, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
+    sweep_vec<scalar_t, V, kEps, kXi, kG, kM, kSR>(p, g, m, geo, na, tid, stride, body);
   } else {
-    sweep_calls<scalar_t, kEps, kXi, kG, kM>(p, g, m, geo, na, tid, stride, body);
+    sweep_calls<scalar_t, kEps, kXi, kG, kM, kSR>(p, g, m, geo, na, tid, stride, body);
   }
 }
 

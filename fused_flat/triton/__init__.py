@@ -38,7 +38,7 @@ from fused_flat.triton import perturb as _perturb
 from fused_flat.triton import restore_and_step as _rs
 from fused_flat.triton.noise import MASK32, philox_key
 
-__all__ = ["backend", "perturb_", "restore_and_step_", "interpreted"]
+__all__ = ["backend", "perturb_", "restore_and_step_", "perturb_from_", "interpreted"]
 
 
 def interpreted() -> bool:
@@ -63,9 +63,10 @@ def _restore_and_step_op(param: torch.Tensor, grad: torch.Tensor,
                          key: int, step_lo: int, offset: int, restore_tag: int, sigma: float,
                          lr: float, weight_decay: float, momentum: float, dampening: float,
                          nesterov: bool, momentum_init: bool, noise_std: float,
-                         grad_mult: float) -> None:
+                         grad_mult: float, stochastic_rounding: bool = False) -> None:
     n = param.numel()
     need_eps, need_xi = sigma != 0.0, noise_std != 0.0
+    sr = bool(stochastic_rounding) and param.dtype in (torch.bfloat16, torch.float16)
     wrap_triton(_rs.restore_and_step_kernel)[_rs.grid(n, offset)](
         param, grad, momentum_buffer, grad_scale, found_inf,
         key, step_lo, offset, n, restore_tag,
@@ -73,7 +74,19 @@ def _restore_and_step_op(param: torch.Tensor, grad: torch.Tensor,
         HAS_MOM=momentum_buffer is not None, NESTEROV=bool(nesterov) and momentum_buffer is not None,
         NEED_EPS=need_eps, NEED_XI=need_xi,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        MIS=offset & 3, BLOCK=_rs.BLOCK, num_warps=_rs.NUM_WARPS)
+        MIS=offset & 3, BLOCK=_rs.BLOCK, num_warps=_rs.NUM_WARPS,
+        SR=sr, EPS_TAG0=sr and need_eps and restore_tag == 0,
+        IS_BF16=param.dtype == torch.bfloat16)
+
+
+@triton_op("fused_flat_triton::perturb_from_", mutates_args={"param"})
+def _perturb_from_op(param: torch.Tensor, master: torch.Tensor, key: int, step_lo: int, tag: int,
+                     sigma: float, offset: int) -> None:
+    n = param.numel()
+    wrap_triton(_perturb.perturb_from_kernel)[_perturb.grid(n, offset)](
+        param, master, key, step_lo, tag, sigma, offset, n, NEED_EPS=sigma != 0.0,
+        IS_BF16=param.dtype == torch.bfloat16,
+        MIS=offset & 3, BLOCK=_perturb.BLOCK, num_warps=_perturb.NUM_WARPS)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -129,8 +142,11 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                       grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
                       bucket_id: int, step: int, offset: int, restore_tag: int, sigma: float,
                       lr: float, weight_decay: float, momentum: float, dampening: float,
-                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float) -> None:
-    """The fused restore + decay + momentum + Langevin + update pass (see fused_flat.reference)."""
+                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float,
+                      stochastic_rounding: bool = False) -> None:
+    """The fused restore + decay + momentum + Langevin + update pass (see fused_flat.reference);
+    ``stochastic_rounding``: bf16/fp16 params get the SR of the fp32 result (ignored for
+    fp32/fp64)."""
     _check_bucket(param, "param")
     _check_like(param, grad, "grad")
     if momentum_buffer is not None:
@@ -145,13 +161,35 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
     if param.dtype == torch.float64:
         reference.restore_and_step_(param, grad, momentum_buffer, grad_scale, found_inf, seed,
                                     bucket_id, step, offset, restore_tag, sigma, lr, weight_decay,
-                                    momentum, dampening, nesterov, momentum_init, noise_std, grad_mult)
+                                    momentum, dampening, nesterov, momentum_init, noise_std, grad_mult,
+                                    stochastic_rounding)
         return
     torch.ops.fused_flat_triton.restore_and_step_(
         param, grad, momentum_buffer, grad_scale, found_inf, philox_key(seed, bucket_id),
         step & MASK32, int(offset), max(int(restore_tag), 0) & MASK32, float(sigma), float(lr),
         float(weight_decay), float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
-        float(noise_std), float(grad_mult))
+        float(noise_std), float(grad_mult), bool(stochastic_rounding))
+
+
+def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,
+                  tag: int, sigma: float, offset: int = 0) -> None:
+    """param <- round-to-nearest(master + sigma * eps(tag)): fp32 master, bf16/fp16/fp32
+    param, fp32 math (fused_flat.reference.perturb_from_)."""
+    _check_bucket(param, "param")
+    _check_bucket(master, "master")
+    if master.dtype != torch.float32 or master.numel() != param.numel() or master.device != param.device:
+        raise ValueError(f"fused_flat.triton.perturb_from_: master must be float32 with the param's "
+                         f"numel ({param.numel()}) on {param.device}, got {master.dtype} numel "
+                         f"{master.numel()} on {master.device}")
+    if param.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"fused_flat.triton.perturb_from_: param must be bf16, fp16 or fp32, got {param.dtype}")
+    _check_noise_args(seed, offset, tag)
+    if tag < 0:
+        raise ValueError(f"fused_flat.triton.perturb_from_: tag must be >= 0, got {tag}")
+    if param.numel() == 0:
+        return
+    torch.ops.fused_flat_triton.perturb_from_(param, master, philox_key(seed, bucket_id),
+                                              step & MASK32, tag & MASK32, float(sigma), int(offset))
 
 
 def backend() -> backends.Backend:

@@ -136,6 +136,63 @@ def block_words(key, j, step_lo, tag):
     return interleave4(x0, x1, x2, x3)
 
 
+@triton.jit
+def block_normals_words(key, j, step_lo, tag):
+    """(z(tag, .), w(tag, .)) of the 4Q elements of calls j from ONE Philox call per j."""
+    x0, x1, x2, x3 = call_words(key, j, step_lo, tag)
+    z0, z1 = box_muller(x0, x1)
+    z2, z3 = box_muller(x2, x3)
+    return interleave4(z0, z1, z2, z3), interleave4(x0, x1, x2, x3)
+
+
+# ------------------------------------------------------------------ stochastic rounding
+@triton.jit
+def sr_bits_of(w0, w32):
+    """rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8) from the element's words (uint32)."""
+    return (w0 & 0xFF) | ((w32 & 0xFF) << 8)
+
+
+@triton.jit
+def rne_bf16(x):
+    """fp32 -> bf16 round-to-nearest-even by bit manipulation (NaN -> 0x7FC0), as bf16
+    tensor: exact under TRITON_INTERPRET=1 too, whose .to(bfloat16) truncates."""
+    u = x.to(tl.uint32, bitcast=True)
+    h = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
+    h = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, h)
+    return h.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def stochastic_round_bits(x, rbits, IS_BF16: tl.constexpr):
+    """uint16 bit patterns of SR(x) (fp32 x, uint32 rbits in [0, 2^16)): elementwise.h's
+    sr_bf16_bits / sr_fp16_bits, integer operations only (the definition is in
+    fused_flat.noise.stochastic_round). Store with ``.to(dtype, bitcast=True)``."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = rbits.to(tl.uint32) & 0xFFFF
+    if IS_BF16:
+        nonfinite = (u & 0x7F800000) == 0x7F800000
+        nan = nonfinite & ((u & 0x007FFFFF) != 0)
+        h = tl.where(nonfinite, u >> 16, (u + r) >> 16)
+        h = tl.where(nan, 0x7FC0, h)
+    else:
+        sign = (u >> 16) & 0x8000
+        m = u & 0x7FFFFFFF
+        e = m >> 23
+        sig = tl.where(e > 0, (m & 0x007FFFFF) | 0x00800000, m).to(tl.uint64)
+        shift = tl.where(e >= 113, 13, tl.where(e == 0, 125, 126 - e))
+        s = tl.minimum(shift, 40).to(tl.uint64)
+        k = sig >> s
+        one = tl.full(sig.shape, 1, tl.uint64)
+        d = ((sig & ((one << s) - 1)) << 16) >> s
+        up = ((r.to(tl.uint64) + d) >> 16).to(tl.uint32)
+        h = tl.where(e >= 113, (e - 113) << 10, 0) + k.to(tl.uint32) + up
+        h = tl.minimum(h, 0x7C00)
+        nan = (e == 0xFF) & ((m & 0x007FFFFF) != 0)
+        h = tl.where(e == 0xFF, 0x7C00, h)
+        h = tl.where(nan, 0x7E00, sign | h)
+    return h.to(tl.uint16)
+
+
 # ------------------------------------------------------------------ inspection kernels
 @triton.jit
 def _words_kernel(out_ptr, key, step_lo, tag, first_call, n_calls, BLOCK: tl.constexpr):
@@ -204,3 +261,33 @@ def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, 
     """(z(tag, i), z(32, i)) of bucket elements [offset, offset + n) (as fused_flat.noise)."""
     return (normal_noise(seed, bucket_id, step, tag, offset, n, device, block),
             normal_noise(seed, bucket_id, step, 32, offset, n, device, block))
+
+
+@triton.jit
+def _sr_kernel(x_ptr, r_ptr, out_ptr, n, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = o < n
+    x = tl.load(x_ptr + o, mask=mask, other=0.0)
+    r = tl.load(r_ptr + o, mask=mask, other=0).to(tl.uint32)
+    h = stochastic_round_bits(x, r, IS_BF16)
+    tl.store(out_ptr + o, h.to(out_ptr.dtype.element_ty, bitcast=True), mask=mask)
+
+
+def stochastic_round(x: torch.Tensor, rbits: torch.Tensor, dtype: torch.dtype,
+                     block: int = 1024) -> torch.Tensor:
+    """SR of float32 ``x`` to bf16 / fp16 with int ``rbits`` by the Triton helper (tests)."""
+    x = x.to(torch.float32).contiguous()
+    r = rbits.to(torch.int32).contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if x.numel():
+        _sr_kernel[(triton.cdiv(x.numel(), block),)](x, r, out, x.numel(),
+                                                     IS_BF16=dtype == torch.bfloat16, BLOCK=block)
+    return out
+
+
+def sr_bits(seed: int, bucket_id: int, step: int, offset: int, n: int, device="cpu",
+            block: int = 1024) -> torch.Tensor:
+    """rbits of bucket elements [offset, offset + n), int64 (as fused_flat.noise.sr_bits)."""
+    w0 = element_words(seed, bucket_id, step, 0, offset, n, device, block)
+    w32 = element_words(seed, bucket_id, step, 32, offset, n, device, block)
+    return (w0 & 0xFF) | ((w32 & 0xFF) << 8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_flat.triton.noise import block_normals
+from fused_flat.triton.noise import block_normals, rne_bf16
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -46,3 +46,33 @@ def perturb_kernel(param_ptr, key, step_lo, tag, sigma, offset, n,
 def grid(n: int, offset: int, block: int = BLOCK) -> tuple[int]:
     """Programs needed for n elements starting at bucket index offset."""
     return (triton.cdiv(n + (offset & 3), block),)
+
+
+@triton.jit(do_not_specialize=["key", "step_lo", "tag", "offset", "n"])
+def perturb_from_kernel(param_ptr, master_ptr, key, step_lo, tag, sigma, offset, n,
+                        NEED_EPS: tl.constexpr, IS_BF16: tl.constexpr, MIS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """param <- round-to-nearest(master + sigma * eps(tag)): fp32 master, 16-bit (or fp32)
+    param; reads master, writes param. Same program layout as perturb_kernel. bf16 is
+    rounded by bit manipulation (rne_bf16), so the interpreter gives the GPU's bits."""
+    Q: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0).to(tl.int64)
+    j = (offset >> 2) + pid * Q + tl.arange(0, Q)
+    start = pid * BLOCK - MIS
+    local = start + tl.arange(0, BLOCK)
+    mask = (local >= 0) & (local < n)
+    full = (start >= 0) & (start + BLOCK <= n)
+    if full:
+        theta = tl.load(master_ptr + local).to(tl.float32)
+    else:
+        theta = tl.load(master_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    if NEED_EPS:
+        theta = theta + sigma * block_normals(key, j, step_lo, tag)
+    if IS_BF16:
+        out = rne_bf16(theta)
+    else:
+        out = theta.to(param_ptr.dtype.element_ty)
+    if full:
+        tl.store(param_ptr + local, out)
+    else:
+        tl.store(param_ptr + local, out, mask=mask)

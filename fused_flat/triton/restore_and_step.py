@@ -14,13 +14,20 @@ All hyperparameters are runtime arguments (an LR scheduler never recompiles); th
 constexprs are layout/feature switches only: HAS_MOM, NESTEROV, NEED_EPS (sigma != 0),
 NEED_XI (noise_std != 0), HAS_GRAD_SCALE, HAS_FOUND_INF, MIS (offset & 3), BLOCK.
 eps = z(restore_tag, i) and xi = z(32, i) come from two Philox calls per 4 elements.
+
+SR (constexpr, 16-bit params only): theta is stored stochastically rounded with
+rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8) (noise.stochastic_round_bits); the
+words of the eps call (when EPS_TAG0: restore_tag == 0) and of the xi call are reused, a
+missing tag-0 / tag-32 call is made for the rbits alone. The skipped step's restore
+(found_inf) and the momentum buffer stay round-to-nearest.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fused_flat.triton.noise import TAG_XI, block_normals
+from fused_flat.triton.noise import (TAG_XI, block_normals, block_normals_words, block_words,
+                                     sr_bits_of, stochastic_round_bits)
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -36,7 +43,9 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
                             HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
                             NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
                             HAS_GRAD_SCALE: tl.constexpr,
-                            HAS_FOUND_INF: tl.constexpr, MIS: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_FOUND_INF: tl.constexpr, MIS: tl.constexpr, BLOCK: tl.constexpr,
+                            SR: tl.constexpr = False, EPS_TAG0: tl.constexpr = False,
+                            IS_BF16: tl.constexpr = False):
     Q: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0).to(tl.int64)
     j = (offset >> 2) + pid * Q + tl.arange(0, Q)
@@ -60,10 +69,25 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
 
     eps = tl.zeros([BLOCK], tl.float32)
     xi = tl.zeros([BLOCK], tl.float32)
-    if NEED_EPS:
-        eps = block_normals(key, j, step_lo, restore_tag)
-    if NEED_XI:
-        xi = block_normals(key, j, step_lo, TAG_XI)
+    if SR:
+        if NEED_EPS:
+            if EPS_TAG0:
+                eps, w0 = block_normals_words(key, j, step_lo, restore_tag)
+            else:
+                eps = block_normals(key, j, step_lo, restore_tag)
+                w0 = block_words(key, j, step_lo, 0)
+        else:
+            w0 = block_words(key, j, step_lo, 0)
+        if NEED_XI:
+            xi, w32 = block_normals_words(key, j, step_lo, TAG_XI)
+        else:
+            w32 = block_words(key, j, step_lo, TAG_XI)
+        rbits = sr_bits_of(w0, w32)
+    else:
+        if NEED_EPS:
+            eps = block_normals(key, j, step_lo, restore_tag)
+        if NEED_XI:
+            xi = block_normals(key, j, step_lo, TAG_XI)
 
     if NEED_EPS:
         theta = theta - sigma * eps                     # restore
@@ -84,7 +108,11 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
     if NEED_XI:
         theta = theta + noise_std * xi
 
-    theta_out = theta.to(param_ptr.dtype.element_ty)
+    if SR:
+        theta_out = stochastic_round_bits(theta, rbits, IS_BF16).to(param_ptr.dtype.element_ty,
+                                                                   bitcast=True)
+    else:
+        theta_out = theta.to(param_ptr.dtype.element_ty)
     if HAS_FOUND_INF:
         fi = tl.load(found_inf_ptr)
         theta_out = tl.where(fi != 0.0, restored.to(param_ptr.dtype.element_ty), theta_out)

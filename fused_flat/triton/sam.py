@@ -7,7 +7,8 @@ and fused_flat/sam_reference.py is the oracle:
     sam_grad_sq_norm(grads, params|None, eta) -> 0-dim float64 tensor on the device
     sam_perturb_(params, grads, backups, adaptive, coef, eta)
     sam_restore_and_step_(params, backups, grads, moms|None, grad_scale, found_inf, lr,
-                          weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult)
+                          weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult,
+                          stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None)
     sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
 
 Launch: fused_flat.multi_tensor's cached tables. Program b reads its row (t, start) of the
@@ -36,7 +37,8 @@ import triton.language as tl
 
 from fused_flat import multi_tensor as mt
 from fused_flat import sam_reference
-from fused_flat.triton.noise import MASK32, philox_key
+from fused_flat.triton.noise import (MASK32, block_words, call_words, philox_key, sr_bits_of,
+                                     stochastic_round_bits)
 
 BLOCK = 1024
 CHUNK = 16 * BLOCK      # elements per program (a multiple of BLOCK); tests may lower it
@@ -172,9 +174,30 @@ def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, coef_ptr, coef, e
 
 
 @triton.jit
+def _sr_rbits(key, step_lo, gi0, o, OFF4: tl.constexpr, BLOCK: tl.constexpr):
+    """rbits of bucket indices gi0 + [0, BLOCK) (o: the same elements' tensor indices).
+    OFF4 (gi0 % 4 == 0): one tag-0 and one tag-32 call per 4 elements; else per element."""
+    if OFF4:
+        j = (gi0 >> 2) + tl.arange(0, BLOCK // 4)
+        rb = sr_bits_of(block_words(key, j, step_lo, 0), block_words(key, j, step_lo, 32))
+    else:
+        gi = gi0 + tl.arange(0, BLOCK).to(tl.int64)
+        j = gi >> 2
+        lane = gi & 3
+        a0, a1, a2, a3 = call_words(key, j, step_lo, 0)
+        w0 = tl.where(lane == 0, a0, tl.where(lane == 1, a1, tl.where(lane == 2, a2, a3)))
+        b0, b1, b2, b3 = call_words(key, j, step_lo, 32)
+        w32 = tl.where(lane == 0, b0, tl.where(lane == 1, b1, tl.where(lane == 2, b2, b3)))
+        rb = sr_bits_of(w0, w32)
+    return rb
+
+
+@triton.jit
 def _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, mask, skip, mult, lr, weight_decay, momentum,
                 dampening, momentum_init, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, key=0, step_lo=0, gi0=0, SR: tl.constexpr = False,
+                IS_BF16: tl.constexpr = False, OFF4: tl.constexpr = False,
+                BLOCK: tl.constexpr = 1024):
     theta = _ld(b_ptr, o, mask, MASKED).to(tl.float32)
     g = _ld(g_ptr, o, mask, MASKED).to(tl.float32)
     d = g * mult
@@ -189,16 +212,23 @@ def _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, mask, skip, mult, lr, weight_deca
         buf = tl.where(skip, m, buf)            # skipped step: momentum untouched
         _st(m_ptr, o, buf.to(m_ptr.dtype.element_ty), mask, MASKED)
     new = tl.where(skip, theta, theta - lr * d)  # skipped step: exact restore only
-    _st(p_ptr, o, new.to(p_ptr.dtype.element_ty), mask, MASKED)
+    if SR:   # SR of an exactly representable value (the skipped step's backup) is exact
+        rb = _sr_rbits(key, step_lo, gi0, o, OFF4, BLOCK)
+        out = stochastic_round_bits(new, rb, IS_BF16).to(p_ptr.dtype.element_ty, bitcast=True)
+    else:
+        out = new.to(p_ptr.dtype.element_ty)
+    _st(p_ptr, o, out, mask, MASKED)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["lr", "weight_decay", "momentum", "dampening",
-                                          "grad_mult", "momentum_init"])
+                                          "grad_mult", "momentum_init", "key", "step_lo"])
 def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_scale_ptr,
                             found_inf_ptr, lr, weight_decay, momentum, dampening, grad_mult,
                             momentum_init, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
                             HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                            ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                            ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                            key=0, step_lo=0, SR: tl.constexpr = False,
+                            IS_BF16: tl.constexpr = False, OFF4: tl.constexpr = False):
     t, s, end, _off = _row(chunks_ptr, meta_ptr, CHUNK)
     p_ptr = _ptr(ptrs_ptr, 0, T, t, carrier, ALIGNED)
     b_ptr = _ptr(ptrs_ptr, 1, T, t, carrier, ALIGNED)
@@ -215,11 +245,13 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
     nfull = (end // BLOCK) * BLOCK
     for it in range(0, nfull, BLOCK):
         _step_block(p_ptr, b_ptr, g_ptr, m_ptr, _offs(s, it, BLOCK), None, skip, mult, lr,
-                    weight_decay, momentum, dampening, momentum_init, HAS_MOM, NESTEROV, False)
+                    weight_decay, momentum, dampening, momentum_init, HAS_MOM, NESTEROV, False,
+                    key, step_lo, _off + s + it, SR, IS_BF16, OFF4, BLOCK)
     if nfull < end:
         o = _offs(s, nfull, BLOCK)
         _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, o < s + end, skip, mult, lr, weight_decay,
-                    momentum, dampening, momentum_init, HAS_MOM, NESTEROV, True)
+                    momentum, dampening, momentum_init, HAS_MOM, NESTEROV, True,
+                    key, step_lo, _off + s + nfull, SR, IS_BF16, OFF4, BLOCK)
 
 
 @triton.jit
@@ -319,15 +351,26 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
                           grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor] | None,
                           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
                           lr: float, weight_decay: float, momentum: float, dampening: float,
-                          nesterov: bool, momentum_init: bool, grad_mult: float) -> None:
+                          nesterov: bool, momentum_init: bool, grad_mult: float,
+                          stochastic_rounding: bool = False, seed: int = 0, bucket_id: int = 0,
+                          step: int = 0, offsets: Sequence[int] | None = None) -> None:
     """theta <- backup, then torch.optim.SGD's update with g2 (fused_flat.sam_reference);
-    a set ``found_inf`` only restores (momentum untouched). No host sync."""
+    a set ``found_inf`` only restores (momentum untouched). No host sync.
+
+    ``stochastic_rounding`` (bf16/fp16 lists; ignored otherwise): theta is stored as
+    SR(theta) with the rbits (tags 0 and 32 of seed, bucket_id, step) of bucket index
+    offsets[t] + e; ``offsets`` default to the packed prefix sums of the numels."""
     mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
                    moms=moms)
     if not params:
         return
     _check_scalar(grad_scale, params[0], "grad_scale")
     _check_scalar(found_inf, params[0], "found_inf")
+    if offsets is not None and len(offsets) != len(params):
+        raise ValueError(f"sam_restore_and_step_: {len(offsets)} offsets for {len(params)} tensors")
+    sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
+    if sr and not 0 <= seed < 2 ** 63:
+        raise ValueError(f"sam_restore_and_step_: seed must be in [0, 2^63), got {seed}")
     if params[0].dtype == torch.float64:
         for i, (p, b, g) in enumerate(zip(params, backups, grads)):
             sam_reference.sam_restore_and_step_(p, b, g, None if moms is None else moms[i],
@@ -335,8 +378,13 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
                                                 momentum, dampening, nesterov, momentum_init,
                                                 grad_mult)
         return
+    if sr and offsets is None:
+        offsets, acc = [], 0
+        for t in params:
+            offsets.append(acc)
+            acc += t.numel()
     lists = [list(params), list(backups), list(grads)] + ([list(moms)] if moms is not None else [])
-    p, ptrs, kw = _launch_args(lists)
+    p, ptrs, kw = _launch_args(lists, offsets if sr else None)
     if p.n_chunks == 0:
         return
     restore_and_step_kernel[(p.n_chunks,)](
@@ -346,7 +394,10 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
         float(lr), float(weight_decay), float(momentum), float(dampening), float(grad_mult),
         int(bool(momentum_init)), HAS_MOM=moms is not None,
         NESTEROV=bool(nesterov) and moms is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, **kw)
+        HAS_FOUND_INF=found_inf is not None,
+        key=philox_key(seed, bucket_id) if sr else 0, step_lo=(step & MASK32) if sr else 0,
+        SR=sr, IS_BF16=params[0].dtype == torch.bfloat16,
+        OFF4=sr and all(int(o) % 4 == 0 for o in offsets), **kw)
 
 
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],

@@ -11,6 +11,7 @@
 //   call_normals       z(tag, 4j + 0..3) of one Philox call (layout version 2)
 //   element_normal     z(tag, i), element_word: w(tag, i) = x_(i & 3)
 //   langevin_update    restore + weight decay + momentum + Langevin noise + SGD update
+//   sr_bf16_bits / sr_fp16_bits   stochastic rounding of an fp32 result (rbits of §1)
 //
 // Noise stream layout version 2 (ALGORITHMS.md §1): call j = i >> 2 serves the 4
 // elements 4j..4j+3 of ONE tag; element i uses the Box-Muller pair (x0, x1) when
@@ -250,6 +251,108 @@ FF_HD void call_noise(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t j, 
 
 // Rademacher sign (+1/-1) from the top bit of a word.
 FF_HD float rademacher(uint32_t word) { return (word >> 31) ? -1.0f : 1.0f; }
+
+// ------------------------------------------------------------------ stochastic rounding
+// 16-bit parameters (ALGORITHMS.md §1): the update pass of step k rounds its fp32 result
+// with the element's 16 random bits
+//   rbits(i) = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8)
+// (the low bytes of its tag-0 and tag-32 Philox words, which uniform24 discards).
+//
+// Definition, both formats (exact arithmetic): with ulp the spacing of the 16-bit grid at
+// |x| (the binade of |x|; the subnormal spacing below the smallest normal),
+//   SR(x) = sign(x) * (floor(|x| / ulp) + up) * ulp,
+//   up    = 1 iff rbits + floor(2^16 * frac(|x| / ulp)) >= 2^16,
+// i.e. add rbits / 2^16 ulp to |x| and truncate toward zero. P(up) = frac(|x| / ulp)
+// exactly whenever the discarded part has at most 16 bits (bf16 always; fp16 down to
+// |x| >= 2^-17), else frac truncated to 16 bits (bias < 2^-16 ulp). An exactly
+// representable x is returned unchanged. Rounding up past the largest finite value
+// gives +-inf (so |x| in (max, next binade) overflows with probability frac; fp16:
+// |x| >= 65536 is always inf). inf stays inf, NaN gives a NaN (0x7FC0 / 0x7E00).
+// For bf16 this is: add rbits to the fp32 bit pattern, keep the high 16 bits.
+// Integer operations only: the same bits on the CPU, the GPU and in Triton.
+FF_HD uint32_t sr_bits_of(uint32_t w0, uint32_t w32) {
+  return (w0 & 0xFFu) | ((w32 & 0xFFu) << 8);
+}
+
+FF_HD uint16_t sr_bf16_bits(float x, uint32_t rbits) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7F800000u) == 0x7F800000u) {                 // inf / NaN
+    return static_cast<uint16_t>((u & 0x007FFFFFu) ? 0x7FC0u : (u >> 16));
+  }
+  return static_cast<uint16_t>((u + (rbits & 0xFFFFu)) >> 16);
+}
+
+FF_HD uint16_t sr_fp16_bits(float x, uint32_t rbits) {
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t m = u & 0x7FFFFFFFu;
+  const uint32_t E = m >> 23;                               // fp32 biased exponent
+  if (E == 0xFFu) return static_cast<uint16_t>((m & 0x007FFFFFu) ? 0x7E00u : (sign | 0x7C00u));
+  // significand with the implicit bit; value = sig * 2^(max(E, 1) - 150)
+  const uint64_t sig = static_cast<uint64_t>(E ? ((m & 0x007FFFFFu) | 0x00800000u) : m);
+  // bits of sig below the fp16 grid: 13 in fp16's normal range (E >= 113), more below
+  const uint32_t shift = E >= 113u ? 13u : (E == 0u ? 125u : 126u - E);
+  const uint32_t S = shift < 40u ? shift : 40u;             // sig < 2^24: >= 40 drops all
+  const uint64_t k = sig >> S;                              // truncated, in grid units
+  const uint64_t d = ((sig & ((uint64_t(1) << S) - 1u)) << 16) >> S;  // floor(2^16 frac)
+  const uint32_t up = static_cast<uint32_t>(((rbits & 0xFFFFu) + d) >> 16);
+  uint32_t h = (E >= 113u ? ((E - 113u) << 10) : 0u) + static_cast<uint32_t>(k) + up;
+  h = h < 0x7C00u ? h : 0x7C00u;                            // overflow: inf
+  return static_cast<uint16_t>(sign | h);
+}
+
+// Round-to-nearest-even fp32 -> 16-bit bits (perturb_from_, copies). NaN -> 0x7FC0/0x7E00.
+FF_HD uint16_t rne_bf16_bits(float x) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+  return static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
+// rbits of the 4 elements of call j from the words of its tag-0 and tag-32 calls.
+FF_HD void call_sr_bits(Words4 w0, Words4 w32, uint32_t* rb) {
+  rb[0] = sr_bits_of(w0.x0, w32.x0);
+  rb[1] = sr_bits_of(w0.x1, w32.x1);
+  rb[2] = sr_bits_of(w0.x2, w32.x2);
+  rb[3] = sr_bits_of(w0.x3, w32.x3);
+}
+
+// rbits of one element (the bucket's edges; SAM passes): two Philox calls.
+FF_HD uint32_t element_sr_bits(PhiloxKey key, int64_t step, int64_t gi) {
+  return sr_bits_of(element_word(key, step, kTagEps, gi), element_word(key, step, kTagXi, gi));
+}
+
+// Noise and rbits of the 4 elements of call j for an update pass with stochastic
+// rounding: the words of the eps (if eps_tag == 0) and xi calls are reused, so a pass
+// that already makes both calls makes no extra Philox call; otherwise the missing
+// tag-0 / tag-32 call is made for the rbits alone.
+template <bool kEps, bool kXi>
+FF_HD void call_noise_sr(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t j, float* e,
+                         float* x, uint32_t* rb) {
+  Words4 w0, w32;
+  if (kEps) {
+    const Words4 we = noise_words(key, j, step, eps_tag);
+    call_normals(we, e[0], e[1], e[2], e[3]);
+    w0 = eps_tag == kTagEps ? we : noise_words(key, j, step, kTagEps);
+  } else {
+    e[0] = e[1] = e[2] = e[3] = 0.0f;
+    w0 = noise_words(key, j, step, kTagEps);
+  }
+  w32 = noise_words(key, j, step, kTagXi);
+  if (kXi) {
+    call_normals(w32, x[0], x[1], x[2], x[3]);
+  } else {
+    x[0] = x[1] = x[2] = x[3] = 0.0f;
+  }
+  call_sr_bits(w0, w32, rb);
+}
+
+// One element's noise and rbits (edges of a slice).
+template <bool kEps, bool kXi>
+FF_HD void element_noise_sr(PhiloxKey key, int64_t step, uint32_t eps_tag, int64_t gi,
+                            float& eps, float& xi, uint32_t& rbits) {
+  element_noise<kEps, kXi>(key, step, eps_tag, gi, eps, xi);
+  rbits = element_sr_bits(key, step, gi);
+}
 
 // Hyperparameters of one update pass, in the compute type acc_t (float, or double
 // for fp64 buckets). All are runtime values (an LR scheduler never recompiles).
