@@ -87,8 +87,11 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                               *extra)
 
     def perturb_from_list(params, masters, offsets, seed, bucket_id, step, tag, sigma):
+        if perturb_from_ is None:
+            raise NotImplementedError(f"fused_flat: backend '{name}' has no perturb_from_ kernel "
+                                      f"(master_weights=True); use backend='reference'")
         for p, m, off in zip(params, masters, offsets):
-            (perturb_from_ or _perturb_from_torch)(p, m, seed, bucket_id, step, tag, sigma, off)
+            perturb_from_(p, m, seed, bucket_id, step, tag, sigma, off)
 
     kw = {}
     if sam is not None:
@@ -129,14 +132,6 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                    perturb_from_=perturb_from_list, stochastic_rounding=sr, **kw)
 
 
-def _perturb_from_torch(param, master, seed, bucket_id, step, tag, sigma, offset=0):
-    """param <- round(master + sigma * z(tag)) in plain torch (fp32 math), for backends
-    without a ``perturb_from_`` kernel."""
-    from fused_flat import noise
-
-    z = noise.normal_noise(seed, bucket_id, step, tag, offset, param.numel(), param.device)
-    param.copy_(master.float() + sigma * z)
-
 
 def with_sam_lists(b: Backend, mod) -> Backend:
     """``b`` with the SAM-family list ops of ``mod`` (functions already taking lists: one
@@ -154,7 +149,7 @@ def _reference() -> Backend:
     from fused_flat import reference, sam_reference
 
     return lift("reference", ("cpu", "cuda", "meta"), reference.perturb_,
-                reference.restore_and_step_, sam_reference)
+                reference.restore_and_step_, sam_reference, perturb_from_=reference.perturb_from_)
 
 
 def _compiled(name: str, device: str) -> Backend:
@@ -175,7 +170,7 @@ def _compiled(name: str, device: str) -> Backend:
                                 f"older sources); the SAM family runs on the pure-torch reference "
                                 f"backend. Rebuild: {_native.BUILD_HINT}.")
     b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
-             ops.all_finite if device == "cpu" else None)
+             ops.all_finite if device == "cpu" else None, ops.perturb_from_)
     if device == "cuda":
         from fused_flat import cuda_sam
 

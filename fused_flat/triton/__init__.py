@@ -197,4 +197,5 @@ def backend() -> backends.Backend:
     devices = ("cuda", "cpu") if interpreted() else ("cuda",)
     from fused_flat.triton import sam
 
-    return backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_), sam)
+    return backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_,
+                                                 perturb_from_=perturb_from_), sam)
