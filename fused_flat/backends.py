@@ -37,6 +37,7 @@ from fused_flat import _native
 
 NAMES = ("auto", "reference", "cpp", "cuda", "triton")
 SAM_OPS = ("sam_grad_sq_norm", "sam_perturb_", "sam_restore_and_step_", "sam_probe_")
+LANGEVIN_OPS = ("perturb_", "restore_and_step_", "all_finite")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,12 @@ def with_sam_lists(b: Backend, mod) -> Backend:
     """``b`` with the SAM-family list ops of ``mod`` (functions already taking lists: one
     launch per bucket, fused_flat.triton.sam and fused_flat.cuda_sam)."""
     return dataclasses.replace(b, **{name: getattr(mod, name) for name in SAM_OPS})
+
+
+def with_langevin_lists(b: Backend, mod) -> Backend:
+    """``b`` with the Langevin list ops and ``all_finite`` of ``mod`` (functions already
+    taking lists: one launch per bucket, fused_flat.triton.multi and fused_flat.cuda_multi)."""
+    return dataclasses.replace(b, **{name: getattr(mod, name) for name in LANGEVIN_OPS})
 
 
 # --------------------------------------------------------------------------- factories

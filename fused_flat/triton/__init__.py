@@ -157,6 +157,7 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
 def backend() -> backends.Backend:
     """The 'triton' Backend: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
     devices = ("cuda", "cpu") if interpreted() else ("cuda",)
-    from fused_flat.triton import sam
+    from fused_flat.triton import multi, sam
 
-    return backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_), sam)
+    b = backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_), sam)
+    return backends.with_langevin_lists(b, multi)   # one launch per bucket per pass
