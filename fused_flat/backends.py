@@ -16,7 +16,9 @@ tensor's offset in the bucket's index space:
 
 (the per-element math: fused_flat.reference and fused_flat.sam_reference). Backends whose
 kernels take one tensor at a time (the reference, the C++ CPU ops) are lifted to lists here;
-GPU backends may launch once per list.
+the GPU backends launch once per list ('triton': fused_flat.triton.multi / .sam, 'cuda':
+fused_flat.cuda_multi / cuda_sam). Their ``restore_and_step_`` also takes
+``stochastic_rounding=False``.
 
 'auto' rule: CUDA tensors -> 'triton' when Triton is importable, else 'cuda' (the compiled
 CUDA kernels), else 'reference'; CPU tensors -> 'cpp', else 'reference'. A backend without
@@ -154,6 +156,10 @@ def _compiled(name: str, device: str) -> Backend:
 
         if cuda_sam.available():
             b = with_sam_lists(b, cuda_sam)
+        from fused_flat import cuda_multi
+
+        if cuda_multi.available():
+            b = with_langevin_lists(b, cuda_multi)   # one launch per bucket per pass
     return b
 
 

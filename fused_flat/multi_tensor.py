@@ -118,6 +118,21 @@ def plan(numels: Sequence[int], chunk: int, device, offsets: Sequence[int] | Non
     return _chunk_cache.get_or_make(key, make)
 
 
+def frame_numels(numels: Sequence[int], offsets: Sequence[int]) -> list[int]:
+    """Frame sizes of the Langevin multi-tensor kernels: ``numel + (offset & 3)`` (0 for an
+    empty tensor). Frame position f of tensor t is element f - (offset_t & 3), bucket index
+    4 * (offset_t >> 2) + f: blocks of frame positions starting at multiples of 4 are whole
+    Philox calls (noise layout v2) whatever the offset."""
+    if len(offsets) != len(numels):
+        raise ValueError(f"{len(offsets)} offsets for {len(numels)} tensors")
+    return [int(n) + (int(o) & 3) if int(n) else 0 for n, o in zip(numels, offsets)]
+
+
+def frame_plan(numels: Sequence[int], offsets: Sequence[int], chunk: int, device) -> Plan:
+    """``plan`` over the frame sizes (meta rows (numel + (offset & 3), offset))."""
+    return plan(frame_numels(numels, offsets), chunk, device, offsets)
+
+
 def pointer_table(lists: Sequence[Sequence[torch.Tensor]], device) -> torch.Tensor:
     """Cached int64 [K, T] table of data_ptr()s, one row per tensor list (all of length T)."""
     device = torch.device(device)

@@ -266,9 +266,8 @@ def all_finite_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, scratch_ptr, o
 def _frame_plan(lists, offsets):
     """Tables for the call frame: numel + (offset & 3) per tensor (0 for empty tensors)."""
     ref = lists[0]
-    numels = [t.numel() + (int(o) & 3) if t.numel() else 0 for t, o in zip(ref, offsets)]
     device = ref[0].device
-    p = mt.plan(numels, CHUNK, device, offsets)
+    p = mt.frame_plan([t.numel() for t in ref], offsets, CHUNK, device)
     ptrs = mt.pointer_table(lists, device)
     es = ref[0].element_size()
     aligned = all((t.data_ptr() - (int(o) & 3) * es) % 16 == 0
