@@ -60,7 +60,8 @@ def _extensions():
     macros = []
     extra = {"cxx": cxx}
     if with_cuda:
-        # csrc/cuda/*.cu: kernels_cuda.cu (flat passes), sam_cuda.cu (multi-tensor SAM)
+        # csrc/cuda/*.cu: kernels_cuda.cu (flat passes), sam_cuda.cu (multi-tensor SAM),
+        # multi_langevin.cu (multi-tensor Langevin passes and all_finite)
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         sources += CUDA_ONLY_SOURCES
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]

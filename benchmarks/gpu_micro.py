@@ -9,8 +9,10 @@ For each size (elements; 1M .. 1B as device memory allows) and dtype, on one CUD
     flat Langevin passes (backend 'cuda' and 'triton', one bucket):
       perturb_            theta read + write                       2 n s
       restore_and_step_   theta, g read; theta write (no momentum) 3 n s
-    multi-tensor SAM passes (fused_flat.cuda_sam and fused_flat.triton.sam, a list of
-    ``--tensors`` tensors of mixed sizes summing to n):
+    multi-tensor Langevin passes (fused_flat.cuda_multi and fused_flat.triton.multi, one
+    launch for a list of ``--tensors`` tensors of mixed sizes summing to n, packed offsets):
+      perturb_ (list), restore_and_step_ (list): bytes as the flat passes
+    multi-tensor SAM passes (fused_flat.cuda_sam and fused_flat.triton.sam, the same list):
       sam_grad_sq_norm    g read                                   1 n s
       sam_perturb_        theta, g read; theta, backup write       4 n s
       sam_restore_and_step_ backup, g read; theta write            3 n s
@@ -18,6 +20,11 @@ For each size (elements; 1M .. 1B as device memory allows) and dtype, on one CUD
   reported as GB/s and fraction of the copy bandwidth at the same size.
 
 Target (issue 12): every fused pass >= 85% of copy bandwidth at >= 64M elements.
+
+Launch overhead (issue 12, "one launch per bucket"): the Langevin passes over the 62
+parameter tensors of a ResNet-18 (10 classes, 11.2M elements, fp32), one multi-tensor launch
+vs one per-tensor launch per tensor (fused_flat.ops / fused_flat.triton per-tensor ops),
+reported separately (``launch`` in the JSON, its own table; no bandwidth verdict).
 A pass that cannot run (backend missing, API changed) is listed with the reason, never
 silently dropped. Usage: python benchmarks/gpu_micro.py [--sizes 1M,64M] [--out results]
 """
@@ -97,9 +104,16 @@ def _passes(n: int, dtype: torch.dtype, n_tensors: int, dev):
                                  0.0, False, False, 1e-4, 1.0)
         return [("perturb_", 2, perturb), ("restore_and_step_", 3, restore)]
 
-    def multi(mod):
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def multi(mod, lang):
         coef = torch.full((), 1e-3, dtype=torch.float64, device=dev)
         return [
+            ("perturb_ (list)", 2, lambda: lang.perturb_(ps, offs, 1234, 0, 1, 0, 1e-3)),
+            ("restore_and_step_ (list)", 3, lambda: lang.restore_and_step_(
+                ps, gs, None, offs, None, None, 1234, 0, 1, 0, 1e-3, 1e-6, 0.0, 0.0, 0.0, False,
+                False, 1e-4, 1.0)),
+        ] + [
             ("sam_grad_sq_norm", 1, lambda: mod.sam_grad_sq_norm(gs, None, 0.0)),
             ("sam_perturb_", 4, lambda: mod.sam_perturb_(ps, gs, bs, False, coef, 0.0)),
             ("sam_restore_and_step_", 3, lambda: mod.sam_restore_and_step_(
@@ -109,16 +123,74 @@ def _passes(n: int, dtype: torch.dtype, n_tensors: int, dev):
         ]
 
     for label, make in (("cuda", lambda: flat("cuda")), ("triton", lambda: flat("triton")),
-                        ("cuda-multi", lambda: multi(__import__("fused_flat.cuda_sam",
-                                                                fromlist=["x"]))),
-                        ("triton-multi", lambda: multi(__import__("fused_flat.triton.sam",
-                                                                  fromlist=["x"])))):
+                        ("cuda-multi", lambda: multi(_mod("fused_flat.cuda_sam"),
+                                                     _mod("fused_flat.cuda_multi"))),
+                        ("triton-multi", lambda: multi(_mod("fused_flat.triton.sam"),
+                                                       _mod("fused_flat.triton.multi")))):
         try:
             for name, mult, fn in make():
                 out.append((f"{name} [{label}]", mult * s, fn))
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             out.append((f"* [{label}]", 0, exc))
     return out
+
+
+def _mod(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+# parameter numels of torchvision's resnet18(num_classes=10), in model order (62 tensors)
+RESNET18_SIZES = [9408, 64, 64, 36864, 64, 64, 36864, 64, 64, 36864, 64, 64, 36864, 64, 64,
+                  73728, 128, 128, 147456, 128, 128, 8192, 128, 128, 147456, 128, 128, 147456,
+                  128, 128, 294912, 256, 256, 589824, 256, 256, 32768, 256, 256, 589824, 256, 256,
+                  589824, 256, 256, 1179648, 512, 512, 2359296, 512, 512, 131072, 512, 512,
+                  2359296, 512, 512, 2359296, 512, 512, 5120, 10]
+
+
+def launch_overhead(reps: int) -> tuple[list[dict], list[str]]:
+    """The Langevin passes over a ResNet-18-shaped list: one launch vs per-tensor launches."""
+    dev = torch.device("cuda")
+    sizes = RESNET18_SIZES
+    offs, acc = [], 0
+    for n in sizes:             # bucket offsets rounded up to whole Philox calls (ALGORITHMS §1)
+        offs.append(acc)
+        acc += (n + 3) // 4 * 4
+    ps = [torch.randn(n, device=dev) for n in sizes]
+    gs = [torch.randn(n, device=dev) * 1e-3 for n in sizes]
+    ms = [torch.zeros(n, device=dev) for n in sizes]
+    rows, notes = [], []
+    hyper = (1234, 0, 1, 0, 1e-3, 1e-6, 5e-4, 0.9, 0.0, False, False, 1e-4, 1.0)
+
+    def cases():
+        yield "cuda", "one launch", _mod("fused_flat.cuda_multi"), True
+        yield "cuda", "per tensor", _mod("fused_flat.ops"), False
+        yield "triton", "one launch", _mod("fused_flat.triton.multi"), True
+        yield "triton", "per tensor", _mod("fused_flat.triton"), False
+
+    for label, how, mod, is_list in cases():
+        try:
+            if is_list:
+                pert = lambda: mod.perturb_(ps, offs, 1234, 0, 1, 0, 1e-3)  # noqa: E731
+                step = lambda: mod.restore_and_step_(ps, gs, ms, offs, None, None, *hyper)  # noqa: E731
+            else:
+                def pert():
+                    for p, o in zip(ps, offs):
+                        mod.perturb_(p, 1234, 0, 1, 0, 1e-3, o)
+
+                def step():
+                    for p, g, m, o in zip(ps, gs, ms, offs):
+                        mod.restore_and_step_(p, g, m, None, None, 1234, 0, 1, o, *hyper[3:])
+            for name, fn, launches in (("perturb_", pert, 1 if is_list else len(sizes)),
+                                       ("restore_and_step_ (momentum)", step,
+                                        1 if is_list else len(sizes))):
+                t = time_cuda(fn, reps)
+                rows.append(dict(backend=label, how=how, pass_=name, launches=launches,
+                                 tensors=len(sizes), n=sum(sizes), seconds=t))
+        except Exception as exc:  # noqa: BLE001 - reported, not hidden
+            notes.append(f"launch overhead [{label}, {how}]: not run: {type(exc).__name__}: {exc}")
+    return rows, notes
 
 
 def run(sizes: list[int], dtypes: list[torch.dtype], n_tensors: int, reps: int) -> dict:
@@ -152,7 +224,9 @@ def run(sizes: list[int], dtypes: list[torch.dtype], n_tensors: int, reps: int) 
                 rows.append(dict(dtype=str(dtype).replace("torch.", ""), n=n, pass_=name,
                                  seconds=t, gbps=bw / 1e9, fraction=bw / copy_bw))
             torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "rows": rows, "notes": notes,
+    launch, launch_notes = launch_overhead(reps)
+    return {"device": torch.cuda.get_device_name(), "rows": rows, "notes": notes + launch_notes,
+            "launch": launch,
             "target": {"fraction": TARGET_FRACTION, "min_size": TARGET_MIN_SIZE}}
 
 
@@ -180,6 +254,12 @@ def markdown(result: dict) -> list[str]:
     for r in result["rows"]:
         md.append(f"| {r['dtype']} | {r['n']:,} | {r['pass_']} | {r['seconds'] * 1e3:.3f} | "
                   f"{r['gbps']:.0f} | {r['fraction']:.0%} |")
+    if result.get("launch"):
+        md += ["", "Launch overhead: ResNet-18-shaped list (62 fp32 tensors, 11.2M elements).", "",
+               "| backend | pass | how | launches | ms |", "|---|---|---|---:|---:|"]
+        for r in result["launch"]:
+            md.append(f"| {r['backend']} | {r['pass_']} | {r['how']} | {r['launches']} | "
+                      f"{r['seconds'] * 1e3:.3f} |")
     if result["notes"]:
         md += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
     return md

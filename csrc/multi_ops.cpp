@@ -1,7 +1,8 @@
 // Op schemas of the multi-tensor (tensor-list) ops: one launch per bucket per pass.
-// A fragment of the fused_flat library. Kernels: csrc/cuda/sam_cuda.cu (CUDA dispatch key
-// only); Python entry points with list signatures: fused_flat/cuda_sam.py, which builds the
-// launch tables with fused_flat.multi_tensor:
+// A fragment of the fused_flat library. Kernels: csrc/cuda/sam_cuda.cu and
+// csrc/cuda/multi_langevin.cu (CUDA dispatch key only); Python entry points with list
+// signatures: fused_flat/cuda_sam.py and fused_flat/cuda_multi.py, which build the launch
+// tables with fused_flat.multi_tensor:
 //   chunks  int64 [n_chunks, 2]  rows (tensor index, first element); one block per row
 //   meta    int64 [T, 2]         rows (numel, bucket offset of element 0)
 //   ptrs    int64 [K, T]         data_ptr() of each tensor of each of the K list arguments
@@ -36,4 +37,23 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
   // Philox call i >> 2).
   m.def("sam_probe_multi_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor chunks, "
         "Tensor meta, Tensor ptrs, int chunk, int seed, int bucket_id, int step, float delta) -> ()");
+
+  // ---- Langevin passes (issue 12). Their tables are built for the call frame
+  // (fused_flat.multi_tensor.frame_plan): meta row t = (numel_t + (offset_t & 3), offset_t),
+  // chunk rows over those frame sizes (csrc/cuda/multi_langevin.cuh). Noise layout v2.
+  // theta <- theta + sigma * eps(tag) at bucket indices offset_t + e.
+  m.def("perturb_multi_(Tensor(a!)[] params, Tensor chunks, Tensor meta, Tensor ptrs, int chunk, "
+        "int seed, int bucket_id, int step, int tag, float sigma) -> ()");
+  // The fused restore + decay + momentum + Langevin + update pass (fused_flat.reference's
+  // restore_and_step_ per tensor); an empty moms list: no momentum. grad_scale / found_inf
+  // are read on the device; a set found_inf only restores (momentum untouched).
+  m.def("restore_and_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, "
+        "Tensor? grad_scale, Tensor? found_inf, Tensor chunks, Tensor meta, Tensor ptrs, "
+        "int chunk, int seed, int bucket_id, int step, int restore_tag, float sigma, float lr, "
+        "float weight_decay, float momentum, float dampening, bool nesterov, bool momentum_init, "
+        "float noise_std, float grad_mult) -> ()");
+  // float32 [1]: 1.0 if any element of any tensor is inf or NaN. Plain (element) tables.
+  // scratch: a zeroed int32 [2] (flag, blocks done), left zeroed; one per device and stream.
+  m.def("all_finite_multi(Tensor[] tensors, Tensor chunks, Tensor meta, Tensor ptrs, int chunk, "
+        "Tensor(a!) scratch) -> Tensor");
 }

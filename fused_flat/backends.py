@@ -20,7 +20,9 @@ tensor's offset in the bucket's index space:
 
 (the per-element math: fused_flat.reference and fused_flat.sam_reference). Backends whose
 kernels take one tensor at a time (the reference, the C++ CPU ops) are lifted to lists here;
-GPU backends may launch once per list.
+the GPU backends launch once per list ('triton': fused_flat.triton.multi / .sam, 'cuda':
+fused_flat.cuda_multi / cuda_sam). Their ``restore_and_step_`` also takes
+``stochastic_rounding=False``.
 
 'auto' rule: CUDA tensors -> 'triton' when Triton is importable, else 'cuda' (the compiled
 CUDA kernels), else 'reference'; CPU tensors -> 'cpp', else 'reference'. A backend without
@@ -41,6 +43,7 @@ from fused_flat import _native
 
 NAMES = ("auto", "reference", "cpp", "cuda", "triton")
 SAM_OPS = ("sam_grad_sq_norm", "sam_perturb_", "sam_restore_and_step_", "sam_probe_")
+LANGEVIN_OPS = ("perturb_", "restore_and_step_", "all_finite")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,12 @@ def with_sam_lists(b: Backend, mod) -> Backend:
                                **{name: getattr(mod, name) for name in SAM_OPS})
 
 
+def with_langevin_lists(b: Backend, mod) -> Backend:
+    """``b`` with the Langevin list ops and ``all_finite`` of ``mod`` (functions already
+    taking lists: one launch per bucket, fused_flat.triton.multi and fused_flat.cuda_multi)."""
+    return dataclasses.replace(b, **{name: getattr(mod, name) for name in LANGEVIN_OPS})
+
+
 # --------------------------------------------------------------------------- factories
 def _reference() -> Backend:
     from fused_flat import reference, sam_reference
@@ -176,6 +185,10 @@ def _compiled(name: str, device: str) -> Backend:
 
         if cuda_sam.available():
             b = with_sam_lists(b, cuda_sam)
+        from fused_flat import cuda_multi
+
+        if cuda_multi.available():
+            b = with_langevin_lists(b, cuda_multi)   # one launch per bucket per pass
     return b
 
 

@@ -23,8 +23,6 @@ from typing import Sequence
 
 import torch
 
-from torch._subclasses.fake_tensor import FakeTensor
-
 from fused_flat import _native, cuda_arch
 from fused_flat import multi_tensor as mt
 
@@ -51,12 +49,8 @@ def _tables(lists, offsets=None):
     if device.type != "cuda":
         raise ValueError(f"fused_flat.cuda_sam: CUDA tensors only, got {device}; use "
                          f"fused_flat.triton.sam, fused_flat.sam_ops or fused_flat.sam_reference")
-    if isinstance(ref[0], FakeTensor):
-        # tracing (FakeTensorMode, torch.compile): no memory, so no tables; the ops' fake
-        # implementations do not read them
-        empty = torch.zeros((0, 2), dtype=torch.int64, device=device)
-        return mt.Plan(empty, empty, CHUNK, 0, len(ref)), torch.zeros((len(lists), len(ref)),
-                                                                      dtype=torch.int64, device=device)
+    if mt.tracing(ref[0]):
+        return mt.placeholder_tables(len(lists), len(ref), CHUNK, device)
     cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
     p = mt.plan([t.numel() for t in ref], CHUNK, device, offsets)
     return p, mt.pointer_table(lists, device)

@@ -118,6 +118,21 @@ def plan(numels: Sequence[int], chunk: int, device, offsets: Sequence[int] | Non
     return _chunk_cache.get_or_make(key, make)
 
 
+def frame_numels(numels: Sequence[int], offsets: Sequence[int]) -> list[int]:
+    """Frame sizes of the Langevin multi-tensor kernels: ``numel + (offset & 3)`` (0 for an
+    empty tensor). Frame position f of tensor t is element f - (offset_t & 3), bucket index
+    4 * (offset_t >> 2) + f: blocks of frame positions starting at multiples of 4 are whole
+    Philox calls (noise layout v2) whatever the offset."""
+    if len(offsets) != len(numels):
+        raise ValueError(f"{len(offsets)} offsets for {len(numels)} tensors")
+    return [int(n) + (int(o) & 3) if int(n) else 0 for n, o in zip(numels, offsets)]
+
+
+def frame_plan(numels: Sequence[int], offsets: Sequence[int], chunk: int, device) -> Plan:
+    """``plan`` over the frame sizes (meta rows (numel + (offset & 3), offset))."""
+    return plan(frame_numels(numels, offsets), chunk, device, offsets)
+
+
 def pointer_table(lists: Sequence[Sequence[torch.Tensor]], device) -> torch.Tensor:
     """Cached int64 [K, T] table of data_ptr()s, one row per tensor list (all of length T)."""
     device = torch.device(device)
@@ -165,3 +180,18 @@ def check_lists(what: str, ref_name: str, ref: Sequence[torch.Tensor], **others)
 def clear_caches() -> None:
     _chunk_cache.clear()
     _ptr_cache.clear()
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake tensor (FakeTensorMode, torch.compile tracing): no memory, so
+    no pointer or chunk tables; the ops' fake implementations do not read them."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def placeholder_tables(n_lists: int, n_tensors: int, chunk: int, device) -> tuple[Plan, torch.Tensor]:
+    """Empty (plan, pointer table) for tracing (never cached: fake tensors must not leak)."""
+    empty = torch.zeros((0, 2), dtype=torch.int64, device=device)
+    return (Plan(empty, empty, chunk, 0, n_tensors),
+            torch.zeros((n_lists, n_tensors), dtype=torch.int64, device=device))

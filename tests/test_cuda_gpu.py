@@ -1,4 +1,5 @@
-"""GPU tests of the compiled CUDA kernels (csrc/cuda/kernels_cuda.cu).
+"""GPU tests of the compiled CUDA kernels (csrc/cuda/kernels_cuda.cu, and the multi-tensor
+Langevin kernels of csrc/cuda/multi_langevin.cu at the end).
 
 They need an NVIDIA GPU and an extension built with CUDA; without a GPU the whole module
 is skipped (the static checks of tests/test_cuda_static.py run instead).
@@ -36,7 +37,12 @@ ULP_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -7
 
 @pytest.fixture(scope="module")
 def cuda_be():
-    return backends.per_tensor(backends.get("cuda"))   # raises (test error) if the extension lacks CUDA kernels
+    # the per-tensor kernels of kernels_cuda.cu (the 'cuda' backend's list ops are the
+    # multi-tensor kernels, tested at the end of this file)
+    backends.get("cuda")   # raises (test error) if the extension lacks CUDA kernels
+    from fused_flat import ops
+
+    return ops
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +313,105 @@ def test_fsgld_optimizer_cuda_vs_reference(momentum):
     assert moved > 1e-2
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ multi-tensor (issue 12)
+def _multi_case(dtype, seed):
+    """A list of shifted CUDA views (1-element, odd, >1 chunk sizes) with odd / even / huge
+    bucket offsets, and its CPU copies."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1, 3, 4097, 70000, 5, 16384, 2]
+    offsets = [0, 7, 13, 1 << 33, 4100, 2 ** 20 + 1, 6]
+    shifts = [0, 1, 2, 3, 0, 3, 1]
+    return sizes, offsets, [_bucket(n, dtype, sh, gen, base=1.0) for n, sh in zip(sizes, shifts)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_multi_perturb_matches_cpu(cpp_be, dtype):
+    from fused_flat import cuda_multi
+
+    sizes, offsets, ps = _multi_case(dtype, 1)
+    cpu = [_cpu_copy(p) for p in ps]
+    cuda_multi.perturb_(ps, offsets, SEED, 4, 9, 2, 0.05)
+    for p, q, off in zip(ps, cpu, offsets):
+        cpp_be.perturb_(q, SEED, 4, 9, 2, 0.05, off)
+        _assert_identical(p, q, f"perturb_multi_ {dtype} n={q.numel()} offset={off}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mom", list(MOMENTUM))
+@pytest.mark.parametrize("noise", list(NOISE))
+@pytest.mark.parametrize("fi", [None, 0.0, 1.0])
+def test_multi_restore_and_step_matches_cpu(cpp_be, dtype, mom, noise, fi):
+    from fused_flat import cuda_multi
+
+    sizes, offsets, ps = _multi_case(dtype, 2)
+    gen = torch.Generator().manual_seed(3)
+    gs = [_bucket(n, dtype, 0, gen) for n in sizes]
+    ms = [_bucket(n, dtype, 1, gen) for n in sizes] if MOMENTUM[mom][0] else None
+    _, mu, damp, nest, init = MOMENTUM[mom]
+    sigma, noise_std = NOISE[noise]
+    gs_t = torch.tensor([4.0], device="cuda")
+    fi_t = None if fi is None else torch.tensor([fi], device="cuda")
+    cpu = ([_cpu_copy(p) for p in ps], [_cpu_copy(g) for g in gs],
+           None if ms is None else [_cpu_copy(m) for m in ms])
+    cuda_multi.restore_and_step_(ps, gs, ms, offsets, gs_t, fi_t, SEED, 2, 9, 1, sigma, 0.1, 5e-4,
+                                 mu, damp, nest, init, noise_std, 0.5)
+    for t, off in enumerate(offsets):
+        cpp_be.restore_and_step_(cpu[0][t], cpu[1][t], None if ms is None else cpu[2][t],
+                                 gs_t.cpu(), None if fi is None else fi_t.cpu(), SEED, 2, 9, off, 1,
+                                 sigma, 0.1, 5e-4, mu, damp, nest, init, noise_std, 0.5)
+        _assert_identical(ps[t], cpu[0][t], f"restore_and_step_multi_ theta t={t} {dtype}")
+        if ms is not None:
+            _assert_identical(ms[t], cpu[2][t], f"restore_and_step_multi_ m t={t} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_multi_all_finite(dtype):
+    from fused_flat import cuda_multi
+
+    ts = [torch.randn(n, device="cuda").to(dtype) for n in (1, 70000, 0, 33)]
+    for _ in range(3):
+        assert cuda_multi.all_finite(ts).item() == 0.0
+    for t_i, e, bad in ((0, 0, float("nan")), (1, 69999, float("inf")), (3, 5, float("-inf"))):
+        bads = [t.clone() for t in ts]
+        bads[t_i][e] = bad
+        assert cuda_multi.all_finite(bads).item() == 1.0
+        assert cuda_multi.all_finite(ts).item() == 0.0
+    assert all(not s.any() for s in cuda_multi._scratch.values())
+
+
+def test_multi_no_host_sync_and_graph_capture():
+    from fused_flat import cuda_multi
+
+    sizes, offsets, ps = _multi_case(torch.float32, 4)
+    gs = [torch.randn_like(p) for p in ps]
+    fi = cuda_multi.all_finite(gs)        # warm the caches (tables, scratch)
+    cuda_multi.perturb_(ps, offsets, SEED, 2, 9, 0, 0.03)
+    cuda_multi.restore_and_step_(ps, gs, None, offsets, None, fi, SEED, 2, 9, 0, 0.03, 0.1, 0.0,
+                                 0.0, 0.0, False, False, 1e-3, 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fi = cuda_multi.all_finite(gs)
+        cuda_multi.perturb_(ps, offsets, SEED, 2, 10, 0, 0.03)
+        cuda_multi.restore_and_step_(ps, gs, None, offsets, None, fi, SEED, 2, 10, 0, 0.03, 0.1,
+                                     0.0, 0.0, 0.0, False, False, 1e-3, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    qs = [p.clone() for p in ps]
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cuda_multi.all_finite(gs)     # the scratch of this stream, before capture
+        with torch.cuda.graph(g, stream=s):
+            fi2 = cuda_multi.all_finite(gs)
+            cuda_multi.perturb_(ps, offsets, SEED, 2, 11, 0, 0.03)
+    g.replay()
+    torch.cuda.synchronize()
+    for q, off in zip(qs, offsets):
+        cuda_multi.perturb_([q], [off], SEED, 2, 11, 0, 0.03)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+    assert fi2.item() == 0.0

@@ -42,9 +42,13 @@ RS_VARIANTS = {
     # fSGLD as used by default: no momentum
     "fsgld": dict(HAS_MOM=False, NESTEROV=False, NEED_EPS=True, NEED_XI=True,
                   HAS_GRAD_SCALE=False, HAS_FOUND_INF=True),
+    # 16-bit with stochastic rounding (its bits from the eps and xi words)
+    "sr": dict(HAS_MOM=True, NESTEROV=True, NEED_EPS=True, NEED_XI=True,
+               HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, SR=True, EPS_TAG0=True),
 }
-# bf16 buckets: the register peak only (keeps the whole file under ~30 s on 2 cores)
-BF16_VARIANTS = ("all",)
+# bf16 buckets: the register peaks only (keeps the whole file under ~30 s on 2 cores)
+BF16_VARIANTS = ("all", "sr")
+FP32_VARIANTS = ("all", "fsgld")
 
 
 def _compile_report() -> dict:
@@ -85,7 +89,7 @@ def _compile_report() -> dict:
             out[f"perturb/{dt}/sm{cc}"] = build(perturb.perturb_kernel, sig,
                                                 {"MIS": 0, "BLOCK": perturb.BLOCK}, ["param_ptr"], cc)
             for name, flags in RS_VARIANTS.items():
-                if dt == "bf16" and name not in BF16_VARIANTS:
+                if name not in (BF16_VARIANTS if dt == "bf16" else FP32_VARIANTS):
                     continue
                 mom = flags["HAS_MOM"]
                 sig = {"param_ptr": f"*{dt}", "grad_ptr": f"*{dt}",
@@ -94,7 +98,8 @@ def _compile_report() -> dict:
                        "step_lo": "i64", "offset": "i64", "n": "i64", "restore_tag": "i32"}
                 sig.update({s: "fp32" for s in SCALARS})
                 sig["momentum_init"] = "i32"
-                const = dict(flags, MIS=0, BLOCK=restore_and_step.BLOCK)
+                const = dict(dict(SR=False, EPS_TAG0=False), **flags, MIS=0,
+                             BLOCK=restore_and_step.BLOCK, IS_BF16=dt == "bf16")
                 sig.update({c: "constexpr" for c in const})
                 if not mom:
                     const["mom_ptr"] = None
@@ -146,7 +151,7 @@ def _names():
         for cc in ARCHS:
             names.append(f"perturb/{dt}/sm{cc}")
             names += [f"restore_and_step[{v}]/{dt}/sm{cc}" for v in RS_VARIANTS
-                      if dt == "fp32" or v in BF16_VARIANTS]
+                      if v in (BF16_VARIANTS if dt == "bf16" else FP32_VARIANTS)]
     return names
 
 

@@ -195,7 +195,8 @@ def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_i
 def backend() -> backends.Backend:
     """The 'triton' Backend: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
     devices = ("cuda", "cpu") if interpreted() else ("cuda",)
-    from fused_flat.triton import sam
+    from fused_flat.triton import multi, sam
 
-    return backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_,
-                                                 perturb_from_=perturb_from_), sam)
+    b = backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_,
+                                              perturb_from_=perturb_from_), sam)
+    return backends.with_langevin_lists(b, multi)   # one launch per bucket per pass

@@ -1,0 +1,277 @@
+// CUDA kernels of the multi-tensor Langevin ops (schemas: csrc/multi_ops.cpp; Python:
+// fused_flat/cuda_multi.py): perturb, restore + update, and the finiteness check, one launch
+// per bucket per pass (issue 12). One block per row of the chunk table; the index logic
+// (call frame, 16-byte unit path, call path) and the per-element bodies live in
+// multi_langevin.cuh (host-emulated by tests/test_multi_langevin_emulation.py), the
+// arithmetic in fused_flat/elementwise.h (the per-tensor kernels' and the CPU kernels').
+// Compiled with -fmad=false, like kernels_cuda.cu, so fp32 results equal theirs bit for bit.
+//
+// No host synchronisation: grad_scale and found_inf are read by the kernels (found_inf set:
+// only the restore theta + (-sigma) eps, momentum untouched, as the per-tensor kernel).
+// all_finite is one launch: each block folds its flag into a persistent int32 scratch pair
+// (flag, blocks done) with atomics; the last block writes the output and resets the pair
+// (the threadFenceReduction pattern). One scratch per (device, stream), owned by Python.
+//
+// stochastic_rounding is not implemented here yet: fused_flat/cuda_multi.py falls back to
+// the per-tensor ops for it (see there).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <limits>
+#include <vector>
+
+#include "fused_flat/op_args.h"
+#include "multi_langevin.cuh"
+
+namespace fused_flat {
+namespace cuda_impl {
+namespace mlang {
+
+constexpr int kThreads = 256;
+// 4 resident blocks of 256 threads per SM: <= 64 registers (tests/test_cuda_static.py).
+constexpr int kMinBlocks = 4;
+
+template <typename scalar_t>
+using acc_of = at::opmath_type<scalar_t>;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+ml_perturb_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                  const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk, Noise na,
+                  acc_of<scalar_t> sigma) {
+  using acc_t = acc_of<scalar_t>;
+  const FrameRow r = load_frame_row(chunks, meta, blockIdx.x, chunk);
+  PerturbBody<acc_t> body{sigma};
+  scalar_t* const p[1] = {table_ptr<scalar_t>(ptrs, 0, T, r.t)};
+  visit_frame<scalar_t, 1, 1u, 1u, true, false>(p, r, na, threadIdx.x, blockDim.x, body);
+}
+
+template <typename scalar_t, bool kMom, bool kEps, bool kXi>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+ml_restore_step_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                       const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk, Noise na,
+                       StepArgs<acc_of<scalar_t>> a, double grad_mult,
+                       const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+  using acc_t = acc_of<scalar_t>;
+  const FrameRow r = load_frame_row(chunks, meta, blockIdx.x, chunk);
+  if (found_inf != nullptr && *found_inf != 0.0f) {
+    // skipped step (non-finite gradient): undo the perturbation only, momentum untouched
+    if constexpr (kEps) {
+      PerturbBody<acc_t> body{-a.sigma};
+      scalar_t* const p[1] = {table_ptr<scalar_t>(ptrs, 0, T, r.t)};
+      visit_frame<scalar_t, 1, 1u, 1u, true, false>(p, r, na, threadIdx.x, blockDim.x, body);
+    }
+    return;
+  }
+  if (grad_scale != nullptr) a.grad_mult = static_cast<acc_t>(grad_mult / static_cast<double>(*grad_scale));
+  StepBody<kMom, acc_t> body{a};
+  if constexpr (kMom) {
+    scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
+                            table_ptr<scalar_t>(ptrs, 2, T, r.t)};
+    visit_frame<scalar_t, 3, 0b111u, 0b101u, kEps, kXi>(p, r, na, threadIdx.x, blockDim.x, body);
+  } else {
+    scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
+    visit_frame<scalar_t, 2, 0b11u, 0b01u, kEps, kXi>(p, r, na, threadIdx.x, blockDim.x, body);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+ml_all_finite_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
+                     const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
+                     int* __restrict__ scratch, float* __restrict__ out) {
+  using acc_t = acc_of<scalar_t>;
+  const multi::Row r = multi::load_row(chunks, meta, blockIdx.x, chunk);
+  NonFiniteBody<acc_t> body{0};
+  scalar_t* const p[1] = {table_ptr<scalar_t>(ptrs, 0, T, r.t)};
+  multi::visit_chunk<scalar_t, 1, 1u, 0u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  const int flag = __syncthreads_or(body.flag);
+  if (threadIdx.x == 0) {
+    if (flag) atomicOr(scratch, 1);
+    __threadfence();                                   // the flag before the count
+    const unsigned done = atomicAdd(reinterpret_cast<unsigned*>(scratch + 1), 1u);
+    if (done == gridDim.x - 1) {                       // the last block: publish, reset
+      __threadfence();
+      const int any = atomicExch(scratch, 0);
+      out[0] = any ? 1.0f : 0.0f;
+      atomicExch(scratch + 1, 0);
+    }
+  }
+}
+
+// ------------------------------------------------------------------- host side
+struct Tables {
+  const int64_t* chunks;
+  const int64_t* meta;
+  const int64_t* ptrs;
+  int64_t T;
+  int64_t n_chunks;
+  int64_t chunk;
+};
+
+// As sam_cuda.cu's check_args: the lists (same length, 1-D contiguous, one floating dtype,
+// one CUDA device, equal numels across lists) and the tables' dtype / shape / device; their
+// contents are trusted (fused_flat.multi_tensor builds them from these very lists).
+Tables check_args(const char* op, const std::vector<const at::TensorList*>& lists,
+                  const at::Tensor& chunks, const at::Tensor& meta, const at::Tensor& ptrs,
+                  int64_t chunk) {
+  const at::TensorList& ref = *lists[0];
+  const int64_t T = static_cast<int64_t>(ref.size());
+  TORCH_CHECK(T > 0, "fused_flat.", op, ": empty tensor list");
+  const at::Tensor& t0 = ref[0];
+  TORCH_CHECK(t0.is_cuda(), "fused_flat.", op, ": tensors must be on a CUDA device, got ", t0.device());
+  for (size_t k = 0; k < lists.size(); ++k) {
+    const at::TensorList& l = *lists[k];
+    TORCH_CHECK(static_cast<int64_t>(l.size()) == T, "fused_flat.", op, ": tensor list ", k,
+                " has ", l.size(), " tensors, expected ", T);
+    for (int64_t t = 0; t < T; ++t) {
+      check_bucket(l[t], op);
+      TORCH_CHECK(l[t].scalar_type() == t0.scalar_type() && l[t].device() == t0.device() &&
+                      l[t].numel() == ref[t].numel(),
+                  "fused_flat.", op, ": list ", k, " tensor ", t, " must be ", t0.scalar_type(),
+                  " on ", t0.device(), " with ", ref[t].numel(), " elements; got ",
+                  l[t].scalar_type(), " on ", l[t].device(), " with ", l[t].numel());
+    }
+  }
+  auto table_ok = [&](const at::Tensor& x, int64_t rows, int64_t cols, const char* name) {
+    TORCH_CHECK(x.scalar_type() == at::kLong && x.device() == t0.device() && x.is_contiguous() &&
+                    x.dim() == 2 && (rows < 0 || x.size(0) == rows) && x.size(1) == cols,
+                "fused_flat.", op, ": ", name, " must be a contiguous int64 [", rows, ", ", cols,
+                "] tensor on ", t0.device(), ", got ", x.scalar_type(), " ", x.sizes(), " on ",
+                x.device(), " (build it with fused_flat.multi_tensor)");
+  };
+  table_ok(chunks, -1, 2, "chunks");
+  table_ok(meta, T, 2, "meta");
+  table_ok(ptrs, static_cast<int64_t>(lists.size()), T, "ptrs");
+  TORCH_CHECK(chunk > 0 && chunk % 16 == 0, "fused_flat.", op, ": chunk must be a positive multiple of 16, got ", chunk);
+  TORCH_CHECK(chunks.size(0) <= std::numeric_limits<int>::max(), "fused_flat.", op, ": too many chunks");
+  return Tables{chunks.data_ptr<int64_t>(), meta.data_ptr<int64_t>(), ptrs.data_ptr<int64_t>(), T,
+                chunks.size(0), chunk};
+}
+
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+
+void perturb_multi_cuda(at::TensorList params, const at::Tensor& chunks, const at::Tensor& meta,
+                        const at::Tensor& ptrs, int64_t chunk, int64_t seed, int64_t bucket_id,
+                        int64_t step, int64_t tag, double sigma) {
+  const Tables tb = check_args("perturb_multi_", {&params}, chunks, meta, ptrs, chunk);
+  check_noise_args(seed, 0, tag);
+  TORCH_CHECK(tag >= 0, "fused_flat.perturb_multi_: tag must be >= 0, got ", tag);
+  if (sigma == 0.0 || tb.n_chunks == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const Noise na{make_key(seed, bucket_id), step, static_cast<uint32_t>(tag)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "perturb_multi_", [&] {
+    using acc_t = acc_of<scalar_t>;
+    ml_perturb_kernel<scalar_t><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, na, static_cast<acc_t>(sigma));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t, bool kMom, bool kEps, bool kXi>
+void launch_step(const Tables& tb, const Noise& na, const StepArgs<acc_of<scalar_t>>& a,
+                 double grad_mult, const float* gs, const float* fi, cudaStream_t stream) {
+  ml_restore_step_kernel<scalar_t, kMom, kEps, kXi><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream>>>(
+      tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, na, a, grad_mult, gs, fi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, bool kMom>
+void dispatch_noise(const Tables& tb, const Noise& na, const StepArgs<acc_of<scalar_t>>& a,
+                    double grad_mult, const float* gs, const float* fi, cudaStream_t stream) {
+  const bool eps = a.sigma != 0, xi = a.noise_std != 0;
+  if (eps && xi)
+    launch_step<scalar_t, kMom, true, true>(tb, na, a, grad_mult, gs, fi, stream);
+  else if (eps)
+    launch_step<scalar_t, kMom, true, false>(tb, na, a, grad_mult, gs, fi, stream);
+  else if (xi)
+    launch_step<scalar_t, kMom, false, true>(tb, na, a, grad_mult, gs, fi, stream);
+  else
+    launch_step<scalar_t, kMom, false, false>(tb, na, a, grad_mult, gs, fi, stream);
+}
+
+void restore_and_step_multi_cuda(at::TensorList params, at::TensorList grads, at::TensorList moms,
+                                 const c10::optional<at::Tensor>& grad_scale,
+                                 const c10::optional<at::Tensor>& found_inf,
+                                 const at::Tensor& chunks, const at::Tensor& meta,
+                                 const at::Tensor& ptrs, int64_t chunk, int64_t seed,
+                                 int64_t bucket_id, int64_t step, int64_t restore_tag,
+                                 double sigma, double lr, double weight_decay, double momentum,
+                                 double dampening, bool nesterov, bool momentum_init,
+                                 double noise_std, double grad_mult) {
+  const bool mom = !moms.empty();
+  std::vector<const at::TensorList*> lists{&params, &grads};
+  if (mom) lists.push_back(&moms);
+  const Tables tb = check_args("restore_and_step_multi_", lists, chunks, meta, ptrs, chunk);
+  check_scalar_tensor(grad_scale, params[0], "grad_scale");
+  check_scalar_tensor(found_inf, params[0], "found_inf");
+  check_noise_args(seed, 0, restore_tag);
+  TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
+              "fused_flat.restore_and_step_multi_: restore_tag must be >= 0 when sigma != 0");
+  if (tb.n_chunks == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const Noise na{make_key(seed, bucket_id), step,
+                 restore_tag < 0 ? 0u : static_cast<uint32_t>(restore_tag)};
+  const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  cudaStream_t stream = stream_of(params[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "restore_and_step_multi_", [&] {
+    using acc_t = acc_of<scalar_t>;
+    StepArgs<acc_t> a;
+    a.sigma = static_cast<acc_t>(sigma);
+    a.lr = static_cast<acc_t>(lr);
+    a.weight_decay = static_cast<acc_t>(weight_decay);
+    a.momentum = static_cast<acc_t>(momentum);
+    a.dampening = static_cast<acc_t>(dampening);
+    a.noise_std = static_cast<acc_t>(noise_std);
+    a.grad_mult = static_cast<acc_t>(grad_mult);  // replaced in-kernel when grad_scale is given
+    a.nesterov = nesterov;
+    a.momentum_init = momentum_init;
+    if (mom)
+      dispatch_noise<scalar_t, true>(tb, na, a, grad_mult, gs, fi, stream);
+    else
+      dispatch_noise<scalar_t, false>(tb, na, a, grad_mult, gs, fi, stream);
+  });
+}
+
+at::Tensor all_finite_multi_cuda(at::TensorList tensors, const at::Tensor& chunks,
+                                 const at::Tensor& meta, const at::Tensor& ptrs, int64_t chunk,
+                                 at::Tensor& scratch) {
+  const Tables tb = check_args("all_finite_multi", {&tensors}, chunks, meta, ptrs, chunk);
+  TORCH_CHECK(scratch.scalar_type() == at::kInt && scratch.numel() == 2 && scratch.is_contiguous() &&
+                  scratch.device() == tensors[0].device(),
+              "fused_flat.all_finite_multi: scratch must be a zeroed int32 [2] tensor on ",
+              tensors[0].device());
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const auto opts = tensors[0].options().dtype(at::kFloat);
+  if (tb.n_chunks == 0) return at::zeros({1}, opts);
+  at::Tensor out = at::empty({1}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "all_finite_multi", [&] {
+    ml_all_finite_kernel<scalar_t><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(tensors[0])>>>(
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, scratch.data_ptr<int>(), out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace mlang
+}  // namespace cuda_impl
+
+TORCH_LIBRARY_IMPL(fused_flat, CUDA, m) {
+  m.impl("perturb_multi_", &cuda_impl::mlang::perturb_multi_cuda);
+  m.impl("restore_and_step_multi_", &cuda_impl::mlang::restore_and_step_multi_cuda);
+  m.impl("all_finite_multi", &cuda_impl::mlang::all_finite_multi_cuda);
+}
+
+}  // namespace fused_flat

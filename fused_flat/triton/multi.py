@@ -1,0 +1,415 @@
+"""The Langevin passes (perturb, restore + update) and the finiteness check as multi-tensor
+Triton kernels: one launch per bucket per pass (issue 12).
+
+List ops, with the Backend list signatures (fused_flat/backends.py); each list holds 1-D
+contiguous tensors of one dtype and device, and the lists of one call have equal numels:
+
+    perturb_(params, offsets, seed, bucket_id, step, tag, sigma)
+    restore_and_step_(params, grads, moms|None, offsets, grad_scale, found_inf, seed,
+                      bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
+                      dampening, nesterov, momentum_init, noise_std, grad_mult,
+                      stochastic_rounding=False)
+    all_finite(tensors) -> float32 [1] on the device, 1.0 if any element is inf or NaN
+
+Math and noise: those of the per-tensor kernels (fused_flat/triton/perturb.py,
+restore_and_step.py), built on the same helpers of fused_flat/triton/noise.py (noise
+layout v2): element e of tensor t has bucket index i = offsets[t] + e; one Philox call
+j = i >> 2 serves 4 elements of one tag.
+
+Launch (fused_flat.multi_tensor's cached tables, as fused_flat/triton/sam.py): program b
+reads row (t, s) of the chunk table and works in tensor t's *call frame*: frame position
+f = e + mis, mis = offsets[t] & 3, so that frame position f has bucket index
+4 * (offsets[t] >> 2) + f and a block of BLOCK frame positions starting at a multiple of
+BLOCK is exactly BLOCK / 4 whole Philox calls (the per-tensor kernels' MIS shift, but per
+tensor at run time). The chunk and tensor tables are therefore built for the frame sizes
+``numel_t + mis_t`` (meta row (numel_t + mis_t, offset_t)); the data pointers are shifted by
+-mis_t elements in the kernel. Blocks that lie wholly inside the tensor take an unmasked
+path (16-byte accesses when ALIGNED: every shifted pointer 16-byte aligned, checked on the
+host; for the usual bucket, offsets are multiples of 4 and mis = 0); the tensor's first
+block when mis > 0 and the chunk's last partial block are masked.
+
+``grad_scale`` / ``found_inf`` are read in the kernel (no host sync). fp64 lists keep fp64
+arithmetic through the per-tensor entry points (which hand them to fused_flat.reference).
+
+``stochastic_rounding=True``: the SR rounding of 16-bit results (ALGORITHMS.md §1 rbits) is
+being added to the per-tensor kernels and the per-element helpers separately; until it is
+merged into these kernels, an SR call falls back to the per-tensor Triton ops, one launch
+per tensor (``_per_tensor_restore_and_step``). TODO(issue 12): use the shared SR helper here.
+
+``all_finite`` is one launch and no host sync: each program folds its chunk's flag into a
+persistent int32 scratch pair (flag, programs done) with atomics; the last program to
+finish writes the output and resets the pair to zero for the next call. One scratch per
+(device, stream): calls on one stream are ordered, so they never share it concurrently.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_flat import multi_tensor as mt
+from fused_flat import reference
+from fused_flat.triton.noise import MASK32, TAG_XI, block_normals, philox_key
+
+BLOCK = 1024
+CHUNK = 16 * BLOCK      # frame positions per program (a multiple of BLOCK); tests may lower it
+NUM_WARPS = 4
+
+_NO_SPEC = ["T", "key", "step_lo"]
+
+
+# ------------------------------------------------------------------ table access
+@triton.jit
+def _frame_row(chunks_ptr, meta_ptr, CHUNK: tl.constexpr):
+    """Row b of the chunk table in tensor t's call frame: (t, first frame position s,
+    frame positions in this chunk, numel n, mis = offset & 3, first call jb = offset >> 2)."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks_ptr + 2 * b)
+    s = tl.load(chunks_ptr + 2 * b + 1)
+    nf = tl.load(meta_ptr + 2 * t)            # numel + mis
+    off = tl.load(meta_ptr + 2 * t + 1)
+    mis = off & 3
+    return t, s, tl.minimum(nf - s, CHUNK), nf - mis, mis, off >> 2
+
+
+@triton.jit
+def _fptr(ptrs_ptr, k, T, t, mis, carrier, ALIGNED: tl.constexpr):
+    """Pointer of list k, tensor t, shifted by -mis elements (frame position 0); 16-byte
+    aligned when ALIGNED."""
+    p = tl.load(ptrs_ptr + k * T + t).to(tl.pointer_type(carrier.dtype.element_ty)) - mis
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _fofs(f, BLOCK: tl.constexpr):
+    o = f + tl.arange(0, BLOCK)
+    return tl.max_contiguous(tl.multiple_of(o, 16), BLOCK)
+
+
+@triton.jit
+def _ld(ptr, o, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + o, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + o)
+    return x
+
+
+@triton.jit
+def _st(ptr, o, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + o, x, mask=mask)
+    else:
+        tl.store(ptr + o, x)
+
+
+@triton.jit
+def _calls(jb, f, BLOCK: tl.constexpr):
+    """Philox call indices of the BLOCK frame positions [f, f + BLOCK), f a multiple of 4."""
+    return jb + (f >> 2) + tl.arange(0, BLOCK // 4)
+
+
+# ------------------------------------------------------------------ perturb
+@triton.jit
+def _perturb_block(p_ptr, f, mis, n, jb, key, step_lo, tag, sigma, BLOCK: tl.constexpr,
+                   MASKED: tl.constexpr):
+    o = _fofs(f, BLOCK)
+    mask = (o >= mis) & (o < n + mis)
+    theta = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
+    eps = block_normals(key, _calls(jb, f, BLOCK), step_lo, tag)
+    theta = (theta + sigma * eps).to(p_ptr.dtype.element_ty)
+    _st(p_ptr, o, theta, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["tag"])
+def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, key, step_lo, tag, sigma,
+                   ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, s, end, n, mis, jb = _frame_row(chunks_ptr, meta_ptr, CHUNK)
+    p_ptr = _fptr(ptrs_ptr, 0, T, t, mis, carrier, ALIGNED)
+    head = (s == 0) & (mis > 0)          # the tensor's first block starts before element 0
+    nfull = (end // BLOCK) * BLOCK
+    lo = head.to(tl.int64) * BLOCK
+    for it in range(lo, nfull, BLOCK):
+        _perturb_block(p_ptr, s + it, mis, n, jb, key, step_lo, tag, sigma, BLOCK, False)
+    if head:
+        _perturb_block(p_ptr, s, mis, n, jb, key, step_lo, tag, sigma, BLOCK, True)
+    if (nfull < end) & ((nfull > 0) | (s > 0) | (mis == 0)):   # the tail, unless it was the head
+        _perturb_block(p_ptr, s + nfull, mis, n, jb, key, step_lo, tag, sigma, BLOCK, True)
+
+
+# ------------------------------------------------------------------ restore + update
+@triton.jit
+def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, skip, mult,
+                sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
+                HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, NEED_EPS: tl.constexpr,
+                NEED_XI: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+                MASKED: tl.constexpr):
+    # the per-element math of fused_flat/triton/restore_and_step.py, operation for operation
+    o = _fofs(f, BLOCK)
+    mask = (o >= mis) & (o < n + mis)
+    theta = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
+    g = _ld(g_ptr, o, mask, MASKED).to(tl.float32)
+    m = tl.zeros([BLOCK], tl.float32)
+    if HAS_MOM:
+        m = _ld(m_ptr, o, mask, MASKED).to(tl.float32)
+    j = _calls(jb, f, BLOCK)
+    eps = tl.zeros([BLOCK], tl.float32)
+    xi = tl.zeros([BLOCK], tl.float32)
+    if NEED_EPS:
+        eps = block_normals(key, j, step_lo, restore_tag)
+    if NEED_XI:
+        xi = block_normals(key, j, step_lo, TAG_XI)
+
+    if NEED_EPS:
+        theta = theta - sigma * eps                     # restore
+    restored = theta
+    d = g * mult
+    d = d + weight_decay * theta
+    if HAS_MOM:
+        buf = tl.where(momentum_init != 0, d, momentum * m + (1.0 - dampening) * d)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    theta = theta - lr * d
+    if NEED_XI:
+        theta = theta + noise_std * xi
+
+    theta_out = theta.to(p_ptr.dtype.element_ty)
+    if HAS_FOUND_INF:
+        # skipped step (non-finite gradient): only the restore, m untouched
+        theta_out = tl.where(skip, restored.to(p_ptr.dtype.element_ty), theta_out)
+        if HAS_MOM:
+            buf = tl.where(skip, m, buf)
+    _st(p_ptr, o, theta_out, mask, MASKED)
+    if HAS_MOM:
+        _st(m_ptr, o, buf.to(m_ptr.dtype.element_ty), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["restore_tag", "momentum_init"])
+def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_scale_ptr,
+                            found_inf_ptr, key, step_lo, restore_tag, sigma, lr, weight_decay,
+                            momentum, dampening, noise_std, grad_mult, momentum_init,
+                            HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+                            NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
+                            HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                            ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, s, end, n, mis, jb = _frame_row(chunks_ptr, meta_ptr, CHUNK)
+    p_ptr = _fptr(ptrs_ptr, 0, T, t, mis, carrier, ALIGNED)
+    g_ptr = _fptr(ptrs_ptr, 1, T, t, mis, carrier, ALIGNED)
+    m_ptr = p_ptr
+    if HAS_MOM:
+        m_ptr = _fptr(ptrs_ptr, 2, T, t, mis, carrier, ALIGNED)
+    mult = grad_mult
+    if HAS_GRAD_SCALE:
+        mult = tl.div_rn(mult, tl.load(grad_scale_ptr))
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0
+    head = (s == 0) & (mis > 0)
+    nfull = (end // BLOCK) * BLOCK
+    lo = head.to(tl.int64) * BLOCK
+    for it in range(lo, nfull, BLOCK):
+        _step_block(p_ptr, g_ptr, m_ptr, s + it, mis, n, jb, key, step_lo, restore_tag, skip,
+                    mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
+                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, BLOCK, False)
+    if head:
+        _step_block(p_ptr, g_ptr, m_ptr, s, mis, n, jb, key, step_lo, restore_tag, skip,
+                    mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
+                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, BLOCK, True)
+    if (nfull < end) & ((nfull > 0) | (s > 0) | (mis == 0)):
+        _step_block(p_ptr, g_ptr, m_ptr, s + nfull, mis, n, jb, key, step_lo, restore_tag, skip,
+                    mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
+                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, BLOCK, True)
+
+
+# ------------------------------------------------------------------ all_finite
+@triton.jit
+def _bad_block(p_ptr, o, mask, MASKED: tl.constexpr):
+    """1 where the element is inf or NaN (fp32 bits: exponent all ones), else 0."""
+    bits = _ld(p_ptr, o, mask, MASKED).to(tl.float32).to(tl.uint32, bitcast=True)
+    return ((bits & 0x7FFFFFFF) >= 0x7F800000).to(tl.int32)
+
+
+@triton.jit(do_not_specialize=["T", "n_programs"])
+def all_finite_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, scratch_ptr, out_ptr,
+                      n_programs, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks_ptr + 2 * b)
+    s = tl.load(chunks_ptr + 2 * b + 1)
+    end = tl.minimum(tl.load(meta_ptr + 2 * t) - s, CHUNK)
+    p_ptr = tl.load(ptrs_ptr + t).to(tl.pointer_type(carrier.dtype.element_ty))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+    bad = tl.zeros([BLOCK], tl.int32)
+    nfull = (end // BLOCK) * BLOCK
+    for it in range(0, nfull, BLOCK):
+        bad = bad | _bad_block(p_ptr, _fofs(s + it, BLOCK), None, False)
+    if nfull < end:
+        o = _fofs(s + nfull, BLOCK)
+        bad = bad | _bad_block(p_ptr, o, o < s + end, True)
+    tl.atomic_max(scratch_ptr, tl.max(bad, axis=0))          # acq_rel: before the count
+    done = tl.atomic_add(scratch_ptr + 1, 1)
+    if done == n_programs - 1:                                # the last program: publish, reset
+        flag = tl.atomic_xchg(scratch_ptr, 0)
+        tl.store(out_ptr, flag.to(tl.float32))
+        tl.atomic_xchg(scratch_ptr + 1, 0)
+
+
+# ------------------------------------------------------------------ launchers
+def _frame_plan(lists, offsets):
+    """Tables for the call frame: numel + (offset & 3) per tensor (0 for empty tensors)."""
+    ref = lists[0]
+    device = ref[0].device
+    p = mt.frame_plan([t.numel() for t in ref], offsets, CHUNK, device)
+    ptrs = mt.pointer_table(lists, device)
+    es = ref[0].element_size()
+    aligned = all((t.data_ptr() - (int(o) & 3) * es) % 16 == 0
+                  for lst in lists for t, o in zip(lst, offsets) if t.numel())
+    return p, ptrs, dict(ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def _check_offsets(what, params, offsets):
+    if len(offsets) != len(params):
+        raise ValueError(f"{what}: {len(offsets)} offsets for {len(params)} tensors")
+    if any(int(o) < 0 for o in offsets):
+        raise ValueError(f"{what}: offsets must be >= 0, got {list(offsets)}")
+
+
+def _check_noise(what, seed, tag):
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"{what}: seed must be in [0, 2^63), got {seed}")
+    if not -1 <= tag < 2 ** 32:
+        raise ValueError(f"{what}: tag must be in [-1, 2^32), got {tag}")
+
+
+def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> None:
+    if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != ref.device):
+        raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
+                         f"{ref.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
+
+
+def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, bucket_id: int,
+             step: int, tag: int, sigma: float) -> None:
+    """theta <- theta + sigma * eps(tag) for every tensor, eps at bucket indices offsets[t] + e."""
+    mt.check_lists("perturb_", "params", params)
+    _check_offsets("perturb_", params, offsets)
+    _check_noise("perturb_", seed, tag)
+    if tag < 0:
+        raise ValueError(f"fused_flat.triton.perturb_: tag must be >= 0, got {tag}")
+    if sigma == 0.0 or not params:
+        return
+    if params[0].dtype == torch.float64:   # fp64 keeps fp64 arithmetic (the reference)
+        for p, off in zip(params, offsets):
+            reference.perturb_(p, seed, bucket_id, step, tag, sigma, int(off))
+        return
+    p, ptrs, kw = _frame_plan([list(params)], offsets)
+    if p.n_chunks == 0:
+        return
+    perturb_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0],
+                                  philox_key(seed, bucket_id), step & MASK32, tag & MASK32,
+                                  float(sigma), **kw)
+
+
+def _per_tensor_restore_and_step(params, grads, moms, offsets, *args, stochastic_rounding):
+    """One per-tensor Triton launch per tensor (the SR fallback, see the module docstring)."""
+    from fused_flat import triton as per_tensor
+
+    fn = per_tensor.restore_and_step_
+    kw = {}
+    if stochastic_rounding:
+        if "stochastic_rounding" not in inspect.signature(fn).parameters:
+            raise NotImplementedError("fused_flat.triton: stochastic_rounding=True needs the "
+                                      "per-tensor SR kernels, which this build does not have yet")
+        kw["stochastic_rounding"] = True
+    (grad_scale, found_inf, seed, bucket_id, step, restore_tag, sigma, lr, weight_decay,
+     momentum, dampening, nesterov, momentum_init, noise_std, grad_mult) = args
+    for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
+        fn(p, g, None if moms is None else moms[t], grad_scale, found_inf, seed, bucket_id, step,
+           int(off), restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov,
+           momentum_init, noise_std, grad_mult, **kw)
+
+
+def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      moms: Sequence[torch.Tensor] | None, offsets: Sequence[int],
+                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
+                      bucket_id: int, step: int, restore_tag: int, sigma: float, lr: float,
+                      weight_decay: float, momentum: float, dampening: float, nesterov: bool,
+                      momentum_init: bool, noise_std: float, grad_mult: float,
+                      stochastic_rounding: bool = False) -> None:
+    """The fused restore + decay + momentum + Langevin + update pass over a tensor list (the
+    math of fused_flat.reference.restore_and_step_, tensor t at bucket offset offsets[t])."""
+    mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
+    _check_offsets("restore_and_step_", params, offsets)
+    _check_noise("restore_and_step_", seed, restore_tag)
+    if restore_tag < 0 and sigma != 0.0:
+        raise ValueError("fused_flat.triton.restore_and_step_: restore_tag must be >= 0 when "
+                         "sigma != 0")
+    if not params:
+        return
+    _check_scalar(grad_scale, params[0], "grad_scale")
+    _check_scalar(found_inf, params[0], "found_inf")
+    if params[0].dtype == torch.float64 or stochastic_rounding:
+        # fp64: the per-tensor entry point keeps fp64 arithmetic (the reference).
+        # SR: the per-tensor kernels until SR lands in these (module docstring).
+        _per_tensor_restore_and_step(params, grads, moms, offsets, grad_scale, found_inf, seed,
+                                     bucket_id, step, restore_tag, sigma, lr, weight_decay,
+                                     momentum, dampening, nesterov, momentum_init, noise_std,
+                                     grad_mult, stochastic_rounding=stochastic_rounding)
+        return
+    lists = [list(params), list(grads)] + ([list(moms)] if moms is not None else [])
+    p, ptrs, kw = _frame_plan(lists, offsets)
+    if p.n_chunks == 0:
+        return
+    restore_and_step_kernel[(p.n_chunks,)](
+        p.chunks, p.meta, ptrs, p.n_tensors, params[0],
+        grad_scale if grad_scale is not None else params[0],
+        found_inf if found_inf is not None else params[0],
+        philox_key(seed, bucket_id), step & MASK32, max(int(restore_tag), 0) & MASK32,
+        float(sigma), float(lr), float(weight_decay), float(momentum), float(dampening),
+        float(noise_std), float(grad_mult), int(bool(momentum_init)),
+        HAS_MOM=moms is not None, NESTEROV=bool(nesterov) and moms is not None,
+        NEED_EPS=sigma != 0.0, NEED_XI=noise_std != 0.0, HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, **kw)
+
+
+_scratch: dict = {}
+
+
+def _scratch_for(device: torch.device) -> torch.Tensor:
+    """The persistent int32 [2] (flag, programs done) of all_finite on this device and stream;
+    zeroed once, left zeroed by every launch."""
+    key = (str(device), torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    s = _scratch.get(key)
+    if s is None:
+        s = _scratch[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return s
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """found_inf: float32 [1] on the tensors' device, 1.0 if any element of any tensor is inf
+    or NaN, else 0.0. One launch, no host sync (see the module docstring)."""
+    tensors = [t for t in tensors]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32)
+    if tensors[0].dtype == torch.float64 or not all(
+            t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
+            and t.device == tensors[0].device for t in tensors):
+        return reference.all_finite(tensors)   # fp64 (an fp32 cast would overflow) or mixed lists
+    device = tensors[0].device
+    p = mt.plan([t.numel() for t in tensors], CHUNK, device)
+    if p.n_chunks == 0:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    ptrs = mt.pointer_table([tensors], device)
+    out = torch.empty(1, dtype=torch.float32, device=device)
+    aligned = all(t.data_ptr() % 16 == 0 for t in tensors if t.numel())
+    all_finite_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, tensors[0],
+                                     _scratch_for(device), out, p.n_chunks, ALIGNED=aligned,
+                                     CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out

@@ -1,0 +1,253 @@
+// Host emulation of the multi-tensor Langevin kernels' index logic
+// (csrc/cuda/multi_langevin.cuh): every block (row of the call-frame chunk table) and every
+// thread of it runs sequentially, on random tensor lists (empty and 1-element tensors, odd
+// bucket offsets up to 2^33 + 8, random 16-byte misalignments), against per-element oracles
+// built from elementwise.h (element_noise, langevin_update): the same functions, so the
+// results must be bit-identical. Also the all_finite body over the plain tables.
+// Prints "cases=N unit_blocks=U failures=F" and eps of two index ranges (checked in Python
+// against fused_flat.noise).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "multi_langevin.cuh"
+
+using namespace fused_flat;
+using namespace fused_flat::cuda_impl;
+using namespace fused_flat::cuda_impl::mlang;
+
+static int failures = 0;
+static long unit_blocks = 0;
+
+#define EXPECT(cond, ...)                                  \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      if (failures < 20) std::printf(__VA_ARGS__);         \
+      ++failures;                                          \
+    }                                                      \
+  } while (0)
+
+struct Tabs {
+  std::vector<int64_t> chunks, meta;
+};
+
+// fused_flat.multi_tensor.frame_plan: frame sizes numel + (offset & 3) (0 if empty).
+static Tabs build_frame(const std::vector<int64_t>& sizes, const std::vector<int64_t>& offs, int64_t chunk) {
+  Tabs tb;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    const int64_t nf = sizes[t] ? sizes[t] + (offs[t] & 3) : 0;
+    for (int64_t s = 0; s < nf; s += chunk) {
+      tb.chunks.push_back(static_cast<int64_t>(t));
+      tb.chunks.push_back(s);
+    }
+    tb.meta.push_back(nf);
+    tb.meta.push_back(offs[t]);
+  }
+  return tb;
+}
+
+static Tabs build_plain(const std::vector<int64_t>& sizes, int64_t chunk) {
+  Tabs tb;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    for (int64_t s = 0; s < sizes[t]; s += chunk) {
+      tb.chunks.push_back(static_cast<int64_t>(t));
+      tb.chunks.push_back(s);
+    }
+    tb.meta.push_back(sizes[t]);
+    tb.meta.push_back(0);
+  }
+  return tb;
+}
+
+// K streams per tensor, each a view `shift` elements into its own storage (+ guard zones).
+template <typename T>
+struct Lists {
+  std::vector<std::vector<T>> store;  // [K*Tn]
+  std::vector<int64_t> ptrs;          // [K, Tn]
+  T* at(int k, size_t t, size_t Tn) { return reinterpret_cast<T*>(static_cast<uintptr_t>(ptrs[k * Tn + t])); }
+};
+
+// aligned: the frame-0 address (data - (offset & 3)) is 16-byte aligned for every stream
+// (the unit path); otherwise a random shift.
+template <typename T>
+Lists<T> make_lists(int K, const std::vector<int64_t>& sizes, const std::vector<int64_t>& offs,
+                    std::mt19937_64& rng, bool aligned) {
+  constexpr int V = 16 / sizeof(T);
+  Lists<T> L;
+  const size_t Tn = sizes.size();
+  L.store.resize(K * Tn);
+  L.ptrs.resize(K * Tn);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int k = 0; k < K; ++k)
+    for (size_t t = 0; t < Tn; ++t) {
+      auto& s = L.store[k * Tn + t];
+      s.resize(sizes[t] + 4 * V + 16);
+      for (auto& x : s) x = static_cast<T>(nd(rng));
+      size_t a = 8;   // guard zone before the view
+      while (reinterpret_cast<uintptr_t>(s.data() + a) % 16) ++a;
+      const int sh = aligned ? static_cast<int>(offs[t] & 3) : static_cast<int>(rng() % V);
+      L.ptrs[k * Tn + t] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(s.data() + a + sh));
+    }
+  return L;
+}
+
+template <int K, unsigned kR, unsigned kW, bool kEps, bool kXi, typename T, typename Body>
+void run(Lists<T>& L, const Tabs& tb, int64_t chunk, int nthreads, const Noise& na, Body body) {
+  const size_t Tn = tb.meta.size() / 2;
+  const int64_t nb = static_cast<int64_t>(tb.chunks.size() / 2);
+  for (int64_t b = 0; b < nb; ++b) {
+    const FrameRow r = load_frame_row(tb.chunks.data(), tb.meta.data(), b, chunk);
+    T* p[K];
+    for (int k = 0; k < K; ++k) p[k] = table_ptr<T>(L.ptrs.data(), k, static_cast<int64_t>(Tn), r.t);
+    T* const(&pa)[K] = p;
+    if (row_uses_units<T, K>(pa, r)) ++unit_blocks;
+    for (int tid = 0; tid < nthreads; ++tid) visit_frame<T, K, kR, kW, kEps, kXi>(pa, r, na, tid, nthreads, body);
+  }
+}
+
+template <typename T>
+bool same(const T& a, const T& b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
+
+template <typename T>
+void one_case(std::mt19937_64& rng, int nthreads) {
+  using acc_t = at::opmath_type<T>;
+  const int nt = 1 + static_cast<int>(rng() % 6);
+  std::vector<int64_t> sizes, offs;
+  for (int i = 0; i < nt; ++i) {
+    const int r = static_cast<int>(rng() % 10);
+    sizes.push_back(r == 0 ? 0 : r == 1 ? 1 : static_cast<int64_t>(rng() % (r < 6 ? 70 : 1500)));
+    offs.push_back(static_cast<int64_t>(rng() % 3 == 0 ? (int64_t(1) << 33) + (rng() % 9) : rng() % 5000));
+  }
+  const int64_t chunk = 16 * (1 + static_cast<int64_t>(rng() % 20));
+  const Tabs tb = build_frame(sizes, offs, chunk);
+  const bool aligned = rng() % 3 != 0;
+  const size_t Tn = sizes.size();
+  const Noise na{make_key(0x2545F4914F6CDD1Dll, 3), 11, static_cast<uint32_t>(rng() % 3)};
+
+  {  // perturb: theta + sigma * eps(offset + e); every element once, guard zones untouched
+    auto L = make_lists<T>(1, sizes, offs, rng, aligned);
+    auto before = L.store;
+    const acc_t sigma = acc_t(0.25);
+    run<1, 1u, 1u, true, false>(L, tb, chunk, nthreads, na, PerturbBody<acc_t>{sigma});
+    for (size_t t = 0; t < Tn; ++t) {
+      const T* view = L.at(0, t, Tn);
+      const int64_t v0 = view - L.store[t].data();
+      for (int64_t e = 0; e < static_cast<int64_t>(before[t].size()); ++e) {
+        const bool in = e >= v0 && e < v0 + sizes[t];
+        T want = before[t][e];
+        if (in) {
+          float eps, xi;
+          element_noise<true, false>(na.key, na.step, na.tag, offs[t] + (e - v0), eps, xi);
+          want = static_cast<T>(static_cast<acc_t>(before[t][e]) + sigma * static_cast<acc_t>(eps));
+        }
+        EXPECT(same(want, L.store[t][e]), "perturb: tensor %zu (n=%lld off=%lld) storage elem %lld (in=%d)\n",
+               t, (long long)sizes[t], (long long)offs[t], (long long)e, (int)in);
+      }
+    }
+  }
+  {  // restore + step with momentum, both noises: (theta, g, m)
+    auto L = make_lists<T>(3, sizes, offs, rng, aligned);
+    StepArgs<acc_t> a{acc_t(0.05), acc_t(0.1), acc_t(1e-2), acc_t(0.9), acc_t(0.1), acc_t(1e-3),
+                      acc_t(0.5), (rng() % 2) == 0, (rng() % 2) == 0};
+    std::vector<std::vector<T>> want_p(Tn), want_m(Tn);
+    for (size_t t = 0; t < Tn; ++t)
+      for (int64_t e = 0; e < sizes[t]; ++e) {
+        float eps, xi;
+        element_noise<true, true>(na.key, na.step, na.tag, offs[t] + e, eps, xi);
+        acc_t m = static_cast<acc_t>(L.at(2, t, Tn)[e]);
+        const acc_t th = langevin_update<true>(static_cast<acc_t>(L.at(0, t, Tn)[e]),
+                                               static_cast<acc_t>(L.at(1, t, Tn)[e]), &m,
+                                               static_cast<acc_t>(eps), static_cast<acc_t>(xi), a);
+        want_p[t].push_back(static_cast<T>(th));
+        want_m[t].push_back(static_cast<T>(m));
+      }
+    run<3, 0b111u, 0b101u, true, true>(L, tb, chunk, nthreads, na, StepBody<true, acc_t>{a});
+    for (size_t t = 0; t < Tn; ++t)
+      for (int64_t e = 0; e < sizes[t]; ++e) {
+        EXPECT(same(want_p[t][e], L.at(0, t, Tn)[e]), "step theta t=%zu e=%lld\n", t, (long long)e);
+        EXPECT(same(want_m[t][e], L.at(2, t, Tn)[e]), "step m t=%zu e=%lld\n", t, (long long)e);
+      }
+  }
+  {  // restore + step, no momentum, xi only: (theta, g)
+    auto L = make_lists<T>(2, sizes, offs, rng, aligned);
+    StepArgs<acc_t> a{acc_t(0), acc_t(0.1), acc_t(0), acc_t(0), acc_t(0), acc_t(1e-3), acc_t(1), false, false};
+    std::vector<std::vector<T>> want_p(Tn);
+    for (size_t t = 0; t < Tn; ++t)
+      for (int64_t e = 0; e < sizes[t]; ++e) {
+        float eps, xi;
+        element_noise<false, true>(na.key, na.step, na.tag, offs[t] + e, eps, xi);
+        acc_t m = 0;
+        want_p[t].push_back(static_cast<T>(langevin_update<false>(
+            static_cast<acc_t>(L.at(0, t, Tn)[e]), static_cast<acc_t>(L.at(1, t, Tn)[e]), &m,
+            acc_t(0), static_cast<acc_t>(xi), a)));
+      }
+    run<2, 0b11u, 0b01u, false, true>(L, tb, chunk, nthreads, na, StepBody<false, acc_t>{a});
+    for (size_t t = 0; t < Tn; ++t)
+      for (int64_t e = 0; e < sizes[t]; ++e)
+        EXPECT(same(want_p[t][e], L.at(0, t, Tn)[e]), "sgld theta t=%zu e=%lld\n", t, (long long)e);
+  }
+  {  // all_finite body over the plain tables: one non-finite value somewhere (or none)
+    std::vector<int64_t> zero(Tn, 0);
+    auto L = make_lists<T>(1, sizes, zero, rng, aligned);
+    const Tabs pt = build_plain(sizes, chunk);
+    int64_t total = 0;
+    for (auto s : sizes) total += s;
+    const bool put = total > 0 && rng() % 2;
+    if (put) {
+      int64_t k = static_cast<int64_t>(rng() % total);
+      for (size_t t = 0; t < Tn; ++t) {
+        if (k < sizes[t]) {
+          L.at(0, t, Tn)[k] = static_cast<T>(rng() % 2 ? std::numeric_limits<float>::infinity()
+                                                       : std::numeric_limits<float>::quiet_NaN());
+          break;
+        }
+        k -= sizes[t];
+      }
+    }
+    int flag = 0;
+    for (int64_t b = 0; b < static_cast<int64_t>(pt.chunks.size() / 2); ++b) {
+      const multi::Row r = multi::load_row(pt.chunks.data(), pt.meta.data(), b, chunk);
+      T* const p[1] = {table_ptr<T>(L.ptrs.data(), 0, static_cast<int64_t>(Tn), r.t)};
+      for (int tid = 0; tid < nthreads; ++tid) {
+        NonFiniteBody<acc_t> body{0};
+        multi::visit_chunk<T, 1, 1u, 0u>(p, r.start, r.end, tid, nthreads, body);
+        flag |= body.flag;
+      }
+    }
+    EXPECT(flag == (put ? 1 : 0), "all_finite: flag %d, expected %d\n", flag, (int)put);
+  }
+}
+
+int main() {
+  std::mt19937_64 rng(4321);
+  long cases = 0;
+  for (int it = 0; it < 300; ++it) {
+    const int nthreads = it % 3 == 0 ? 256 : it % 3 == 1 ? 32 : 7;
+    one_case<float>(rng, nthreads);
+    one_case<c10::BFloat16>(rng, nthreads);
+    one_case<c10::Half>(rng, nthreads);
+    one_case<double>(rng, nthreads);
+    cases += 4;
+  }
+  EXPECT(nonfinite_bits(std::numeric_limits<double>::infinity()) && !nonfinite_bits(1e300) &&
+             nonfinite_bits(std::numeric_limits<double>::quiet_NaN()) && !nonfinite_bits(-3.0f) &&
+             nonfinite_bits(-std::numeric_limits<float>::infinity()),
+         "nonfinite_bits\n");
+  std::printf("cases=%ld unit_blocks=%ld failures=%d\n", cases, unit_blocks, failures);
+  // eps (tag 0) of 8 elements at two bucket offsets, as the perturb kernel sees them
+  for (int64_t first : {int64_t(5), (int64_t(1) << 33) + 3}) {
+    std::printf("eps@%lld=", (long long)first);
+    for (int64_t i = 0; i < 8; ++i) {
+      float e, x;
+      element_noise<true, false>(make_key(0x2545F4914F6CDD1Dll, 3), 11, 0, first + i, e, x);
+      std::printf("%.9g%s", e, i < 7 ? "," : "\n");
+    }
+  }
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,338 @@
+"""The multi-tensor Langevin Triton kernels (fused_flat/triton/multi.py) under the interpreter:
+one launch per list, against fused_flat.reference applied tensor by tensor at each tensor's
+bucket offset, and bit for bit against the per-tensor Triton kernels (same noise helpers,
+same operation order: equal eps/xi bits mean equal Philox words, which
+tests/test_triton.py checks against the reference and the C++ ops).
+
+Random lists of sizes (1-element and empty tensors, sizes not a multiple of the block,
+several chunks per tensor) with random bucket offsets, odd ones included (FSDP shards): a
+tensor may start and end in the middle of a Philox call. Small BLOCK / CHUNK so that short
+lists exercise masked heads, whole (unmasked) blocks and masked tails; the interpreter
+costs ~10 ms per program that calls Philox, so the lists stay short.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 (set by conftest) or a GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from fused_flat import FSGLD, backends, multi_tensor, reference  # noqa: E402
+from fused_flat import triton as ft  # noqa: E402
+from fused_flat.triton import multi as tm  # noqa: E402
+from fused_flat.triton import noise as tnoise  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SEED = 0x2545F4914F6CDD1D
+BUCKET, STEP = 3, 11
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(tm, "BLOCK", 32)
+    monkeypatch.setattr(tm, "CHUNK", 96)
+
+
+def _case(seed):
+    """(sizes, offsets): a shuffled mix of edge sizes, random odd/even offsets."""
+    rng = random.Random(seed)
+    base = [1, 0, 32, 95, 96, 97, 130]
+    rng.shuffle(base)
+    sizes = base[:rng.randint(3, 6)] + [rng.randint(1, 70) for _ in range(rng.randint(0, 2))]
+    offsets = [rng.choice([0, 4 * rng.randint(0, 50), rng.randint(0, 999),
+                           (1 << 33) + rng.randint(0, 9)]) for _ in sizes]
+    return sizes, offsets
+
+
+def _tensors(sizes, dtype, gen, scale=1.0):
+    return [(torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+            for n in sizes]
+
+
+def _clone(ts):
+    return None if ts is None else [t.clone() for t in ts]
+
+
+def _ulps(a, b):
+    eps = torch.finfo(a.dtype).eps
+    mag = torch.maximum(a.double().abs(), b.double().abs()).clamp_min(torch.finfo(a.dtype).tiny)
+    ulp = eps * torch.exp2(torch.floor(torch.log2(mag)))
+    return ((a.double() - b.double()).abs() / ulp).max().item() if a.numel() else 0.0
+
+
+def _close_ref(got, want, dtype, what):
+    """fp32: within 1e-6 of the reference (its log/sin/cos are torch's); bf16: 1 ulp (the
+    interpreter truncates fp32 -> bf16)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if dtype == torch.float32:
+            err = (a - b).abs().max().item() if a.numel() else 0.0
+            assert err <= 1e-6, f"{what}[{i}] ({a.numel()} el.): max abs diff {err:.3g}"
+        else:
+            assert _ulps(a, b) <= 1.0, f"{what}[{i}]: {_ulps(a, b)} ulps"
+
+
+def _equal(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"{what}[{i}] ({a.numel()} el.): {(a - b).abs().max()}"
+
+
+class _Count:
+    """Counts launches of a @triton.jit kernel (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
+# ------------------------------------------------------------------ perturb
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_perturb_matches_reference_and_per_tensor(dtype, seed, monkeypatch):
+    sizes, offsets = _case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = _tensors(sizes, dtype, gen)
+    got, ref, per = _clone(params), _clone(params), _clone(params)
+    count = _Count(tm.perturb_kernel)
+    monkeypatch.setattr(tm, "perturb_kernel", count)
+    tm.perturb_(got, offsets, SEED, BUCKET, STEP, 5, 0.3)
+    assert count.n == 1, "one launch per list"
+    for p, q, off in zip(ref, per, offsets):
+        reference.perturb_(p, SEED, BUCKET, STEP, 5, 0.3, off)
+        ft.perturb_(q, SEED, BUCKET, STEP, 5, 0.3, off)
+    _close_ref(got, ref, dtype, "perturb vs reference")
+    _equal(got, per, "perturb vs per-tensor triton")
+
+
+def test_perturb_noise_is_the_stream():
+    """theta = 0, sigma = 1: the kernel writes eps itself, bit for bit the per-tensor
+    inspection kernel's z(tag, i) (same Philox words), within 1e-6 of fused_flat.noise."""
+    from fused_flat import noise
+
+    sizes, offsets = [1, 3, 70, 33, 5], [0, 1, 6, 2 ** 33 + 3, 2 ** 40 + 2]
+    got = [torch.zeros(n, device=DEVICE) for n in sizes]
+    tm.perturb_(got, offsets, SEED, BUCKET, STEP, 0, 1.0)
+    for z, n, off in zip(got, sizes, offsets):
+        want = tnoise.normal_noise(SEED, BUCKET, STEP, 0, off, n, device=DEVICE)
+        assert torch.equal(z, want), (n, off)
+        ref = noise.normal_noise(SEED, BUCKET, STEP, 0, off, n, DEVICE)
+        assert (z - ref).abs().max().item() <= 1e-6
+
+
+def test_perturb_noops_and_fp64():
+    ps = [torch.randn(5, device=DEVICE), torch.randn(0, device=DEVICE)]
+    before = _clone(ps)
+    tm.perturb_(ps, [0, 5], SEED, BUCKET, STEP, 0, 0.0)      # sigma = 0
+    tm.perturb_([], [], SEED, BUCKET, STEP, 0, 1.0)          # empty list
+    tm.perturb_([ps[1]], [3], SEED, BUCKET, STEP, 0, 1.0)    # only an empty tensor
+    _equal(ps, before, "no-op")
+    d = [torch.randn(n, dtype=torch.float64, device=DEVICE) for n in (3, 9)]
+    want = _clone(d)
+    tm.perturb_(d, [1, 7], SEED, BUCKET, STEP, 2, 0.1)
+    for p, off in zip(want, [1, 7]):
+        reference.perturb_(p, SEED, BUCKET, STEP, 2, 0.1, off)
+    _equal(d, want, "fp64 = reference")
+
+
+def test_misaligned_views_take_the_scalar_path():
+    """Views one element into their storage: not 16-byte aligned after the frame shift,
+    so ALIGNED is False; same numbers."""
+    store = torch.randn(300, device=DEVICE)
+    views = [store[1:50], store[60:131], store[141:142]]
+    offsets = [0, 9, 3]
+    per = _clone(views)
+    _p, _ptrs, kw = tm._frame_plan([views], offsets)
+    assert kw["ALIGNED"] is False
+    tm.perturb_(views, offsets, SEED, BUCKET, STEP, 1, 0.2)
+    for q, off in zip(per, offsets):
+        ft.perturb_(q, SEED, BUCKET, STEP, 1, 0.2, off)
+    _equal(views, per, "misaligned")
+
+
+def test_frame_tables():
+    """The chunk table covers numel + (offset & 3) frame positions per tensor."""
+    ps = [torch.zeros(n, device=DEVICE) for n in (96, 1, 0, 95)]
+    p, _ptrs, kw = tm._frame_plan([ps], [1, 2, 3, 4])
+    assert p.meta.cpu().tolist() == [[97, 1], [3, 2], [0, 3], [95, 4]]
+    assert p.chunks.cpu().tolist() == [[0, 0], [0, 96], [1, 0], [3, 0]]
+    assert kw["CHUNK"] == 96 and kw["BLOCK"] == 32
+
+
+# ------------------------------------------------------------------ restore + update
+CONFIGS = {
+    # name: (sigma, noise_std, momentum, nesterov, momentum_init, grad_scale, found_inf)
+    "fsgld": (0.05, 1e-3, 0.0, False, False, None, None),
+    "mom_init": (0.05, 1e-3, 0.9, False, True, None, None),
+    "mom_nesterov_scaled": (0.05, 1e-3, 0.9, True, False, 4.0, 0.0),
+    "sgld_mom": (0.0, 1e-3, 0.9, False, False, None, None),
+    "rwp": (0.05, 0.0, 0.0, False, False, 0.5, None),
+    "skipped": (0.05, 1e-3, 0.9, False, False, 2.0, 1.0),
+}
+
+
+def _run_rs(fn_list, params, grads, moms, offsets, cfg, per_tensor=None):
+    sigma, nstd, mu, nest, init, gs, fi = cfg
+    gs_t = None if gs is None else torch.tensor([gs], device=DEVICE)
+    fi_t = None if fi is None else torch.tensor([fi], device=DEVICE)
+    args = (gs_t, fi_t, SEED, BUCKET, STEP)
+    hyper = (sigma, 0.05, 1e-3, mu, 0.1, nest, init, nstd, 0.5)
+    if per_tensor is None:
+        fn_list(params, grads, moms, offsets, *args, 7, *hyper)
+    else:
+        for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
+            per_tensor(p, g, None if moms is None else moms[t], *args, off, 7, *hyper)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_restore_and_step_matches_reference_and_per_tensor(dtype, name, monkeypatch):
+    cfg = CONFIGS[name]
+    seed = list(CONFIGS).index(name) + (10 if dtype == torch.bfloat16 else 0)
+    sizes, offsets = _case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = _tensors(sizes, dtype, gen), _tensors(sizes, dtype, gen)
+    moms = _tensors(sizes, dtype, gen, 0.1) if cfg[2] != 0.0 else None
+    count = _Count(tm.restore_and_step_kernel)
+    monkeypatch.setattr(tm, "restore_and_step_kernel", count)
+    got = (_clone(params), _clone(moms))
+    _run_rs(tm.restore_and_step_, got[0], grads, got[1], offsets, cfg)
+    assert count.n == 1, "one launch per list"
+    ref = (_clone(params), _clone(moms))
+    _run_rs(None, ref[0], grads, ref[1], offsets, cfg, reference.restore_and_step_)
+    per = (_clone(params), _clone(moms))
+    _run_rs(None, per[0], grads, per[1], offsets, cfg, ft.restore_and_step_)
+    _close_ref(got[0], ref[0], dtype, f"{name} theta vs reference")
+    _equal(got[0], per[0], f"{name} theta vs per-tensor triton")
+    if moms is not None:
+        _close_ref(got[1], ref[1], dtype, f"{name} momentum vs reference")
+        _equal(got[1], per[1], f"{name} momentum vs per-tensor triton")
+        if cfg[6]:
+            _equal(got[1], moms, f"{name}: a skipped step leaves the momentum")
+
+
+def test_restore_and_step_fp64_and_empty():
+    sizes, offsets = [3, 0, 8], [1, 3, 5]
+    p = [torch.randn(n, dtype=torch.float64, device=DEVICE) for n in sizes]
+    g = [torch.randn(n, dtype=torch.float64, device=DEVICE) for n in sizes]
+    want = _clone(p)
+    cfg = CONFIGS["fsgld"]
+    _run_rs(tm.restore_and_step_, p, g, None, offsets, cfg)
+    _run_rs(None, want, g, None, offsets, cfg, reference.restore_and_step_)
+    _equal(p, want, "fp64 = reference")
+    _run_rs(tm.restore_and_step_, [], [], None, [], cfg)
+
+
+def test_stochastic_rounding_falls_back_per_tensor(monkeypatch):
+    """SR: one per-tensor launch per tensor, the flag passed through (until SR lands in the
+    multi-tensor kernels); a per-tensor op without SR raises instead of ignoring it."""
+    calls = []
+
+    def fake(*args, stochastic_rounding=False):
+        calls.append((args[0].numel(), args[8], stochastic_rounding))
+
+    ps = [torch.zeros(n, dtype=torch.bfloat16, device=DEVICE) for n in (3, 5)]
+    gs = _clone(ps)
+    monkeypatch.setattr(ft, "restore_and_step_", fake)
+    tm.restore_and_step_(ps, gs, None, [1, 9], None, None, SEED, BUCKET, STEP, 0, 0.1, 0.1, 0.0,
+                         0.0, 0.0, False, False, 1e-3, 1.0, stochastic_rounding=True)
+    assert calls == [(3, 1, True), (5, 9, True)]
+
+    def no_sr(*args):
+        raise AssertionError("called without SR support")
+
+    monkeypatch.setattr(ft, "restore_and_step_", no_sr)
+    with pytest.raises(NotImplementedError, match="stochastic_rounding"):
+        tm.restore_and_step_(ps, gs, None, [1, 9], None, None, SEED, BUCKET, STEP, 0, 0.1, 0.1,
+                             0.0, 0.0, 0.0, False, False, 1e-3, 1.0, stochastic_rounding=True)
+
+
+# ------------------------------------------------------------------ all_finite
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite(dtype, monkeypatch):
+    count = _Count(tm.all_finite_kernel)
+    monkeypatch.setattr(tm, "all_finite_kernel", count)
+    sizes = [1, 0, 33, 200, 7]
+    ts = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
+    for _ in range(2):   # the scratch pair is left zeroed: repeatable
+        out = tm.all_finite(ts)
+        assert out.dtype == torch.float32 and out.shape == (1,) and out.item() == 0.0
+    big = torch.full((40,), torch.finfo(dtype).max, dtype=dtype, device=DEVICE)
+    assert tm.all_finite(ts + [big]).item() == 0.0
+    for t_i, e, bad in ((0, 0, float("nan")), (3, 199, float("inf")), (3, 100, float("-inf")),
+                        (4, 6, float("nan"))):
+        bads = _clone(ts)
+        bads[t_i][e] = bad
+        assert tm.all_finite(bads).item() == 1.0, (t_i, e, bad)
+        assert tm.all_finite(ts).item() == 0.0          # and the next call starts clean
+    assert count.n == 2 + 1 + 4 * 2, "one launch per call"
+    assert all(not s.any() for s in tm._scratch.values())
+
+
+def test_all_finite_edge_cases():
+    assert tm.all_finite([]).item() == 0.0
+    assert tm.all_finite([torch.zeros(0, device=DEVICE)]).item() == 0.0
+    d = [torch.tensor([1e300, 2.0], dtype=torch.float64, device=DEVICE)]
+    assert tm.all_finite(d).item() == 0.0                 # fp64 never goes through fp32
+    d[0][1] = float("inf")
+    assert tm.all_finite(d).item() == 1.0
+
+
+# ------------------------------------------------------------------ backend + optimizer
+def test_triton_backend_uses_the_list_ops():
+    b = backends.get("triton")
+    assert b.perturb_ is tm.perturb_ and b.restore_and_step_ is tm.restore_and_step_
+    assert b.all_finite is tm.all_finite
+
+
+def _model():
+    torch.manual_seed(5)
+    # 17 parameter tensors: weights, biases, BatchNorm affine pairs; sizes mostly not
+    # multiples of 4, so the packed bucket offsets of the later tensors are odd-sized steps
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Tanh(),
+        torch.nn.Linear(7, 9), torch.nn.BatchNorm1d(9), torch.nn.Tanh(),
+        torch.nn.Linear(9, 3, bias=False), torch.nn.Linear(3, 11), torch.nn.Tanh(),
+        torch.nn.Linear(11, 1), torch.nn.Linear(1, 2), torch.nn.Linear(2, 3))
+
+
+def _train(backend, steps=4):
+    model = _model()
+    opt = FSGLD(model.parameters(), lr=0.05, beta=1e6, weight_decay=5e-4, momentum=0.9,
+                seed=1234567, backend=backend)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(steps):
+        x, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return model, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors under the interpreter")
+def test_fsgld_momentum_many_tensors_triton_matches_reference(monkeypatch):
+    counts = {k: _Count(getattr(tm, k)) for k in ("perturb_kernel", "restore_and_step_kernel")}
+    for k, c in counts.items():
+        monkeypatch.setattr(tm, k, c)
+    model, tri = _train("triton")
+    n_tensors = len(list(model.parameters()))
+    assert n_tensors == 17
+    _m, ref = _train("reference")
+    start = torch.cat([p.detach().reshape(-1) for p in _model().parameters()])
+    assert (tri - start).abs().max() > 1e-3                # it trained
+    err = ((tri - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-6, f"triton vs reference: {err:.3g}"
+    # one launch per bucket per pass (one bucket here): 4 steps -> 4 perturb, 4 update
+    assert counts["perturb_kernel"].n == 4 and counts["restore_and_step_kernel"].n == 4
+    assert multi_tensor.stats["chunk_builds"] >= 1
