@@ -25,19 +25,22 @@ Parts (each writes its files under --out, default results/lowprec/):
    that never moved. -> walk.csv
 2. ``dw``: a double well with a closed-form fSGLD target. u(x) = A ((x - c)^2 / s^2 - 1)^2 (the
    quartic (y^2 - 1)^2 in y = (x - c) / s), c = 1.5: the chains live in [1, 2) where the bf16 ulp
-   is 2^-7, and with s = 0.125 the Langevin noise per step is below one ulp as in the paper
-   regime. fSGLD takes the gradient at x + sigma eps, so its continuous-time law is
+   is 2^-7, and with s = 0.0625 the Langevin noise per step is 0.36 ulp (the paper regime:
+   0.18 ulp; --dw-s 0.125 gives 0.72 ulp). fSGLD takes the gradient at x + sigma eps, so its continuous-time law is
    exp(-beta u_sigma) with u_sigma(x) = E u(x + sigma z) = A (y^4 + (6 sy^2 - 2) y^2 + 3 sy^4
    - 2 sy^2 + 1), sy = sigma / s. sigma = s * sigma_y, beta = sigma^(-4 / (1 + eta)) (coupled, as
-   FSGLD does), A = barrier_factor / beta so that the smoothed barrier is --dw-barrier kT, and
-   lr = h s^2 beta so that h is the step in the dimensionless time of the y-dynamics. Many chains
+   FSGLD does), A = barrier / (1 - 3 sy^2)^2 / beta so that the barrier of beta u_sigma is
+   --dw-barrier kT, and lr = h s^2 beta, so that h is the step of dY = -(beta u_sigma)'(Y) dT +
+   sqrt(2) dW in y and the run covers T = h K of that time (the well-to-well rate is ~1). Many chains
    = the elements of ONE parameter tensor, all started in the right-hand well; the closure
    writes p.grad = u'(p) at the perturbed point. Reported: W1 of the final states to the target
    (the integral of |F_n - F| with the target's CDF F on a 400k-point grid, exact up to the grid
    spacing), the mass in the right well (target 0.5), the standard deviation; the
    sampling floor (W1 of n exact iid draws), the bf16 lattice floor (those draws rounded to
-   bf16), fp32 at 2 h (the discretisation bias scales with h) and fp32 against the UNsmoothed
-   law exp(-beta u). -> double_well.csv, double_well.png
+   bf16: no chain on bf16 values gets closer), and for bf16 weights the W1 to the bf16-rounded
+   target (the law of round(X), X ~ target: what a bf16 chain at best samples); fp32 at 2 h
+   (the discretisation bias grows with h) and every row against the UNsmoothed law
+   exp(-beta u). -> double_well.csv, double_well.png
 3. ``gpt``: the GPT stack of benchmarks/e2e.py (smaller config) trained in pure bf16 with FSGLD
    (beta 1e8, lr 0.1, weight decay 5e-4: the paper's setting) on a synthetic but learnable token
    stream: a fixed random Markov chain (each token has 4 successors), so the loss has a floor,
@@ -233,6 +236,20 @@ class DoubleWell:
         emp = np.searchsorted(np.sort(np.asarray(samples, dtype=np.float64)), x, side="right") / len(samples)
         return float(np.abs(emp - cdf).sum() * (x[1] - x[0]))
 
+    def w1_lattice(self, samples) -> float:
+        """W1 to the law of round_bf16(X), X ~ exp(-beta u_sigma): the best law a chain that
+        lives on the bf16 values can have (exact on the grid)."""
+        import numpy as np
+
+        x, p = self.density()
+        r = torch.from_numpy(x).to(BF16).double().numpy()          # the bf16 value each x rounds to
+        vals, inv = np.unique(r, return_inverse=True)
+        cum = np.cumsum(np.bincount(inv, weights=p * (x[1] - x[0])))
+        k = np.searchsorted(vals, x, side="right") - 1
+        lat = np.where(k >= 0, cum[np.clip(k, 0, None)], 0.0)
+        emp = np.searchsorted(np.sort(np.asarray(samples, dtype=np.float64)), x, side="right") / len(samples)
+        return float(np.abs(emp - lat).sum() * (x[1] - x[0]))
+
     def stats(self, smoothed: bool = True) -> dict:
         import numpy as np
 
@@ -298,6 +315,7 @@ def part_double_well(args, out: Path) -> tuple[list[dict], dict, list[Path]]:
     iid = dw.sample(n, rng)
     floors = {"sampling_floor_w1": dw.w1(iid),
               "bf16_lattice_floor_w1": dw.w1(torch.from_numpy(iid).to(BF16).double().numpy()),
+              "bf16_lattice_sampling_floor_w1": dw.w1_lattice(torch.from_numpy(iid).to(BF16).double().numpy()),
               "unsmoothed_vs_smoothed_w1": dw.w1(dw.sample(200_000, rng, smoothed=False))}
     info.update(floors)
 
@@ -305,7 +323,10 @@ def part_double_well(args, out: Path) -> tuple[list[dict], dict, list[Path]]:
 
     def add(mode, label, measured_on, xs, sec, pending=False, lr=dw.lr, steps=K):
         r = {"mode": mode, "label": label, "measured_on": measured_on, "lr": lr, "steps": steps,
-             "w1": dw.w1(xs), "w1_over_s": dw.w1(xs) / dw.s, "w1_vs_unsmoothed_u": dw.w1(xs, smoothed=False),
+             "w1": dw.w1(xs), "w1_over_s": dw.w1(xs) / dw.s,
+             "w1_vs_bf16_rounded_target": dw.w1_lattice(xs) if measured_on == "weights" and mode.startswith(
+                 ("bf16", "SR")) else None,
+             "w1_vs_unsmoothed_u": dw.w1(xs, smoothed=False),
              "right_mass": float((xs > dw.c).mean()), "std": float(xs.std()), "target_std": tgt["std"],
              "frac_at_start": float((xs == info["start"]).mean()), "pending_sr": pending, "sec": sec}
         rows.append(r)
@@ -444,11 +465,13 @@ def part_gpt(args, out: Path) -> tuple[list[dict], list[dict], dict, list[Path]]
     plt = common.plt()
     if plt is not None and not args.no_plot:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        styles = {"fp32": "-", "bf16 master": "--", "bf16 default": "-.", "bf16 nearest": ":"}
         for f in finals:
             cs = [c for c in curves if c["mode"] == f["mode"]]
-            axes[0].plot([c["step"] for c in cs], [c["train_loss"] for c in cs], lw=0.8, label=f["label"])
+            ls = styles.get(f["mode"], "-")
+            axes[0].plot([c["step"] for c in cs], [c["train_loss"] for c in cs], ls=ls, lw=0.8, label=f["label"])
             ev = [c for c in cs if c["heldout_loss"] is not None]
-            axes[1].plot([c["step"] for c in ev], [c["heldout_loss"] for c in ev], marker="o", ms=3,
+            axes[1].plot([c["step"] for c in ev], [c["heldout_loss"] for c in ev], ls=ls, marker="o", ms=3,
                          label=f["label"])
         for ax, t in zip(axes, ("training loss (at the perturbed point)", "held-out loss")):
             ax.axhline(H, color="k", ls=":", lw=1, label="entropy rate (floor)")
@@ -521,7 +544,8 @@ WALK_COLS = [("label", "mode"), ("measured_on", "measured on"), ("ratio", "var /
              ("ratio_se", "± s.e."), ("mean_over_sqrt_target", "mean / sqrt(target)"),
              ("frac_unmoved", "fraction never moved")]
 DW_COLS = [("label", "mode"), ("measured_on", "measured on"), ("w1", "W1 to exp(-β u_σ)"),
-           ("w1_over_s", "W1 / s"), ("w1_vs_unsmoothed_u", "W1 to exp(-β u)"), ("right_mass", "right-well mass"),
+           ("w1_over_s", "W1 / s"), ("w1_vs_bf16_rounded_target", "W1 to bf16-rounded target"),
+           ("w1_vs_unsmoothed_u", "W1 to exp(-β u)"), ("right_mass", "right-well mass"),
            ("std", "std"), ("frac_at_start", "fraction at start value")]
 GPT_COLS = [("label", "mode"), ("initial_heldout_loss", "held-out loss at step 1"),
             ("final_heldout_loss", "final held-out loss"), ("final_train_loss_mean_last20", "train loss, last 20"),
@@ -545,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dw-chains", type=int, default=20000)
     ap.add_argument("--dw-steps", type=int, default=10000)
     ap.add_argument("--dw-c", type=float, default=1.5, help="centre of the wells (x)")
-    ap.add_argument("--dw-s", type=float, default=0.125, help="half-distance of the wells of u (x)")
+    ap.add_argument("--dw-s", type=float, default=0.0625, help="half-distance of the wells of u (x)")
     ap.add_argument("--dw-sigma-y", type=float, default=0.4, help="sigma / s (sets beta through the coupling)")
     ap.add_argument("--dw-barrier", type=float, default=2.0, help="barrier of beta u_sigma, in kT")
     ap.add_argument("--dw-h", type=float, default=1e-3, help="step in the y-time: lr = h s^2 beta")
@@ -610,7 +634,9 @@ def main(argv: list[str] | None = None) -> dict:
                    f"{info['noise_over_ulp']:.2f} bf16 ulp; all chains start at {info['start']:.6g} (right well); "
                    f"target right-well mass {info['target_right_mass']:.3f}, std {info['target_std']:.4g}.", "",
                    f"Floors: W1 of {info['chains']} exact iid draws {info['sampling_floor_w1']:.2e} (sampling); "
-                   f"the same draws rounded to bf16 {info['bf16_lattice_floor_w1']:.2e} (bf16 lattice); "
+                   f"the same draws rounded to bf16 {info['bf16_lattice_floor_w1']:.2e} (bf16 lattice; their W1 to the "
+                   f"bf16-rounded target, {info['bf16_lattice_sampling_floor_w1']:.2e}, is the sampling floor of "
+                   f"that column); "
                    f"W1 between exp(−β u) and exp(−β u_σ) {info['unsmoothed_vs_smoothed_w1']:.2e}.", "",
                    common.markdown_table(rows, DW_COLS), ""]
         if "gpt" in parts:
