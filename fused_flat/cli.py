@@ -4,6 +4,7 @@
     python -m fused_flat bench micro [...]    # per-pass kernels vs torch.optim.SGD and STREAM
     python -m fused_flat bench e2e [...]      # training steps of ResNet-18 / a GPT block stack
     python -m fused_flat bench stream [...]   # STREAM copy/triad bandwidth only
+    python -m fused_flat bench lowprec [...]  # bf16 parameters: walk variance, double well, GPT
     python -m fused_flat science [--quick]    # fSGLD paper's claims on digits (benchmarks/science.py)
 
 (``fused-flat`` is the same command as a console script.) The benchmarks live in the
@@ -20,7 +21,7 @@ import platform
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("micro", "e2e", "stream")
+BENCHMARKS = ("micro", "e2e", "stream", "lowprec")
 
 _HOW_TO_GET = {
     "reference": "always available (pure torch)",
