@@ -53,6 +53,7 @@ import triton.language as tl
 from fused_flat import multi_tensor as mt
 from fused_flat import reference
 from fused_flat.triton.noise import MASK32, TAG_XI, block_normals, philox_key
+from fused_flat.triton.sam import _ld, _st   # the masked / unmasked block load and store
 
 BLOCK = 1024
 CHUNK = 16 * BLOCK      # frame positions per program (a multiple of BLOCK); tests may lower it
@@ -89,23 +90,6 @@ def _fptr(ptrs_ptr, k, T, t, mis, carrier, ALIGNED: tl.constexpr):
 def _fofs(f, BLOCK: tl.constexpr):
     o = f + tl.arange(0, BLOCK)
     return tl.max_contiguous(tl.multiple_of(o, 16), BLOCK)
-
-
-@triton.jit
-def _ld(ptr, o, mask, MASKED: tl.constexpr):
-    if MASKED:
-        x = tl.load(ptr + o, mask=mask, other=0.0)
-    else:
-        x = tl.load(ptr + o)
-    return x
-
-
-@triton.jit
-def _st(ptr, o, x, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + o, x, mask=mask)
-    else:
-        tl.store(ptr + o, x)
 
 
 @triton.jit
