@@ -89,6 +89,17 @@ class LangevinOptimizer(FlatOptimizer):
     Counters: the noise of step k depends on (seed, bucket, k); k counts step() calls,
     skipped ones included, and is saved in ``state_dict`` with the seed, so a resumed run
     continues bit-identically.
+
+    torch.compile (CPU, backend 'cpp'): ``torch.compile(opt.step)`` compiles once for every
+    step counter and learning rate when ``lr`` is a CPU tensor (``lr=torch.tensor(0.1)``; an
+    LR scheduler then updates it in place): the counter (a 0-dim int64 tensor) and the lr
+    are graph inputs, not guards. Compile ``opt.step`` before creating the scheduler (its
+    wrapper of ``opt.step`` is in a file dynamo skips) and call ``zero_grad`` outside the
+    compiled function; the two-call form (``perturb()`` eager, compiled ``step()``) and SAM's
+    ``first_step`` / ``second_step`` then trace with ``fullgraph=True``; a closure's
+    ``backward()`` splits the graph. One recompile follows the first step when it creates
+    state (momentum buffers). Under compile a non-finite gradient still skips the update
+    (on the device, as on CUDA), but ``skipped_steps`` is not counted and no warning is given.
     """
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 1e8, eta: float = 0.01,

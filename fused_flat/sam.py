@@ -119,6 +119,17 @@ class SAM(FlatOptimizer):
     before ``second_step`` (g2); ``p.grad`` accumulates as usual. A parameter is perturbed
     iff it has g1 and updated iff it has g2 (``p.grad is not None``); the momentum lives in
     ``state[p]["momentum_buffer"]``, torch.optim.SGD's own state.
+
+    torch.compile (CPU, backend 'cpp'): ``torch.compile(opt.step)`` compiles once for every
+    step counter and learning rate when ``lr`` is a CPU tensor (``lr=torch.tensor(0.1)``; an
+    LR scheduler then updates it in place): the counter (a 0-dim int64 tensor) and the lr
+    are graph inputs, not guards. Compile ``opt.step`` before creating the scheduler (its
+    wrapper of ``opt.step`` is in a file dynamo skips) and call ``zero_grad`` outside the
+    compiled function; the two-call form (see LangevinOptimizer) and SAM's
+    ``first_step`` / ``second_step`` then trace with ``fullgraph=True``; a closure's
+    ``backward()`` splits the graph. One recompile follows the first step when it creates
+    state (momentum buffers). Under compile a non-finite gradient still skips the update
+    (on the device, as on CUDA), but ``skipped_steps`` is not counted and no warning is given.
     """
 
     _sam_family = True
