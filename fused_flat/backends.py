@@ -106,7 +106,8 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
             return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
         def sam_perturb_list(params, grads, backups, adaptive, coef, eta):
-            c = float(coef)
+            # a tensor coef (compiled first_step) stays one for the compiled CPU ops
+            c = coef if name == "cpp" and isinstance(coef, torch.Tensor) else float(coef)
             for p, g, b in zip(params, grads, backups):
                 sam.sam_perturb_(p, g, b, adaptive, c, eta)
 

@@ -100,12 +100,34 @@ def refuse_dcp_state_init(cls_name: str) -> None:
         f = f.f_back
 
 
+def _runtime_attr(name: str, default=None) -> property:
+    """An attribute kept in the optimizer's ``_rt`` dict. torch.compile (dynamo, torch 2.14)
+    drops plain attribute stores on a torch.optim.Optimizer made inside a compiled step, but
+    replays mutations of a dict it holds: the attributes a step writes live there."""
+
+    def get(self):
+        return self.__dict__.get("_rt", {}).get(name, default)
+
+    def set_(self, value):
+        if "_rt" not in self.__dict__:
+            self.__dict__["_rt"] = {}
+        self._rt[name] = value
+
+    return property(get, set_)
+
+
 class FlatOptimizer(Optimizer):
     """Base of every fused_flat optimizer (use the subclasses). Subclasses call
     :meth:`_init_core` after ``Optimizer.__init__``."""
 
     _step_supports_amp_scaling = True  # torch.amp.GradScaler passes grad_scale / found_inf
     _sam_family = False
+    # written by step() (see _runtime_attr); _opt_called: what torch's LR schedulers check
+    _perturbed = _runtime_attr("_perturbed")
+    _first_nonfinite = _runtime_attr("_first_nonfinite", False)
+    _first_found = _runtime_attr("_first_found")
+    _last_found_inf = _runtime_attr("_last_found_inf")
+    _opt_called = _runtime_attr("_opt_called", False)
 
     def _init_core(self, *, seed: int | None, backend: str, check_finite: bool) -> None:
         backends.check_name(backend)
@@ -308,11 +330,46 @@ class FlatOptimizer(Optimizer):
 
     @staticmethod
     def _known_skip(found_inf: torch.Tensor | None) -> bool:
-        """Whether the step is known (on the host, without a device sync) to be skipped."""
+        """Whether the step is known (on the host, without a device sync) to be skipped.
+        Under torch.compile: never (no host read in the graph); the kernels still skip the
+        update on the device from ``found_inf``, as on CUDA."""
+        if torch.compiler.is_compiling():
+            return False
         return found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
 
+    # The step counter k lives in a 0-dim int64 CPU tensor (``_k_t``), so that a compiled
+    # step reads it as a graph input instead of specializing on its value; ``_k`` is its
+    # Python int (eager code, checkpoints, messages).
+    @property
+    def _k(self) -> int:
+        return int(self._k_t)
+
+    @_k.setter
+    def _k(self, value: int) -> None:
+        if "_k_t" not in self.__dict__:
+            self._k_t = torch.zeros((), dtype=torch.int64)
+        self._k_t.fill_(int(value))
+
+    def _step_arg(self, backend: backends.Backend):
+        """k as the ops take it: under torch.compile with the 'cpp' backend, the counter
+        tensor itself (no guard on its value); else the Python int."""
+        if torch.compiler.is_compiling() and backend.name == "cpp":
+            return self._k_t
+        return self._k
+
+    def _lr_arg(self, group: dict, backend: backends.Backend):
+        """The group's lr as the ops take it: a tensor lr (``lr=torch.tensor(...)``, what an
+        LR scheduler then updates in place) stays a tensor under torch.compile with the
+        'cpp' backend (no guard on its value); else a Python float."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if torch.compiler.is_compiling() and backend.name == "cpp":
+                return lr
+            return float(lr)
+        return lr
+
     def _finish_step(self, found_inf: torch.Tensor | None, known_skip: bool) -> None:
-        self._k += 1
+        self._k_t.add_(1)
         self._last_found_inf = found_inf
         if known_skip:
             self.skipped_steps += 1

@@ -89,6 +89,17 @@ class LangevinOptimizer(FlatOptimizer):
     Counters: the noise of step k depends on (seed, bucket, k); k counts step() calls,
     skipped ones included, and is saved in ``state_dict`` with the seed, so a resumed run
     continues bit-identically.
+
+    torch.compile (CPU, backend 'cpp'): ``torch.compile(opt.step)`` compiles once for every
+    step counter and learning rate when ``lr`` is a CPU tensor (``lr=torch.tensor(0.1)``; an
+    LR scheduler then updates it in place): the counter (a 0-dim int64 tensor) and the lr
+    are graph inputs, not guards. Compile ``opt.step`` before creating the scheduler (its
+    wrapper of ``opt.step`` is in a file dynamo skips) and call ``zero_grad`` outside the
+    compiled function; the two-call form (``perturb()`` eager, compiled ``step()``) and SAM's
+    ``first_step`` / ``second_step`` then trace with ``fullgraph=True``; a closure's
+    ``backward()`` splits the graph. One recompile follows the first step when it creates
+    state (momentum buffers). Under compile a non-finite gradient still skips the update
+    (on the device, as on CUDA), but ``skipped_steps`` is not counted and no warning is given.
     """
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 1e8, eta: float = 0.01,
@@ -119,10 +130,15 @@ class LangevinOptimizer(FlatOptimizer):
 
     def _validate_group(self, g: dict) -> None:
         name = type(self).__name__
+        lr = g["lr"]
         for key in ("lr", "beta", "eta", "momentum", "dampening", "weight_decay"):
             g[key] = number(key, g[key], name)
         if g["lr"] < 0:
             raise ValueError(f"{name}: invalid lr={g['lr']} (must be >= 0)")
+        if isinstance(lr, torch.Tensor):   # kept: schedulers update it in place (torch.compile)
+            if lr.device.type != "cpu":
+                raise ValueError(f"{name}: a tensor lr must be a CPU tensor, got one on {lr.device}")
+            g["lr"] = lr
         if not g["beta"] > 0:
             raise ValueError(f"{name}: invalid beta={g['beta']} (inverse temperature, must be > 0; "
                              f"math.inf disables the Langevin noise)")
@@ -152,7 +168,7 @@ class LangevinOptimizer(FlatOptimizer):
     @staticmethod
     def group_noise_std(g: dict) -> float:
         """sqrt(2 lr / beta), the Langevin noise scale at the group's current lr."""
-        return 0.0 if math.isinf(g["beta"]) else math.sqrt(2.0 * g["lr"] / g["beta"])
+        return 0.0 if math.isinf(g["beta"]) else math.sqrt(2.0 * float(g["lr"]) / g["beta"])
 
     def _sigma(self, bucket) -> float:
         return self.group_sigma(self.param_groups[bucket.group_index])
@@ -203,7 +219,8 @@ class LangevinOptimizer(FlatOptimizer):
             local_copy_(params, [self._backups[p] for p in params])
         else:
             self._backends[bi].perturb_([flat(p) for p in params], [b.index(j) for j in idx],
-                                        self.seed, b.bucket_id, self._k, tag, -sigma)
+                                        self.seed, b.bucket_id,
+                                        self._step_arg(self._backends[bi]), tag, -sigma)
 
     def _move(self, tag: int) -> None:
         """Restore the active perturbation (if any), then perturb with eps of ``tag`` every
@@ -232,7 +249,8 @@ class LangevinOptimizer(FlatOptimizer):
                             self._backups[p] = torch.empty_like(p)
                     local_copy_([self._backups[p] for p in params], params)
                 self._backends[bi].perturb_([flat(p) for p in params], offsets, self.seed,
-                                            b.bucket_id, self._k, tag, sigma)
+                                            b.bucket_id, self._step_arg(self._backends[bi]), tag,
+                                            sigma)
             made.append((idx, sigma, mode))
         self._perturbed = (tag, made)
 
@@ -311,6 +329,13 @@ class LangevinOptimizer(FlatOptimizer):
             masters = self._masters(b)
             sr = self._sr(b, backend)
             grads = flat_grads[bi]
+            k = self._step_arg(backend)
+            lr = self._lr_arg(g, backend)
+            if isinstance(lr, torch.Tensor):   # compiled, tensor lr: sqrt(2 lr / beta) in the graph
+                noise_std = (lr.new_zeros((), dtype=torch.float64) if math.isinf(g["beta"])
+                             else (2.0 * lr.to(torch.float64) / g["beta"]).sqrt())
+            else:
+                noise_std = self.group_noise_std(g)
             if masters:   # the update runs on the fp32 masters (fp32 gradients, transient)
                 grads = [t.float() for t in grads]
             for js, moms, init in self._momentum_lists(b, idx, g, create=not known_skip):
@@ -323,17 +348,17 @@ class LangevinOptimizer(FlatOptimizer):
                     backend.restore_and_step_(
                         targets, [grads[gpos[j]] for j in sub],
                         [moms[k] for k in sel] if moms is not None else None,
-                        [b.index(j) for j in sub], gs, fi, self.seed, b.bucket_id, self._k,
-                        tag, sigma_r if restoring else 0.0, g["lr"], g["weight_decay"],
+                        [b.index(j) for j in sub], gs, fi, self.seed, b.bucket_id, k,
+                        tag, sigma_r if restoring else 0.0, lr, g["weight_decay"],
                         g["momentum"], g["dampening"], g["nesterov"], init,
-                        self.group_noise_std(g), mult, sr)
+                        noise_std, mult, sr)
             if masters:
                 for j in idx:
                     b.params[j].copy_(self.state[b.params[j]]["master_weight"])
             no_grad = sorted(pert - set(idx))
             if no_grad:
                 backend.perturb_([flat(b.params[j]) for j in no_grad], [b.index(j) for j in no_grad],
-                                 self.seed, b.bucket_id, self._k, tag, -sigma_r)
+                                 self.seed, b.bucket_id, k, tag, -sigma_r)
         self._perturbed = None
         self._finish_step(found_inf, known_skip)
 

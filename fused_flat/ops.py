@@ -22,7 +22,12 @@ def _ops():
 
 def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int, sigma: float,
              offset: int = 0) -> None:
-    """theta <- theta + sigma * eps(tag), in place, over bucket elements [offset, offset + numel)."""
+    """theta <- theta + sigma * eps(tag), in place, over bucket elements [offset, offset + numel).
+    ``step`` may be a 0-dim int64 CPU tensor (torch.compile: no guard on its value)."""
+    if isinstance(step, torch.Tensor):
+        _ops()
+        torch.ops.fused_flat.perturb_t_(param, seed, bucket_id, step, tag, sigma, offset)
+        return
     _ops().perturb_(param, seed, bucket_id, step, tag, sigma, offset)
 
 
@@ -34,7 +39,20 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                       stochastic_rounding: bool = False) -> None:
     """The fused restore + decay + momentum + Langevin + update pass (see reference.py);
     ``stochastic_rounding``: bf16/fp16 params get the stochastically rounded result
-    (ALGORITHMS.md §1), ignored for fp32/fp64."""
+    (ALGORITHMS.md §1), ignored for fp32/fp64.
+
+    ``step``, ``lr`` and ``noise_std`` may be 0-dim CPU tensors (int64, float, float): the
+    per-step values then are graph inputs under torch.compile, not guards (one compilation
+    for every step and learning rate); they are read on the host when the op runs."""
+    if any(isinstance(v, torch.Tensor) for v in (step, lr, noise_std)):
+        _ops()
+        torch.ops.fused_flat.restore_and_step_t_(
+            param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
+            torch.as_tensor(step, dtype=torch.int64), offset, restore_tag, sigma,
+            torch.as_tensor(lr, dtype=torch.float64), weight_decay, momentum, dampening,
+            nesterov, momentum_init, torch.as_tensor(noise_std, dtype=torch.float64), grad_mult,
+            stochastic_rounding)
+        return
     _ops().restore_and_step_(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
                              step, offset, restore_tag, sigma, lr, weight_decay, momentum,
                              dampening, nesterov, momentum_init, noise_std, grad_mult,
@@ -134,3 +152,40 @@ if _native.available():
     @torch.library.register_fake("fused_flat::gaussian_noise")
     def _gaussian_noise_fake(seed, bucket_id, step, tag, offset, n):
         return torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+
+
+# Tensor-argument forms of perturb_ / restore_and_step_ (torch.compile): the step counter,
+# the learning rate and the noise scale arrive as 0-dim CPU tensors, so a compiled step is
+# not specialized on their values (no recompilation per step or per scheduler change). The
+# kernels are the same: the values are read on the host when the op runs.
+if _native.available():
+
+    @torch.library.custom_op("fused_flat::perturb_t_", mutates_args=("param",))
+    def _perturb_t(param: torch.Tensor, seed: int, bucket_id: int, step: torch.Tensor, tag: int,
+                   sigma: float, offset: int) -> None:
+        torch.ops.fused_flat.perturb_(param, seed, bucket_id, int(step), tag, sigma, offset)
+
+    @_perturb_t.register_fake
+    def _(param, seed, bucket_id, step, tag, sigma, offset):
+        return None
+
+    @torch.library.custom_op("fused_flat::restore_and_step_t_",
+                             mutates_args=("param", "momentum_buffer"))
+    def _restore_and_step_t(param: torch.Tensor, grad: torch.Tensor,
+                            momentum_buffer: torch.Tensor | None, grad_scale: torch.Tensor | None,
+                            found_inf: torch.Tensor | None, seed: int, bucket_id: int,
+                            step: torch.Tensor, offset: int, restore_tag: int, sigma: float,
+                            lr: torch.Tensor, weight_decay: float, momentum: float,
+                            dampening: float, nesterov: bool, momentum_init: bool,
+                            noise_std: torch.Tensor, grad_mult: float,
+                            stochastic_rounding: bool) -> None:
+        torch.ops.fused_flat.restore_and_step_(
+            param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id, int(step),
+            offset, restore_tag, sigma, float(lr), weight_decay, momentum, dampening, nesterov,
+            momentum_init, float(noise_std), grad_mult, stochastic_rounding)
+
+    @_restore_and_step_t.register_fake
+    def _(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id, step, offset,
+          restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
+          noise_std, grad_mult, stochastic_rounding):
+        return None

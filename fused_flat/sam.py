@@ -119,6 +119,17 @@ class SAM(FlatOptimizer):
     before ``second_step`` (g2); ``p.grad`` accumulates as usual. A parameter is perturbed
     iff it has g1 and updated iff it has g2 (``p.grad is not None``); the momentum lives in
     ``state[p]["momentum_buffer"]``, torch.optim.SGD's own state.
+
+    torch.compile (CPU, backend 'cpp'): ``torch.compile(opt.step)`` compiles once for every
+    step counter and learning rate when ``lr`` is a CPU tensor (``lr=torch.tensor(0.1)``; an
+    LR scheduler then updates it in place): the counter (a 0-dim int64 tensor) and the lr
+    are graph inputs, not guards. Compile ``opt.step`` before creating the scheduler (its
+    wrapper of ``opt.step`` is in a file dynamo skips) and call ``zero_grad`` outside the
+    compiled function; the two-call form (see LangevinOptimizer) and SAM's
+    ``first_step`` / ``second_step`` then trace with ``fullgraph=True``; a closure's
+    ``backward()`` splits the graph. One recompile follows the first step when it creates
+    state (momentum buffers). Under compile a non-finite gradient still skips the update
+    (on the device, as on CUDA), but ``skipped_steps`` is not counted and no warning is given.
     """
 
     _sam_family = True
@@ -225,7 +236,8 @@ class SAM(FlatOptimizer):
                 parts[key] = part if key not in parts else parts[key] + part.to(parts[key].device)
         sq = self._sum_sharded(parts)
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
-        if all(b.device.type == "cpu" for b in buckets):   # host values cost nothing here
+        if all(b.device.type == "cpu" for b in buckets) and not torch.compiler.is_compiling():
+            # host values cost nothing here (compiled: the device path, no host read)
             inv = 1.0 / float(grad_scaler.get_scale()) if scaled else 1.0
             norm = math.sqrt(float(sq)) * inv if sq is not None else 0.0
             self._first_nonfinite = not math.isfinite(norm)
@@ -320,9 +332,10 @@ class SAM(FlatOptimizer):
             for js, moms, init in self._momentum_lists(b, idx, g, create=not known_skip):
                 backend.sam_restore_and_step_(
                     [flat(targets[j]) for j in js], [flat(sources[j]) for j in js],
-                    [gl[gpos[j]] for j in js], moms, gs, fi, g["lr"], g["weight_decay"],
-                    g["momentum"], g["dampening"], g["nesterov"], init, mult,
-                    *((True, self.seed, b.bucket_id, self._k, [b.index(j) for j in js]) if sr else ()))
+                    [gl[gpos[j]] for j in js], moms, gs, fi, self._lr_arg(g, backend),
+                    g["weight_decay"], g["momentum"], g["dampening"], g["nesterov"], init, mult,
+                    *((True, self.seed, b.bucket_id, self._step_arg(backend),
+                       [b.index(j) for j in js]) if sr else ()))
             if masters:
                 for j in set(idx) | pert:
                     b.params[j].copy_(self._master(b.params[j]))

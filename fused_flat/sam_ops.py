@@ -32,7 +32,12 @@ def sam_grad_sq_norm(grad: torch.Tensor, param: torch.Tensor | None = None,
 
 def sam_perturb_(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor, adaptive: bool,
                  coef: float, eta: float = 0.0) -> None:
-    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 (ASAM) or 1."""
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 (ASAM) or 1.
+    ``coef`` may be a 0-dim CPU tensor (torch.compile: a graph value, read when the op runs)."""
+    if isinstance(coef, torch.Tensor):
+        _ops()
+        torch.ops.fused_flat.sam_perturb_t_(param, grad, backup, adaptive, coef, eta)
+        return
     _ops().sam_perturb_(param, grad, backup, adaptive, coef, eta)
 
 
@@ -44,7 +49,16 @@ def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch
                           bucket_id: int = 0, step: int = 0, offset: int = 0) -> None:
     """theta <- backup, then torch.optim.SGD's update with g2 (see sam_reference); one pass.
     ``stochastic_rounding``: bf16/fp16 params get SR(theta) with the rbits (tags 0, 32) of
-    (seed, bucket_id, step) at bucket indices offset + e."""
+    (seed, bucket_id, step) at bucket indices offset + e. ``lr`` and ``step`` may be 0-dim CPU
+    tensors (torch.compile: graph inputs, not guards; read on the host when the op runs)."""
+    if isinstance(lr, torch.Tensor) or isinstance(step, torch.Tensor):
+        _ops()
+        torch.ops.fused_flat.sam_restore_and_step_t_(
+            param, backup, grad, momentum_buffer, grad_scale, found_inf,
+            torch.as_tensor(lr, dtype=torch.float64), weight_decay, momentum, dampening, nesterov,
+            momentum_init, grad_mult, stochastic_rounding, seed, bucket_id,
+            torch.as_tensor(step, dtype=torch.int64), offset)
+        return
     _ops().sam_restore_and_step_(param, backup, grad, momentum_buffer, grad_scale, found_inf, lr,
                                  weight_decay, momentum, dampening, nesterov, momentum_init,
                                  grad_mult, stochastic_rounding, seed, bucket_id, step, offset)
@@ -75,4 +89,36 @@ if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
 
     @torch.library.register_fake("fused_flat::sam_probe_")
     def _probe_fake(param, backup, seed, bucket_id, step, delta, offset=0):
+        return None
+
+
+    # Tensor-argument forms (torch.compile; see fused_flat.ops): the per-step coefficient,
+    # the learning rate and the step counter as 0-dim CPU tensors, read when the op runs.
+    @torch.library.custom_op("fused_flat::sam_perturb_t_", mutates_args=("param", "backup"))
+    def _sam_perturb_t(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor,
+                       adaptive: bool, coef: torch.Tensor, eta: float) -> None:
+        torch.ops.fused_flat.sam_perturb_(param, grad, backup, adaptive, float(coef), eta)
+
+    @_sam_perturb_t.register_fake
+    def _(param, grad, backup, adaptive, coef, eta):
+        return None
+
+    @torch.library.custom_op("fused_flat::sam_restore_and_step_t_",
+                             mutates_args=("param", "momentum_buffer"))
+    def _sam_restore_and_step_t(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor,
+                                momentum_buffer: torch.Tensor | None,
+                                grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                                lr: torch.Tensor, weight_decay: float, momentum: float,
+                                dampening: float, nesterov: bool, momentum_init: bool,
+                                grad_mult: float, stochastic_rounding: bool, seed: int,
+                                bucket_id: int, step: torch.Tensor, offset: int) -> None:
+        torch.ops.fused_flat.sam_restore_and_step_(
+            param, backup, grad, momentum_buffer, grad_scale, found_inf, float(lr), weight_decay,
+            momentum, dampening, nesterov, momentum_init, grad_mult, stochastic_rounding, seed,
+            bucket_id, int(step), offset)
+
+    @_sam_restore_and_step_t.register_fake
+    def _(param, backup, grad, momentum_buffer, grad_scale, found_inf, lr, weight_decay, momentum,
+          dampening, nesterov, momentum_init, grad_mult, stochastic_rounding, seed, bucket_id,
+          step, offset):
         return None
