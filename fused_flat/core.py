@@ -14,6 +14,7 @@ import math
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.optim import Optimizer
 
 from fused_flat import backends, noise
@@ -340,15 +341,19 @@ class FlatOptimizer(Optimizer):
     # The step counter k lives in a 0-dim int64 CPU tensor (``_k_t``), so that a compiled
     # step reads it as a graph input instead of specializing on its value; ``_k`` is its
     # Python int (eager code, checkpoints, messages).
+    # The counter is a host value even when the optimizer is built under FakeTensorMode
+    # (tests/test_no_host_sync.py): it is made and read outside any fake mode.
     @property
     def _k(self) -> int:
-        return int(self._k_t)
+        with unset_fake_temporarily():
+            return int(self._k_t)
 
     @_k.setter
     def _k(self, value: int) -> None:
-        if "_k_t" not in self.__dict__:
-            self._k_t = torch.zeros((), dtype=torch.int64)
-        self._k_t.fill_(int(value))
+        with unset_fake_temporarily():
+            if "_k_t" not in self.__dict__:
+                self._k_t = torch.zeros((), dtype=torch.int64)
+            self._k_t.fill_(int(value))
 
     def _step_arg(self, backend: backends.Backend):
         """k as the ops take it: under torch.compile with the 'cpp' backend, the counter
@@ -369,8 +374,13 @@ class FlatOptimizer(Optimizer):
         return lr
 
     def _finish_step(self, found_inf: torch.Tensor | None, known_skip: bool) -> None:
-        self._k_t.add_(1)
+        if torch.compiler.is_compiling():
+            self._k_t.add_(1)            # traced into the graph
+        else:
+            with unset_fake_temporarily():
+                self._k_t.add_(1)
         self._last_found_inf = found_inf
+        self._opt_called = True   # what torch's LR schedulers check, also when step() is compiled
         if known_skip:
             self.skipped_steps += 1
             warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self._k - 1}; the "
