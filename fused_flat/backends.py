@@ -59,6 +59,9 @@ class Backend:
     all_finite: Callable | None = None   # (tensors) -> float32 [1], 1.0 if any inf/nan
     perturb_from_: Callable | None = None   # (params16, masters32, offsets, seed, bucket, step, tag, sigma)
     stochastic_rounding: bool = False   # restore_and_step_ / sam_restore_and_step_ can round stochastically
+    # step / lr / noise_std may be one-element tensors on the bucket's device, read by the
+    # kernels (no host read: capturable=True on CUDA). Every backend takes CPU tensors.
+    device_scalars: bool = False
 
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type in self.devices
@@ -72,9 +75,16 @@ class Backend:
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
          all_finite=None, perturb_from_=None) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.reference /
-    sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset)."""
+    sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
+
+    Per-step values (step, lr, noise_std) may come as CPU tensors (``capturable=True`` or
+    torch.compile on CPU): the C++ ops take them as they are; the others get their Python
+    value (a read of host memory, no device sync)."""
+    native_t = name == "cpp"   # fused_flat.ops / sam_ops: the tensor-argument (*_t_) op forms
 
     def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma):
+        if not native_t:
+            step = _host(step)
         for p, off in zip(params, offsets):
             perturb_(p, seed, bucket_id, step, tag, sigma, off)
 
@@ -83,6 +93,8 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                               nesterov, momentum_init, noise_std, grad_mult,
                               stochastic_rounding=False):
         extra = (True,) if stochastic_rounding else ()
+        if not native_t:
+            step, lr, noise_std = _host(step), _host(lr), _host(noise_std)
         for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
             restore_and_step_(p, g, moms[t] if moms is not None else None, grad_scale, found_inf,
                               seed, bucket_id, step, off, restore_tag, sigma, lr, weight_decay,
@@ -93,6 +105,7 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
         if perturb_from_ is None:
             raise NotImplementedError(f"fused_flat: backend '{name}' has no perturb_from_ kernel "
                                       f"(master_weights=True); use backend='reference'")
+        step = _host(step)
         for p, m, off in zip(params, masters, offsets):
             perturb_from_(p, m, seed, bucket_id, step, tag, sigma, off)
 
@@ -114,6 +127,8 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
         def sam_restore_list(params, backups, grads, moms, grad_scale, found_inf, lr, weight_decay,
                              momentum, dampening, nesterov, momentum_init, grad_mult,
                              stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None):
+            if not native_t:
+                step, lr = _host(step), _host(lr)
             for t, (p, b, g) in enumerate(zip(params, backups, grads)):
                 extra = (True, seed, bucket_id, step, offsets[t]) if stochastic_rounding else ()
                 sam.sam_restore_and_step_(p, b, g, moms[t] if moms is not None else None,
@@ -121,6 +136,7 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                                           dampening, nesterov, momentum_init, grad_mult, *extra)
 
         def sam_probe_list(params, backups, offsets, seed, bucket_id, step, delta):
+            step = _host(step)
             for p, b, off in zip(params, backups, offsets):
                 sam.sam_probe_(p, b, seed, bucket_id, step, delta, off)
 
@@ -135,6 +151,18 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite,
                    perturb_from_=perturb_from_list, stochastic_rounding=sr, **kw)
 
+
+
+def _host(v):
+    """The Python value of a one-element CPU tensor (a per-step value handed to an op that
+    takes numbers); anything else unchanged. Refuses a device tensor: that would be a sync."""
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu":
+            raise ValueError(f"fused_flat: this backend takes the per-step values (step, lr) as "
+                             f"numbers or CPU tensors, got a tensor on {v.device}; use "
+                             f"backend='triton' or 'cuda' with capturable=True")
+        return v.item()
+    return v
 
 
 def with_sam_lists(b: Backend, mod) -> Backend:

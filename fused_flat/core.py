@@ -130,11 +130,17 @@ class FlatOptimizer(Optimizer):
     _last_found_inf = _runtime_attr("_last_found_inf")
     _opt_called = _runtime_attr("_opt_called", False)
 
-    def _init_core(self, *, seed: int | None, backend: str, check_finite: bool) -> None:
+    def _init_core(self, *, seed: int | None, backend: str, check_finite: bool,
+                   capturable: bool = False) -> None:
         backends.check_name(backend)
+        if not isinstance(capturable, bool):
+            raise ValueError(f"{type(self).__name__}: capturable must be True or False, got "
+                             f"{capturable!r}")
         self.backend = backend
         self.check_finite = bool(check_finite)
+        self.capturable = capturable
         self.seed = seed
+        self._k_dev = None   # capturable: the step counter on the parameters' device
         self._k = 0
         self.skipped_steps = 0
         self._layout = None
@@ -181,8 +187,37 @@ class FlatOptimizer(Optimizer):
                         keys.setdefault(k, None)
             self._shard_keys = list(keys)
             self._follow_params()
+            self._place_counter()
             self._layout = key
         return self._buckets
+
+    def _place_counter(self) -> None:
+        """``capturable=True``: the step counter lives on the parameters' device (``_k_dev``)
+        and the kernels read it there, as they read a tensor lr, so a captured CUDA graph
+        replays every step with its own noise and learning rate."""
+        if not self.capturable:
+            return
+        name = type(self).__name__
+        devs = list(dict.fromkeys(b.device for b in self._buckets))
+        if len(devs) > 1:
+            raise ValueError(f"{name}: capturable=True needs every parameter on one device, got "
+                             f"{[str(d) for d in devs]}")
+        for b, be in zip(self._buckets, self._backends):
+            if b.device.type != "cpu" and not be.device_scalars:
+                raise ValueError(
+                    f"{name}: capturable=True needs kernels that read the step counter and lr "
+                    f"from device memory; backend '{be.name}' reads them on the host (a sync per "
+                    f"step, and a captured graph would replay stale values). Use backend='auto', "
+                    f"'triton' or 'cuda' (built with FORCE_CUDA=1).")
+            if b.device.type != "cpu" and self._masters(b):
+                raise ValueError(f"{name}: capturable=True with master_weights=True is not "
+                                 f"supported yet on {b.device.type} (the master perturbation takes "
+                                 f"the step on the host); use capturable=False, or "
+                                 f"stochastic_rounding for 16-bit parameters")
+        dev = devs[0] if devs else torch.device("cpu")
+        if self._k_dev is None or self._k_dev.device != dev:
+            k = self._k
+            self._k_dev = torch.full((), k, dtype=torch.int64, device=dev)
 
     def _follow_params(self) -> None:
         """State tensors (momentum, masters) follow their parameter's device and memory
@@ -343,8 +378,13 @@ class FlatOptimizer(Optimizer):
     # Python int (eager code, checkpoints, messages).
     # The counter is a host value even when the optimizer is built under FakeTensorMode
     # (tests/test_no_host_sync.py): it is made and read outside any fake mode.
+    # With ``capturable=True`` the counter is ``_k_dev`` on the parameters' device instead
+    # (reading ``_k`` then is a device read: checkpoints and messages only, never in a step).
     @property
     def _k(self) -> int:
+        kd = self.__dict__.get("_k_dev")
+        if kd is not None:
+            return int(kd)
         with unset_fake_temporarily():
             return int(self._k_t)
 
@@ -354,27 +394,43 @@ class FlatOptimizer(Optimizer):
             if "_k_t" not in self.__dict__:
                 self._k_t = torch.zeros((), dtype=torch.int64)
             self._k_t.fill_(int(value))
+        kd = self.__dict__.get("_k_dev")
+        if kd is not None:
+            kd.fill_(int(value))
 
     def _step_arg(self, backend: backends.Backend):
-        """k as the ops take it: under torch.compile with the 'cpp' backend, the counter
-        tensor itself (no guard on its value); else the Python int."""
+        """k as the ops take it: with ``capturable=True``, the device counter (the kernels
+        read it); under torch.compile with the 'cpp' backend, the CPU counter tensor (no
+        guard on its value); else the Python int."""
+        if self._k_dev is not None:
+            return self._k_dev
         if torch.compiler.is_compiling() and backend.name == "cpp":
             return self._k_t
         return self._k
 
     def _lr_arg(self, group: dict, backend: backends.Backend):
         """The group's lr as the ops take it: a tensor lr (``lr=torch.tensor(...)``, what an
-        LR scheduler then updates in place) stays a tensor under torch.compile with the
-        'cpp' backend (no guard on its value); else a Python float."""
+        LR scheduler then updates in place) stays a tensor with ``capturable=True`` (on the
+        parameters' device: the kernels read it) and under torch.compile with the 'cpp'
+        backend (no guard on its value); else a Python float."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
+            if self._k_dev is not None:
+                if lr.device != self._k_dev.device:
+                    raise ValueError(
+                        f"{type(self).__name__}: capturable=True reads a tensor lr in the kernels, "
+                        f"so it must be on the parameters' device ({self._k_dev.device}), got "
+                        f"{lr.device}: pass lr=torch.tensor(value, device='{self._k_dev.device}')")
+                return lr
             if torch.compiler.is_compiling() and backend.name == "cpp":
                 return lr
             return float(lr)
         return lr
 
     def _finish_step(self, found_inf: torch.Tensor | None, known_skip: bool) -> None:
-        if torch.compiler.is_compiling():
+        if self._k_dev is not None:
+            self._k_dev.add_(1)          # on the device (captured with the step)
+        elif torch.compiler.is_compiling():
             self._k_t.add_(1)            # traced into the graph
         else:
             with unset_fake_temporarily():

@@ -72,6 +72,14 @@ class LangevinOptimizer(FlatOptimizer):
         backend (str): 'auto', 'cpp', 'reference' (and 'triton', 'cuda' where built).
         check_finite (bool): skip the update, restoring the parameters, when any gradient
             the update uses is inf/NaN. ``last_step_skipped`` reports it.
+        capturable (bool): keep the step counter on the parameters' device and let the
+            kernels read it there, and a tensor ``lr`` (on that device) too, so that a whole
+            training step can be captured in a CUDA graph and replayed (no host sync, no
+            per-step value baked into the graph). A float ``lr`` is a constant of the
+            captured graph; give ``lr=torch.tensor(lr, device=...)`` to schedule it (the
+            scheduler updates it in place). Needs the 'triton' or 'cuda' kernels on CUDA
+            ('auto' picks them); not with ``master_weights=True`` on CUDA yet. On CPU the
+            same code path runs (nothing to capture).
 
     torch.optim semantics: a parameter is updated iff ``p.grad is not None`` at ``step()``
     (whoever wrote it: autograd, DDP, user code); it is perturbed iff it ``requires_grad``
@@ -107,7 +115,8 @@ class LangevinOptimizer(FlatOptimizer):
                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False, *,
                  n_perturbations: int = 1, exact_restore: bool | None = None,
                  stochastic_rounding: bool | None = None, master_weights: bool = False,
-                 seed: int | None = None, backend: str = "auto", check_finite: bool = True):
+                 seed: int | None = None, backend: str = "auto", check_finite: bool = True,
+                 capturable: bool = False):
         name = type(self).__name__
         if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 1:
             raise ValueError(f"{name}: n_perturbations must be an integer >= 1, got {n_perturbations!r}")
@@ -126,7 +135,7 @@ class LangevinOptimizer(FlatOptimizer):
         self._backups: dict = {}
         super().__init__(params, defaults)
         self._init_core(seed=broadcast_seed(seed, explicit, name), backend=backend,
-                        check_finite=check_finite)
+                        check_finite=check_finite, capturable=capturable)
 
     def _validate_group(self, g: dict) -> None:
         name = type(self).__name__
@@ -239,7 +248,8 @@ class LangevinOptimizer(FlatOptimizer):
             if mode == "master":
                 self._backends[bi].perturb_from_([flat(p) for p in params],
                                                  [flat(self._master(p)) for p in params], offsets,
-                                                 self.seed, b.bucket_id, self._k, tag, sigma)
+                                                 self.seed, b.bucket_id,
+                                                 self._step_arg(self._backends[bi]), tag, sigma)
             else:
                 if mode == "backup":
                     for p in params:
@@ -331,8 +341,8 @@ class LangevinOptimizer(FlatOptimizer):
             grads = flat_grads[bi]
             k = self._step_arg(backend)
             lr = self._lr_arg(g, backend)
-            if isinstance(lr, torch.Tensor):   # compiled, tensor lr: sqrt(2 lr / beta) in the graph
-                noise_std = (lr.new_zeros((), dtype=torch.float64) if math.isinf(g["beta"])
+            if isinstance(lr, torch.Tensor):   # compiled or capturable, tensor lr: sqrt(2 lr / beta)
+                noise_std = (0.0 if math.isinf(g["beta"])   # on its device (graph / kernel input)
                              else (2.0 * lr.to(torch.float64) / g["beta"]).sqrt())
             else:
                 noise_std = self.group_noise_std(g)

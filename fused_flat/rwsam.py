@@ -96,7 +96,8 @@ class RWSAM(SAM):
                 if ps:
                     self._backends[bi].sam_probe_([flat(p) for p in ps], [flat(t) for t in bk],
                                                   [b.index(j) for j in idx], self.seed,
-                                                  b.bucket_id, self._k, self.delta)
+                                                  b.bucket_id, self._step_arg(self._backends[bi]),
+                                                  self.delta)
                 probed += ps
                 backups += bk
             try:

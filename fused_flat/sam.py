@@ -88,6 +88,10 @@ class SAM(FlatOptimizer):
             from its backup; the base update rounds stochastically into the 16-bit weights
             (default), or runs on fp32 masters (``state[p]["master_weight"]``, fp32 momentum)
             and writes round(master) back.
+        capturable (bool): as in the Langevin family: the step counter (SR bits, RW-SAM's
+            probe) and a tensor ``lr`` stay on the parameters' device and the kernels read
+            them, so ``first_step`` + ``second_step`` can be captured in a CUDA graph. Needs
+            base_optimizer=torch.optim.SGD (the fused update).
         **base_kwargs: the base optimizer's hyperparameters (``lr``, ``momentum``, ...).
 
     Usage (davda54/sam's)::
@@ -138,7 +142,7 @@ class SAM(FlatOptimizer):
                  adaptive: bool = False, normalize: bool = True, *, adaptive_eta: float = 0.0,
                  backend: str = "auto", check_finite: bool = True, freeze_bn: bool = True,
                  seed: int | None = None, stochastic_rounding: bool | None = None,
-                 master_weights: bool = False, **base_kwargs):
+                 master_weights: bool = False, capturable: bool = False, **base_kwargs):
         name = type(self).__name__
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(f"{name}: base_optimizer must be a torch.optim.Optimizer class (e.g. "
@@ -164,8 +168,13 @@ class SAM(FlatOptimizer):
             _warn_unfused(base_optimizer)
         self._init_low_precision(stochastic_rounding, master_weights)
         explicit = seed is not None
+        if capturable and not self._fused_sgd:
+            raise ValueError(f"{name}: capturable=True needs the fused update, i.e. "
+                             f"base_optimizer=torch.optim.SGD (not differentiable); "
+                             f"{base_optimizer.__name__}'s step runs after a host read of the "
+                             f"skip flag")
         self._init_core(seed=broadcast_seed(check_seed(seed, name), explicit, name), backend=backend,
-                        check_finite=check_finite)
+                        check_finite=check_finite, capturable=capturable)
 
     # ----------------------------------------------------------------- setup
     def _validate_group(self, g: dict) -> None:
