@@ -2,7 +2,8 @@
 one launch per list, against fused_flat.reference applied tensor by tensor at each tensor's
 bucket offset, and bit for bit against the per-tensor Triton kernels (same noise helpers,
 same operation order: equal eps/xi bits mean equal Philox words, which
-tests/test_triton.py checks against the reference and the C++ ops).
+tests/test_triton.py checks against the reference and the C++ ops). Stochastic rounding
+(bf16 / fp16) runs in the same single launch: bit for bit the per-tensor SR op.
 
 Random lists of sizes (1-element and empty tensors, sizes not a multiple of the block,
 several chunks per tensor) with random bucket offsets, odd ones included (FSDP shards): a
@@ -229,28 +230,110 @@ def test_restore_and_step_fp64_and_empty():
     _run_rs(tm.restore_and_step_, [], [], None, [], cfg)
 
 
-def test_stochastic_rounding_falls_back_per_tensor(monkeypatch):
-    """SR: one per-tensor launch per tensor, the flag passed through (until SR lands in the
-    multi-tensor kernels); a per-tensor op without SR raises instead of ignoring it."""
-    calls = []
+SR_CONFIGS = {
+    # name: (sigma, noise_std, momentum, nesterov, momentum_init, grad_scale, found_inf, tag)
+    "fsgld_tag0": (0.05, 1e-3, 0.0, False, False, None, None, 0),      # eps words reused
+    "fsgld_tag7": (0.05, 1e-3, 0.0, False, False, None, None, 7),      # extra tag-0 call
+    "sgld_mom": (0.0, 1e-3, 0.9, False, False, None, None, 0),         # extra tag-0 call
+    "rwp_nesterov": (0.05, 0.0, 0.9, True, False, 4.0, 0.0, 0),        # extra tag-32 call
+    "mom_init_tag3": (0.05, 1e-3, 0.9, False, True, 0.5, None, 3),
+    "plain": (0.0, 0.0, 0.0, False, False, None, None, 0),              # no noise: exact
+    "plain_mom": (0.0, 0.0, 0.9, True, False, 2.0, 0.0, 0),
+    "skipped": (0.05, 1e-3, 0.9, False, False, 2.0, 1.0, 0),           # found_inf: restore only
+    "skipped_no_eps": (0.0, 1e-3, 0.0, False, False, None, 1.0, 0),
+}
 
-    def fake(*args, stochastic_rounding=False):
-        calls.append((args[0].numel(), args[8], stochastic_rounding))
 
-    ps = [torch.zeros(n, dtype=torch.bfloat16, device=DEVICE) for n in (3, 5)]
-    gs = _clone(ps)
-    monkeypatch.setattr(ft, "restore_and_step_", fake)
-    tm.restore_and_step_(ps, gs, None, [1, 9], None, None, SEED, BUCKET, STEP, 0, 0.1, 0.1, 0.0,
-                         0.0, 0.0, False, False, 1e-3, 1.0, stochastic_rounding=True)
-    assert calls == [(3, 1, True), (5, 9, True)]
+def _run_sr(fn, params, grads, moms, offsets, cfg, per_tensor):
+    sigma, nstd, mu, nest, init, gs, fi, tag = cfg
+    gs_t = None if gs is None else torch.tensor([gs], device=DEVICE)
+    fi_t = None if fi is None else torch.tensor([fi], device=DEVICE)
+    hyper = (sigma, 0.05, 1e-3, mu, 0.1, nest, init, nstd, 0.5)
+    if not per_tensor:
+        fn(params, grads, moms, offsets, gs_t, fi_t, SEED, BUCKET, STEP, tag, *hyper,
+           stochastic_rounding=True)
+    else:
+        for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
+            fn(p, g, None if moms is None else moms[t], gs_t, fi_t, SEED, BUCKET, STEP, off, tag,
+               *hyper, stochastic_rounding=True)
 
-    def no_sr(*args):
-        raise AssertionError("called without SR support")
 
-    monkeypatch.setattr(ft, "restore_and_step_", no_sr)
-    with pytest.raises(NotImplementedError, match="stochastic_rounding"):
-        tm.restore_and_step_(ps, gs, None, [1, 9], None, None, SEED, BUCKET, STEP, 0, 0.1, 0.1,
-                             0.0, 0.0, 0.0, False, False, 1e-3, 1.0, stochastic_rounding=True)
+def _bits(ts):
+    return [t.view(torch.int16) for t in ts]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(SR_CONFIGS))
+def test_stochastic_rounding_in_the_list_kernel(dtype, name, monkeypatch):
+    """SR inside the one launch: bit for bit the per-tensor Triton SR op (same words, same
+    rbits, same SR helper); bit for bit the reference where no noise float enters (the
+    noise floats of the reference are torch's: rare 1-ulp flips otherwise)."""
+    cfg = SR_CONFIGS[name]
+    seed = 100 + list(SR_CONFIGS).index(name) + (20 if dtype == torch.float16 else 0)
+    sizes, offsets = _case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = _tensors(sizes, dtype, gen, 4.0), _tensors(sizes, dtype, gen)
+    moms = _tensors(sizes, dtype, gen, 0.1) if cfg[2] != 0.0 else None
+    count = _Count(tm.restore_and_step_kernel)
+    monkeypatch.setattr(tm, "restore_and_step_kernel", count)
+    got = (_clone(params), _clone(moms))
+    _run_sr(tm.restore_and_step_, got[0], grads, got[1], offsets, cfg, False)
+    assert count.n == 1, "one launch per list, SR included"
+    per = (_clone(params), _clone(moms))
+    _run_sr(ft.restore_and_step_, per[0], grads, per[1], offsets, cfg, True)
+    _equal(_bits(got[0]), _bits(per[0]), f"{name} SR theta vs per-tensor triton")
+    if moms is not None:
+        _equal(_bits(got[1]), _bits(per[1]), f"{name} momentum vs per-tensor triton")
+    ref = (_clone(params), _clone(moms))
+    _run_sr(reference.restore_and_step_, ref[0], grads, ref[1], offsets, cfg, True)
+    skipped = cfg[6] == 1.0
+    if cfg[0] == 0.0 and cfg[1] == 0.0 and not skipped:
+        _equal(_bits(got[0]), _bits(ref[0]), f"{name} SR theta vs reference")
+    else:
+        # the noise floats: <= 1 ulp, rare; a skipped step's restore is round-to-nearest,
+        # which the interpreter does by truncation for bf16 (a GPU rounds): <= 1 ulp there
+        flips = sum(int((a != b).sum()) for a, b in zip(_bits(got[0]), _bits(ref[0])))
+        if not (skipped and dtype == torch.bfloat16 and DEVICE == "cpu"):
+            assert flips <= max(2, sum(sizes) // 50), f"{name}: {flips} of {sum(sizes)} differ"
+        for i, (a, b) in enumerate(zip(got[0], ref[0])):
+            assert _ulps(a, b) <= 1.0, f"{name}[{i}]: {_ulps(a, b)} ulps"
+    if moms is not None and skipped:
+        _equal(got[1], moms, f"{name}: a skipped step leaves the momentum")
+
+
+def test_stochastic_rounding_rounds_stochastically():
+    """The SR path is taken: a tiny update (below half an ulp) moves some bf16 elements,
+    round-to-nearest would move none; exactly those of the rbits rule."""
+    from fused_flat import noise
+
+    sizes, offsets = [70, 33, 1], [3, 101, 2 ** 33 + 1]
+    params = [torch.ones(n, dtype=torch.bfloat16, device=DEVICE) for n in sizes]
+    grads = [torch.ones(n, dtype=torch.bfloat16, device=DEVICE) for n in sizes]
+    lr = 2.0 ** -10   # 1 - lr: an eighth of a bf16 ulp below 1 (ulp 2^-8 below 1)
+    got = _clone(params)
+    tm.restore_and_step_(got, grads, None, offsets, None, None, SEED, BUCKET, STEP, 0, 0.0, lr,
+                         0.0, 0.0, 0.0, False, False, 0.0, 1.0, stochastic_rounding=True)
+    moved = 0
+    for p, n, off in zip(got, sizes, offsets):
+        want = noise.stochastic_round(torch.full((n,), 1.0 - lr), noise.sr_bits(
+            SEED, BUCKET, STEP, off, n, DEVICE), torch.bfloat16)
+        assert torch.equal(p.view(torch.int16), want.view(torch.int16))
+        moved += int((p != 1.0).sum())
+    assert 0 < moved < sum(sizes)
+
+
+def test_stochastic_rounding_fp64_and_fp32_ignore_the_flag():
+    sizes, offsets = [5, 9], [1, 6]
+    for dtype in (torch.float32, torch.float64):
+        gen = torch.Generator().manual_seed(3)
+        p, g = _tensors(sizes, dtype, gen), _tensors(sizes, dtype, gen)
+        a, b = _clone(p), _clone(p)
+        cfg = CONFIGS["fsgld"]
+        sigma, nstd, mu, nest, init, _gs, _fi = cfg
+        args = (None, None, SEED, BUCKET, STEP, 7, sigma, 0.05, 1e-3, mu, 0.1, nest, init, nstd, 0.5)
+        tm.restore_and_step_(a, g, None, offsets, *args, stochastic_rounding=True)
+        tm.restore_and_step_(b, g, None, offsets, *args)
+        _equal(a, b, f"{dtype}: SR flag ignored")
 
 
 # ------------------------------------------------------------------ all_finite

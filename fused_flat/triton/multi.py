@@ -31,10 +31,34 @@ block when mis > 0 and the chunk's last partial block are masked.
 ``grad_scale`` / ``found_inf`` are read in the kernel (no host sync). fp64 lists keep fp64
 arithmetic through the per-tensor entry points (which hand them to fused_flat.reference).
 
-``stochastic_rounding=True``: the SR rounding of 16-bit results (ALGORITHMS.md §1 rbits) is
-being added to the per-tensor kernels and the per-element helpers separately; until it is
-merged into these kernels, an SR call falls back to the per-tensor Triton ops, one launch
-per tensor (``_per_tensor_restore_and_step``). TODO(issue 12): use the shared SR helper here.
+``stochastic_rounding=True`` (bf16 / fp16 lists; ignored for fp32 / fp64): the same single
+launch with the constexpr SR (IS_BF16 picks the rounding, EPS_TAG0 = restore_tag == 0): theta
+is stored as the SR of its fp32 result with rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8)
+(ALGORITHMS.md §1; noise.stochastic_round_bits), operation for operation the per-tensor
+kernel (restore_and_step.py): the words of the eps call (when restore_tag == 0) and of the
+xi call come from the same Philox calls as eps / xi (block_normals_words), a missing tag-0
+or tag-32 call is made for the rbits alone. A skipped step (found_inf) stores the restored
+value round-to-nearest, and the momentum buffer is always round-to-nearest.
+
+Device-resident per-step scalars (CUDA-graph capture: the optimizers' ``capturable=True``):
+
+* ``step`` (both ops; the counter of the noise and of the SR bits) is an ``int`` or a
+  one-element (0-dim or [1]) ``torch.int64`` tensor on the params' device; the kernel loads
+  it and uses its low 32 bits, exactly the host's ``step & MASK32``.
+* ``lr`` and ``noise_std`` (``restore_and_step_``) are Python floats or one-element
+  ``torch.float64`` (or float32) tensors on the params' device; the kernel loads them and
+  rounds to fp32 (RNE), bit for bit what the launcher does with ``float(value)``. A tensor
+  ``noise_std`` always draws xi (NEED_XI: its value is not known on the host); pass the
+  Python float 0.0 when there is no Langevin noise.
+
+No host read of these tensors (metadata checks only: dtype, numel, device; a ValueError
+says what to pass). Python scalars keep the scalar arguments (no extra loads): constexprs
+STEP_PTR / LR_PTR / NOISE_STD_PTR pick the loads, and an unused pointer argument gets a
+dummy (the first param), as for grad_scale / found_inf. The per-step ints (step_lo, tags,
+momentum_init) are in ``do_not_specialize`` and floats never specialize, so a new step or
+lr never recompiles (tests/test_triton_list_aot.py checks the binding). fp64 lists go
+through fused_flat.reference, which needs host values: there the tensors are read on the
+host (fp64 is not capturable).
 
 ``all_finite`` is one launch and no host sync: each program folds its chunk's flag into a
 persistent int32 scratch pair (flag, programs done) with atomics; the last program to
@@ -43,7 +67,6 @@ finish writes the output and resets the pair to zero for the next call. One scra
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -52,8 +75,12 @@ import triton.language as tl
 
 from fused_flat import multi_tensor as mt
 from fused_flat import reference
-from fused_flat.triton.noise import MASK32, TAG_XI, block_normals, philox_key
-from fused_flat.triton.sam import _ld, _st   # the masked / unmasked block load and store
+from fused_flat.triton.noise import (MASK32, TAG_XI, block_normals, block_normals_words,
+                                     block_words, philox_key, sr_bits_of,
+                                     stochastic_round_bits)
+# the masked / unmasked block load and store; the device-scalar loads and host checks
+from fused_flat.triton.sam import (_f32, _float_arg, _host_float, _host_int, _ld, _st,
+                                   _step_arg, _step_lo)
 
 BLOCK = 1024
 CHUNK = 16 * BLOCK      # frame positions per program (a multiple of BLOCK); tests may lower it
@@ -111,10 +138,12 @@ def _perturb_block(p_ptr, f, mis, n, jb, key, step_lo, tag, sigma, BLOCK: tl.con
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["tag"])
-def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, key, step_lo, tag, sigma,
-                   ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, step_lo, tag,
+                   sigma, STEP_PTR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK: tl.constexpr):
     t, s, end, n, mis, jb = _frame_row(chunks_ptr, meta_ptr, CHUNK)
     p_ptr = _fptr(ptrs_ptr, 0, T, t, mis, carrier, ALIGNED)
+    step_lo = _step_lo(step_ptr, step_lo, STEP_PTR)
     head = (s == 0) & (mis > 0)          # the tensor's first block starts before element 0
     nfull = (end // BLOCK) * BLOCK
     lo = head.to(tl.int64) * BLOCK
@@ -131,7 +160,8 @@ def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, key, step_lo, tag
 def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, skip, mult,
                 sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
                 HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, NEED_EPS: tl.constexpr,
-                NEED_XI: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+                NEED_XI: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
+                EPS_TAG0: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):
     # the per-element math of fused_flat/triton/restore_and_step.py, operation for operation
     o = _fofs(f, BLOCK)
@@ -144,10 +174,27 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, s
     j = _calls(jb, f, BLOCK)
     eps = tl.zeros([BLOCK], tl.float32)
     xi = tl.zeros([BLOCK], tl.float32)
-    if NEED_EPS:
-        eps = block_normals(key, j, step_lo, restore_tag)
-    if NEED_XI:
-        xi = block_normals(key, j, step_lo, TAG_XI)
+    if SR:
+        # rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8): the words of the eps call
+        # (restore_tag == 0) and of the xi call are reused; a missing call is made for them
+        if NEED_EPS:
+            if EPS_TAG0:
+                eps, w0 = block_normals_words(key, j, step_lo, restore_tag)
+            else:
+                eps = block_normals(key, j, step_lo, restore_tag)
+                w0 = block_words(key, j, step_lo, 0)
+        else:
+            w0 = block_words(key, j, step_lo, 0)
+        if NEED_XI:
+            xi, w32 = block_normals_words(key, j, step_lo, TAG_XI)
+        else:
+            w32 = block_words(key, j, step_lo, TAG_XI)
+        rbits = sr_bits_of(w0, w32)
+    else:
+        if NEED_EPS:
+            eps = block_normals(key, j, step_lo, restore_tag)
+        if NEED_XI:
+            xi = block_normals(key, j, step_lo, TAG_XI)
 
     if NEED_EPS:
         theta = theta - sigma * eps                     # restore
@@ -164,9 +211,14 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, s
     if NEED_XI:
         theta = theta + noise_std * xi
 
-    theta_out = theta.to(p_ptr.dtype.element_ty)
+    if SR:
+        theta_out = stochastic_round_bits(theta, rbits, IS_BF16).to(p_ptr.dtype.element_ty,
+                                                                   bitcast=True)
+    else:
+        theta_out = theta.to(p_ptr.dtype.element_ty)
     if HAS_FOUND_INF:
-        # skipped step (non-finite gradient): only the restore, m untouched
+        # skipped step (non-finite gradient): only the restore, round-to-nearest (also
+        # under SR, as the per-tensor kernel), m untouched
         theta_out = tl.where(skip, restored.to(p_ptr.dtype.element_ty), theta_out)
         if HAS_MOM:
             buf = tl.where(skip, m, buf)
@@ -177,11 +229,15 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, s
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["restore_tag", "momentum_init"])
 def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_scale_ptr,
-                            found_inf_ptr, key, step_lo, restore_tag, sigma, lr, weight_decay,
-                            momentum, dampening, noise_std, grad_mult, momentum_init,
+                            found_inf_ptr, step_ptr, lr_ptr, noise_std_ptr, key, step_lo,
+                            restore_tag, sigma, lr, weight_decay, momentum, dampening, noise_std,
+                            grad_mult, momentum_init,
                             HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
                             NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
                             HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                            STEP_PTR: tl.constexpr, LR_PTR: tl.constexpr,
+                            NOISE_STD_PTR: tl.constexpr, SR: tl.constexpr,
+                            EPS_TAG0: tl.constexpr, IS_BF16: tl.constexpr,
                             ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, s, end, n, mis, jb = _frame_row(chunks_ptr, meta_ptr, CHUNK)
     p_ptr = _fptr(ptrs_ptr, 0, T, t, mis, carrier, ALIGNED)
@@ -189,6 +245,9 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
     m_ptr = p_ptr
     if HAS_MOM:
         m_ptr = _fptr(ptrs_ptr, 2, T, t, mis, carrier, ALIGNED)
+    step_lo = _step_lo(step_ptr, step_lo, STEP_PTR)
+    lr = _f32(lr_ptr, lr, LR_PTR)
+    noise_std = _f32(noise_std_ptr, noise_std, NOISE_STD_PTR)
     mult = grad_mult
     if HAS_GRAD_SCALE:
         mult = tl.div_rn(mult, tl.load(grad_scale_ptr))
@@ -201,15 +260,18 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
     for it in range(lo, nfull, BLOCK):
         _step_block(p_ptr, g_ptr, m_ptr, s + it, mis, n, jb, key, step_lo, restore_tag, skip,
                     mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
-                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, BLOCK, False)
+                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, SR, EPS_TAG0, IS_BF16,
+                    BLOCK, False)
     if head:
         _step_block(p_ptr, g_ptr, m_ptr, s, mis, n, jb, key, step_lo, restore_tag, skip,
                     mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
-                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, BLOCK, True)
+                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, SR, EPS_TAG0, IS_BF16,
+                    BLOCK, True)
     if (nfull < end) & ((nfull > 0) | (s > 0) | (mis == 0)):
         _step_block(p_ptr, g_ptr, m_ptr, s + nfull, mis, n, jb, key, step_lo, restore_tag, skip,
                     mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
-                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, BLOCK, True)
+                    HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, SR, EPS_TAG0, IS_BF16,
+                    BLOCK, True)
 
 
 # ------------------------------------------------------------------ all_finite
@@ -280,8 +342,9 @@ def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> No
 
 
 def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, bucket_id: int,
-             step: int, tag: int, sigma: float) -> None:
-    """theta <- theta + sigma * eps(tag) for every tensor, eps at bucket indices offsets[t] + e."""
+             step: int | torch.Tensor, tag: int, sigma: float) -> None:
+    """theta <- theta + sigma * eps(tag) for every tensor, eps at bucket indices offsets[t] + e.
+    ``step``: an int or a one-element int64 tensor on the params' device (read by the kernel)."""
     mt.check_lists("perturb_", "params", params)
     _check_offsets("perturb_", params, offsets)
     _check_noise("perturb_", seed, tag)
@@ -289,46 +352,47 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
         raise ValueError(f"fused_flat.triton.perturb_: tag must be >= 0, got {tag}")
     if sigma == 0.0 or not params:
         return
+    step_ptr, step_lo, step_is_ptr = _step_arg("fused_flat.triton.perturb_", step, params[0])
     if params[0].dtype == torch.float64:   # fp64 keeps fp64 arithmetic (the reference)
         for p, off in zip(params, offsets):
-            reference.perturb_(p, seed, bucket_id, step, tag, sigma, int(off))
+            reference.perturb_(p, seed, bucket_id, _host_int(step), tag, sigma, int(off))
         return
     p, ptrs, kw = _frame_plan([list(params)], offsets)
     if p.n_chunks == 0:
         return
-    perturb_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0],
-                                  philox_key(seed, bucket_id), step & MASK32, tag & MASK32,
-                                  float(sigma), **kw)
+    perturb_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0], step_ptr,
+                                  philox_key(seed, bucket_id), step_lo, tag & MASK32,
+                                  float(sigma), STEP_PTR=step_is_ptr, **kw)
 
 
 def _per_tensor_restore_and_step(params, grads, moms, offsets, *args, stochastic_rounding):
-    """One per-tensor Triton launch per tensor (the SR fallback, see the module docstring)."""
+    """One per-tensor Triton launch per tensor: the fp64 path (the per-tensor entry point
+    hands fp64 to fused_flat.reference; device scalars are read on the host here)."""
     from fused_flat import triton as per_tensor
 
-    fn = per_tensor.restore_and_step_
-    kw = {}
-    if stochastic_rounding:
-        if "stochastic_rounding" not in inspect.signature(fn).parameters:
-            raise NotImplementedError("fused_flat.triton: stochastic_rounding=True needs the "
-                                      "per-tensor SR kernels, which this build does not have yet")
-        kw["stochastic_rounding"] = True
     (grad_scale, found_inf, seed, bucket_id, step, restore_tag, sigma, lr, weight_decay,
      momentum, dampening, nesterov, momentum_init, noise_std, grad_mult) = args
+    step, lr, noise_std = _host_int(step), _host_float(lr), _host_float(noise_std)
     for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
-        fn(p, g, None if moms is None else moms[t], grad_scale, found_inf, seed, bucket_id, step,
-           int(off), restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov,
-           momentum_init, noise_std, grad_mult, **kw)
+        per_tensor.restore_and_step_(p, g, None if moms is None else moms[t], grad_scale,
+                                     found_inf, seed, bucket_id, step, int(off), restore_tag,
+                                     sigma, lr, weight_decay, momentum, dampening, nesterov,
+                                     momentum_init, noise_std, grad_mult,
+                                     stochastic_rounding=stochastic_rounding)
 
 
 def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                       moms: Sequence[torch.Tensor] | None, offsets: Sequence[int],
                       grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
-                      bucket_id: int, step: int, restore_tag: int, sigma: float, lr: float,
-                      weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-                      momentum_init: bool, noise_std: float, grad_mult: float,
+                      bucket_id: int, step: int | torch.Tensor, restore_tag: int, sigma: float,
+                      lr: float | torch.Tensor, weight_decay: float, momentum: float,
+                      dampening: float, nesterov: bool, momentum_init: bool,
+                      noise_std: float | torch.Tensor, grad_mult: float,
                       stochastic_rounding: bool = False) -> None:
     """The fused restore + decay + momentum + Langevin + update pass over a tensor list (the
-    math of fused_flat.reference.restore_and_step_, tensor t at bucket offset offsets[t])."""
+    math of fused_flat.reference.restore_and_step_, tensor t at bucket offset offsets[t]).
+    ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors (module docstring)."""
+    what = "fused_flat.triton.restore_and_step_"
     mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
     _check_offsets("restore_and_step_", params, offsets)
     _check_noise("restore_and_step_", seed, restore_tag)
@@ -339,9 +403,11 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
         return
     _check_scalar(grad_scale, params[0], "grad_scale")
     _check_scalar(found_inf, params[0], "found_inf")
-    if params[0].dtype == torch.float64 or stochastic_rounding:
-        # fp64: the per-tensor entry point keeps fp64 arithmetic (the reference).
-        # SR: the per-tensor kernels until SR lands in these (module docstring).
+    step_ptr, step_lo, step_is_ptr = _step_arg(what, step, params[0])
+    lr_ptr, lr_f, lr_is_ptr = _float_arg(what, "lr", lr, params[0])
+    ns_ptr, ns_f, ns_is_ptr = _float_arg(what, "noise_std", noise_std, params[0])
+    if params[0].dtype == torch.float64:
+        # fp64: the per-tensor entry point keeps fp64 arithmetic (the reference)
         _per_tensor_restore_and_step(params, grads, moms, offsets, grad_scale, found_inf, seed,
                                      bucket_id, step, restore_tag, sigma, lr, weight_decay,
                                      momentum, dampening, nesterov, momentum_init, noise_std,
@@ -351,16 +417,22 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     p, ptrs, kw = _frame_plan(lists, offsets)
     if p.n_chunks == 0:
         return
+    need_eps = sigma != 0.0
+    tag = max(int(restore_tag), 0) & MASK32
+    sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     restore_and_step_kernel[(p.n_chunks,)](
         p.chunks, p.meta, ptrs, p.n_tensors, params[0],
         grad_scale if grad_scale is not None else params[0],
-        found_inf if found_inf is not None else params[0],
-        philox_key(seed, bucket_id), step & MASK32, max(int(restore_tag), 0) & MASK32,
-        float(sigma), float(lr), float(weight_decay), float(momentum), float(dampening),
-        float(noise_std), float(grad_mult), int(bool(momentum_init)),
+        found_inf if found_inf is not None else params[0], step_ptr, lr_ptr, ns_ptr,
+        philox_key(seed, bucket_id), step_lo, tag,
+        float(sigma), lr_f, float(weight_decay), float(momentum), float(dampening),
+        ns_f, float(grad_mult), int(bool(momentum_init)),
         HAS_MOM=moms is not None, NESTEROV=bool(nesterov) and moms is not None,
-        NEED_EPS=sigma != 0.0, NEED_XI=noise_std != 0.0, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, **kw)
+        NEED_EPS=need_eps, NEED_XI=ns_is_ptr or ns_f != 0.0,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        STEP_PTR=step_is_ptr, LR_PTR=lr_is_ptr, NOISE_STD_PTR=ns_is_ptr,
+        SR=sr, EPS_TAG0=sr and need_eps and tag == 0,
+        IS_BF16=params[0].dtype == torch.bfloat16, **kw)
 
 
 _scratch: dict = {}

@@ -20,6 +20,15 @@ device); ``grad_scale`` / ``found_inf`` are read in the kernel too. The squared 
 two-stage deterministic reduction: one float64 partial per chunk, then ``partials.sum()``
 on the device (no host sync, no atomics: the same bits on every run).
 
+Device-resident per-step scalars (CUDA-graph capture), as in fused_flat/triton/multi.py:
+``sam_restore_and_step_``'s ``lr`` may be a one-element float64 (or float32) tensor on the
+device (loaded, rounded to fp32 RNE: the bits of ``float(lr)``) and its ``step`` (the SR
+bits) a one-element int64 tensor (its low 32 bits, as ``step & MASK32``); ``sam_probe_``'s
+``step`` likewise. Constexprs LR_PTR / STEP_PTR select the loads, a dummy pointer stands in
+when unused, so the Python-scalar path is unchanged; no host read of the tensors (a
+ValueError names what to pass). The fp64 fallbacks (fused_flat.sam_reference) read tensor
+``lr`` / ``coef`` on the host.
+
 Math in fp32 for fp32/bf16/fp16; fp64 lists go to the reference (fp64 arithmetic), as the
 flat Triton ops do. Devices: CUDA, and CPU under TRITON_INTERPRET=1.
 
@@ -90,6 +99,26 @@ def _st(ptr, o, x, mask, MASKED: tl.constexpr):
         tl.store(ptr + o, x, mask=mask)
     else:
         tl.store(ptr + o, x)
+
+
+# ------------------------------------------------------------------ device scalars
+@triton.jit
+def _step_lo(step_ptr, step_lo, STEP_PTR: tl.constexpr):
+    """The step counter's low 32 bits: the host's ``step & MASK32`` (``step_lo``), or loaded
+    from the int64 device tensor at ``step_ptr`` and masked the same way (STEP_PTR)."""
+    if STEP_PTR:
+        step_lo = tl.load(step_ptr).to(tl.int64) & 0xFFFFFFFF
+    return step_lo
+
+
+@triton.jit
+def _f32(ptr, value, PTR: tl.constexpr):
+    """A per-step float: the host's value (a Python float, passed as fp32), or loaded from the
+    float64 / float32 one-element device tensor at ``ptr`` and rounded to fp32 (RNE, as the
+    launcher rounds a Python float) when PTR."""
+    if PTR:
+        value = tl.load(ptr).to(tl.float32)
+    return value
 
 
 # ------------------------------------------------------------------ the noise bit (v2)
@@ -223,12 +252,14 @@ def _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, mask, skip, mult, lr, weight_deca
 @triton.jit(do_not_specialize=_NO_SPEC + ["lr", "weight_decay", "momentum", "dampening",
                                           "grad_mult", "momentum_init", "key", "step_lo"])
 def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_scale_ptr,
-                            found_inf_ptr, lr, weight_decay, momentum, dampening, grad_mult,
-                            momentum_init, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
-                            HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                            ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                            found_inf_ptr, lr_ptr, step_ptr, lr, weight_decay, momentum,
+                            dampening, grad_mult, momentum_init, HAS_MOM: tl.constexpr,
+                            NESTEROV: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                            HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+                            CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                             key=0, step_lo=0, SR: tl.constexpr = False,
-                            IS_BF16: tl.constexpr = False, OFF4: tl.constexpr = False):
+                            IS_BF16: tl.constexpr = False, OFF4: tl.constexpr = False,
+                            LR_PTR: tl.constexpr = False, STEP_PTR: tl.constexpr = False):
     t, s, end, _off = _row(chunks_ptr, meta_ptr, CHUNK)
     p_ptr = _ptr(ptrs_ptr, 0, T, t, carrier, ALIGNED)
     b_ptr = _ptr(ptrs_ptr, 1, T, t, carrier, ALIGNED)
@@ -236,6 +267,9 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
     m_ptr = p_ptr
     if HAS_MOM:
         m_ptr = _ptr(ptrs_ptr, 3, T, t, carrier, ALIGNED)
+    lr = _f32(lr_ptr, lr, LR_PTR)
+    if SR:
+        step_lo = _step_lo(step_ptr, step_lo, STEP_PTR)
     mult = grad_mult
     if HAS_GRAD_SCALE:
         mult = tl.div_rn(mult, tl.load(grad_scale_ptr))
@@ -264,11 +298,13 @@ def _probe_block(p_ptr, b_ptr, o, mask, off, key, step_lo, delta, MASKED: tl.con
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["key", "step_lo", "delta"])
-def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, key, step_lo, delta,
-                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, step_lo, delta,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 STEP_PTR: tl.constexpr = False):
     t, s, end, off = _row(chunks_ptr, meta_ptr, CHUNK)
     p_ptr = _ptr(ptrs_ptr, 0, T, t, carrier, ALIGNED)
     b_ptr = _ptr(ptrs_ptr, 1, T, t, carrier, ALIGNED)
+    step_lo = _step_lo(step_ptr, step_lo, STEP_PTR)
     nfull = (end // BLOCK) * BLOCK
     for it in range(0, nfull, BLOCK):
         _probe_block(p_ptr, b_ptr, _offs(s, it, BLOCK), None, off, key, step_lo, delta, False)
@@ -294,6 +330,45 @@ def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> No
     if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != ref.device):
         raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
                          f"{ref.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
+
+
+def _step_arg(what: str, step, ref: torch.Tensor):
+    """(step_ptr, step_lo, STEP_PTR) of a step counter that is an int (step_lo = step & MASK32,
+    a dummy pointer) or a one-element int64 tensor on ref's device (read by the kernel; no
+    host read here: metadata only)."""
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.numel() != 1 or step.device != ref.device:
+            raise ValueError(
+                f"{what}: step must be an int or a one-element torch.int64 tensor on "
+                f"{ref.device} (e.g. torch.tensor(k, dtype=torch.int64, device='{ref.device}')), "
+                f"got {step.numel()} elements of {step.dtype} on {step.device}")
+        return step, 0, True
+    return ref, int(step) & MASK32, False
+
+
+def _float_arg(what: str, name: str, x, ref: torch.Tensor):
+    """(ptr, value, PTR) of a per-step float that is a Python float (value, a dummy pointer)
+    or a one-element float64 / float32 tensor on ref's device (read by the kernel, rounded to
+    fp32 there as the launcher rounds a Python float)."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in (torch.float64, torch.float32) or x.numel() != 1 \
+                or x.device != ref.device:
+            raise ValueError(
+                f"{what}: {name} must be a float or a one-element torch.float64 (or float32) "
+                f"tensor on {ref.device}, got {x.numel()} elements of {x.dtype} on {x.device}")
+        return x, 0.0, True
+    return ref, float(x), False
+
+
+def _host_int(x):
+    """A step for the fp64 paths (fused_flat.reference needs host values): a tensor is read
+    on the host here, so fp64 lists are not capturable."""
+    return int(x) if isinstance(x, torch.Tensor) else x
+
+
+def _host_float(x):
+    """As _host_int, for lr / noise_std."""
+    return float(x) if isinstance(x, torch.Tensor) else x
 
 
 def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None,
@@ -350,22 +425,28 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                           grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor] | None,
                           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                          lr: float, weight_decay: float, momentum: float, dampening: float,
-                          nesterov: bool, momentum_init: bool, grad_mult: float,
-                          stochastic_rounding: bool = False, seed: int = 0, bucket_id: int = 0,
-                          step: int = 0, offsets: Sequence[int] | None = None) -> None:
+                          lr: float | torch.Tensor, weight_decay: float, momentum: float,
+                          dampening: float, nesterov: bool, momentum_init: bool,
+                          grad_mult: float, stochastic_rounding: bool = False, seed: int = 0,
+                          bucket_id: int = 0, step: int | torch.Tensor = 0,
+                          offsets: Sequence[int] | None = None) -> None:
     """theta <- backup, then torch.optim.SGD's update with g2 (fused_flat.sam_reference);
     a set ``found_inf`` only restores (momentum untouched). No host sync.
 
     ``stochastic_rounding`` (bf16/fp16 lists; ignored otherwise): theta is stored as
     SR(theta) with the rbits (tags 0 and 32 of seed, bucket_id, step) of bucket index
-    offsets[t] + e; ``offsets`` default to the packed prefix sums of the numels."""
+    offsets[t] + e; ``offsets`` default to the packed prefix sums of the numels.
+
+    ``lr``: a float or a one-element float64/float32 tensor on the device; ``step``: an int or
+    a one-element int64 tensor on the device (module docstring: device scalars)."""
     mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
                    moms=moms)
     if not params:
         return
     _check_scalar(grad_scale, params[0], "grad_scale")
     _check_scalar(found_inf, params[0], "found_inf")
+    lr_ptr, lr_f, lr_is_ptr = _float_arg("sam_restore_and_step_", "lr", lr, params[0])
+    step_ptr, step_lo, step_is_ptr = _step_arg("sam_restore_and_step_", step, params[0])
     if offsets is not None and len(offsets) != len(params):
         raise ValueError(f"sam_restore_and_step_: {len(offsets)} offsets for {len(params)} tensors")
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
@@ -374,7 +455,8 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     if params[0].dtype == torch.float64:
         for i, (p, b, g) in enumerate(zip(params, backups, grads)):
             sam_reference.sam_restore_and_step_(p, b, g, None if moms is None else moms[i],
-                                                grad_scale, found_inf, lr, weight_decay,
+                                                grad_scale, found_inf, _host_float(lr),
+                                                weight_decay,
                                                 momentum, dampening, nesterov, momentum_init,
                                                 grad_mult)
         return
@@ -390,21 +472,23 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     restore_and_step_kernel[(p.n_chunks,)](
         p.chunks, p.meta, ptrs, p.n_tensors, params[0],
         grad_scale if grad_scale is not None else params[0],
-        found_inf if found_inf is not None else params[0],
-        float(lr), float(weight_decay), float(momentum), float(dampening), float(grad_mult),
+        found_inf if found_inf is not None else params[0], lr_ptr, step_ptr,
+        lr_f, float(weight_decay), float(momentum), float(dampening), float(grad_mult),
         int(bool(momentum_init)), HAS_MOM=moms is not None,
         NESTEROV=bool(nesterov) and moms is not None, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
-        key=philox_key(seed, bucket_id) if sr else 0, step_lo=(step & MASK32) if sr else 0,
+        key=philox_key(seed, bucket_id) if sr else 0, step_lo=step_lo if sr else 0,
         SR=sr, IS_BF16=params[0].dtype == torch.bfloat16,
-        OFF4=sr and all(int(o) % 4 == 0 for o in offsets), **kw)
+        OFF4=sr and all(int(o) % 4 == 0 for o in offsets), LR_PTR=lr_is_ptr,
+        STEP_PTR=sr and step_is_ptr, **kw)
 
 
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
-               offsets: Sequence[int], seed: int, bucket_id: int, step: int,
+               offsets: Sequence[int], seed: int, bucket_id: int, step: int | torch.Tensor,
                delta: float) -> None:
     """backup <- theta ; theta <- theta + delta * v, v the Rademacher probe of tag 16
-    (layout v2) at bucket index offsets[t] + e of element e of tensor t."""
+    (layout v2) at bucket index offsets[t] + e of element e of tensor t. ``step``: an int or
+    a one-element int64 tensor on the device (read by the kernel)."""
     mt.check_lists("sam_probe_", "params", params, backups=backups)
     if len(offsets) != len(params):
         raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
@@ -412,11 +496,13 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
         raise ValueError(f"sam_probe_: seed must be in [0, 2^63), got {seed}")
     if not params:
         return
+    step_ptr, step_lo, step_is_ptr = _step_arg("sam_probe_", step, params[0])
     if params[0].dtype == torch.float64:
         raise NotImplementedError("sam_probe_: float64 lists are not supported by the Triton "
                                   "backend (use the reference)")
     p, ptrs, kw = _launch_args([list(params), list(backups)], offsets)
     if p.n_chunks == 0:
         return
-    probe_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0],
-                                philox_key(seed, bucket_id), step & MASK32, float(delta), **kw)
+    probe_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0], step_ptr,
+                                philox_key(seed, bucket_id), step_lo, float(delta),
+                                STEP_PTR=step_is_ptr, **kw)
