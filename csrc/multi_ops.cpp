@@ -10,6 +10,11 @@
 // Every list holds 1-D contiguous tensors of one floating dtype on one device; the lists
 // of one call have equal lengths and numels. An empty optional list (params of the norm,
 // moms of the step) means "absent".
+// Device-resident per-step scalars (CUDA-graph capture; the trailing Tensor? arguments):
+// step_t a one-element int64 tensor, lr_t / noise_std_t one-element float64 (or float32)
+// tensors, on the lists' device. When given, the kernel reads the value from device memory
+// (no host read) and ignores the scalar argument of the same name; the value is converted
+// as the scalar path converts its double (step: its low 32 bits), so results are identical.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
@@ -31,27 +36,32 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
         "Tensor(b!)[] moms, Tensor? grad_scale, Tensor? found_inf, Tensor chunks, Tensor meta, "
         "Tensor ptrs, int chunk, float lr, float weight_decay, float momentum, float dampening, "
         "bool nesterov, bool momentum_init, float grad_mult, bool stochastic_rounding=False, "
-        "int seed=0, int bucket_id=0, int step=0) -> ()");
+        "int seed=0, int bucket_id=0, int step=0, Tensor? lr_t=None, Tensor? step_t=None) -> ()");
   // RW-SAM probe: backup <- theta ; theta <- theta + delta * v_i, v the Rademacher sign of
   // bucket index i = meta[t].offset + e (tag 16, noise layout v2: top bit of x_(i & 3) of
   // Philox call i >> 2).
   m.def("sam_probe_multi_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor chunks, "
-        "Tensor meta, Tensor ptrs, int chunk, int seed, int bucket_id, int step, float delta) -> ()");
+        "Tensor meta, Tensor ptrs, int chunk, int seed, int bucket_id, int step, float delta, "
+        "Tensor? step_t=None) -> ()");
 
   // ---- Langevin passes (issue 12). Their tables are built for the call frame
   // (fused_flat.multi_tensor.frame_plan): meta row t = (numel_t + (offset_t & 3), offset_t),
   // chunk rows over those frame sizes (csrc/cuda/multi_langevin.cuh). Noise layout v2.
   // theta <- theta + sigma * eps(tag) at bucket indices offset_t + e.
   m.def("perturb_multi_(Tensor(a!)[] params, Tensor chunks, Tensor meta, Tensor ptrs, int chunk, "
-        "int seed, int bucket_id, int step, int tag, float sigma) -> ()");
+        "int seed, int bucket_id, int step, int tag, float sigma, Tensor? step_t=None) -> ()");
   // The fused restore + decay + momentum + Langevin + update pass (fused_flat.reference's
   // restore_and_step_ per tensor); an empty moms list: no momentum. grad_scale / found_inf
   // are read on the device; a set found_inf only restores (momentum untouched).
+  // stochastic_rounding (bf16/fp16; ignored otherwise): theta stored as SR(theta) with the
+  // rbits of tags 0 and 32 of (seed, bucket_id, step) at bucket index offset_t + e (the
+  // per-tensor restore_and_step_'s). A noise_std_t always draws xi (pass noise_std = 0.0).
   m.def("restore_and_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, "
         "Tensor? grad_scale, Tensor? found_inf, Tensor chunks, Tensor meta, Tensor ptrs, "
         "int chunk, int seed, int bucket_id, int step, int restore_tag, float sigma, float lr, "
         "float weight_decay, float momentum, float dampening, bool nesterov, bool momentum_init, "
-        "float noise_std, float grad_mult) -> ()");
+        "float noise_std, float grad_mult, bool stochastic_rounding=False, Tensor? step_t=None, "
+        "Tensor? lr_t=None, Tensor? noise_std_t=None) -> ()");
   // float32 [1]: 1.0 if any element of any tensor is inf or NaN. Plain (element) tables.
   // scratch: a zeroed int32 [2] (flag, blocks done), left zeroed; one per device and stream.
   m.def("all_finite_multi(Tensor[] tensors, Tensor chunks, Tensor meta, Tensor ptrs, int chunk, "

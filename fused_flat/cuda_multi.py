@@ -16,14 +16,23 @@ frame_plan), cached on the device: no host-to-device copy once warm. ``grad_scal
 ``found_inf`` are read by the kernels; no call synchronises with the host. all_finite
 keeps a persistent zeroed int32 [2] scratch per (device, stream) (see the .cu).
 
-``stochastic_rounding=True``: SR is being added to the per-tensor kernels and to
-elementwise.h separately; until it lands in these kernels, an SR call falls back to the
-per-tensor ops (fused_flat.ops.restore_and_step_, one launch per tensor).
-TODO(issue 12): switch to the multi-tensor kernel once the SR helper is merged.
+``stochastic_rounding=True`` (bf16/fp16 params; ignored for fp32/fp64): the same one launch,
+theta stored stochastically rounded with the rbits of ALGORITHMS.md §1 (tags 0 and 32 of
+(seed, bucket_id, step) at bucket index offsets[t] + e), the per-tensor SR kernel's and the
+CPU kernels' per-element math (elementwise.h): bit-identical results.
+
+Device-resident per-step scalars (CUDA-graph capture, ``capturable=True``): ``step`` may be a
+Python int or a one-element int64 tensor on the params' device; ``lr`` and ``noise_std`` (of
+``restore_and_step_``) a Python float or a one-element float64 (or float32) tensor there.
+A tensor is read by the kernel from device memory when it runs (a captured graph replays
+with the tensor's current value); nothing is read on the host. The kernel converts it as
+the scalar path converts the Python number (``float(t)`` / ``int(t)``; the step's low 32 bits
+enter the Philox counter): bit-identical results. A tensor ``noise_std`` always draws xi:
+pass the float 0.0 for a pass without Langevin noise. (A result that is exactly zero may
+then differ in the sign of the zero from the scalar path's, -0.0 + 0 * xi.)
 """
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
@@ -62,57 +71,73 @@ def _check_offsets(what, params, offsets):
         raise ValueError(f"{what}: offsets must be >= 0")
 
 
+_STEP_DTYPES = (torch.int64,)
+_FLOAT_DTYPES = (torch.float64, torch.float32)
+
+
+def device_scalar(what: str, name: str, value, device: torch.device, dtypes: tuple):
+    """``value`` as a device-resident per-step scalar: None for a Python number (the scalar
+    path), the tensor itself after checking it is a one-element tensor of ``dtypes`` on
+    ``device`` (metadata only: no host read, so it traces under FakeTensorMode)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    kinds = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+    number = "int" if dtypes == _STEP_DTYPES else "float"
+    if value.dtype not in dtypes or value.numel() != 1 or value.device != device:
+        raise ValueError(f"fused_flat.{what}: {name} must be a Python {number} or a "
+                         f"one-element {kinds} tensor on {device} (read by the kernel, no host "
+                         f"sync); got a {value.dtype} tensor of {value.numel()} elements on "
+                         f"{value.device}")
+    return value
+
+
+def _host(value, tensor, cast):
+    """The scalar argument of an op: the Python number, or 0 when the tensor replaces it."""
+    return cast(0) if tensor is not None else cast(value)
+
+
 def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, bucket_id: int,
-             step: int, tag: int, sigma: float) -> None:
-    """theta <- theta + sigma * eps(tag), eps at bucket indices offsets[t] + e."""
+             step: int | torch.Tensor, tag: int, sigma: float) -> None:
+    """theta <- theta + sigma * eps(tag), eps at bucket indices offsets[t] + e. ``step``: a
+    Python int or a one-element int64 device tensor (module docstring)."""
     mt.check_lists("perturb_", "params", params)
     _check_offsets("perturb_", params, offsets)
-    if sigma == 0.0 or not params:
+    if not params:
         return
     device = _device(params[0])
+    step_t = device_scalar("cuda_multi.perturb_", "step", step, device, _STEP_DTYPES)
+    if sigma == 0.0:
+        return
     if mt.tracing(params[0]):
         p, ptrs = mt.placeholder_tables(1, len(params), CHUNK, device)
     else:
         p = mt.frame_plan([t.numel() for t in params], offsets, CHUNK, device)
         ptrs = mt.pointer_table([list(params)], device)
     _ops().perturb_multi_(list(params), p.chunks, p.meta, ptrs, p.chunk, int(seed),
-                          int(bucket_id), int(step), int(tag), float(sigma))
-
-
-def _per_tensor_restore_and_step(params, grads, moms, offsets, args):
-    """SR fallback: the per-tensor op, one launch per tensor (module docstring)."""
-    from fused_flat import ops
-
-    fn = ops.restore_and_step_
-    if "stochastic_rounding" not in inspect.signature(fn).parameters:
-        raise NotImplementedError("fused_flat.cuda_multi: stochastic_rounding=True needs the "
-                                  "per-tensor SR kernels, which this build does not have yet")
-    (grad_scale, found_inf, seed, bucket_id, step, restore_tag, sigma, lr, weight_decay,
-     momentum, dampening, nesterov, momentum_init, noise_std, grad_mult) = args
-    for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
-        fn(p, g, None if moms is None else moms[t], grad_scale, found_inf, seed, bucket_id, step,
-           int(off), restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov,
-           momentum_init, noise_std, grad_mult, stochastic_rounding=True)
+                          int(bucket_id), _host(step, step_t, int), int(tag), float(sigma), step_t)
 
 
 def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                       moms: Sequence[torch.Tensor] | None, offsets: Sequence[int],
                       grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
-                      bucket_id: int, step: int, restore_tag: int, sigma: float, lr: float,
-                      weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-                      momentum_init: bool, noise_std: float, grad_mult: float,
+                      bucket_id: int, step: int | torch.Tensor, restore_tag: int, sigma: float,
+                      lr: float | torch.Tensor, weight_decay: float, momentum: float,
+                      dampening: float, nesterov: bool, momentum_init: bool,
+                      noise_std: float | torch.Tensor, grad_mult: float,
                       stochastic_rounding: bool = False) -> None:
-    """The fused restore + decay + momentum + Langevin + update pass over a tensor list."""
+    """The fused restore + decay + momentum + Langevin + update pass over a tensor list.
+    ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors, and
+    ``stochastic_rounding`` rounds 16-bit params stochastically (module docstring)."""
     mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
     _check_offsets("restore_and_step_", params, offsets)
     if not params:
         return
-    if stochastic_rounding:
-        _per_tensor_restore_and_step(params, grads, moms, offsets, (
-            grad_scale, found_inf, seed, bucket_id, step, restore_tag, sigma, lr, weight_decay,
-            momentum, dampening, nesterov, momentum_init, noise_std, grad_mult))
-        return
     device = _device(params[0])
+    step_t = device_scalar("cuda_multi.restore_and_step_", "step", step, device, _STEP_DTYPES)
+    lr_t = device_scalar("cuda_multi.restore_and_step_", "lr", lr, device, _FLOAT_DTYPES)
+    noise_std_t = device_scalar("cuda_multi.restore_and_step_", "noise_std", noise_std, device,
+                                _FLOAT_DTYPES)
+    sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     lists = [list(params), list(grads)] + ([list(moms)] if moms is not None else [])
     if mt.tracing(params[0]):
         p, ptrs = mt.placeholder_tables(len(lists), len(params), CHUNK, device)
@@ -121,9 +146,10 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
         ptrs = mt.pointer_table(lists, device)
     _ops().restore_and_step_multi_(
         list(params), list(grads), list(moms) if moms is not None else [], grad_scale, found_inf,
-        p.chunks, p.meta, ptrs, p.chunk, int(seed), int(bucket_id), int(step), int(restore_tag),
-        float(sigma), float(lr), float(weight_decay), float(momentum), float(dampening),
-        bool(nesterov), bool(momentum_init), float(noise_std), float(grad_mult))
+        p.chunks, p.meta, ptrs, p.chunk, int(seed), int(bucket_id), _host(step, step_t, int),
+        int(restore_tag), float(sigma), _host(lr, lr_t, float), float(weight_decay),
+        float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
+        _host(noise_std, noise_std_t, float), float(grad_mult), sr, step_t, lr_t, noise_std_t)
 
 
 _scratch: dict = {}
@@ -162,13 +188,15 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 if available():
 
     @torch.library.register_fake("fused_flat::perturb_multi_")
-    def _perturb_fake(params, chunks, meta, ptrs, chunk, seed, bucket_id, step, tag, sigma):
+    def _perturb_fake(params, chunks, meta, ptrs, chunk, seed, bucket_id, step, tag, sigma,
+                      step_t=None):
         return None
 
     @torch.library.register_fake("fused_flat::restore_and_step_multi_")
     def _step_fake(params, grads, moms, grad_scale, found_inf, chunks, meta, ptrs, chunk, seed,
                    bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
-                   nesterov, momentum_init, noise_std, grad_mult):
+                   nesterov, momentum_init, noise_std, grad_mult, stochastic_rounding=False,
+                   step_t=None, lr_t=None, noise_std_t=None):
         return None
 
     @torch.library.register_fake("fused_flat::all_finite_multi")

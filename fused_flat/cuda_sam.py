@@ -16,6 +16,12 @@ fused_flat.multi_tensor (cached device int64 tensors: no host-to-device copy onc
 global norm never leaves the GPU); ``grad_scale`` / ``found_inf`` are read by the kernel.
 No call synchronises with the host. Fake implementations are registered so the ops trace
 under ``torch.compile``.
+
+Device-resident per-step scalars (CUDA-graph capture, ``capturable=True``): the ``lr`` of
+``sam_restore_and_step_`` may be a one-element float64 (or float32) tensor, and the ``step``
+of its stochastic rounding and of ``sam_probe_`` a one-element int64 tensor, on the params'
+device: read by the kernel when it runs, never on the host, converted as the scalar path
+converts ``float(t)`` / ``int(t)`` (bit-identical results; fused_flat.cuda_multi).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch
 
 from fused_flat import _native, cuda_arch
 from fused_flat import multi_tensor as mt
+from fused_flat.cuda_multi import _FLOAT_DTYPES, _STEP_DTYPES, _host, device_scalar
 
 CHUNK = 1 << 14   # elements per CUDA block: 16 x (256 threads x 4 fp32) or 8 x (x 8 bf16)
 
@@ -87,14 +94,16 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                           grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor] | None,
                           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                          lr: float, weight_decay: float, momentum: float, dampening: float,
-                          nesterov: bool, momentum_init: bool, grad_mult: float,
+                          lr: float | torch.Tensor, weight_decay: float, momentum: float,
+                          dampening: float, nesterov: bool, momentum_init: bool, grad_mult: float,
                           stochastic_rounding: bool = False, seed: int = 0, bucket_id: int = 0,
-                          step: int = 0, offsets: Sequence[int] | None = None) -> None:
+                          step: int | torch.Tensor = 0,
+                          offsets: Sequence[int] | None = None) -> None:
     """theta <- backup, then torch.optim.SGD's update with g2; found_inf set: restore only.
     ``stochastic_rounding`` (bf16/fp16; ignored otherwise): theta stored as SR(theta) with
     the rbits of (seed, bucket_id, step) at bucket index offsets[t] + e (offsets default to
-    the packed prefix sums of the numels)."""
+    the packed prefix sums of the numels). ``lr`` / ``step`` may be one-element device
+    tensors (module docstring)."""
     mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
                    moms=moms)
     if offsets is not None and len(offsets) != len(params):
@@ -104,26 +113,32 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     lists = [list(params), list(backups), list(grads)] + ([list(moms)] if moms is not None else [])
     p, ptrs = _tables(lists, offsets if sr else None)
+    dev = params[0].device
+    lr_t = device_scalar("cuda_sam.sam_restore_and_step_", "lr", lr, dev, _FLOAT_DTYPES)
+    step_t = device_scalar("cuda_sam.sam_restore_and_step_", "step", step, dev, _STEP_DTYPES)
     _ops().sam_restore_and_step_multi_(
         list(params), list(backups), list(grads), list(moms) if moms is not None else [],
-        grad_scale, found_inf, p.chunks, p.meta, ptrs, p.chunk, float(lr), float(weight_decay),
-        float(momentum), float(dampening), bool(nesterov), bool(momentum_init), float(grad_mult),
-        sr, int(seed), int(bucket_id), int(step))
+        grad_scale, found_inf, p.chunks, p.meta, ptrs, p.chunk, _host(lr, lr_t, float),
+        float(weight_decay), float(momentum), float(dampening), bool(nesterov),
+        bool(momentum_init), float(grad_mult), sr, int(seed), int(bucket_id),
+        _host(step, step_t, int), lr_t, step_t)
 
 
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
-               offsets: Sequence[int], seed: int, bucket_id: int, step: int,
+               offsets: Sequence[int], seed: int, bucket_id: int, step: int | torch.Tensor,
                delta: float) -> None:
     """backup <- theta ; theta <- theta + delta * v (Rademacher, tag 16, layout v2) at bucket
-    index offsets[t] + e."""
+    index offsets[t] + e. ``step`` may be a one-element int64 device tensor."""
     mt.check_lists("sam_probe_", "params", params, backups=backups)
     if len(offsets) != len(params):
         raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
     if not params:
         return
     p, ptrs = _tables([list(params), list(backups)], offsets)
+    step_t = device_scalar("cuda_sam.sam_probe_", "step", step, params[0].device, _STEP_DTYPES)
     _ops().sam_probe_multi_(list(params), list(backups), p.chunks, p.meta, ptrs, p.chunk,
-                            int(seed), int(bucket_id), int(step), float(delta))
+                            int(seed), int(bucket_id), _host(step, step_t, int), float(delta),
+                            step_t)
 
 
 if available():
@@ -140,9 +155,11 @@ if available():
     @torch.library.register_fake("fused_flat::sam_restore_and_step_multi_")
     def _step_fake(params, backups, grads, moms, grad_scale, found_inf, chunks, meta, ptrs,
                    chunk, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
-                   grad_mult, stochastic_rounding=False, seed=0, bucket_id=0, step=0):
+                   grad_mult, stochastic_rounding=False, seed=0, bucket_id=0, step=0, lr_t=None,
+                   step_t=None):
         return None
 
     @torch.library.register_fake("fused_flat::sam_probe_multi_")
-    def _probe_fake(params, backups, chunks, meta, ptrs, chunk, seed, bucket_id, step, delta):
+    def _probe_fake(params, backups, chunks, meta, ptrs, chunk, seed, bucket_id, step, delta,
+                    step_t=None):
         return None

@@ -3,9 +3,13 @@
 // thread of it runs sequentially, on random tensor lists (empty and 1-element tensors, odd
 // bucket offsets up to 2^33 + 8, random 16-byte misalignments), against per-element oracles
 // built from elementwise.h (element_noise, langevin_update): the same functions, so the
-// results must be bit-identical. Also the all_finite body over the plain tables.
-// Prints "cases=N unit_blocks=U failures=F" and eps of two index ranges (checked in Python
-// against fused_flat.noise).
+// results must be bit-identical. Also the all_finite body over the plain tables, the
+// stochastic-rounding variant of the step (kSR, bf16/fp16: oracle element_sr_bits +
+// sr_bf16_bits / sr_fp16_bits, four noise combinations and restore tags 0..2) and the
+// kernels' device-scalar loads (load_step_scalars).
+// Prints "cases=N unit_blocks=U failures=F", eps of two index ranges (checked in Python
+// against fused_flat.noise) and "srref ..." lines: inputs and outputs (bit patterns) of a
+// fixed SR list, which Python replays through fused_flat.reference.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -14,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "multi_langevin.cuh"
@@ -97,7 +102,8 @@ Lists<T> make_lists(int K, const std::vector<int64_t>& sizes, const std::vector<
   return L;
 }
 
-template <int K, unsigned kR, unsigned kW, bool kEps, bool kXi, typename T, typename Body>
+template <int K, unsigned kR, unsigned kW, bool kEps, bool kXi, bool kSR = false, typename T,
+          typename Body>
 void run(Lists<T>& L, const Tabs& tb, int64_t chunk, int nthreads, const Noise& na, Body body) {
   const size_t Tn = tb.meta.size() / 2;
   const int64_t nb = static_cast<int64_t>(tb.chunks.size() / 2);
@@ -107,12 +113,59 @@ void run(Lists<T>& L, const Tabs& tb, int64_t chunk, int nthreads, const Noise& 
     for (int k = 0; k < K; ++k) p[k] = table_ptr<T>(L.ptrs.data(), k, static_cast<int64_t>(Tn), r.t);
     T* const(&pa)[K] = p;
     if (row_uses_units<T, K>(pa, r)) ++unit_blocks;
-    for (int tid = 0; tid < nthreads; ++tid) visit_frame<T, K, kR, kW, kEps, kXi>(pa, r, na, tid, nthreads, body);
+    for (int tid = 0; tid < nthreads; ++tid)
+      visit_frame<T, K, kR, kW, kEps, kXi, kSR>(pa, r, na, tid, nthreads, body);
   }
 }
 
 template <typename T>
 bool same(const T& a, const T& b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
+
+// The SR oracle: theta's fp32 result stochastically rounded with the element's rbits, each
+// from its own two Philox calls (element_sr_bits), independent of the kernel's word reuse.
+template <typename T>
+T sr_oracle(float th, PhiloxKey key, int64_t step, int64_t gi) {
+  const uint32_t rb = element_sr_bits(key, step, gi);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return T(sr_bf16_bits(th, rb), T::from_bits());
+  } else {
+    return T(sr_fp16_bits(th, rb), T::from_bits());
+  }
+}
+
+// restore + step with stochastic rounding of theta (momentum: (theta, g, m), else (theta, g))
+template <typename T, bool kMom, bool kEps, bool kXi>
+void sr_case(std::mt19937_64& rng, int nthreads, const std::vector<int64_t>& sizes,
+             const std::vector<int64_t>& offs, const Tabs& tb, int64_t chunk, bool aligned,
+             const Noise& na) {
+  constexpr int K = kMom ? 3 : 2;
+  const size_t Tn = sizes.size();
+  auto L = make_lists<T>(K, sizes, offs, rng, aligned);
+  StepArgs<float> a{kEps ? 0.05f : 0.0f, 0.1f, 1e-2f, kMom ? 0.9f : 0.0f, 0.1f, kXi ? 1e-3f : 0.0f,
+                    0.5f, (rng() % 2) == 0, kMom && (rng() % 2) == 0};
+  std::vector<std::vector<T>> want_p(Tn), want_m(Tn);
+  for (size_t t = 0; t < Tn; ++t)
+    for (int64_t e = 0; e < sizes[t]; ++e) {
+      float eps, xi;
+      element_noise<kEps, kXi>(na.key, na.step, na.tag, offs[t] + e, eps, xi);
+      float m = kMom ? static_cast<float>(L.at(2, t, Tn)[e]) : 0.0f;
+      const float th = langevin_update<kMom>(static_cast<float>(L.at(0, t, Tn)[e]),
+                                             static_cast<float>(L.at(1, t, Tn)[e]), &m, eps, xi, a);
+      want_p[t].push_back(sr_oracle<T>(th, na.key, na.step, offs[t] + e));
+      want_m[t].push_back(static_cast<T>(m));
+    }
+  if constexpr (kMom)
+    run<3, 0b111u, 0b101u, kEps, kXi, true>(L, tb, chunk, nthreads, na, StepBody<true, float>{a});
+  else
+    run<2, 0b11u, 0b01u, kEps, kXi, true>(L, tb, chunk, nthreads, na, StepBody<false, float>{a});
+  for (size_t t = 0; t < Tn; ++t)
+    for (int64_t e = 0; e < sizes[t]; ++e) {
+      EXPECT(same(want_p[t][e], L.at(0, t, Tn)[e]), "sr step theta mom=%d eps=%d xi=%d t=%zu e=%lld\n",
+             (int)kMom, (int)kEps, (int)kXi, t, (long long)e);
+      if (kMom)
+        EXPECT(same(want_m[t][e], L.at(2, t, Tn)[e]), "sr step m t=%zu e=%lld\n", t, (long long)e);
+    }
+}
 
 template <typename T>
 void one_case(std::mt19937_64& rng, int nthreads) {
@@ -192,6 +245,12 @@ void one_case(std::mt19937_64& rng, int nthreads) {
       for (int64_t e = 0; e < sizes[t]; ++e)
         EXPECT(same(want_p[t][e], L.at(0, t, Tn)[e]), "sgld theta t=%zu e=%lld\n", t, (long long)e);
   }
+  if constexpr (sizeof(T) == 2) {  // stochastic rounding of theta, every noise combination
+    sr_case<T, true, true, true>(rng, nthreads, sizes, offs, tb, chunk, aligned, na);
+    sr_case<T, false, true, false>(rng, nthreads, sizes, offs, tb, chunk, aligned, na);
+    sr_case<T, true, false, true>(rng, nthreads, sizes, offs, tb, chunk, aligned, na);
+    sr_case<T, false, false, false>(rng, nthreads, sizes, offs, tb, chunk, aligned, na);
+  }
   {  // all_finite body over the plain tables: one non-finite value somewhere (or none)
     std::vector<int64_t> zero(Tn, 0);
     auto L = make_lists<T>(1, sizes, zero, rng, aligned);
@@ -224,6 +283,74 @@ void one_case(std::mt19937_64& rng, int nthreads) {
   }
 }
 
+// The kernels' device-scalar loads: the value they compute with equals the host path's
+// static_cast of the same Python number (float64 tensors as is, float32 ones widened).
+static void check_step_scalars() {
+  const double lr_d = 0.1, ns_d = 3.7e-3;
+  const float lr_f = 0.1f;
+  const int64_t step = (int64_t(1) << 40) + 7;
+  {  // float64 tensors, fp32 acc
+    Noise na{make_key(1, 2), 0, 0};
+    StepArgs<float> a{};
+    const StepScalars sc{&step, DevScalar{&lr_d, true}, DevScalar{&ns_d, true}};
+    load_step_scalars(sc, na, a);
+    EXPECT(na.step == step && same(a.lr, static_cast<float>(lr_d)) &&
+               same(a.noise_std, static_cast<float>(ns_d)), "device scalars (f64 -> float)\n");
+  }
+  {  // a float32 lr tensor, fp64 acc: float(t) in Python is the float widened
+    Noise na{make_key(1, 2), 5, 0};
+    StepArgs<double> a{};
+    a.noise_std = 0.25;
+    const StepScalars sc{nullptr, DevScalar{&lr_f, false}, DevScalar{nullptr, false}};
+    load_step_scalars(sc, na, a);
+    EXPECT(na.step == 5 && same(a.lr, static_cast<double>(lr_f)) && a.noise_std == 0.25,
+           "device scalars (f32 -> double; absent ones keep the host values)\n");
+  }
+  // only the low 32 bits of the step enter the counter, on both paths
+  const Words4 w1 = noise_words(make_key(1, 2), 9, step, 32), w2 = noise_words(make_key(1, 2), 9, 7, 32);
+  EXPECT(w1.x0 == w2.x0 && w1.x3 == w2.x3, "step low 32 bits\n");
+}
+
+// A fixed SR list (bf16 / fp16; momentum, both noises or none), printed as bit patterns:
+// "srref <dtype> <noisy> <t> <offset> theta=.. g=.. m=.. out=.. mout=..". Exact binary
+// hyperparameters, so the reference's double scalars round to the same floats.
+template <typename T>
+void print_sr_reference(const char* name, bool noisy) {
+  const std::vector<int64_t> sizes{1, 13, 37, 70, 300}, offs{0, 5, (int64_t(1) << 33) + 3, 1001, 6};
+  const int64_t chunk = 64;
+  const Tabs tb = build_frame(sizes, offs, chunk);
+  std::mt19937_64 rng(noisy ? 77 : 78);
+  auto L = make_lists<T>(3, sizes, offs, rng, true);
+  const size_t Tn = sizes.size();
+  std::vector<std::vector<T>> in(3 * Tn);
+  for (int k = 0; k < 3; ++k)
+    for (size_t t = 0; t < Tn; ++t) in[k * Tn + t].assign(L.at(k, t, Tn), L.at(k, t, Tn) + sizes[t]);
+  const Noise na{make_key(0x2545F4914F6CDD1Dll, 3), 11, 1};
+  const StepArgs<float> a{noisy ? 0.0625f : 0.0f, 0.125f, 0.0078125f, 0.875f, 0.25f,
+                          noisy ? 0.0009765625f : 0.0f, 0.5f, false, false};
+  if (noisy)
+    run<3, 0b111u, 0b101u, true, true, true>(L, tb, chunk, 7, na, StepBody<true, float>{a});
+  else
+    run<3, 0b111u, 0b101u, false, false, true>(L, tb, chunk, 7, na, StepBody<true, float>{a});
+  auto dump = [](const char* key, const T* x, int64_t n) {
+    std::printf(" %s=", key);
+    for (int64_t e = 0; e < n; ++e) {
+      uint16_t b;
+      std::memcpy(&b, x + e, 2);
+      std::printf("%x%s", b, e + 1 < n ? "," : "");
+    }
+  };
+  for (size_t t = 0; t < Tn; ++t) {
+    std::printf("srref %s %d %zu %lld", name, (int)noisy, t, (long long)offs[t]);
+    dump("theta", in[t].data(), sizes[t]);
+    dump("g", in[Tn + t].data(), sizes[t]);
+    dump("m", in[2 * Tn + t].data(), sizes[t]);
+    dump("out", L.at(0, t, Tn), sizes[t]);
+    dump("mout", L.at(2, t, Tn), sizes[t]);
+    std::printf("\n");
+  }
+}
+
 int main() {
   std::mt19937_64 rng(4321);
   long cases = 0;
@@ -239,6 +366,13 @@ int main() {
              nonfinite_bits(std::numeric_limits<double>::quiet_NaN()) && !nonfinite_bits(-3.0f) &&
              nonfinite_bits(-std::numeric_limits<float>::infinity()),
          "nonfinite_bits\n");
+  check_step_scalars();
+  const long units_before_ref = unit_blocks;
+  for (bool noisy : {false, true}) {
+    print_sr_reference<c10::BFloat16>("bf16", noisy);
+    print_sr_reference<c10::Half>("fp16", noisy);
+  }
+  unit_blocks = units_before_ref;
   std::printf("cases=%ld unit_blocks=%ld failures=%d\n", cases, unit_blocks, failures);
   // eps (tag 0) of 8 elements at two bucket offsets, as the perturb kernel sees them
   for (int64_t first : {int64_t(5), (int64_t(1) << 33) + 3}) {

@@ -415,3 +415,132 @@ def test_multi_no_host_sync_and_graph_capture():
     for p, q in zip(ps, qs):
         assert torch.equal(p, q)
     assert fi2.item() == 0.0
+
+
+# ------------------------------------------------------- multi-tensor stochastic rounding
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mom", list(MOMENTUM))
+@pytest.mark.parametrize("noise", list(NOISE))
+@pytest.mark.parametrize("fi", [None, 0.0, 1.0])
+@pytest.mark.parametrize("restore_tag", [0, 1])
+def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_tag):
+    """restore_and_step_multi_ with stochastic_rounding: one launch, bit for bit the per-tensor
+    SR kernel (kernels_cuda.cu restore_and_step_sr_kernel) and the C++ CPU op."""
+    from fused_flat import cuda_multi, ops
+
+    sizes, offsets, ps = _multi_case(dtype, 5)
+    gen = torch.Generator().manual_seed(6)
+    gs = [_bucket(n, dtype, 2, gen) for n in sizes]
+    ms = [_bucket(n, dtype, 3, gen) for n in sizes] if MOMENTUM[mom][0] else None
+    _, mu, damp, nest, init = MOMENTUM[mom]
+    sigma, noise_std = NOISE[noise]
+    gs_t = torch.tensor([4.0], device="cuda")
+    fi_t = None if fi is None else torch.tensor([fi], device="cuda")
+    per = ([p.clone() for p in ps], None if ms is None else [m.clone() for m in ms])
+    cpu = ([_cpu_copy(p) for p in ps], [_cpu_copy(g) for g in gs],
+           None if ms is None else [_cpu_copy(m) for m in ms])
+    args = (SEED, 2, 9)
+    hyper = (restore_tag, sigma, 0.1, 5e-4, mu, damp, nest, init, noise_std, 0.5)
+    cuda_multi.restore_and_step_(ps, gs, ms, offsets, gs_t, fi_t, *args, *hyper,
+                                 stochastic_rounding=True)
+    for t, off in enumerate(offsets):
+        m_t = None if ms is None else per[1][t]
+        ops.restore_and_step_(per[0][t], gs[t], m_t, gs_t, fi_t, *args, off, *hyper, True)
+        ops.restore_and_step_(cpu[0][t], cpu[1][t], None if ms is None else cpu[2][t], gs_t.cpu(),
+                              None if fi is None else fi_t.cpu(), *args, off, *hyper, True)
+        what = f"SR multi t={t} {dtype} {mom} {noise} fi={fi} tag={restore_tag}"
+        _assert_identical(ps[t], per[0][t].cpu(), what + " vs per-tensor SR kernel")
+        _assert_identical(ps[t], cpu[0][t], what + " vs C++ CPU op")
+        if ms is not None:
+            _assert_identical(ms[t], per[1][t].cpu(), what + " (m) vs per-tensor")
+            _assert_identical(ms[t], cpu[2][t], what + " (m) vs C++")
+
+
+def test_multi_sr_is_ignored_for_fp32():
+    from fused_flat import cuda_multi
+
+    sizes, offsets, ps = _multi_case(torch.float32, 8)
+    gs = [torch.randn_like(p) for p in ps]
+    qs = [p.clone() for p in ps]
+    for lst, sr in ((ps, True), (qs, False)):
+        cuda_multi.restore_and_step_(lst, gs, None, offsets, None, None, SEED, 2, 9, 0, 0.03, 0.1,
+                                     0.0, 0.0, 0.0, False, False, 1e-3, 1.0, sr)
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+
+# ------------------------------------------------------- device-resident per-step scalars
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("sr", [False, True])
+@pytest.mark.parametrize("sdtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("noise", ["fsgld", "sgd"])
+def test_multi_device_scalars_equal_scalar_path(dtype, sr, sdtype, noise):
+    """step (int64), lr and noise_std (float64 / float32) as one-element device tensors give
+    the scalar path's results bit for bit (and the C++ CPU op's), step's high bits included."""
+    from fused_flat import cuda_multi, ops
+
+    sizes, offsets, ps = _multi_case(dtype, 6)
+    gen = torch.Generator().manual_seed(9)
+    gs = [_bucket(n, dtype, 1, gen) for n in sizes]
+    ms = [_bucket(n, dtype, 0, gen) for n in sizes]
+    step = (1 << 33) + 9
+    sigma, ns = NOISE[noise]
+    step_t = torch.tensor(step, dtype=torch.int64, device="cuda")
+    lr_t = torch.tensor(0.1, dtype=sdtype, device="cuda")
+    ns_t = torch.tensor(ns, dtype=sdtype, device="cuda")   # 0.0 for 'sgd': xi drawn, times 0
+    lr, ns = float(lr_t), float(ns_t)
+    qs, ks = [p.clone() for p in ps], [m.clone() for m in ms]
+    cpu = ([_cpu_copy(p) for p in ps], [_cpu_copy(g) for g in gs], [_cpu_copy(m) for m in ms])
+    cuda_multi.perturb_(ps, offsets, SEED, 2, step_t, 1, 0.03)
+    cuda_multi.restore_and_step_(ps, gs, ms, offsets, None, None, SEED, 2, step_t, 1, sigma, lr_t,
+                                 5e-4, 0.9, 0.1, False, False, ns_t, 0.5, sr)
+    cuda_multi.perturb_(qs, offsets, SEED, 2, step, 1, 0.03)
+    cuda_multi.restore_and_step_(qs, gs, ks, offsets, None, None, SEED, 2, step, 1, sigma, lr,
+                                 5e-4, 0.9, 0.1, False, False, ns, 0.5, sr)
+    for t, off in enumerate(offsets):
+        what = f"device scalars t={t} {dtype} sr={sr} {sdtype} {noise}"
+        _assert_identical(ps[t], qs[t].cpu(), what + " vs scalar path")
+        _assert_identical(ms[t], ks[t].cpu(), what + " (m) vs scalar path")
+        ops.perturb_(cpu[0][t], SEED, 2, step, 1, 0.03, off)
+        ops.restore_and_step_(cpu[0][t], cpu[1][t], cpu[2][t], None, None, SEED, 2, step, off, 1,
+                              sigma, lr, 5e-4, 0.9, 0.1, False, False, ns, 0.5, sr)
+        _assert_identical(ps[t], cpu[0][t], what + " vs C++ CPU op")
+
+
+def test_multi_graph_replay_reads_device_scalars():
+    """One captured perturb + restore/step replayed with new step / lr / noise_std values
+    written into the device tensors equals eager calls with those values."""
+    import math
+
+    from fused_flat import cuda_multi
+
+    sizes, offsets, ps = _multi_case(torch.float32, 7)
+    gs = [torch.randn_like(p) for p in ps]
+    ms = [torch.zeros_like(p) for p in ps]
+    step_t = torch.zeros((), dtype=torch.int64, device="cuda")
+    lr_t = torch.zeros((), dtype=torch.float64, device="cuda")
+    ns_t = torch.zeros((), dtype=torch.float64, device="cuda")
+
+    def step(lst, mom, k, lr, ns):
+        cuda_multi.perturb_(lst, offsets, SEED, 2, k, 0, 0.03)
+        cuda_multi.restore_and_step_(lst, gs, mom, offsets, None, None, SEED, 2, k, 0, 0.03, lr,
+                                     5e-4, 0.9, 0.0, False, False, ns, 1.0)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(ps, ms, step_t, lr_t, ns_t)       # warm the table caches before capture
+    torch.cuda.current_stream().wait_stream(s)
+    qs, ks = [p.clone() for p in ps], [m.clone() for m in ms]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(ps, ms, step_t, lr_t, ns_t)
+    for k, lr in ((5, 0.1), (6, 0.05), ((1 << 32) + 7, 0.02)):
+        ns = math.sqrt(2 * lr / 1e4)
+        step_t.fill_(k)
+        lr_t.fill_(lr)
+        ns_t.fill_(ns)
+        graph.replay()
+        step(qs, ks, k, lr, ns)
+        torch.cuda.synchronize()
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs)), k
+        assert all(torch.equal(m, q) for m, q in zip(ms, ks)), k

@@ -3,8 +3,9 @@ built fused_flat/_C*.so, without a GPU, as tests/test_cuda_sam_static.py does fo
 family:
 
   * every instantiation is present in the SASS of sm_80 and sm_90: ml_perturb_kernel<T> 4,
-    ml_restore_step_kernel<T, momentum, eps, xi> 32, ml_all_finite_kernel<T> 4
-    (T in fp32/fp64/bf16/fp16);
+    ml_restore_step_kernel<T, momentum, eps, xi, sr> 48 (32 round-to-nearest, T in
+    fp32/fp64/bf16/fp16, and 16 with stochastic rounding, T in bf16/fp16 only),
+    ml_all_finite_kernel<T> 4;
   * no register spills (no STL/LDL, LOCAL:0 STACK:0) and <= 64 registers (4 blocks of 256
     threads per SM; __launch_bounds__(256, 4));
   * 16-byte accesses: >= 1 LDG.E.128 per stream the kernel reads and >= 1 STG.E.128 per
@@ -26,7 +27,7 @@ MAX_REGISTERS = 64
 _DT = r"(f|d|N3c108BFloat16E|N3c104HalfE)"
 _NAME = re.compile(r"mlang\d+(ml_perturb_kernel|ml_restore_step_kernel|ml_all_finite_kernel)I"
                    + _DT + r"((?:Lb[01]E)*)E")
-COUNTS = {"ml_perturb_kernel": 4, "ml_restore_step_kernel": 32, "ml_all_finite_kernel": 4}
+COUNTS = {"ml_perturb_kernel": 4, "ml_restore_step_kernel": 48, "ml_all_finite_kernel": 4}
 
 
 def _streams(kind, flags):
@@ -71,6 +72,18 @@ def test_all_multi_langevin_kernels_present(arch):
     got = {kind: sum(k["kind"] == kind for k in ks) for kind in COUNTS}
     assert got == COUNTS, f"{arch}: {got} (is {arch} in TORCH_CUDA_ARCH_LIST?)"
     assert all(k["sass"] for k in ks), f"{arch}: SASS missing for some kernels"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stochastic_rounding_instantiations(arch):
+    """ml_restore_step_kernel<T, mom, eps, xi, sr>: sr = 1 exactly for bf16/fp16 x 8 flag
+    combinations (the SR pass of restore_and_step_multi_), never for fp32/fp64."""
+    ks = [k for k in _kernels(arch).values() if k["kind"] == "ml_restore_step_kernel"]
+    assert all(len(k["flags"]) == 4 for k in ks), [_label(k) for k in ks]
+    sr = [k for k in ks if k["flags"][3]]
+    assert sorted({k["dtype"] for k in sr}) == ["N3c104HalfE", "N3c108BFloat16E"], [_label(k) for k in sr]
+    assert len({(k["dtype"], k["flags"]) for k in sr}) == 16
+    assert len({(k["dtype"], k["flags"]) for k in ks if not k["flags"][3]}) == 32
 
 
 @pytest.mark.parametrize("arch", ARCHS)

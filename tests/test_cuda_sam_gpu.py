@@ -127,3 +127,72 @@ def test_no_host_sync(impl):
 def test_capability_check_passes_here():
     from fused_flat import cuda_arch
     assert cuda_arch.check_device("cuda") in ("sass", "ptx")
+
+
+# ------------------------------------------------------- device-resident per-step scalars
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("sr", [False, True])
+@pytest.mark.parametrize("lr_dtype", [torch.float64, torch.float32])
+def test_cuda_sam_device_scalars_equal_scalar_path(dtype, sr, lr_dtype):
+    """cuda_sam: lr (float64 / float32) and the SR step (int64) of sam_restore_and_step_, and
+    the step of sam_probe_, as one-element device tensors: the scalar path's results bit for
+    bit (step's high bits included)."""
+    from fused_flat import cuda_sam
+
+    gen = torch.Generator().manual_seed(11)
+    sizes = _sizes(2)
+    offsets = [1000 * i + (i % 4) for i in range(len(sizes))]
+    ps, gs, bs, ms = (_list(sizes, dtype, gen, s) for s in (0, 1, 0, 1))
+    gsc, fi = torch.tensor([2.0], device="cuda"), torch.tensor([0.0], device="cuda")
+    step = (1 << 33) + 17
+    lr_t = torch.tensor(0.1, dtype=lr_dtype, device="cuda")
+    step_t = torch.tensor(step, dtype=torch.int64, device="cuda")
+    a_p, a_m = [p.clone() for p in ps], [m.clone() for m in ms]
+    b_p, b_m = [p.clone() for p in ps], [m.clone() for m in ms]
+    cuda_sam.sam_restore_and_step_(a_p, bs, gs, a_m, gsc, fi, lr_t, 5e-4, 0.9, 0.0, True, False,
+                                   1.0, sr, 0x1234_5678_9ABC, 3, step_t, offsets)
+    cuda_sam.sam_restore_and_step_(b_p, bs, gs, b_m, gsc, fi, float(lr_t), 5e-4, 0.9, 0.0, True,
+                                   False, 1.0, sr, 0x1234_5678_9ABC, 3, step, offsets)
+    assert all(torch.equal(x.view(torch.int8), y.view(torch.int8)) for x, y in zip(a_p, b_p))
+    assert all(torch.equal(x, y) for x, y in zip(a_m, b_m))
+    a_b, b_b = [torch.empty_like(p) for p in ps], [torch.empty_like(p) for p in ps]
+    cuda_sam.sam_probe_(a_p, a_b, offsets, 0x1234_5678_9ABC, 3, step_t, 1e-2)
+    cuda_sam.sam_probe_(b_p, b_b, offsets, 0x1234_5678_9ABC, 3, step, 1e-2)
+    assert all(torch.equal(x.view(torch.int8), y.view(torch.int8)) for x, y in zip(a_p, b_p))
+
+
+def test_cuda_sam_graph_replay_reads_device_scalars():
+    """A captured SAM restore + step (bf16, stochastic rounding) and probe, replayed with new
+    lr / step values written into the device tensors, equals eager calls with those values."""
+    from fused_flat import cuda_sam
+
+    gen = torch.Generator().manual_seed(12)
+    sizes = _sizes(3)
+    offsets = [17 * i for i in range(len(sizes))]
+    ps, gs, bs, ms = (_list(sizes, torch.bfloat16, gen) for _ in range(4))
+    lr_t = torch.zeros((), dtype=torch.float64, device="cuda")
+    step_t = torch.zeros((), dtype=torch.int64, device="cuda")
+    pb = [torch.empty_like(p) for p in ps]
+
+    def step(lst, mom, probe_backup, lr, k):
+        cuda_sam.sam_restore_and_step_(lst, bs, gs, mom, None, None, lr, 5e-4, 0.9, 0.0, False,
+                                       False, 1.0, True, 5, 1, k, offsets)
+        cuda_sam.sam_probe_(lst, probe_backup, offsets, 5, 1, k, 1e-2)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(ps, ms, pb, lr_t, step_t)      # warm the table caches before capture
+    torch.cuda.current_stream().wait_stream(s)
+    qs, ks, qb = [p.clone() for p in ps], [m.clone() for m in ms], [torch.empty_like(p) for p in ps]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(ps, ms, pb, lr_t, step_t)
+    for k, lr in ((3, 0.1), ((1 << 32) + 4, 0.05)):
+        lr_t.fill_(lr)
+        step_t.fill_(k)
+        graph.replay()
+        step(qs, ks, qb, lr, k)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(ps, qs)), k
+        assert all(torch.equal(a, b) for a, b in zip(ms, ks)), k

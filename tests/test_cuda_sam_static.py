@@ -3,7 +3,8 @@ fused_flat/_C*.so, without a GPU, as tests/test_cuda_static.py does for the flat
 
   * every instantiation is present in the SASS of sm_80 and sm_90:
     sam_sq_norm_kernel<T, adaptive> 8, sam_perturb_kernel<T, adaptive> 8,
-    sam_restore_step_kernel<T, momentum> 8, sam_probe_kernel<T> 4 (T in fp32/fp64/bf16/fp16);
+    sam_restore_step_kernel<T, momentum> 8, sam_probe_kernel<T> 4 (T in fp32/fp64/bf16/fp16),
+    sam_restore_step_sr_kernel<T, momentum> 4 (stochastic rounding, T in bf16/fp16);
   * no register spills (no STL/LDL, LOCAL:0 STACK:0) and <= 64 registers (4 blocks of 256
     threads per SM);
   * 16-byte accesses: >= 1 LDG.E.128 per stream the kernel reads and >= 1 STG.E.128 per
@@ -24,14 +25,16 @@ ARCHS = ("sm_80", "sm_90")
 MAX_REGISTERS = 64
 _DT = r"(f|d|N3c108BFloat16E|N3c104HalfE)"
 _NAME = re.compile(r"multi\d+(sam_sq_norm_kernel|sam_perturb_kernel|sam_restore_step_kernel|"
-                   r"sam_probe_kernel)I" + _DT + r"(Lb([01])E)?E")
+                   r"sam_restore_step_sr_kernel|sam_probe_kernel)I" + _DT + r"(Lb([01])E)?E")
 # streams read / written: (kind, flag) -> (reads, writes)
 STREAMS = {("sam_sq_norm_kernel", False): (1, 0), ("sam_sq_norm_kernel", True): (2, 0),
            ("sam_perturb_kernel", False): (2, 2), ("sam_perturb_kernel", True): (2, 2),
            ("sam_restore_step_kernel", False): (2, 1), ("sam_restore_step_kernel", True): (3, 2),
+           ("sam_restore_step_sr_kernel", False): (2, 1),
+           ("sam_restore_step_sr_kernel", True): (3, 2),
            ("sam_probe_kernel", None): (1, 2)}
 COUNTS = {"sam_sq_norm_kernel": 8, "sam_perturb_kernel": 8, "sam_restore_step_kernel": 8,
-          "sam_probe_kernel": 4}
+          "sam_restore_step_sr_kernel": 4, "sam_probe_kernel": 4}
 
 
 @lru_cache(maxsize=None)

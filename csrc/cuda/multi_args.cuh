@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fused_flat/op_args.h"
+#include "sam_multi.cuh"   // multi::DevScalar
 
 namespace fused_flat {
 namespace cuda_impl {
@@ -60,6 +61,29 @@ inline Tables check_args(const char* op, const std::vector<const at::TensorList*
   TORCH_CHECK(chunks.size(0) <= std::numeric_limits<int>::max(), "fused_flat.", op, ": too many chunks");
   return Tables{chunks.data_ptr<int64_t>(), meta.data_ptr<int64_t>(), ptrs.data_ptr<int64_t>(), T,
                 chunks.size(0), chunk};
+}
+
+// Device-resident per-step scalars (CUDA-graph capture): an optional one-element tensor on
+// the lists' device; nullptr when absent (the kernels then use their scalar arguments).
+inline const int64_t* step_scalar(const char* op, const c10::optional<at::Tensor>& t,
+                                  const at::Tensor& ref) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kLong && t->device() == ref.device(),
+              "fused_flat.", op, ": step_t must be a one-element int64 tensor on ", ref.device(),
+              ", got ", t->numel(), " elements of ", t->scalar_type(), " on ", t->device());
+  return t->data_ptr<int64_t>();
+}
+
+inline multi::DevScalar float_scalar(const char* op, const c10::optional<at::Tensor>& t,
+                                     const at::Tensor& ref, const char* name) {
+  if (!t.has_value()) return multi::DevScalar{nullptr, false};
+  TORCH_CHECK(t->numel() == 1 &&
+                  (t->scalar_type() == at::kDouble || t->scalar_type() == at::kFloat) &&
+                  t->device() == ref.device(),
+              "fused_flat.", op, ": ", name, " must be a one-element float64 (or float32) tensor on ",
+              ref.device(), ", got ", t->numel(), " elements of ", t->scalar_type(), " on ",
+              t->device());
+  return multi::DevScalar{t->data_ptr(), t->scalar_type() == at::kDouble};
 }
 
 inline cudaStream_t stream_of(const at::Tensor& t) {

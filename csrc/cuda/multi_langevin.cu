@@ -12,8 +12,15 @@
 // (flag, blocks done) with atomics; the last block writes the output and resets the pair
 // (the threadFenceReduction pattern). One scratch per (device, stream), owned by Python.
 //
-// stochastic_rounding is not implemented here yet: fused_flat/cuda_multi.py falls back to
-// the per-tensor ops for it (see there).
+// stochastic_rounding (bf16/fp16): ml_restore_step_kernel<..., kSR = true>, theta stored with
+// the rbits of ALGORITHMS.md §1 (visit_frame's kSR, the per-tensor SR kernel's math); the
+// skipped step's restore and the momentum buffer stay round-to-nearest, as there.
+//
+// Device-resident per-step scalars (CUDA-graph capture, fused_flat/cuda_multi.py): the
+// optional step_t (int64), lr_t and noise_std_t (float64 or float32) one-element tensors are
+// passed as pointers (nullptr when absent) and read once per thread at kernel start
+// (load_step_scalars), converted as the host path converts its doubles: bit-identical
+// results, and the scalar path keeps its code (one predicated load more).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -48,21 +55,26 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 ml_perturb_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
                   const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk, Noise na,
-                  acc_of<scalar_t> sigma) {
+                  acc_of<scalar_t> sigma, const int64_t* __restrict__ step_p) {
   using acc_t = acc_of<scalar_t>;
+  na.step = dev_step(step_p, na.step);
   const FrameRow r = load_frame_row(chunks, meta, blockIdx.x, chunk);
   PerturbBody<acc_t> body{sigma};
   scalar_t* const p[1] = {table_ptr<scalar_t>(ptrs, 0, T, r.t)};
   visit_frame<scalar_t, 1, 1u, 1u, true, false>(p, r, na, threadIdx.x, blockDim.x, body);
 }
 
-template <typename scalar_t, bool kMom, bool kEps, bool kXi>
+// kSR: theta stochastically rounded (16-bit scalar_t only).
+template <typename scalar_t, bool kMom, bool kEps, bool kXi, bool kSR>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 ml_restore_step_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
                        const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk, Noise na,
                        StepArgs<acc_of<scalar_t>> a, double grad_mult,
-                       const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+                       const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
+                       StepScalars sc) {
   using acc_t = acc_of<scalar_t>;
+  static_assert(!kSR || sizeof(scalar_t) == 2, "stochastic rounding: 16-bit parameters only");
+  load_step_scalars(sc, na, a);
   const FrameRow r = load_frame_row(chunks, meta, blockIdx.x, chunk);
   if (found_inf != nullptr && *found_inf != 0.0f) {
     // skipped step (non-finite gradient): undo the perturbation only, momentum untouched
@@ -78,10 +90,10 @@ ml_restore_step_kernel(const int64_t* __restrict__ chunks, const int64_t* __rest
   if constexpr (kMom) {
     scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
                             table_ptr<scalar_t>(ptrs, 2, T, r.t)};
-    visit_frame<scalar_t, 3, 0b111u, 0b101u, kEps, kXi>(p, r, na, threadIdx.x, blockDim.x, body);
+    visit_frame<scalar_t, 3, 0b111u, 0b101u, kEps, kXi, kSR>(p, r, na, threadIdx.x, blockDim.x, body);
   } else {
     scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
-    visit_frame<scalar_t, 2, 0b11u, 0b01u, kEps, kXi>(p, r, na, threadIdx.x, blockDim.x, body);
+    visit_frame<scalar_t, 2, 0b11u, 0b01u, kEps, kXi, kSR>(p, r, na, threadIdx.x, blockDim.x, body);
   }
 }
 
@@ -112,45 +124,57 @@ ml_all_finite_kernel(const int64_t* __restrict__ chunks, const int64_t* __restri
 // ------------------------------------------------------------------- host side
 using multi_args::Tables;
 using multi_args::check_args;
+using multi_args::float_scalar;
+using multi_args::step_scalar;
 using multi_args::stream_of;
 
 void perturb_multi_cuda(at::TensorList params, const at::Tensor& chunks, const at::Tensor& meta,
                         const at::Tensor& ptrs, int64_t chunk, int64_t seed, int64_t bucket_id,
-                        int64_t step, int64_t tag, double sigma) {
+                        int64_t step, int64_t tag, double sigma,
+                        const c10::optional<at::Tensor>& step_t) {
   const Tables tb = check_args("perturb_multi_", {&params}, chunks, meta, ptrs, chunk);
   check_noise_args(seed, 0, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_multi_: tag must be >= 0, got ", tag);
+  const int64_t* step_p = step_scalar("perturb_multi_", step_t, params[0]);
   if (sigma == 0.0 || tb.n_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Noise na{make_key(seed, bucket_id), step, static_cast<uint32_t>(tag)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "perturb_multi_", [&] {
     using acc_t = acc_of<scalar_t>;
     ml_perturb_kernel<scalar_t><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
-        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, na, static_cast<acc_t>(sigma));
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, na, static_cast<acc_t>(sigma), step_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-template <typename scalar_t, bool kMom, bool kEps, bool kXi>
+struct StepLaunch {
+  const float* gs;
+  const float* fi;
+  StepScalars sc;
+  cudaStream_t stream;
+};
+
+template <typename scalar_t, bool kMom, bool kEps, bool kXi, bool kSR>
 void launch_step(const Tables& tb, const Noise& na, const StepArgs<acc_of<scalar_t>>& a,
-                 double grad_mult, const float* gs, const float* fi, cudaStream_t stream) {
-  ml_restore_step_kernel<scalar_t, kMom, kEps, kXi><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream>>>(
-      tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, na, a, grad_mult, gs, fi);
+                 double grad_mult, const StepLaunch& l) {
+  ml_restore_step_kernel<scalar_t, kMom, kEps, kXi, kSR><<<static_cast<int>(tb.n_chunks), kThreads, 0, l.stream>>>(
+      tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, na, a, grad_mult, l.gs, l.fi, l.sc);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, bool kMom>
+// xi: whether the pass draws the Langevin noise (noise_std != 0, or a device noise_std).
+template <typename scalar_t, bool kMom, bool kSR>
 void dispatch_noise(const Tables& tb, const Noise& na, const StepArgs<acc_of<scalar_t>>& a,
-                    double grad_mult, const float* gs, const float* fi, cudaStream_t stream) {
-  const bool eps = a.sigma != 0, xi = a.noise_std != 0;
+                    double grad_mult, bool xi, const StepLaunch& l) {
+  const bool eps = a.sigma != 0;
   if (eps && xi)
-    launch_step<scalar_t, kMom, true, true>(tb, na, a, grad_mult, gs, fi, stream);
+    launch_step<scalar_t, kMom, true, true, kSR>(tb, na, a, grad_mult, l);
   else if (eps)
-    launch_step<scalar_t, kMom, true, false>(tb, na, a, grad_mult, gs, fi, stream);
+    launch_step<scalar_t, kMom, true, false, kSR>(tb, na, a, grad_mult, l);
   else if (xi)
-    launch_step<scalar_t, kMom, false, true>(tb, na, a, grad_mult, gs, fi, stream);
+    launch_step<scalar_t, kMom, false, true, kSR>(tb, na, a, grad_mult, l);
   else
-    launch_step<scalar_t, kMom, false, false>(tb, na, a, grad_mult, gs, fi, stream);
+    launch_step<scalar_t, kMom, false, false, kSR>(tb, na, a, grad_mult, l);
 }
 
 void restore_and_step_multi_cuda(at::TensorList params, at::TensorList grads, at::TensorList moms,
@@ -161,7 +185,10 @@ void restore_and_step_multi_cuda(at::TensorList params, at::TensorList grads, at
                                  int64_t bucket_id, int64_t step, int64_t restore_tag,
                                  double sigma, double lr, double weight_decay, double momentum,
                                  double dampening, bool nesterov, bool momentum_init,
-                                 double noise_std, double grad_mult) {
+                                 double noise_std, double grad_mult, bool stochastic_rounding,
+                                 const c10::optional<at::Tensor>& step_t,
+                                 const c10::optional<at::Tensor>& lr_t,
+                                 const c10::optional<at::Tensor>& noise_std_t) {
   const bool mom = !moms.empty();
   std::vector<const at::TensorList*> lists{&params, &grads};
   if (mom) lists.push_back(&moms);
@@ -171,13 +198,16 @@ void restore_and_step_multi_cuda(at::TensorList params, at::TensorList grads, at
   check_noise_args(seed, 0, restore_tag);
   TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
               "fused_flat.restore_and_step_multi_: restore_tag must be >= 0 when sigma != 0");
+  const StepScalars sc{step_scalar("restore_and_step_multi_", step_t, params[0]),
+                       float_scalar("restore_and_step_multi_", lr_t, params[0], "lr_t"),
+                       float_scalar("restore_and_step_multi_", noise_std_t, params[0], "noise_std_t")};
   if (tb.n_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Noise na{make_key(seed, bucket_id), step,
                  restore_tag < 0 ? 0u : static_cast<uint32_t>(restore_tag)};
   const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
-  cudaStream_t stream = stream_of(params[0]);
+  const StepLaunch l{gs, fi, sc, stream_of(params[0])};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "restore_and_step_multi_", [&] {
     using acc_t = acc_of<scalar_t>;
     StepArgs<acc_t> a;
@@ -190,10 +220,20 @@ void restore_and_step_multi_cuda(at::TensorList params, at::TensorList grads, at
     a.grad_mult = static_cast<acc_t>(grad_mult);  // replaced in-kernel when grad_scale is given
     a.nesterov = nesterov;
     a.momentum_init = momentum_init;
+    const bool xi = a.noise_std != 0 || sc.noise_std.p != nullptr;
+    if constexpr (sizeof(scalar_t) == 2) {   // SR: 16-bit params only (ignored otherwise)
+      if (stochastic_rounding) {
+        if (mom)
+          dispatch_noise<scalar_t, true, true>(tb, na, a, grad_mult, xi, l);
+        else
+          dispatch_noise<scalar_t, false, true>(tb, na, a, grad_mult, xi, l);
+        return;
+      }
+    }
     if (mom)
-      dispatch_noise<scalar_t, true>(tb, na, a, grad_mult, gs, fi, stream);
+      dispatch_noise<scalar_t, true, false>(tb, na, a, grad_mult, xi, l);
     else
-      dispatch_noise<scalar_t, false>(tb, na, a, grad_mult, gs, fi, stream);
+      dispatch_noise<scalar_t, false, false>(tb, na, a, grad_mult, xi, l);
   });
 }
 

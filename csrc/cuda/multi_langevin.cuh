@@ -22,13 +22,23 @@
 //     misaligned): one thread per Philox call, its (up to) 4 elements one by one.
 // The choice is per block and uniform inside it. Results never depend on it, nor on the
 // number of threads.
+//
+// Stochastic rounding (kSR, 16-bit scalar_t): stream 0 (theta) is stored as
+// store_theta<scalar_t, true> (sweep.cuh: sr_bf16_bits / sr_fp16_bits of elementwise.h) with
+// the element's rbits from call_noise_sr (the words of its tag-0 and tag-32 calls, reused
+// from the eps / xi calls where the pass makes them), exactly as the per-tensor
+// restore_and_step_sr_kernel and the CPU kernels; every other stream round-to-nearest.
+//
+// Device-resident scalars (StepScalars): the step counter, lr and noise_std may be read from
+// device memory at kernel start (load_step_scalars) instead of the kernel arguments.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "fused_flat/elementwise.h"
-#include "sam_multi.cuh"   // table_ptr, MVec, load16, store16 (the SAM multi kernels')
+#include "sam_multi.cuh"   // table_ptr, MVec, load16, store16, DevScalar (the SAM multi kernels')
+#include "sweep.cuh"       // store_theta: the per-tensor kernels' (stochastic) store of theta
 
 namespace fused_flat {
 namespace cuda_impl {
@@ -38,6 +48,9 @@ using multi::load16;
 using multi::MVec;
 using multi::store16;
 using multi::table_ptr;
+using multi::DevScalar;
+using multi::dev_step;
+using multi::dev_value;
 
 struct FrameRow {
   int64_t t;     // tensor index
@@ -68,16 +81,46 @@ struct Noise {
   uint32_t tag;  // eps tag (perturb: the perturbation's; step: restore_tag)
 };
 
+// The per-step values a restore + step kernel may read from device memory (nullptr: the
+// host values in Noise / StepArgs stand). A tensor noise_std is launched with kXi = true.
+struct StepScalars {
+  const int64_t* step;
+  DevScalar lr;
+  DevScalar noise_std;
+};
+
+// Kernel start: the device values over the host ones, converted as the host path converts
+// its doubles (static_cast<acc_t>).
+template <typename acc_t>
+FFM_HD void load_step_scalars(const StepScalars& s, Noise& na, StepArgs<acc_t>& a) {
+  na.step = dev_step(s.step, na.step);
+  if (s.lr.p != nullptr) a.lr = static_cast<acc_t>(dev_value(s.lr, 0.0));
+  if (s.noise_std.p != nullptr) a.noise_std = static_cast<acc_t>(dev_value(s.noise_std, 0.0));
+}
+
+// The stored value of stream k: theta (k == 0) stochastically rounded with rbits when kSR,
+// everything else round-to-nearest.
+template <typename scalar_t, bool kSR, typename acc_t>
+FFM_HD scalar_t store_stream(acc_t x, int k, uint32_t rbits) {
+  if constexpr (kSR) {
+    if (k == 0) return store_theta<scalar_t, true>(x, rbits);
+  }
+  (void)k;
+  (void)rbits;
+  return static_cast<scalar_t>(x);
+}
+
 // Visits the elements of one row. p[k]: tensor t's data pointer of stream k (element 0).
 // kRead / kWrite: bit k set when stream k is read / written. body(x, e, xi): x[K] the
 // elements in acc_t (0 for unread streams), e / xi the element's eps (tag na.tag, if kEps)
-// and xi (tag 32, if kXi) noise, 0 otherwise; the body updates x in place.
+// and xi (tag 32, if kXi) noise, 0 otherwise; the body updates x in place. kSR: stream 0
+// is stored stochastically rounded (file comment).
 // Inside the row everything is relative to its first frame position fs (32-bit: a row is
 // at most one chunk): row position q is element fs + q - mis, whose pointer is pb[k] + q
 // (pb = p + fs - mis, which for the first row of a tensor with mis > 0 lies before element
 // 0; positions q < lo are never accessed), and lies in Philox call jrow + q / 4.
 template <typename scalar_t, int K, unsigned kRead, unsigned kWrite, bool kEps, bool kXi,
-          typename Body>
+          bool kSR = false, typename Body>
 FFM_HD void visit_frame(scalar_t* const (&p)[K], const FrameRow& r, const Noise& na, int64_t tid,
                         int64_t nthreads, Body& body) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -85,6 +128,7 @@ FFM_HD void visit_frame(scalar_t* const (&p)[K], const FrameRow& r, const Noise&
   constexpr int U = V >= 4 ? V : 4;   // positions per unit: whole calls, whole vectors
   constexpr int NV = U / V;           // 16-byte vectors per unit and stream
   static_assert(U % 4 == 0 && U % V == 0, "units of whole Philox calls and whole vectors");
+  static_assert(!kSR || sizeof(scalar_t) == 2, "stochastic rounding: 16-bit parameters only");
 
   const int32_t len = static_cast<int32_t>(r.fe - r.fs);
   const int32_t lo = (r.fs == 0) ? static_cast<int32_t>(r.mis) : 0;   // first valid position
@@ -107,9 +151,18 @@ FFM_HD void visit_frame(scalar_t* const (&p)[K], const FrameRow& r, const Noise&
   // Philox runs (<= 64 registers, no spills; tests/test_cuda_multi_static.py).
   for (int32_t q0 = us + t0 * U; q0 < ue; q0 += nt * U) {
     float ez[U], xz[U];
+    uint32_t rb[U];
 #pragma unroll
-    for (int c = 0; c < U / 4; ++c)
-      call_noise<kEps, kXi>(na.key, na.step, na.tag, jrow + (q0 >> 2) + c, ez + 4 * c, xz + 4 * c);
+    for (int c = 0; c < U / 4; ++c) {
+      if constexpr (kSR) {
+        call_noise_sr<kEps, kXi>(na.key, na.step, na.tag, jrow + (q0 >> 2) + c, ez + 4 * c,
+                                 xz + 4 * c, rb + 4 * c);
+      } else {
+        call_noise<kEps, kXi>(na.key, na.step, na.tag, jrow + (q0 >> 2) + c, ez + 4 * c, xz + 4 * c);
+#pragma unroll
+        for (int h = 0; h < 4; ++h) rb[4 * c + h] = 0u;
+      }
+    }
     MVec<scalar_t, V> v[K][NV];
 #pragma unroll
     for (int k = 0; k < K; ++k)
@@ -126,7 +179,7 @@ FFM_HD void visit_frame(scalar_t* const (&p)[K], const FrameRow& r, const Noise&
       body(x, ez[q], xz[q]);
 #pragma unroll
       for (int k = 0; k < K; ++k)
-        if ((kWrite >> k) & 1u) v[k][q / V].v[q % V] = static_cast<scalar_t>(x[k]);
+        if ((kWrite >> k) & 1u) v[k][q / V].v[q % V] = store_stream<scalar_t, kSR>(x[k], k, rb[q]);
     }
 #pragma unroll
     for (int k = 0; k < K; ++k)
@@ -142,7 +195,9 @@ FFM_HD void visit_frame(scalar_t* const (&p)[K], const FrameRow& r, const Noise&
   for (int32_t w = t0; w < n_calls; w += nt) {
     const int32_t qc = w < head_calls ? 4 * w : ue + 4 * (w - head_calls);
     float ez[4], xz[4];
-    call_noise<kEps, kXi>(na.key, na.step, na.tag, jrow + (qc >> 2), ez, xz);
+    uint32_t rb[4] = {0u, 0u, 0u, 0u};
+    if constexpr (kSR) call_noise_sr<kEps, kXi>(na.key, na.step, na.tag, jrow + (qc >> 2), ez, xz, rb);
+    else call_noise<kEps, kXi>(na.key, na.step, na.tag, jrow + (qc >> 2), ez, xz);
 #pragma unroll
     for (int q4 = 0; q4 < 4; ++q4) {
       const int32_t q = qc + q4;
@@ -153,7 +208,7 @@ FFM_HD void visit_frame(scalar_t* const (&p)[K], const FrameRow& r, const Noise&
       body(x, ez[q4], xz[q4]);
 #pragma unroll
       for (int k = 0; k < K; ++k)
-        if ((kWrite >> k) & 1u) pb[k][q] = static_cast<scalar_t>(x[k]);
+        if ((kWrite >> k) & 1u) pb[k][q] = store_stream<scalar_t, kSR>(x[k], k, rb[q4]);
     }
   }
 }

@@ -8,6 +8,10 @@
 // was computed on the device), grad_scale and found_inf are read by the kernels; the
 // squared norm is reduced per block (warp shuffles, fixed order) into one float64 partial
 // per chunk and summed on the device by at::sum: deterministic, capturable in a CUDA graph.
+// Device-resident per-step scalars (CUDA-graph capture): the optional lr_t (float64 or
+// float32) and step_t (int64) one-element tensors of sam_restore_and_step_multi_ /
+// sam_probe_multi_ are read by the kernels at start (nullptr: the scalar arguments),
+// converted as the host path converts its doubles, so the results are bit-identical.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -92,8 +96,10 @@ __global__ void __launch_bounds__(kThreads)
 sam_restore_step_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
                         const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
                         SamStepArgs<acc_of<scalar_t>> a, double grad_mult,
-                        const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+                        const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
+                        DevScalar lr_s) {
   using acc_t = acc_of<scalar_t>;
+  if (lr_s.p != nullptr) a.lr = static_cast<acc_t>(dev_value(lr_s, 0.0));
   const Row r = load_row(chunks, meta, blockIdx.x, chunk);
   if (found_inf != nullptr && *found_inf != 0.0f) {
     // skipped step (non-finite gradient): exact restore only, momentum untouched
@@ -125,8 +131,11 @@ sam_restore_step_sr_kernel(const int64_t* __restrict__ chunks, const int64_t* __
                            const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
                            SamStepArgs<float> a, double grad_mult,
                            const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
-                           PhiloxKey key, int64_t step) {
+                           PhiloxKey key, int64_t step, DevScalar lr_s,
+                           const int64_t* __restrict__ step_p) {
   static_assert(sizeof(scalar_t) == 2, "stochastic rounding: 16-bit parameters only");
+  if (lr_s.p != nullptr) a.lr = static_cast<float>(dev_value(lr_s, 0.0));
+  step = dev_step(step_p, step);
   const Row r = load_row(chunks, meta, blockIdx.x, chunk);
   if (found_inf != nullptr && *found_inf != 0.0f) {
     RestoreBody<float> body;
@@ -151,8 +160,9 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 sam_probe_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
                  const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk, PhiloxKey key,
-                 int64_t step, acc_of<scalar_t> delta) {
+                 int64_t step, acc_of<scalar_t> delta, const int64_t* __restrict__ step_p) {
   using acc_t = acc_of<scalar_t>;
+  step = dev_step(step_p, step);
   const Row r = load_row(chunks, meta, blockIdx.x, chunk);
   ProbeBody<acc_t> body{key, step, r.offset, delta};
   scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
@@ -162,6 +172,8 @@ sam_probe_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__
 // ------------------------------------------------------------------- host side
 using multi_args::Tables;
 using multi_args::check_args;
+using multi_args::float_scalar;
+using multi_args::step_scalar;
 using multi_args::stream_of;
 
 at::Tensor sam_grad_sq_norm_multi_cuda(at::TensorList grads, at::TensorList params,
@@ -214,11 +226,12 @@ void sam_perturb_multi_cuda(at::TensorList params, at::TensorList grads, at::Ten
 template <typename scalar_t>
 bool launch_sam_step_sr(const Tables& tb, bool mom, const SamStepArgs<acc_of<scalar_t>>& a,
                         double grad_mult, const float* gs, const float* fi, PhiloxKey key,
-                        int64_t step, cudaStream_t stream) {
+                        int64_t step, DevScalar lr_s, const int64_t* step_p, cudaStream_t stream) {
   if constexpr (sizeof(scalar_t) == 2) {
     auto k = mom ? sam_restore_step_sr_kernel<scalar_t, true> : sam_restore_step_sr_kernel<scalar_t, false>;
     k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream>>>(tb.chunks, tb.meta, tb.ptrs, tb.T,
-                                                              tb.chunk, a, grad_mult, gs, fi, key, step);
+                                                              tb.chunk, a, grad_mult, gs, fi, key, step,
+                                                              lr_s, step_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   } else {
@@ -235,7 +248,8 @@ void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backu
                                      double weight_decay, double momentum, double dampening,
                                      bool nesterov, bool momentum_init, double grad_mult,
                                      bool stochastic_rounding, int64_t seed, int64_t bucket_id,
-                                     int64_t step) {
+                                     int64_t step, const c10::optional<at::Tensor>& lr_t,
+                                     const c10::optional<at::Tensor>& step_t) {
   const bool mom = !moms.empty();
   std::vector<const at::TensorList*> lists{&params, &backups, &grads};
   if (mom) lists.push_back(&moms);
@@ -243,6 +257,8 @@ void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backu
   check_scalar_tensor(grad_scale, params[0], "grad_scale");
   check_scalar_tensor(found_inf, params[0], "found_inf");
   if (stochastic_rounding) check_noise_args(seed, 0, 0);
+  const DevScalar lr_s = float_scalar("sam_restore_and_step_multi_", lr_t, params[0], "lr_t");
+  const int64_t* step_p = step_scalar("sam_restore_and_step_multi_", step_t, params[0]);
   if (tb.n_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
@@ -258,29 +274,31 @@ void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backu
     a.nesterov = nesterov;
     a.momentum_init = momentum_init;
     if (stochastic_rounding && launch_sam_step_sr<scalar_t>(tb, mom, a, grad_mult, gs, fi,
-                                                           make_key(seed, bucket_id), step,
-                                                           stream_of(params[0]))) {
+                                                           make_key(seed, bucket_id), step, lr_s,
+                                                           step_p, stream_of(params[0]))) {
       return;
     }
     auto k = mom ? sam_restore_step_kernel<scalar_t, true> : sam_restore_step_kernel<scalar_t, false>;
     k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
-        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, a, grad_mult, gs, fi);
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, a, grad_mult, gs, fi, lr_s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void sam_probe_multi_cuda(at::TensorList params, at::TensorList backups, const at::Tensor& chunks,
                           const at::Tensor& meta, const at::Tensor& ptrs, int64_t chunk,
-                          int64_t seed, int64_t bucket_id, int64_t step, double delta) {
+                          int64_t seed, int64_t bucket_id, int64_t step, double delta,
+                          const c10::optional<at::Tensor>& step_t) {
   const Tables tb = check_args("sam_probe_multi_", {&params, &backups}, chunks, meta, ptrs, chunk);
   check_noise_args(seed, 0, 0);
+  const int64_t* step_p = step_scalar("sam_probe_multi_", step_t, params[0]);
   if (tb.n_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const PhiloxKey key = make_key(seed, bucket_id);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_probe_multi_", [&] {
     using acc_t = acc_of<scalar_t>;
     sam_probe_kernel<scalar_t><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
-        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, key, step, static_cast<acc_t>(delta));
+        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, key, step, static_cast<acc_t>(delta), step_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -89,6 +89,28 @@ FFM_HD void store16(VecT* p, const VecT& v) {
 #endif
 }
 
+// ------------------------------------------------------------------ device-resident scalars
+// A per-step scalar that the kernel reads from device memory instead of its arguments (CUDA
+// graph capture: the value changes between replays, the captured arguments do not). Read
+// once per thread at kernel start; p == nullptr: absent, the host value is used (the scalar
+// path). Floats come from a one-element float64 (f64) or float32 tensor and are read as a
+// double, so the value the kernel computes with is the host path's static_cast of the same
+// number (a Python float of a float32 tensor is that float, widened): bit-identical results.
+struct DevScalar {
+  const void* p;
+  bool f64;
+};
+
+FFM_HD double dev_value(const DevScalar& s, double host) {
+  if (s.p == nullptr) return host;
+  return s.f64 ? *static_cast<const double*>(s.p)
+               : static_cast<double>(*static_cast<const float*>(s.p));
+}
+
+// The step counter: an int64 on the device (only its low 32 bits enter the Philox counter,
+// as on the host path), or the host value.
+FFM_HD int64_t dev_step(const int64_t* p, int64_t host) { return p == nullptr ? host : *p; }
+
 // Visits elements [start, end) of K streams p[0..K). kRead / kWrite: bit k set when stream
 // k is read / written. body(x, i): x[K] the elements in acc_t (0 for unread streams), i the
 // element index in the tensor; the body updates x in place.
