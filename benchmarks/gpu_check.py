@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU_LINE = "gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing to check."
 GPU_TESTS = ["tests/test_cuda_gpu.py", "tests/test_cuda_sam_gpu.py", "tests/test_triton_sam.py",
-             "tests/test_triton_multi.py",
+             "tests/test_triton_multi.py", "tests/test_capturable_gpu.py",
+             "tests/test_triton_device_scalars.py", "tests/test_cuda_device_scalars.py",
              "tests/test_triton.py"]
 FSGLD_MAX_X_SGD = 1.03
 SAM_MIN_X_FSGLD = 1.8

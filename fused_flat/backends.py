@@ -218,6 +218,8 @@ def _compiled(name: str, device: str) -> Backend:
 
         if cuda_multi.available():
             b = with_langevin_lists(b, cuda_multi)   # one launch per bucket per pass
+        # both list-op sets read step / lr / noise_std from device tensors (capturable=True)
+        b = dataclasses.replace(b, device_scalars=cuda_sam.available() and cuda_multi.available())
     return b
 
 

@@ -209,6 +209,11 @@ class FlatOptimizer(Optimizer):
                     f"from device memory; backend '{be.name}' reads them on the host (a sync per "
                     f"step, and a captured graph would replay stale values). Use backend='auto', "
                     f"'triton' or 'cuda' (built with FORCE_CUDA=1).")
+            if b.device.type != "cpu" and be.name == "triton" and b.dtype == torch.float64:
+                raise ValueError(f"{name}: capturable=True with float64 parameters on "
+                                 f"{b.device.type}: the Triton backend runs float64 through the "
+                                 f"reference, which reads the step on the host; use backend='cuda' "
+                                 f"or capturable=False")
             if b.device.type != "cpu" and self._masters(b):
                 raise ValueError(f"{name}: capturable=True with master_weights=True is not "
                                  f"supported yet on {b.device.type} (the master perturbation takes "
@@ -422,6 +427,10 @@ class FlatOptimizer(Optimizer):
                         f"so it must be on the parameters' device ({self._k_dev.device}), got "
                         f"{lr.device}: pass lr=torch.tensor(value, device='{self._k_dev.device}')")
                 return lr
+            if lr.device.type != "cpu":
+                raise ValueError(f"{type(self).__name__}: lr is a tensor on {lr.device}: reading "
+                                 f"it every step is a host sync; pass capturable=True (the kernels "
+                                 f"then read it on the device) or a CPU tensor / float lr")
             if torch.compiler.is_compiling() and backend.name == "cpp":
                 return lr
             return float(lr)

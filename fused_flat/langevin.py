@@ -140,14 +140,17 @@ class LangevinOptimizer(FlatOptimizer):
     def _validate_group(self, g: dict) -> None:
         name = type(self).__name__
         lr = g["lr"]
-        for key in ("lr", "beta", "eta", "momentum", "dampening", "weight_decay"):
+        on_device = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+        if on_device:   # capturable=True: checked without a host read (no sync, fake tensors)
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"{name}: a tensor lr must be a one-element floating-point "
+                                 f"tensor, got {lr.dtype} of shape {tuple(lr.shape)}")
+        for key in ("beta", "eta", "momentum", "dampening", "weight_decay") + (() if on_device else ("lr",)):
             g[key] = number(key, g[key], name)
-        if g["lr"] < 0:
+        if not on_device and g["lr"] < 0:
             raise ValueError(f"{name}: invalid lr={g['lr']} (must be >= 0)")
-        if isinstance(lr, torch.Tensor):   # kept: schedulers update it in place (torch.compile)
-            if lr.device.type != "cpu":
-                raise ValueError(f"{name}: a tensor lr must be a CPU tensor, got one on {lr.device}")
-            g["lr"] = lr
+        if isinstance(lr, torch.Tensor):   # kept: schedulers update it in place (torch.compile,
+            g["lr"] = lr                   # capturable=True)
         if not g["beta"] > 0:
             raise ValueError(f"{name}: invalid beta={g['beta']} (inverse temperature, must be > 0; "
                              f"math.inf disables the Langevin noise)")

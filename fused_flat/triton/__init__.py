@@ -20,6 +20,7 @@ optimizers with backend='triton' without a GPU).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -199,4 +200,6 @@ def backend() -> backends.Backend:
 
     b = backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_,
                                               perturb_from_=perturb_from_), sam)
-    return backends.with_langevin_lists(b, multi)   # one launch per bucket per pass
+    b = backends.with_langevin_lists(b, multi)   # one launch per bucket per pass
+    # the list kernels read step / lr / noise_std from device tensors (capturable=True)
+    return dataclasses.replace(b, device_scalars=True)
