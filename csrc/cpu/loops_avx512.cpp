@@ -4,6 +4,8 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2")
 #define FF_HAVE_AVX512_LOOPS 1
+// GCC 12 warns on the _mm512_undefined_* inside its own intrinsics (GCC bug 105593)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #endif
 #include "loops.h"
@@ -26,8 +28,10 @@ struct Avx512 {
     const __m512i vm = _mm512_set1_epi32(static_cast<int>(m));
     const __m512i pe = _mm512_mul_epu32(va, vm);                          // even lanes
     const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(va, 32), vm);   // odd lanes
-    lo = (U)_mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-    hi = (U)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+    // one merge-masked in-lane shuffle per half instead of a shift and a blend:
+    // lo = (pe.lo, po.lo) per 64-bit pair, hi = (pe.hi, po.hi)
+    lo = (U)_mm512_mask_shuffle_epi32(pe, 0xAAAA, po, _MM_PERM_CCAA);
+    hi = (U)_mm512_mask_shuffle_epi32(po, 0x5555, pe, _MM_PERM_DDBB);
   }
   static inline __attribute__((always_inline)) F sqrt(F x) { return (F)_mm512_sqrt_ps((__m512)x); }
   static inline __attribute__((always_inline)) void store4(float* out, F z0, F z1, F z2, F z3) {

@@ -48,6 +48,31 @@ struct SimdNoise {
     }
   }
 
+  // Two independent vectors of calls, round by round: twice the instruction-level
+  // parallelism of philox() for the same bits (each round's products wait on the last).
+  static inline __attribute__((always_inline)) void philox2(U& c0, U& c1, U& c2, U& c3, U& d0,
+                                                            U& d1, U& d2, U& d3, uint32_t k0,
+                                                            uint32_t k1) {
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      U hi0, lo0, hi1, lo1, gh0, gl0, gh1, gl1;
+      S::mulhilo(c0, kPhiloxM0, hi0, lo0);
+      S::mulhilo(d0, kPhiloxM0, gh0, gl0);
+      S::mulhilo(c2, kPhiloxM1, hi1, lo1);
+      S::mulhilo(d2, kPhiloxM1, gh1, gl1);
+      c0 = hi1 ^ c1 ^ k0;
+      d0 = gh1 ^ d1 ^ k0;
+      c2 = hi0 ^ c3 ^ k1;
+      d2 = gh0 ^ d3 ^ k1;
+      c1 = lo1;
+      d1 = gl1;
+      c3 = lo0;
+      d3 = gl0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+  }
+
   static inline __attribute__((always_inline)) F uniform24(U x) {
     const I v = (I)(x >> 8);
     return (__builtin_convertvector(v, F) + 0.5f) * 5.9604644775390625e-08f;
@@ -135,6 +160,41 @@ struct SimdNoise {
     }
   }
 
+  // Calls j0 .. j0 + 2W - 1 as two interleaved vectors (no j_lo wrap: checked by the caller).
+  template <bool kNormals, bool kWords>
+  static inline __attribute__((always_inline)) void block2(PhiloxKey key, uint32_t step_lo,
+                                                           uint32_t tag, int64_t j0,
+                                                           float* __restrict__ out,
+                                                           uint32_t* __restrict__ wout) {
+    const uint64_t uj = static_cast<uint64_t>(j0);
+    U lane;
+    for (int l = 0; l < W; ++l) lane[l] = static_cast<uint32_t>(l);
+    U c0 = lane + static_cast<uint32_t>(uj);
+    U d0 = c0 + static_cast<uint32_t>(W);
+    U c1 = lane * 0u + static_cast<uint32_t>(uj >> 32);
+    U d1 = c1;
+    U c2 = lane * 0u + step_lo;
+    U d2 = c2;
+    U c3 = lane * 0u + tag;
+    U d3 = c3;
+    philox2(c0, c1, c2, c3, d0, d1, d2, d3, key.k0, key.k1);
+    if (kWords) {
+      alignas(64) float tmp[8 * W];
+      S::store4(tmp, (F)c0, (F)c1, (F)c2, (F)c3);
+      S::store4(tmp + 4 * W, (F)d0, (F)d1, (F)d2, (F)d3);
+      memcpy(wout, tmp, sizeof(tmp));
+    }
+    if (kNormals) {
+      F z0, z1, z2, z3, y0, y1, y2, y3;
+      box_muller(c0, c1, z0, z1);
+      box_muller(d0, d1, y0, y1);
+      box_muller(c2, c3, z2, z3);
+      box_muller(d2, d3, y2, y3);
+      S::store4(out, z0, z1, z2, z3);
+      S::store4(out + 4 * W, y0, y1, y2, y3);
+    }
+  }
+
   template <bool kNormals, bool kWords>
   static inline __attribute__((always_inline)) void run(PhiloxKey key, int64_t step,
                                                         uint32_t tag, int64_t j0, int64_t n,
@@ -142,6 +202,12 @@ struct SimdNoise {
                                                         uint32_t* __restrict__ w) {
     const uint32_t step_lo = static_cast<uint32_t>(static_cast<uint64_t>(step));
     int64_t k = 0;
+    for (; k + 2 * W <= n; k += 2 * W) {
+      const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
+      if (lo > 0xFFFFFFFFu - (2 * W - 1)) break;   // j_lo wraps in here: the loop below
+      block2<kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
+                               kWords ? w + 4 * k : w);
+    }
     for (; k + W <= n; k += W) {
       const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
       if (lo > 0xFFFFFFFFu - (W - 1)) {   // j_lo wraps inside this vector: portable calls
