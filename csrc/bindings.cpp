@@ -16,6 +16,16 @@ TORCH_LIBRARY(fused_flat, m) {
         "int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
         "float dampening, bool nesterov, bool momentum_init, float noise_std, "
         "float grad_mult, bool stochastic_rounding=False) -> ()");
+  // The same two passes over a list of tensors in one parallel loop (CPU): tensor t is a
+  // contiguous 1-D view whose element 0 is bucket index offsets[t]; one dtype per call;
+  // moms empty = no momentum. Values identical to the per-tensor ops at those offsets.
+  m.def("perturb_list_(Tensor(a!)[] params, int[] offsets, int seed, int bucket_id, int step, "
+        "int tag, float sigma) -> ()");
+  m.def("restore_and_step_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, "
+        "int[] offsets, Tensor? grad_scale, Tensor? found_inf, int seed, int bucket_id, "
+        "int step, int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
+        "float dampening, bool nesterov, bool momentum_init, float noise_std, float grad_mult, "
+        "bool stochastic_rounding=False) -> ()");
   // param (16-bit) <- round-to-nearest(master + sigma * eps(tag)), fp32 math (master fp32 or
   // fp64; param any floating dtype), elements [offset, offset + numel) of the bucket.
   m.def("perturb_from_(Tensor(a!) param, Tensor master, int seed, int bucket_id, int step, "

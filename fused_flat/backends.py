@@ -73,16 +73,27 @@ class Backend:
 
 # --------------------------------------------------------------------------- list lifting
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
-         all_finite=None, perturb_from_=None) -> Backend:
+         all_finite=None, perturb_from_=None, perturb_list_=None,
+         restore_and_step_list_=None) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
 
     Per-step values (step, lr, noise_std) may come as CPU tensors (``capturable=True`` or
     torch.compile on CPU): the C++ ops take them as they are; the others get their Python
-    value (a read of host memory, no device sync)."""
+    value (a read of host memory, no device sync).
+
+    ``perturb_list_`` / ``restore_and_step_list_`` (the C++ CPU list ops): one parallel loop
+    per bucket instead of one per tensor, used when the per-step values are numbers
+    (eager); tensors (torch.compile, capturable) go through the per-tensor forms."""
     native_t = name == "cpp"   # fused_flat.ops / sam_ops: the tensor-argument (*_t_) op forms
 
+    def _numbers(*vals) -> bool:
+        return not any(isinstance(v, torch.Tensor) for v in vals) and not torch.compiler.is_compiling()
+
     def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma):
+        if perturb_list_ is not None and _numbers(step):
+            perturb_list_(params, list(offsets), seed, bucket_id, step, tag, sigma)
+            return
         if not native_t:
             step = _host(step)
         for p, off in zip(params, offsets):
@@ -92,6 +103,12 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                               step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
                               nesterov, momentum_init, noise_std, grad_mult,
                               stochastic_rounding=False):
+        if restore_and_step_list_ is not None and _numbers(step, lr, noise_std):
+            restore_and_step_list_(params, grads, moms, list(offsets), grad_scale, found_inf, seed,
+                                   bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
+                                   dampening, nesterov, momentum_init, noise_std, grad_mult,
+                                   stochastic_rounding)
+            return
         extra = (True,) if stochastic_rounding else ()
         if not native_t:
             step, lr, noise_std = _host(step), _host(lr), _host(noise_std)
@@ -207,8 +224,10 @@ def _compiled(name: str, device: str) -> Backend:
             warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
                                 f"older sources); the SAM family runs on the pure-torch reference "
                                 f"backend. Rebuild: {_native.BUILD_HINT}.")
+    lists = device == "cpu" and ops.has_list_ops()
     b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
-             ops.all_finite if device == "cpu" else None, ops.perturb_from_)
+             ops.all_finite if device == "cpu" else None, ops.perturb_from_,
+             ops.perturb_list_ if lists else None, ops.restore_and_step_list_ if lists else None)
     if device == "cuda":
         from fused_flat import cuda_sam
 

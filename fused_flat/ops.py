@@ -59,6 +59,34 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                              stochastic_rounding)
 
 
+def has_list_ops() -> bool:
+    """Whether the extension has the CPU list forms (perturb_list_, restore_and_step_list_):
+    built from these sources (an older build lacks them; the per-tensor ops then run)."""
+    return _native.available() and hasattr(torch.ops.fused_flat, "restore_and_step_list_")
+
+
+def perturb_list_(params: list[torch.Tensor], offsets: list[int], seed: int, bucket_id: int,
+                  step: int, tag: int, sigma: float) -> None:
+    """perturb_ over a list of 1-D contiguous CPU tensors of one dtype (tensor t at bucket
+    offset offsets[t]) in one parallel loop: the per-tensor op's values."""
+    _ops().perturb_list_(params, offsets, seed, bucket_id, step, tag, sigma)
+
+
+def restore_and_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                           moms: list[torch.Tensor] | None, offsets: list[int],
+                           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                           seed: int, bucket_id: int, step: int, restore_tag: int, sigma: float,
+                           lr: float, weight_decay: float, momentum: float, dampening: float,
+                           nesterov: bool, momentum_init: bool, noise_std: float,
+                           grad_mult: float, stochastic_rounding: bool = False) -> None:
+    """restore_and_step_ over a list of tensors in one parallel loop (``moms`` None: no
+    momentum): the per-tensor op's values."""
+    _ops().restore_and_step_list_(params, grads, moms or [], offsets, grad_scale, found_inf, seed,
+                                  bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
+                                  dampening, nesterov, momentum_init, noise_std, grad_mult,
+                                  stochastic_rounding)
+
+
 def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,
                   tag: int, sigma: float, offset: int = 0) -> None:
     """param <- round-to-nearest(master + sigma * eps(tag)), fp32 math (see reference.py)."""
@@ -124,6 +152,18 @@ if _native.available():
                                dampening, nesterov, momentum_init, noise_std, grad_mult,
                                stochastic_rounding=False):
         return None
+
+    if hasattr(torch.ops.fused_flat, "restore_and_step_list_"):
+        @torch.library.register_fake("fused_flat::perturb_list_")
+        def _perturb_list_fake(params, offsets, seed, bucket_id, step, tag, sigma):
+            return None
+
+        @torch.library.register_fake("fused_flat::restore_and_step_list_")
+        def _restore_and_step_list_fake(params, grads, moms, offsets, grad_scale, found_inf, seed,
+                                        bucket_id, step, restore_tag, sigma, lr, weight_decay,
+                                        momentum, dampening, nesterov, momentum_init, noise_std,
+                                        grad_mult, stochastic_rounding=False):
+            return None
 
     @torch.library.register_fake("fused_flat::perturb_from_")
     def _perturb_from_fake(param, master, seed, bucket_id, step, tag, sigma, offset=0):

@@ -13,7 +13,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <vector>
 #include <cstdlib>
 #include <string>
 #include <cstring>
@@ -110,23 +112,65 @@ std::pair<int64_t, int64_t> split_edges(int64_t offset, int64_t n, const Edge& e
   return {a >> 2, b >> 2};
 }
 
+// The edge elements of perturb over [offset, offset + n) (done here, serially); returns the
+// range of whole Philox calls left for perturb_calls_typed.
 template <typename scalar_t>
-void perturb_typed(scalar_t* __restrict__ p, int64_t n, PhiloxKey key, int64_t step, uint32_t tag,
-                   double sigma_d, int64_t offset) {
+std::pair<int64_t, int64_t> perturb_edges(scalar_t* __restrict__ p, int64_t n, PhiloxKey key,
+                                          int64_t step, uint32_t tag, double sigma_d,
+                                          int64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sigma = static_cast<acc_t>(sigma_d);
-  const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
+  return split_edges(offset, n, [&](int64_t i, int64_t gi) {
     const float e = element_normal(key, step, tag, gi);
     p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) + sigma * static_cast<acc_t>(e));
   });
+}
+
+// Whole calls [j0, j1) of perturb (p: the tensor whose element 0 is bucket index offset).
+template <typename scalar_t>
+void perturb_calls_typed(const IsaLoops& L, scalar_t* __restrict__ p, int64_t j0, int64_t j1,
+                         PhiloxKey key, int64_t step, uint32_t tag, double sigma_d,
+                         int64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t sigma = static_cast<acc_t>(sigma_d);
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    L.perturb_f32(p, j0, j1, offset, key, step, tag, sigma);
+  } else if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    L.perturb_bf16(reinterpret_cast<bf16_t*>(p), j0, j1, offset, key, step, tag, sigma);
+  } else {
+    cpu::perturb_calls<scalar_t, acc_t, cpu::PortableNoise>(p, j0, j1, offset, key, step, tag, sigma);
+  }
+}
+
+template <typename scalar_t>
+void perturb_typed(scalar_t* __restrict__ p, int64_t n, PhiloxKey key, int64_t step, uint32_t tag,
+                   double sigma_d, int64_t offset) {
+  const auto range = perturb_edges(p, n, key, step, tag, sigma_d, offset);
   const IsaLoops& L = loops();
   at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
-    if constexpr (std::is_same<scalar_t, float>::value) {
-      return L.perturb_f32(p, j0, j1, offset, key, step, tag, sigma);
-    } else if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
-      return L.perturb_bf16(reinterpret_cast<bf16_t*>(p), j0, j1, offset, key, step, tag, sigma);
-    } else {
-      cpu::perturb_calls<scalar_t, acc_t, cpu::PortableNoise>(p, j0, j1, offset, key, step, tag, sigma);
+    perturb_calls_typed(L, p, j0, j1, key, step, tag, sigma_d, offset);
+  });
+}
+
+// One parallel loop over the whole calls of a list of tensors: ranges[t] = [j0, j1) of
+// tensor t (after its edges); body(t, j0, j1) runs a piece of one tensor. The split into
+// tasks depends on the thread count; the values never do (each element is a function of
+// its bucket index).
+template <typename Body>
+void for_list_calls(const std::vector<std::pair<int64_t, int64_t>>& ranges, const Body& body) {
+  const size_t T = ranges.size();
+  std::vector<int64_t> start(T + 1, 0);
+  for (size_t t = 0; t < T; ++t) start[t + 1] = start[t] + (ranges[t].second - ranges[t].first);
+  if (start[T] == 0) return;
+  at::parallel_for(0, start[T], kGrainCalls, [&](int64_t b, int64_t e) {
+    size_t t = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), b) - start.begin()) - 1;
+    while (b < e) {
+      const int64_t piece_end = std::min(e, start[t + 1]);
+      if (piece_end > b) {
+        body(t, ranges[t].first + (b - start[t]), ranges[t].first + (piece_end - start[t]));
+      }
+      b = piece_end;
+      ++t;
     }
   });
 }
@@ -145,15 +189,17 @@ void update_element(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t i, int6
 }
 
 template <typename scalar_t>
-void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                            scalar_t* __restrict__ m, int64_t n, PhiloxKey key, int64_t step,
-                            uint32_t tag, int64_t offset,
-                            const StepArgs<at::opmath_type<scalar_t>>& a, bool sr_flag) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const bool sr = sr_flag && cpu::Fmt16<scalar_t>::kind != 0;
-  const int base_variant = (m != nullptr ? 1 : 0) | (a.sigma != 0 ? 2 : 0) | (a.noise_std != 0 ? 4 : 0);
-  const int variant = base_variant | (sr ? 8 : 0);
-  const auto range = split_edges(offset, n, [&](int64_t i, int64_t gi) {
+int restore_variant(const scalar_t* m, const StepArgs<at::opmath_type<scalar_t>>& a, bool sr) {
+  return (m != nullptr ? 1 : 0) | (a.sigma != 0 ? 2 : 0) | (a.noise_std != 0 ? 4 : 0) | (sr ? 8 : 0);
+}
+
+template <typename scalar_t>
+std::pair<int64_t, int64_t> restore_edges(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                          scalar_t* __restrict__ m, int64_t n, PhiloxKey key,
+                                          int64_t step, uint32_t tag, int64_t offset,
+                                          const StepArgs<at::opmath_type<scalar_t>>& a, bool sr) {
+  const int base_variant = restore_variant(m, a, false);
+  return split_edges(offset, n, [&](int64_t i, int64_t gi) {
     switch (base_variant) {
       case 0: return update_element<false, false, false>(p, g, m, i, gi, key, step, tag, a, sr);
       case 1: return update_element<true, false, false>(p, g, m, i, gi, key, step, tag, a, sr);
@@ -165,17 +211,36 @@ void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict
       default: return update_element<true, true, true>(p, g, m, i, gi, key, step, tag, a, sr);
     }
   });
+}
+
+template <typename scalar_t>
+void restore_calls_typed(const IsaLoops& L, int variant, scalar_t* __restrict__ p,
+                         const scalar_t* __restrict__ g, scalar_t* __restrict__ m, int64_t j0,
+                         int64_t j1, int64_t offset, PhiloxKey key, int64_t step, uint32_t tag,
+                         const StepArgs<at::opmath_type<scalar_t>>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    L.update_f32(variant, p, g, m, j0, j1, offset, key, step, tag, a);
+  } else if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    L.update_bf16(variant, reinterpret_cast<bf16_t*>(p), reinterpret_cast<const bf16_t*>(g),
+                  reinterpret_cast<bf16_t*>(m), j0, j1, offset, key, step, tag, a);
+  } else {
+    cpu::update_calls_dispatch<scalar_t, acc_t, cpu::PortableNoise>(variant, p, g, m, j0, j1, offset,
+                                                                    key, step, tag, a);
+  }
+}
+
+template <typename scalar_t>
+void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                            scalar_t* __restrict__ m, int64_t n, PhiloxKey key, int64_t step,
+                            uint32_t tag, int64_t offset,
+                            const StepArgs<at::opmath_type<scalar_t>>& a, bool sr_flag) {
+  const bool sr = sr_flag && cpu::Fmt16<scalar_t>::kind != 0;
+  const int variant = restore_variant(m, a, sr);
+  const auto range = restore_edges(p, g, m, n, key, step, tag, offset, a, sr);
   const IsaLoops& L = loops();
   at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
-    if constexpr (std::is_same<scalar_t, float>::value) {
-      return L.update_f32(variant, p, g, m, j0, j1, offset, key, step, tag, a);
-    } else if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
-      return L.update_bf16(variant, reinterpret_cast<bf16_t*>(p), reinterpret_cast<const bf16_t*>(g),
-                           reinterpret_cast<bf16_t*>(m), j0, j1, offset, key, step, tag, a);
-    } else {
-      cpu::update_calls_dispatch<scalar_t, acc_t, cpu::PortableNoise>(variant, p, g, m, j0, j1, offset,
-                                                                      key, step, tag, a);
-    }
+    restore_calls_typed(L, variant, p, g, m, j0, j1, offset, key, step, tag, a);
   });
 }
 
@@ -234,6 +299,107 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
     scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
     restore_and_step_typed<scalar_t>(p, g, m, param.numel(), key, step, rtag, offset, a,
                                      stochastic_rounding);
+  });
+}
+
+// ---- list forms: every tensor of a bucket in one parallel loop (one OpenMP region per
+// pass instead of one per tensor). Tensor t is 1-D contiguous, its element 0 at bucket
+// index offsets[t]; all tensors of one call share a dtype. Same values as the per-tensor ops.
+void check_list(at::TensorList params, at::IntArrayRef offsets, const char* op) {
+  TORCH_CHECK(offsets.size() == params.size(), "fused_flat.", op, ": ", params.size(),
+              " params but ", offsets.size(), " offsets");
+  for (size_t t = 0; t < params.size(); ++t) {
+    check_bucket(params[t], "param");
+    TORCH_CHECK(params[t].device().is_cpu(), "fused_flat.", op, ": CPU tensors expected, got ",
+                params[t].device());
+    TORCH_CHECK(params[t].scalar_type() == params[0].scalar_type(), "fused_flat.", op,
+                ": every tensor of a list must have one dtype, got ", params[0].scalar_type(),
+                " and ", params[t].scalar_type());
+    TORCH_CHECK(offsets[t] >= 0, "fused_flat.", op, ": offsets must be >= 0, got ", offsets[t]);
+  }
+}
+
+void perturb_list_cpu(at::TensorList params, at::IntArrayRef offsets, int64_t seed,
+                      int64_t bucket_id, int64_t step, int64_t tag, double sigma) {
+  check_list(params, offsets, "perturb_list_");
+  check_noise_args(seed, 0, tag);
+  TORCH_CHECK(tag >= 0, "fused_flat.perturb_list_: tag must be >= 0, got ", tag);
+  if (sigma == 0.0 || params.empty()) return;
+  const PhiloxKey key = make_key(seed, bucket_id);
+  const uint32_t t32 = static_cast<uint32_t>(tag);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "perturb_list_", [&] {
+    std::vector<scalar_t*> ps(params.size());
+    std::vector<std::pair<int64_t, int64_t>> ranges(params.size());
+    for (size_t t = 0; t < params.size(); ++t) {
+      ps[t] = params[t].data_ptr<scalar_t>();
+      ranges[t] = perturb_edges(ps[t], params[t].numel(), key, step, t32, sigma, offsets[t]);
+    }
+    const IsaLoops& L = loops();
+    for_list_calls(ranges, [&](size_t t, int64_t j0, int64_t j1) {
+      perturb_calls_typed(L, ps[t], j0, j1, key, step, t32, sigma, offsets[t]);
+    });
+  });
+}
+
+void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::TensorList moms,
+                               at::IntArrayRef offsets, const c10::optional<at::Tensor>& grad_scale,
+                               const c10::optional<at::Tensor>& found_inf, int64_t seed,
+                               int64_t bucket_id, int64_t step, int64_t restore_tag, double sigma,
+                               double lr, double weight_decay, double momentum, double dampening,
+                               bool nesterov, bool momentum_init, double noise_std, double grad_mult,
+                               bool stochastic_rounding) {
+  check_list(params, offsets, "restore_and_step_list_");
+  TORCH_CHECK(grads.size() == params.size() && (moms.empty() || moms.size() == params.size()),
+              "fused_flat.restore_and_step_list_: ", params.size(), " params, ", grads.size(),
+              " grads, ", moms.size(), " moms (moms: one per param, or none)");
+  for (size_t t = 0; t < params.size(); ++t) {
+    check_like(params[t], grads[t], "grad");
+    if (!moms.empty()) check_like(params[t], moms[t], "momentum_buffer");
+  }
+  if (params.empty()) return;
+  check_scalar_tensor(grad_scale, params[0], "grad_scale");
+  check_scalar_tensor(found_inf, params[0], "found_inf");
+  check_noise_args(seed, 0, restore_tag);
+  TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
+              "fused_flat.restore_and_step_list_: restore_tag must be >= 0 when sigma != 0");
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
+    // Skipped step (non-finite gradient): undo the perturbation only; m untouched.
+    if (sigma != 0.0) perturb_list_cpu(params, offsets, seed, bucket_id, step, restore_tag, -sigma);
+    return;
+  }
+  double mult = grad_mult;
+  if (grad_scale.has_value()) mult /= static_cast<double>(grad_scale->item<float>());
+  const PhiloxKey key = make_key(seed, bucket_id);
+  const uint32_t rtag = restore_tag < 0 ? 0u : static_cast<uint32_t>(restore_tag);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "restore_and_step_list_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    StepArgs<acc_t> a;
+    a.sigma = static_cast<acc_t>(sigma);
+    a.lr = static_cast<acc_t>(lr);
+    a.weight_decay = static_cast<acc_t>(weight_decay);
+    a.momentum = static_cast<acc_t>(momentum);
+    a.dampening = static_cast<acc_t>(dampening);
+    a.noise_std = static_cast<acc_t>(noise_std);
+    a.grad_mult = static_cast<acc_t>(mult);
+    a.nesterov = nesterov;
+    a.momentum_init = momentum_init;
+    const bool sr = stochastic_rounding && cpu::Fmt16<scalar_t>::kind != 0;
+    const size_t T = params.size();
+    std::vector<scalar_t*> ps(T), ms(T, nullptr);
+    std::vector<const scalar_t*> gs(T);
+    std::vector<std::pair<int64_t, int64_t>> ranges(T);
+    for (size_t t = 0; t < T; ++t) {
+      ps[t] = params[t].data_ptr<scalar_t>();
+      gs[t] = grads[t].data_ptr<scalar_t>();
+      if (!moms.empty()) ms[t] = moms[t].data_ptr<scalar_t>();
+      ranges[t] = restore_edges(ps[t], gs[t], ms[t], params[t].numel(), key, step, rtag,
+                                offsets[t], a, sr);
+    }
+    const int variant = restore_variant(ms[0], a, sr);
+    const IsaLoops& L = loops();
+    for_list_calls(ranges, [&](size_t t, int64_t j0, int64_t j1) {
+      restore_calls_typed(L, variant, ps[t], gs[t], ms[t], j0, j1, offsets[t], key, step, rtag, a);
+    });
   });
 }
 
@@ -405,6 +571,8 @@ at::Tensor all_finite_cpu(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_and_step_", &restore_and_step_cpu);
+  m.impl("perturb_list_", &perturb_list_cpu);
+  m.impl("restore_and_step_list_", &restore_and_step_list_cpu);
   m.impl("perturb_from_", &perturb_from_cpu);
   m.impl("all_finite", &all_finite_cpu);
 }
