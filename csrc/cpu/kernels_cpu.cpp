@@ -538,31 +538,40 @@ at::Tensor noise_roofline_cpu(int64_t seed, int64_t bucket_id, int64_t step, at:
 std::string cpu_isa_op() { return isa_name(current_isa()); }
 
 // found_inf of a list of tensors: 1.0 if any element is inf or nan (float32, shape [1]).
+// One parallel loop over the elements of all tensors (pieces of one tensor per task).
 at::Tensor all_finite_cpu(at::TensorList tensors) {
   at::Tensor found = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
-  bool bad = false;
   const IsaLoops& L = loops();
+  std::vector<at::Tensor> ts;
+  std::vector<int64_t> start(1, 0);
   for (const at::Tensor& t0 : tensors) {
-    if (bad) break;
     TORCH_CHECK(t0.device().is_cpu(), "fused_flat.all_finite: CPU tensors expected, got ", t0.device());
     if (t0.numel() == 0 || !at::isFloatingType(t0.scalar_type())) continue;
-    const at::Tensor t = t0.is_contiguous() ? t0 : t0.contiguous();
-    const size_t es = t.element_size();
-    const int64_t n = t.numel();
-    const void* base = t.data_ptr();
-    std::atomic<bool> any{false};
-    at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t b, int64_t e) {
-      if (any.load(std::memory_order_relaxed)) return;
-      bool r;
-      if (es == 4) r = L.any_nonfinite32(static_cast<const uint32_t*>(base) + b, e - b, 0x7F800000u);
-      else if (es == 2) r = L.any_nonfinite16(static_cast<const uint16_t*>(base) + b, e - b,
-                                              t.scalar_type() == at::kHalf ? 0x7C00u : 0x7F80u);
-      else r = L.any_nonfinite64(static_cast<const uint64_t*>(base) + b, e - b);
-      if (r) any.store(true, std::memory_order_relaxed);
-    });
-    bad = any.load();
+    ts.push_back(t0.is_contiguous() ? t0 : t0.contiguous());
+    start.push_back(start.back() + t0.numel());
   }
-  if (bad) found.fill_(1.0f);
+  std::atomic<bool> any{false};
+  auto piece = [&](size_t t, int64_t b, int64_t e) -> bool {
+    const at::Tensor& x = ts[t];
+    const size_t es = x.element_size();
+    const void* base = x.data_ptr();
+    if (es == 4) return L.any_nonfinite32(static_cast<const uint32_t*>(base) + b, e - b, 0x7F800000u);
+    if (es == 2) return L.any_nonfinite16(static_cast<const uint16_t*>(base) + b, e - b,
+                                          x.scalar_type() == at::kHalf ? 0x7C00u : 0x7F80u);
+    return L.any_nonfinite64(static_cast<const uint64_t*>(base) + b, e - b);
+  };
+  if (!ts.empty()) {
+    at::parallel_for(0, start.back(), int64_t(1) << 16, [&](int64_t b, int64_t e) {
+      size_t t = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), b) - start.begin()) - 1;
+      while (b < e && !any.load(std::memory_order_relaxed)) {
+        const int64_t pe = std::min(e, start[t + 1]);
+        if (pe > b && piece(t, b - start[t], pe - start[t])) any.store(true, std::memory_order_relaxed);
+        b = pe;
+        ++t;
+      }
+    });
+  }
+  if (any.load()) found.fill_(1.0f);
   return found;
 }
 

@@ -117,6 +117,17 @@ struct PortableNoise {
   }
 };
 
+// Software prefetch of the next chunk's parameter data while this chunk's noise is being
+// generated (the generation is compute-bound and makes no memory accesses, so the hardware
+// prefetchers see no stream to follow during it). Prefetches never fault.
+template <bool kWrite, typename scalar_t>
+static inline __attribute__((always_inline)) void prefetch_chunk(const scalar_t* q) {
+  const char* c = reinterpret_cast<const char*>(q);
+  for (int64_t b = 0; b < kChunkElems * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+    __builtin_prefetch(c + b, kWrite ? 1 : 0, 3);
+  }
+}
+
 // theta <- theta + sigma * z(tag) over the whole calls [j0, j1); p is element 0 of the
 // slice, whose bucket index is offset.
 template <typename scalar_t, typename acc_t, typename Gen>
@@ -125,6 +136,7 @@ static void perturb_calls(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int6
   alignas(64) float z[kChunkElems];
   for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
     const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    if (jc + kChunkCalls < j1) prefetch_chunk<true>(p + (4 * (jc + kChunkCalls) - offset));
     Gen::normals(key, step, tag, jc, nc, z);
     scalar_t* __restrict__ q = p + (4 * jc - offset);
     const int64_t ne = 4 * nc;
@@ -164,6 +176,12 @@ static void update_calls_fixed(scalar_t* __restrict__ p, const scalar_t* __restr
   alignas(64) uint32_t w32[kSR ? kChunkElems : 1];
   for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
     const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    if (jc + kChunkCalls < j1) {
+      const int64_t next = 4 * (jc + kChunkCalls) - offset;
+      prefetch_chunk<true>(p + next);
+      prefetch_chunk<false>(g + next);
+      if (kMom) prefetch_chunk<true>(m + next);
+    }
     if constexpr (kSR) {
       if (kEps && restore_tag == kTagEps) {
         Gen::normals_words(key, step, restore_tag, jc, nc, e, w0);
