@@ -26,6 +26,11 @@ TORCH_LIBRARY(fused_flat, m) {
         "int step, int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
         "float dampening, bool nesterov, bool momentum_init, float noise_std, float grad_mult, "
         "bool stochastic_rounding=False) -> ()");
+  // The restore half of a checked step (fp32, CPU): params[t] <- params[t] + sigma * eps(tag)
+  // (sigma = minus the perturbation's) and, in the same loop, found_inf (float32 [1]) = 1.0
+  // if any element of any grads[t] is inf/NaN. The update then runs with sigma 0.
+  m.def("restore_check_list_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, int seed, "
+        "int bucket_id, int step, int tag, float sigma) -> Tensor");
   // param (16-bit) <- round-to-nearest(master + sigma * eps(tag)), fp32 math (master fp32 or
   // fp64; param any floating dtype), elements [offset, offset + numel) of the bucket.
   m.def("perturb_from_(Tensor(a!) param, Tensor master, int seed, int bucket_id, int step, "

@@ -62,6 +62,9 @@ class Backend:
     # step / lr / noise_std may be one-element tensors on the bucket's device, read by the
     # kernels (no host read: capturable=True on CUDA). Every backend takes CPU tensors.
     device_scalars: bool = False
+    # (params, grads, offsets, seed, bucket, step, tag, sigma) -> float32 [1] found_inf: the
+    # restore half of a checked fp32 step with the finiteness check in the same pass (cpp)
+    restore_check_: Callable | None = None
 
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type in self.devices
@@ -228,6 +231,8 @@ def _compiled(name: str, device: str) -> Backend:
     b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
              ops.all_finite if device == "cpu" else None, ops.perturb_from_,
              ops.perturb_list_ if lists else None, ops.restore_and_step_list_ if lists else None)
+    if lists:
+        b = dataclasses.replace(b, restore_check_=ops.restore_check_list_)
     if device == "cuda":
         from fused_flat import cuda_sam
 

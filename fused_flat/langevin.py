@@ -314,6 +314,54 @@ class LangevinOptimizer(FlatOptimizer):
             raise
         return losses[0] if n == 1 else sum(losses) / n
 
+    def _checked_restore_applies(self, buckets, made) -> bool:
+        """Whether this step's restore and finiteness check can run as one pass per bucket
+        (``Backend.restore_check_``): the eager C++ path for fp32 buckets restored by
+        regeneration, with the check on and no GradScaler, sharding or device counter."""
+        if (not self.check_finite or getattr(self, "found_inf", None) is not None
+                or self._shard_keys or self._k_dev is not None
+                or torch.compiler.is_compiling()):
+            return False
+        for bi, b in enumerate(buckets):
+            if self._backends[bi].restore_check_ is None or b.dtype != torch.float32 \
+                    or self._masters(b):
+                return False
+            entry = made[bi]
+            if entry is not None and (entry[2] != "regen" or entry[1] == 0.0):
+                return False
+        return True
+
+    def _restore_and_check(self, buckets, made, with_grad, flat_grads, tag) -> torch.Tensor:
+        """Undo the perturbation of every bucket and compute found_inf over every gradient
+        the update uses, in one pass per bucket where a parameter is both perturbed and has a
+        gradient; ``made`` is cleared (the update pass then restores nothing)."""
+        found = torch.zeros(1)
+        k = self._k
+        for bi, b in enumerate(buckets):
+            backend = self._backends[bi]
+            idx = with_grad[bi]
+            gpos = {j: q for q, j in enumerate(idx)}
+            entry = made[bi]
+            pert, sigma = (entry[0], entry[1]) if entry is not None else ([], 0.0)
+            pset = set(pert)
+            both = [j for j in idx if j in pset and flat_grads[bi][gpos[j]].numel()]
+            if both:
+                f = backend.restore_check_([flat(b.params[j]) for j in both],
+                                           [flat_grads[bi][gpos[j]] for j in both],
+                                           [b.index(j) for j in both], self.seed, b.bucket_id,
+                                           k, tag, -sigma)
+                found = torch.maximum(found, f)
+            rest = [j for j in pert if j not in set(both)]   # perturbed, no gradient
+            if rest:
+                backend.perturb_([flat(b.params[j]) for j in rest], [b.index(j) for j in rest],
+                                 self.seed, b.bucket_id, k, tag, -sigma)
+            unchecked = [flat_grads[bi][gpos[j]] for j in idx
+                         if j not in set(both) and flat_grads[bi][gpos[j]].numel()]
+            if unchecked:
+                found = torch.maximum(found, backend.all_finite(unchecked))
+            made[bi] = None
+        return found
+
     def _update(self, grad_mult: float) -> None:
         tag, made = self._perturbed if self._perturbed is not None else (0, None)
         buckets = self._buckets if made is not None else self.buckets()
@@ -328,7 +376,12 @@ class LangevinOptimizer(FlatOptimizer):
                     self._restore_bucket(bi, entry, tag)
                     made[bi] = None
         flat_grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
-        found_inf = self._found_inf(flat_grads)
+        if made is not None and self._checked_restore_applies(buckets, made):
+            # restore and finiteness check in one pass (the gradient read overlaps the noise
+            # generation); the update below then restores nothing: same bits as the fused pass
+            found_inf = self._restore_and_check(buckets, made, with_grad, flat_grads, tag)
+        else:
+            found_inf = self._found_inf(flat_grads)
         known_skip = self._known_skip(found_inf)
         for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]

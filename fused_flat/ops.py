@@ -62,7 +62,7 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
 def has_list_ops() -> bool:
     """Whether the extension has the CPU list forms (perturb_list_, restore_and_step_list_):
     built from these sources (an older build lacks them; the per-tensor ops then run)."""
-    return _native.available() and hasattr(torch.ops.fused_flat, "restore_and_step_list_")
+    return _native.available() and hasattr(torch.ops.fused_flat, "restore_check_list_")
 
 
 def perturb_list_(params: list[torch.Tensor], offsets: list[int], seed: int, bucket_id: int,
@@ -85,6 +85,16 @@ def restore_and_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor]
                                   bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
                                   dampening, nesterov, momentum_init, noise_std, grad_mult,
                                   stochastic_rounding)
+
+
+def restore_check_list_(params: list[torch.Tensor], grads: list[torch.Tensor], offsets: list[int],
+                        seed: int, bucket_id: int, step: int, tag: int,
+                        sigma: float) -> torch.Tensor:
+    """The restore half of a checked fp32 step: params[t] += sigma * eps(tag) (sigma: minus the
+    perturbation's) and, in the same pass, float32 [1] found_inf = 1.0 if any gradient element
+    is inf/NaN. Followed by restore_and_step_list_ with sigma 0 when found_inf is 0, it gives
+    the bits of the fused restore_and_step_list_ (tests/test_cpu_list_ops.py)."""
+    return _ops().restore_check_list_(params, grads, list(offsets), seed, bucket_id, step, tag, sigma)
 
 
 def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,
@@ -153,10 +163,14 @@ if _native.available():
                                stochastic_rounding=False):
         return None
 
-    if hasattr(torch.ops.fused_flat, "restore_and_step_list_"):
+    if hasattr(torch.ops.fused_flat, "restore_check_list_"):
         @torch.library.register_fake("fused_flat::perturb_list_")
         def _perturb_list_fake(params, offsets, seed, bucket_id, step, tag, sigma):
             return None
+
+        @torch.library.register_fake("fused_flat::restore_check_list_")
+        def _restore_check_list_fake(params, grads, offsets, seed, bucket_id, step, tag, sigma):
+            return torch.empty(1, dtype=torch.float32)
 
         @torch.library.register_fake("fused_flat::restore_and_step_list_")
         def _restore_and_step_list_fake(params, grads, moms, offsets, grad_scale, found_inf, seed,

@@ -161,3 +161,96 @@ def test_optimizer_uses_one_call_per_pass():
     assert names.count("fused_flat::perturb_list_") == 1
     assert names.count("fused_flat::restore_and_step_list_") == 1
     assert "fused_flat::perturb_" not in names and "fused_flat::restore_and_step_" not in names
+
+
+# ---------------------------------------------------------------- checked restore (cpp, fp32)
+def _run_fsgld(checked_path: bool, nan_at=None, n_perturbations=1):
+    """FSGLD on the cpp backend, check_finite on; ``checked_path`` False forces the separate
+    all_finite + fused restore_and_step_ path by removing Backend.restore_check_."""
+    import dataclasses
+
+    import fused_flat
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3),
+                            torch.nn.Linear(3, 3))
+    last = m[3]
+    opt = fused_flat.FSGLD(m.parameters(), lr=0.05, beta=1e4, momentum=0.9, weight_decay=1e-3,
+                           seed=4, backend="cpp", n_perturbations=n_perturbations)
+    opt.buckets()
+    if not checked_path:
+        opt._backends = [dataclasses.replace(b, restore_check_=None) for b in opt._backends]
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    snaps = []
+    for s in range(5):
+        def closure():
+            opt.zero_grad()
+            out = m[2](m[1](m[0](x)))
+            if s % 2 == 0:            # the last layer is perturbed but gets no gradient
+                out = last(out)       # every other step
+            loss = (out - y).square().mean()
+            loss.backward()
+            if nan_at == s:
+                m[0].weight.grad[1, 2] = float("nan")
+            return loss
+        before = [p.detach().clone() for p in m.parameters()]
+        moms = {p: opt.state[p]["momentum_buffer"].clone() for p in m.parameters()
+                if p in opt.state and "momentum_buffer" in opt.state[p]}
+        with torch.profiler.profile() as prof:
+            opt.step(closure)
+        names = [e.name for e in prof.events()]
+        snaps.append(([p.detach().clone() for p in m.parameters()], before, moms,
+                      "fused_flat::restore_check_list_" in names))
+    return opt, m, snaps
+
+
+@pytest.mark.parametrize("nan_at", [None, 2])
+@pytest.mark.parametrize("n_perturbations", [1, 2])
+def test_checked_restore_equals_separate_check(nan_at, n_perturbations):
+    """The one-pass restore + check gives the bits of all_finite + the fused restore pass,
+    skipped step included; parameters without a gradient are restored too."""
+    with pytest.warns(RuntimeWarning, match="non-finite") if nan_at is not None else _nullcontext():
+        opt_a, m_a, snaps_a = _run_fsgld(True, nan_at, n_perturbations)
+    with pytest.warns(RuntimeWarning, match="non-finite") if nan_at is not None else _nullcontext():
+        opt_b, m_b, snaps_b = _run_fsgld(False, nan_at, n_perturbations)
+    assert all(s[3] for s in snaps_a) and not any(s[3] for s in snaps_b)
+    for (pa, _, _, _), (pb, _, _, _) in zip(snaps_a, snaps_b):
+        for x, y in zip(pa, pb):
+            assert torch.equal(x, y)
+    assert opt_a.skipped_steps == opt_b.skipped_steps == (0 if nan_at is None else 1)
+    if nan_at is not None:   # the skipped step: weights back (regenerated eps), momentum untouched
+        after, before, moms, _ = snaps_a[nan_at]
+        for x, y in zip(after, before):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        moms_after = snaps_a[nan_at + 1][2]   # read before the next step
+        assert moms and moms_after.keys() == moms.keys()
+        for p, mb in moms.items():
+            assert torch.equal(moms_after[p], mb)
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def test_restore_check_list_matches_fused_pass_and_detects_nonfinite():
+    sizes = [1, 3, 4097, 70_001, 2]
+    offs = _offsets(sizes, 1)
+    ps = _lists(sizes, torch.float32, 1)
+    gs = _lists(sizes, torch.float32, 2)
+    a, b = [p.clone() for p in ps], [p.clone() for p in ps]
+    ops.perturb_list_(a, offs, 5, 2, 9, 0, 0.01)
+    ops.perturb_list_(b, offs, 5, 2, 9, 0, 0.01)
+    ops.restore_and_step_list_(a, gs, None, offs, None, None, 5, 2, 9, 0, 0.01, 0.1, 1e-3, 0.0,
+                               0.0, False, False, 1e-3, 1.0)
+    assert ops.restore_check_list_(b, gs, offs, 5, 2, 9, 0, -0.01).item() == 0.0
+    ops.restore_and_step_list_(b, gs, None, offs, None, None, 5, 2, 9, 0, 0.0, 0.1, 1e-3, 0.0,
+                               0.0, False, False, 1e-3, 1.0)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for t, pos in ((0, 0), (1, 2), (2, 4096), (3, 35_000), (4, 1)):   # edges and whole calls
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            g2 = [g.clone() for g in gs]
+            g2[t][pos] = bad
+            assert ops.restore_check_list_([p.clone() for p in ps], g2, offs, 5, 2, 9, 0,
+                                           -0.01).item() == 1.0

@@ -403,6 +403,57 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::
   });
 }
 
+// The restore half of a checked step, fp32 buckets (LangevinOptimizer with check_finite on
+// the cpp backend): params[t] <- params[t] + sigma * z(tag) (sigma: minus the perturbation's)
+// and found_inf = 1.0 if any element of any grads[t] is inf/NaN, in one parallel loop whose
+// gradient reads overlap the noise generation. The update then runs without a restore
+// (sigma 0) when found_inf is 0; on a skip the parameters are already restored. Same values
+// as the fused restore_and_step_ (theta - sigma * eps is rounded to fp32 there too).
+at::Tensor restore_check_list_cpu(at::TensorList params, at::TensorList grads,
+                                  at::IntArrayRef offsets, int64_t seed, int64_t bucket_id,
+                                  int64_t step, int64_t tag, double sigma) {
+  check_list(params, offsets, "restore_check_list_");
+  TORCH_CHECK(grads.size() == params.size(), "fused_flat.restore_check_list_: ", params.size(),
+              " params but ", grads.size(), " grads");
+  for (size_t t = 0; t < params.size(); ++t) {
+    check_like(params[t], grads[t], "grad");
+    TORCH_CHECK(params[t].scalar_type() == at::kFloat,
+                "fused_flat.restore_check_list_: float32 buckets only, got ", params[t].scalar_type());
+  }
+  check_noise_args(seed, 0, tag);
+  TORCH_CHECK(tag >= 0, "fused_flat.restore_check_list_: tag must be >= 0, got ", tag);
+  at::Tensor found = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+  if (params.empty()) return found;
+  const PhiloxKey key = make_key(seed, bucket_id);
+  const uint32_t t32 = static_cast<uint32_t>(tag);
+  const float s = static_cast<float>(sigma);
+  const size_t T = params.size();
+  std::vector<float*> ps(T);
+  std::vector<const uint32_t*> gs(T);
+  std::vector<std::pair<int64_t, int64_t>> ranges(T);
+  bool edge_bad = false;
+  for (size_t t = 0; t < T; ++t) {
+    ps[t] = params[t].data_ptr<float>();
+    gs[t] = static_cast<const uint32_t*>(grads[t].data_ptr());
+    const int64_t n = params[t].numel();
+    ranges[t] = perturb_edges(ps[t], n, key, step, t32, sigma, offsets[t]);
+    // the gradient elements outside the whole calls (the edges), checked here
+    const int64_t a = ranges[t].second > ranges[t].first ? 4 * ranges[t].first - offsets[t] : n;
+    const int64_t b = ranges[t].second > ranges[t].first ? 4 * ranges[t].second - offsets[t] : n;
+    for (int64_t i = 0; i < a; ++i) edge_bad |= (gs[t][i] & 0x7F800000u) == 0x7F800000u;
+    for (int64_t i = b; i < n; ++i) edge_bad |= (gs[t][i] & 0x7F800000u) == 0x7F800000u;
+  }
+  std::atomic<bool> bad{edge_bad};
+  const IsaLoops& L = loops();
+  for_list_calls(ranges, [&](size_t t, int64_t j0, int64_t j1) {
+    if (L.perturb_check_f32(ps[t], gs[t], j0, j1, offsets[t], key, step, t32, s)) {
+      bad.store(true, std::memory_order_relaxed);
+    }
+  });
+  if (bad.load()) found.fill_(1.0f);
+  return found;
+}
+
 // param <- round-to-nearest(master + sigma * z(tag)): master fp32, param bf16/fp16/fp32.
 // The normals come from the ISA's generator (loops().normals) in L1 chunks.
 template <typename scalar_t>
@@ -582,6 +633,7 @@ TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
   m.impl("restore_and_step_", &restore_and_step_cpu);
   m.impl("perturb_list_", &perturb_list_cpu);
   m.impl("restore_and_step_list_", &restore_and_step_list_cpu);
+  m.impl("restore_check_list_", &restore_check_list_cpu);
   m.impl("perturb_from_", &perturb_from_cpu);
   m.impl("all_finite", &all_finite_cpu);
 }

@@ -146,6 +146,36 @@ static void perturb_calls(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int6
   }
 }
 
+// The restore half of a checked fp32 step: theta <- theta + sigma * z(tag) over the whole
+// calls [j0, j1) (sigma = -sigma of the perturbation), and whether any gradient word of the
+// same elements is inf/NaN (gbits: the gradient's fp32 bit patterns). The gradient read
+// overlaps the noise generation, so the finiteness check costs no pass of its own.
+template <typename Gen>
+static bool perturb_check_calls(float* __restrict__ p, const uint32_t* __restrict__ gbits,
+                                int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
+                                int64_t step, uint32_t tag, float sigma) {
+  alignas(64) float z[kChunkElems];
+  uint32_t bad = 0;
+  for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
+    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    if (jc + kChunkCalls < j1) {
+      const int64_t next = 4 * (jc + kChunkCalls) - offset;
+      prefetch_chunk<true>(p + next);
+      prefetch_chunk<false>(gbits + next);
+    }
+    Gen::normals(key, step, tag, jc, nc, z);
+    const int64_t base = 4 * jc - offset;
+    float* __restrict__ q = p + base;
+    const uint32_t* __restrict__ gq = gbits + base;
+    const int64_t ne = 4 * nc;
+    for (int64_t e = 0; e < ne; ++e) {
+      q[e] = q[e] + sigma * z[e];
+      bad |= static_cast<uint32_t>((gq[e] & 0x7F800000u) == 0x7F800000u);
+    }
+  }
+  return bad != 0;
+}
+
 template <typename scalar_t, typename acc_t, bool kMom, bool kSR = false>
 static inline __attribute__((always_inline)) void update_one(
     scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
@@ -311,6 +341,8 @@ struct IsaLoops {
   bool (*any_nonfinite32)(const uint32_t* p, int64_t n, uint32_t mask);
   bool (*any_nonfinite16)(const uint16_t* p, int64_t n, uint32_t mask);
   bool (*any_nonfinite64)(const uint64_t* p, int64_t n);
+  bool (*perturb_check_f32)(float* p, const uint32_t* gbits, int64_t j0, int64_t j1,
+                            int64_t offset, PhiloxKey key, int64_t step, uint32_t tag, float sigma);
 };
 
 namespace {
@@ -355,9 +387,14 @@ struct IsaLoopsOf {
   static bool nonfinite64(const uint64_t* p, int64_t n) {
     return any_nonfinite_words<uint64_t>(p, n, uint64_t(0x7FF0000000000000ull));
   }
+  static bool perturb_check_f32(float* p, const uint32_t* gbits, int64_t j0, int64_t j1,
+                                int64_t offset, PhiloxKey key, int64_t step, uint32_t tag,
+                                float sigma) {
+    return perturb_check_calls<Gen>(p, gbits, j0, j1, offset, key, step, tag, sigma);
+  }
   static IsaLoops table() {
     return IsaLoops{&normals, &perturb_f32, &perturb_bf16, &update_f32, &update_bf16,
-                    &noise_only, &nonfinite32, &nonfinite16, &nonfinite64};
+                    &noise_only, &nonfinite32, &nonfinite16, &nonfinite64, &perturb_check_f32};
   }
 };
 }  // namespace
