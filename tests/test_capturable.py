@@ -197,6 +197,8 @@ FAKE = {
                                          capturable=True),
     "ASAM": lambda ps, lr: fused_flat.SAM(ps, lr=lr, adaptive=True, seed=1, backend="cuda",
                                           capturable=True),
+    "MSAM": lambda ps, lr: fused_flat.MSAM(ps, lr=lr, micro_batch_size=2, seed=1, backend="cuda",
+                                           capturable=True),
 }
 
 
@@ -210,7 +212,7 @@ def test_capturable_step_makes_no_host_read_on_cuda(name):
         kw = dict(device="cuda", dtype=dtype)
         model = nn.Sequential(nn.Linear(6, 8, **kw), nn.Tanh(), nn.Linear(8, 3, **kw))
         lr = torch.tensor(0.1, device="cuda")
-        if name in ("SAM", "ASAM"):
+        if name in ("SAM", "ASAM", "MSAM"):
             # torch.optim.SGD's constructor checks `lr < 0` (a host read, once: fine on a GPU,
             # refused by the fake mode); so here the device lr comes in after construction
             opt = FAKE[name](list(model.parameters()), 0.1)
@@ -222,6 +224,8 @@ def test_capturable_step_makes_no_host_read_on_cuda(name):
                 opt.zero_grad()
                 _backward(model)
                 opt.step(lambda: _backward(model))
+            elif name == "MSAM":
+                opt.step(lambda mb: _backward(model), torch.randn(4, 6, device="cuda"))
             else:
                 def closure():
                     opt.zero_grad()
@@ -244,3 +248,27 @@ def test_device_lr_without_capturable_is_refused():
         p.grad = torch.randn_like(p)
         with pytest.raises(ValueError, match="capturable=True"):
             opt.step()
+
+
+@needs_cuda_ops
+def test_rwsam_capturable_passes_make_no_host_read():
+    """RW-SAM's step runs a backward of its own (no autograd on fake CUDA tensors without a
+    driver), so its passes are checked one by one: the probe reads the device counter."""
+    with FakeTensorMode():
+        model = nn.Sequential(nn.Linear(6, 8, device="cuda"), nn.Tanh(), nn.Linear(8, 3, device="cuda"))
+        opt = fused_flat.RWSAM(model.parameters(), lr=0.1, delta=1e-3, seed=1, backend="cuda",
+                               capturable=True)
+        opt.param_groups[0]["lr"] = torch.tensor(0.1, device="cuda")
+        b = opt.buckets()[0]
+        be = opt._backends[0]
+        k = opt._step_arg(be)
+        assert k is opt._k_dev and k.device.type == "cuda"
+        ps = [p.data.view(-1) for p in b.params]
+        bk = [torch.empty_like(p) for p in ps]
+        be.sam_probe_(ps, bk, [b.index(j) for j in range(len(ps))], opt.seed, b.bucket_id, k, 1e-3)
+        _backward(model)
+        opt.first_step(zero_grad=True)
+        _backward(model)
+        opt.second_step()
+        with pytest.raises(Exception):   # the counter is on the device: reading it is a host read
+            opt.step_count
