@@ -284,16 +284,8 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
   const uint32_t rtag = restore_tag < 0 ? 0u : static_cast<uint32_t>(restore_tag);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "restore_and_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    StepArgs<acc_t> a;
-    a.sigma = static_cast<acc_t>(sigma);
-    a.lr = static_cast<acc_t>(lr);
-    a.weight_decay = static_cast<acc_t>(weight_decay);
-    a.momentum = static_cast<acc_t>(momentum);
-    a.dampening = static_cast<acc_t>(dampening);
-    a.noise_std = static_cast<acc_t>(noise_std);
-    a.grad_mult = static_cast<acc_t>(mult);
-    a.nesterov = nesterov;
-    a.momentum_init = momentum_init;
+    const StepArgs<acc_t> a = make_step_args<acc_t>(sigma, lr, weight_decay, momentum, dampening,
+                                                   noise_std, mult, nesterov, momentum_init);
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
@@ -373,16 +365,8 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::
   const uint32_t rtag = restore_tag < 0 ? 0u : static_cast<uint32_t>(restore_tag);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "restore_and_step_list_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    StepArgs<acc_t> a;
-    a.sigma = static_cast<acc_t>(sigma);
-    a.lr = static_cast<acc_t>(lr);
-    a.weight_decay = static_cast<acc_t>(weight_decay);
-    a.momentum = static_cast<acc_t>(momentum);
-    a.dampening = static_cast<acc_t>(dampening);
-    a.noise_std = static_cast<acc_t>(noise_std);
-    a.grad_mult = static_cast<acc_t>(mult);
-    a.nesterov = nesterov;
-    a.momentum_init = momentum_init;
+    const StepArgs<acc_t> a = make_step_args<acc_t>(sigma, lr, weight_decay, momentum, dampening,
+                                                   noise_std, mult, nesterov, momentum_init);
     const bool sr = stochastic_rounding && cpu::Fmt16<scalar_t>::kind != 0;
     const size_t T = params.size();
     std::vector<scalar_t*> ps(T), ms(T, nullptr);

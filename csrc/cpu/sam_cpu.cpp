@@ -167,14 +167,8 @@ void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const
   if (grad_scale.has_value()) mult /= static_cast<double>(grad_scale->item<float>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sam_restore_and_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    SamStepArgs<acc_t> a;
-    a.lr = static_cast<acc_t>(lr);
-    a.weight_decay = static_cast<acc_t>(weight_decay);
-    a.momentum = static_cast<acc_t>(momentum);
-    a.dampening = static_cast<acc_t>(dampening);
-    a.grad_mult = static_cast<acc_t>(mult);
-    a.nesterov = nesterov;
-    a.momentum_init = momentum_init;
+    const SamStepArgs<acc_t> a = make_sam_step_args<acc_t>(lr, weight_decay, momentum, dampening,
+                                                          mult, nesterov, momentum_init);
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* bk = backup.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();

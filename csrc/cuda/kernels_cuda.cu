@@ -311,16 +311,9 @@ void restore_and_step_cuda(at::Tensor& param, const at::Tensor& grad,
   const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "restore_and_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    StepArgs<acc_t> a;
-    a.sigma = static_cast<acc_t>(sigma);
-    a.lr = static_cast<acc_t>(lr);
-    a.weight_decay = static_cast<acc_t>(weight_decay);
-    a.momentum = static_cast<acc_t>(momentum);
-    a.dampening = static_cast<acc_t>(dampening);
-    a.noise_std = static_cast<acc_t>(noise_std);
-    a.grad_mult = static_cast<acc_t>(grad_mult);  // replaced in-kernel when grad_scale is given
-    a.nesterov = nesterov;
-    a.momentum_init = momentum_init;
+    // grad_mult: the kernel divides it by *grad_scale when one is given
+    const StepArgs<acc_t> a = make_step_args<acc_t>(sigma, lr, weight_decay, momentum, dampening,
+                                                   noise_std, grad_mult, nesterov, momentum_init);
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;

@@ -210,16 +210,9 @@ void restore_and_step_multi_cuda(at::TensorList params, at::TensorList grads, at
   const StepLaunch l{gs, fi, sc, stream_of(params[0])};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "restore_and_step_multi_", [&] {
     using acc_t = acc_of<scalar_t>;
-    StepArgs<acc_t> a;
-    a.sigma = static_cast<acc_t>(sigma);
-    a.lr = static_cast<acc_t>(lr);
-    a.weight_decay = static_cast<acc_t>(weight_decay);
-    a.momentum = static_cast<acc_t>(momentum);
-    a.dampening = static_cast<acc_t>(dampening);
-    a.noise_std = static_cast<acc_t>(noise_std);
-    a.grad_mult = static_cast<acc_t>(grad_mult);  // replaced in-kernel when grad_scale is given
-    a.nesterov = nesterov;
-    a.momentum_init = momentum_init;
+    // grad_mult: the kernel divides it by *grad_scale when one is given
+    const StepArgs<acc_t> a = make_step_args<acc_t>(sigma, lr, weight_decay, momentum, dampening,
+                                                   noise_std, grad_mult, nesterov, momentum_init);
     const bool xi = a.noise_std != 0 || sc.noise_std.p != nullptr;
     if constexpr (sizeof(scalar_t) == 2) {   // SR: 16-bit params only (ignored otherwise)
       if (stochastic_rounding) {

@@ -265,14 +265,8 @@ void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backu
   const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_restore_and_step_multi_", [&] {
     using acc_t = acc_of<scalar_t>;
-    SamStepArgs<acc_t> a;
-    a.lr = static_cast<acc_t>(lr);
-    a.weight_decay = static_cast<acc_t>(weight_decay);
-    a.momentum = static_cast<acc_t>(momentum);
-    a.dampening = static_cast<acc_t>(dampening);
-    a.grad_mult = static_cast<acc_t>(grad_mult);
-    a.nesterov = nesterov;
-    a.momentum_init = momentum_init;
+    const SamStepArgs<acc_t> a = make_sam_step_args<acc_t>(lr, weight_decay, momentum, dampening,
+                                                          grad_mult, nesterov, momentum_init);
     if (stochastic_rounding && launch_sam_step_sr<scalar_t>(tb, mom, a, grad_mult, gs, fi,
                                                            make_key(seed, bucket_id), step, lr_s,
                                                            step_p, stream_of(params[0]))) {

@@ -369,6 +369,25 @@ struct StepArgs {
   bool momentum_init;  // first step: m <- d (torch.optim.SGD's clone)
 };
 
+// StepArgs in acc_t from an op's double arguments (the one place the host entry points of
+// every backend build it).
+template <typename acc_t>
+inline StepArgs<acc_t> make_step_args(double sigma, double lr, double weight_decay,
+                                      double momentum, double dampening, double noise_std,
+                                      double grad_mult, bool nesterov, bool momentum_init) {
+  StepArgs<acc_t> a;
+  a.sigma = static_cast<acc_t>(sigma);
+  a.lr = static_cast<acc_t>(lr);
+  a.weight_decay = static_cast<acc_t>(weight_decay);
+  a.momentum = static_cast<acc_t>(momentum);
+  a.dampening = static_cast<acc_t>(dampening);
+  a.noise_std = static_cast<acc_t>(noise_std);
+  a.grad_mult = static_cast<acc_t>(grad_mult);
+  a.nesterov = nesterov;
+  a.momentum_init = momentum_init;
+  return a;
+}
+
 // One element of the fused restore + decay + momentum + Langevin + update pass.
 // has_momentum is a template parameter so the momentum-free loop carries no m.
 template <bool has_momentum, typename acc_t>

@@ -46,6 +46,22 @@ struct SamStepArgs {
   bool momentum_init;  // first step: m <- d (torch.optim.SGD's clone)
 };
 
+// SamStepArgs in acc_t from an op's double arguments (the host entry points' one builder).
+template <typename acc_t>
+inline SamStepArgs<acc_t> make_sam_step_args(double lr, double weight_decay, double momentum,
+                                             double dampening, double grad_mult, bool nesterov,
+                                             bool momentum_init) {
+  SamStepArgs<acc_t> a;
+  a.lr = static_cast<acc_t>(lr);
+  a.weight_decay = static_cast<acc_t>(weight_decay);
+  a.momentum = static_cast<acc_t>(momentum);
+  a.dampening = static_cast<acc_t>(dampening);
+  a.grad_mult = static_cast<acc_t>(grad_mult);
+  a.nesterov = nesterov;
+  a.momentum_init = momentum_init;
+  return a;
+}
+
 // theta is the backup (the unperturbed weights); g is g2, the gradient at theta + e.
 template <bool kMom, typename acc_t>
 FF_HD acc_t sam_sgd_update(acc_t theta, acc_t g, acc_t* m, const SamStepArgs<acc_t>& a) {
