@@ -130,30 +130,15 @@ static inline __attribute__((always_inline)) void prefetch_chunk(const scalar_t*
 
 // theta <- theta + sigma * z(tag) over the whole calls [j0, j1); p is element 0 of the
 // slice, whose bucket index is offset.
-template <typename scalar_t, typename acc_t, typename Gen>
-static void perturb_calls(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int64_t offset,
-                          PhiloxKey key, int64_t step, uint32_t tag, acc_t sigma) {
-  alignas(64) float z[kChunkElems];
-  for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
-    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
-    if (jc + kChunkCalls < j1) prefetch_chunk<true>(p + (4 * (jc + kChunkCalls) - offset));
-    Gen::normals(key, step, tag, jc, nc, z);
-    scalar_t* __restrict__ q = p + (4 * jc - offset);
-    const int64_t ne = 4 * nc;
-    for (int64_t e = 0; e < ne; ++e) {
-      q[e] = from_acc<scalar_t, acc_t>(to_acc<acc_t>(q[e]) + sigma * static_cast<acc_t>(z[e]));
-    }
-  }
-}
-
-// The restore half of a checked fp32 step: theta <- theta + sigma * z(tag) over the whole
-// calls [j0, j1) (sigma = -sigma of the perturbation), and whether any gradient word of the
-// same elements is inf/NaN (gbits: the gradient's fp32 bit patterns). The gradient read
-// overlaps the noise generation, so the finiteness check costs no pass of its own.
-template <typename Gen>
-static bool perturb_check_calls(float* __restrict__ p, const uint32_t* __restrict__ gbits,
-                                int64_t j0, int64_t j1, int64_t offset, PhiloxKey key,
-                                int64_t step, uint32_t tag, float sigma) {
+// kCheck (the restore half of a checked step, sigma = minus the perturbation's): also
+// returns whether any word of gbits (the gradient's bit patterns, the same elements; fp32)
+// is inf/NaN. The gradient read overlaps the noise generation, so the finiteness check
+// costs no pass of its own.
+template <typename scalar_t, typename acc_t, typename Gen, bool kCheck = false>
+static bool perturb_calls(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int64_t offset,
+                          PhiloxKey key, int64_t step, uint32_t tag, acc_t sigma,
+                          const uint32_t* __restrict__ gbits = nullptr) {
+  static_assert(!kCheck || sizeof(scalar_t) == 4, "the finiteness check reads fp32 words");
   alignas(64) float z[kChunkElems];
   uint32_t bad = 0;
   for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
@@ -161,16 +146,15 @@ static bool perturb_check_calls(float* __restrict__ p, const uint32_t* __restric
     if (jc + kChunkCalls < j1) {
       const int64_t next = 4 * (jc + kChunkCalls) - offset;
       prefetch_chunk<true>(p + next);
-      prefetch_chunk<false>(gbits + next);
+      if (kCheck) prefetch_chunk<false>(gbits + next);
     }
     Gen::normals(key, step, tag, jc, nc, z);
     const int64_t base = 4 * jc - offset;
-    float* __restrict__ q = p + base;
-    const uint32_t* __restrict__ gq = gbits + base;
+    scalar_t* __restrict__ q = p + base;
     const int64_t ne = 4 * nc;
     for (int64_t e = 0; e < ne; ++e) {
-      q[e] = q[e] + sigma * z[e];
-      bad |= static_cast<uint32_t>((gq[e] & 0x7F800000u) == 0x7F800000u);
+      q[e] = from_acc<scalar_t, acc_t>(to_acc<acc_t>(q[e]) + sigma * static_cast<acc_t>(z[e]));
+      if (kCheck) bad |= static_cast<uint32_t>((gbits[base + e] & 0x7F800000u) == 0x7F800000u);
     }
   }
   return bad != 0;
@@ -390,7 +374,7 @@ struct IsaLoopsOf {
   static bool perturb_check_f32(float* p, const uint32_t* gbits, int64_t j0, int64_t j1,
                                 int64_t offset, PhiloxKey key, int64_t step, uint32_t tag,
                                 float sigma) {
-    return perturb_check_calls<Gen>(p, gbits, j0, j1, offset, key, step, tag, sigma);
+    return perturb_calls<float, float, Gen, true>(p, j0, j1, offset, key, step, tag, sigma, gbits);
   }
   static IsaLoops table() {
     return IsaLoops{&normals, &perturb_f32, &perturb_bf16, &update_f32, &update_bf16,

@@ -34,26 +34,8 @@ struct SimdNoise {
   // slower; with AVX-512 one block is then exactly one chunk of loops.h).
   static constexpr int kV = 4;
 
-  static inline __attribute__((always_inline)) void philox(U& c0, U& c1, U& c2, U& c3,
-                                                           uint32_t k0, uint32_t k1) {
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      U hi0, lo0, hi1, lo1;
-      S::mulhilo(c0, kPhiloxM0, hi0, lo0);
-      S::mulhilo(c2, kPhiloxM1, hi1, lo1);
-      const U n0 = hi1 ^ c1 ^ k0;
-      const U n2 = hi0 ^ c3 ^ k1;
-      c0 = n0;
-      c1 = lo1;
-      c2 = n2;
-      c3 = lo0;
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-  }
-
-  // V independent vectors of calls, round by round: V times the instruction-level
-  // parallelism of philox() for the same bits (each round's products wait on the last).
+  // Philox4x32-10 of V independent vectors of calls, round by round: V times the
+  // instruction-level parallelism of one vector (each round's products wait on the last).
   template <int V>
   static inline __attribute__((always_inline)) void philox_n(U (&c0)[V], U (&c1)[V], U (&c2)[V],
                                                              U (&c3)[V], uint32_t k0, uint32_t k1) {
@@ -135,36 +117,10 @@ struct SimdNoise {
     s = r * st;
   }
 
-  // The W calls j0 .. j0 + W - 1 (no 2^32 wrap of j_lo inside: checked by the caller):
-  // their normals (kNormals) and / or their words (kWords), both in element order.
-  template <bool kNormals, bool kWords>
-  static inline __attribute__((always_inline)) void block(PhiloxKey key, uint32_t step_lo,
-                                                          uint32_t tag, int64_t j0,
-                                                          float* __restrict__ out,
-                                                          uint32_t* __restrict__ wout) {
-    const uint64_t uj = static_cast<uint64_t>(j0);
-    U lane;
-    for (int l = 0; l < W; ++l) lane[l] = static_cast<uint32_t>(l);
-    U c0 = lane + static_cast<uint32_t>(uj);
-    U c1 = lane * 0u + static_cast<uint32_t>(uj >> 32);
-    U c2 = lane * 0u + step_lo;
-    U c3 = lane * 0u + tag;
-    philox(c0, c1, c2, c3, key.k0, key.k1);
-    if (kWords) {   // the same 4 x W transpose, on the bit patterns
-      alignas(64) float tmp[4 * W];
-      S::store4(tmp, (F)c0, (F)c1, (F)c2, (F)c3);
-      memcpy(wout, tmp, sizeof(tmp));
-    }
-    if (kNormals) {
-      F z0, z1, z2, z3;
-      box_muller(c0, c1, z0, z1);
-      box_muller(c2, c3, z2, z3);
-      S::store4(out, z0, z1, z2, z3);
-    }
-  }
-
-  // Calls j0 .. j0 + kV W - 1 as kV interleaved vectors (no j_lo wrap: checked by the caller).
-  template <bool kNormals, bool kWords>
+  // The V W calls j0 .. j0 + V W - 1 as V interleaved vectors (no 2^32 wrap of j_lo inside:
+  // checked by the caller): their normals (kNormals) and / or their words (kWords, the same
+  // 4 x W transpose on the bit patterns), both in element order.
+  template <int V, bool kNormals, bool kWords>
   static inline __attribute__((always_inline)) void block_n(PhiloxKey key, uint32_t step_lo,
                                                             uint32_t tag, int64_t j0,
                                                             float* __restrict__ out,
@@ -172,29 +128,29 @@ struct SimdNoise {
     const uint64_t uj = static_cast<uint64_t>(j0);
     U lane;
     for (int l = 0; l < W; ++l) lane[l] = static_cast<uint32_t>(l);
-    U c0[kV], c1[kV], c2[kV], c3[kV];
+    U c0[V], c1[V], c2[V], c3[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < kV; ++v) {
+    for (int v = 0; v < V; ++v) {
       c0[v] = lane + static_cast<uint32_t>(uj + static_cast<uint64_t>(v * W));
       c1[v] = lane * 0u + static_cast<uint32_t>(uj >> 32);
       c2[v] = lane * 0u + step_lo;
       c3[v] = lane * 0u + tag;
     }
-    philox_n<kV>(c0, c1, c2, c3, key.k0, key.k1);
+    philox_n<V>(c0, c1, c2, c3, key.k0, key.k1);
     if (kWords) {
-      alignas(64) float tmp[4 * kV * W];
+      alignas(64) float tmp[4 * V * W];
 #pragma GCC unroll 4
-      for (int v = 0; v < kV; ++v) S::store4(tmp + 4 * v * W, (F)c0[v], (F)c1[v], (F)c2[v], (F)c3[v]);
+      for (int v = 0; v < V; ++v) S::store4(tmp + 4 * v * W, (F)c0[v], (F)c1[v], (F)c2[v], (F)c3[v]);
       memcpy(wout, tmp, sizeof(tmp));
     }
     if (kNormals) {
-      F z0[kV], z1[kV], z2[kV], z3[kV];
+      F z0[V], z1[V], z2[V], z3[V];
 #pragma GCC unroll 4
-      for (int v = 0; v < kV; ++v) box_muller(c0[v], c1[v], z0[v], z1[v]);
+      for (int v = 0; v < V; ++v) box_muller(c0[v], c1[v], z0[v], z1[v]);
 #pragma GCC unroll 4
-      for (int v = 0; v < kV; ++v) box_muller(c2[v], c3[v], z2[v], z3[v]);
+      for (int v = 0; v < V; ++v) box_muller(c2[v], c3[v], z2[v], z3[v]);
 #pragma GCC unroll 4
-      for (int v = 0; v < kV; ++v) S::store4(out + 4 * v * W, z0[v], z1[v], z2[v], z3[v]);
+      for (int v = 0; v < V; ++v) S::store4(out + 4 * v * W, z0[v], z1[v], z2[v], z3[v]);
     }
   }
 
@@ -208,16 +164,16 @@ struct SimdNoise {
     for (; k + kV * W <= n; k += kV * W) {
       const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
       if (lo > 0xFFFFFFFFu - (kV * W - 1)) break;   // j_lo wraps in here: the loop below
-      block_n<kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
-                               kWords ? w + 4 * k : w);
+      block_n<kV, kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
+                                    kWords ? w + 4 * k : w);
     }
     for (; k + W <= n; k += W) {
       const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
       if (lo > 0xFFFFFFFFu - (W - 1)) {   // j_lo wraps inside this vector: portable calls
         tail<kNormals, kWords>(key, step, tag, j0 + k, W, out, w, k);
       } else {
-        block<kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
-                                kWords ? w + 4 * k : w);
+        block_n<1, kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
+                                     kWords ? w + 4 * k : w);
       }
     }
     if (k < n) tail<kNormals, kWords>(key, step, tag, j0 + k, n - k, out, w, k);
