@@ -75,8 +75,7 @@ import triton.language as tl
 
 from fused_flat import multi_tensor as mt
 from fused_flat import reference
-from fused_flat.triton.noise import (MASK32, TAG_XI, block_normals, block_normals_words,
-                                     block_words, philox_key, sr_bits_of,
+from fused_flat.triton.noise import (MASK32, block_normals, philox_key, step_noise,
                                      stochastic_round_bits)
 # the masked / unmasked block load and store; the device-scalar loads and host checks
 from fused_flat.triton.sam import (_f32, _float_arg, _host_float, _host_int, _ld, _st,
@@ -172,29 +171,8 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, s
     if HAS_MOM:
         m = _ld(m_ptr, o, mask, MASKED).to(tl.float32)
     j = _calls(jb, f, BLOCK)
-    eps = tl.zeros([BLOCK], tl.float32)
-    xi = tl.zeros([BLOCK], tl.float32)
-    if SR:
-        # rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8): the words of the eps call
-        # (restore_tag == 0) and of the xi call are reused; a missing call is made for them
-        if NEED_EPS:
-            if EPS_TAG0:
-                eps, w0 = block_normals_words(key, j, step_lo, restore_tag)
-            else:
-                eps = block_normals(key, j, step_lo, restore_tag)
-                w0 = block_words(key, j, step_lo, 0)
-        else:
-            w0 = block_words(key, j, step_lo, 0)
-        if NEED_XI:
-            xi, w32 = block_normals_words(key, j, step_lo, TAG_XI)
-        else:
-            w32 = block_words(key, j, step_lo, TAG_XI)
-        rbits = sr_bits_of(w0, w32)
-    else:
-        if NEED_EPS:
-            eps = block_normals(key, j, step_lo, restore_tag)
-        if NEED_XI:
-            xi = block_normals(key, j, step_lo, TAG_XI)
+    eps, xi, rbits = step_noise(key, j, step_lo, restore_tag, NEED_EPS, NEED_XI, SR, EPS_TAG0,
+                                 BLOCK)
 
     if NEED_EPS:
         theta = theta - sigma * eps                     # restore

@@ -153,6 +153,39 @@ def sr_bits_of(w0, w32):
 
 
 @triton.jit
+def step_noise(key, j, step_lo, restore_tag, NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
+               SR: tl.constexpr, EPS_TAG0: tl.constexpr, BLOCK: tl.constexpr):
+    """(eps, xi, rbits) of the BLOCK elements of calls j for a restore + update pass: eps of
+    ``restore_tag`` (NEED_EPS), xi of tag 32 (NEED_XI), zeros where not needed; with SR the
+    rbits of its words (tag 0 and tag 32): the eps call (when EPS_TAG0) and the xi call are
+    reused, a missing call is made for the rbits alone. One place for the per-tensor and the
+    multi-tensor kernels."""
+    eps = tl.zeros([BLOCK], tl.float32)
+    xi = tl.zeros([BLOCK], tl.float32)
+    rbits = tl.zeros([BLOCK], tl.uint32)
+    if SR:
+        if NEED_EPS:
+            if EPS_TAG0:
+                eps, w0 = block_normals_words(key, j, step_lo, restore_tag)
+            else:
+                eps = block_normals(key, j, step_lo, restore_tag)
+                w0 = block_words(key, j, step_lo, 0)
+        else:
+            w0 = block_words(key, j, step_lo, 0)
+        if NEED_XI:
+            xi, w32 = block_normals_words(key, j, step_lo, TAG_XI)
+        else:
+            w32 = block_words(key, j, step_lo, TAG_XI)
+        rbits = sr_bits_of(w0, w32)
+    else:
+        if NEED_EPS:
+            eps = block_normals(key, j, step_lo, restore_tag)
+        if NEED_XI:
+            xi = block_normals(key, j, step_lo, TAG_XI)
+    return eps, xi, rbits
+
+
+@triton.jit
 def rne_bf16(x):
     """fp32 -> bf16 round-to-nearest-even by bit manipulation (NaN -> 0x7FC0), as bf16
     tensor: exact under TRITON_INTERPRET=1 too, whose .to(bfloat16) truncates."""

@@ -26,8 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_flat.triton.noise import (TAG_XI, block_normals, block_normals_words, block_words,
-                                     sr_bits_of, stochastic_round_bits)
+from fused_flat.triton.noise import step_noise, stochastic_round_bits
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -67,27 +66,8 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
         if HAS_MOM:
             m = tl.load(mom_ptr + local, mask=mask, other=0.0).to(tl.float32)
 
-    eps = tl.zeros([BLOCK], tl.float32)
-    xi = tl.zeros([BLOCK], tl.float32)
-    if SR:
-        if NEED_EPS:
-            if EPS_TAG0:
-                eps, w0 = block_normals_words(key, j, step_lo, restore_tag)
-            else:
-                eps = block_normals(key, j, step_lo, restore_tag)
-                w0 = block_words(key, j, step_lo, 0)
-        else:
-            w0 = block_words(key, j, step_lo, 0)
-        if NEED_XI:
-            xi, w32 = block_normals_words(key, j, step_lo, TAG_XI)
-        else:
-            w32 = block_words(key, j, step_lo, TAG_XI)
-        rbits = sr_bits_of(w0, w32)
-    else:
-        if NEED_EPS:
-            eps = block_normals(key, j, step_lo, restore_tag)
-        if NEED_XI:
-            xi = block_normals(key, j, step_lo, TAG_XI)
+    eps, xi, rbits = step_noise(key, j, step_lo, restore_tag, NEED_EPS, NEED_XI, SR, EPS_TAG0,
+                                 BLOCK)
 
     if NEED_EPS:
         theta = theta - sigma * eps                     # restore
