@@ -345,18 +345,19 @@ class LangevinOptimizer(FlatOptimizer):
             pert, sigma = (entry[0], entry[1]) if entry is not None else ([], 0.0)
             pset = set(pert)
             both = [j for j in idx if j in pset and flat_grads[bi][gpos[j]].numel()]
+            checked = set(both)
             if both:
                 f = backend.restore_check_([flat(b.params[j]) for j in both],
                                            [flat_grads[bi][gpos[j]] for j in both],
                                            [b.index(j) for j in both], self.seed, b.bucket_id,
                                            k, tag, -sigma)
                 found = torch.maximum(found, f)
-            rest = [j for j in pert if j not in set(both)]   # perturbed, no gradient
+            rest = [j for j in pert if j not in checked]   # perturbed, no gradient
             if rest:
                 backend.perturb_([flat(b.params[j]) for j in rest], [b.index(j) for j in rest],
                                  self.seed, b.bucket_id, k, tag, -sigma)
             unchecked = [flat_grads[bi][gpos[j]] for j in idx
-                         if j not in set(both) and flat_grads[bi][gpos[j]].numel()]
+                         if j not in checked and flat_grads[bi][gpos[j]].numel()]
             if unchecked:
                 found = torch.maximum(found, backend.all_finite(unchecked))
             made[bi] = None
