@@ -16,14 +16,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fused_flat
 from fused_flat import _native
+from tests.conftest import cpu_backends
+from tests.test_no_host_sync import _backward   # what backward leaves, on fake CUDA tensors
 
 STEPS = 6
 
 
 def _backends():
-    out = ["reference"]
-    if _native.available():
-        out.append("cpp")
+    """The CPU backends, and Triton where its interpreter runs CPU tensors."""
+    out = cpu_backends()
     try:
         if "cpu" in fused_flat.backends.get("triton").devices:
             out.append("triton")
@@ -175,13 +176,6 @@ def test_capturable_refuses_cpu_lr_with_cuda_parameters():
         p.grad = torch.randn_like(p)
         with pytest.raises(ValueError, match="must be on the parameters' device"):
             opt.step()
-
-
-def _backward(model):
-    for p in model.parameters():
-        g = torch.randn_like(p)
-        p.grad = g if p.grad is None else p.grad.add_(g)
-    return torch.zeros((), device="cuda")
 
 
 FAKE = {

@@ -96,27 +96,20 @@ def test_no_recompile_per_step_reason():
 
 
 def _full_train_step_run(kind, compiled):
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    x, y = torch.randn(32, 8), torch.randn(32, 1)
-    lr = torch.tensor(0.05)
-    if kind == "fsgld":
-        opt = FSGLD(m.parameters(), lr=lr, beta=1e4, momentum=0.9, seed=1, backend="cpp")
-    else:
-        opt = SAM(m.parameters(), lr=lr, momentum=0.9, rho=0.05, seed=1, backend="cpp")
+    m, opt, loss_fn = _setup(kind, momentum=0.9)
     cc = CompileCounter()
 
-    def train_step(x, y):   # forward, backward and the optimizer step in one function
+    def train_step():   # forward, backward and the optimizer step in one function
         if kind == "fsgld":
             opt.perturb()
-            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss = loss_fn()
             loss.backward()
             opt.step()
         else:
-            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss = loss_fn()
             loss.backward()
             opt.first_step(zero_grad=True)
-            torch.nn.functional.mse_loss(m(x), y).backward()
+            loss_fn().backward()
             opt.second_step()
         return loss.detach()
 
@@ -125,7 +118,7 @@ def _full_train_step_run(kind, compiled):
     frames = []
     for _ in range(STEPS):
         opt.zero_grad()
-        f(x, y)
+        f()
         sched.step()
         frames.append(cc.frame_count)
     return [p.detach().clone() for p in m.parameters()], frames

@@ -131,18 +131,24 @@ def _trace_report() -> str:
     return make_fx(dispatch_functionalize(step), tracing_mode="fake")(*args).code
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def run_aot_script(script: str, timeout: int) -> dict:
+    """Run ``script`` (a test module whose __main__ compiles kernels ahead of time and prints
+    a JSON report as its last line) in a subprocess without TRITON_INTERPRET; the report."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton_cache"))
     env["TRITON_CACHE_DIR"] = env["TRITON_CACHE_DIR"] + "_aot"
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.abspath(script)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=timeout)
     assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return run_aot_script(__file__, timeout=300)
 
 
 def _names():

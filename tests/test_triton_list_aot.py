@@ -164,16 +164,8 @@ def _specialization_report() -> dict:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton_cache"))
-    env["TRITON_CACHE_DIR"] = env["TRITON_CACHE_DIR"] + "_aot"
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from tests.test_triton_aot import run_aot_script
+    return run_aot_script(__file__, timeout=600)
 
 
 def _names():
