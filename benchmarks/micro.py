@@ -112,6 +112,35 @@ def _split(n: int, k: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- passes
+def _checked_passes(b, name, theta, grad, mom, n, dtype, triad, args, fr) -> list[dict]:
+    """What ``check_finite=True`` costs, pass by pass (fp32, cpp): the gradient read alone
+    (``all_finite``), and the two passes a checked step runs instead of the fused one:
+    restore + finiteness check (one tag of noise, theta and the gradient read) and the
+    update without a restore (the other tag). Their sum against the fused pass is the
+    check's cost in the full-step table."""
+    es = theta.element_size()
+    tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
+    t_f = common.time_fn(lambda: b.all_finite([grad]), theta.device, **tkw)
+    t_1 = common.time_fn(lambda: b.restore_check_([theta], [grad], [0], SEED, 0, 0, 0, SIGMA),
+                         theta.device, **tkw)
+    found = torch.zeros(1)
+
+    def upd():
+        b.restore_and_step_([theta], [grad], [mom] if mom is not None else None, [0], None, found,
+                            SEED, 0, 0, 0, 0.0, LR, WD, args.momentum, 0.0, False, False,
+                            NOISE_STD, 1.0)
+
+    t_2 = common.time_fn(upd, theta.device, **tkw)
+    words_u = 5 if mom is not None else 3
+    return [
+        _row("check", "all_finite (gradient read)", name, n, dtype, t_f, n * es, triad, False),
+        _row("check", "checked step, pass 1: restore + check", name, n, dtype, t_1, 3 * n * es,
+             triad, True, frac_noise=fr("perturb", t_1)),
+        _row("check", "checked step, pass 2: update, no restore", name, n, dtype, t_2,
+             words_u * n * es, triad, True, frac_noise=fr("perturb", t_2)),
+    ]
+
+
 def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[str], triad: float,
                  args) -> list[dict]:
     rows = []
@@ -162,6 +191,8 @@ def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[s
                          frac_noise=fr("perturb", t_p)))
         rows.append(_row("pass", "restore_step", name, n, dtype, t_u, words_u * n * es, triad, True,
                          frac_noise=fr("restore_step", t_u)))
+        if b.restore_check_ is not None and dtype == torch.float32:
+            rows += _checked_passes(b, name, theta, grad, mom, n, dtype, triad, args, fr)
     # torch's Gaussian generators: the yardstick for the noise rate
     buf = torch.empty(n, dtype=dtype, device=device)
     tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
@@ -394,6 +425,21 @@ def summarize(rows: list[dict], stream_res: dict) -> list[str]:
         key = max(noise)
         rates = ", ".join(f"{k} {v:.3g}" for k, v in sorted(noise[key].items(), key=lambda kv: -kv[1]))
         out.append(f"- noise rate at {common.human_count(key[0])} {key[1]} (M elements/s): {rates}")
+    for r1 in rows:   # the finiteness check's cost, pass by pass
+        if r1.get("kind") != "check" or not r1["op"].startswith("checked step, pass 1"):
+            continue
+        same = [r for r in rows if r.get("n") == r1["n"] and r.get("impl") == r1["impl"]
+                and r.get("dtype") == r1["dtype"] and "median_s" in r]
+        r2 = next((r for r in same if r["op"].startswith("checked step, pass 2")), None)
+        fu = next((r for r in same if r.get("kind") == "pass" and r["op"] == "restore_step"), None)
+        af = next((r for r in same if r["op"].startswith("all_finite")), None)
+        if r2 and fu and af:
+            two = r1["median_s"] + r2["median_s"]
+            out.append(f"- check_finite ({r1['impl']}, {common.human_count(r1['n'])} {r1['dtype']}): "
+                       f"restore + check {common.human_time(r1['median_s'])} + update "
+                       f"{common.human_time(r2['median_s'])} = {common.human_time(two)} vs the fused "
+                       f"pass {common.human_time(fu['median_s'])} (+{common.human_time(two - fu['median_s'])}); "
+                       f"the gradient read alone {common.human_time(af['median_s'])}")
     steps = {r["impl"]: r for r in rows if r.get("kind") == "step" and "median_s" in r}
     fused = next((r for k, r in steps.items() if k.startswith("FSGLD fused")), None)
     paper = next((r for k, r in steps.items() if k.startswith("fSGLD paper")), None)
@@ -483,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"the in-place add figure and are still called memory-bound up to it.",
           "", f"Backends run: {', '.join(names)}; momentum {args.momentum}; SGD over {args.sgd_tensors} tensors.",
           *[f"- skipped {n['backend']}: {n['skipped']}" for n in notes], "",
-          "## Passes", "", common.markdown_table([r for r in rows if r.get("kind") in ("pass", "noise", "sgd")],
+          "## Passes", "", common.markdown_table([r for r in rows if r.get("kind") in ("pass", "noise", "check", "sgd")],
                                                  PASS_COLS + [("note", "note")]), ""]
     if step_n > 0:
         md += [f"## Full optimizer step at {common.human_count(step_n)} fp32 (gradient given; no forward/backward)",

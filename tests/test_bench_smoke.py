@@ -69,6 +69,11 @@ def test_bench_micro_quick(tmp_path):
     for b in expected:
         for dt in ("float32", "bfloat16"):
             assert (b, "perturb", dt) in ops and (b, "restore_step", dt) in ops
+    if "cpp" in expected:   # check_finite's cost, pass by pass (fp32 cpp), and its reading
+        for op in ("all_finite (gradient read)", "checked step, pass 1: restore + check",
+                   "checked step, pass 2: update, no restore"):
+            assert ("cpp", op, "float32") in ops and ("cpp", op, "bfloat16") not in ops
+        assert "- check_finite (cpp, 4K float32): restore + check" in (tmp_path / "micro.md").read_text()
     steps = {r["impl"] for r in rows if r["kind"] == "step" and "median_s" in r}
     assert any(s.startswith("FSGLD fused") for s in steps)
     assert any(s.startswith("fSGLD paper-style") for s in steps)
