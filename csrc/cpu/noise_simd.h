@@ -36,9 +36,13 @@ struct SimdNoise {
 
   // Philox4x32-10 of V independent vectors of calls, round by round: V times the
   // instruction-level parallelism of one vector (each round's products wait on the last).
+  // pf: lines [l0, l1) of the next chunk (loops.h Prefetch), a tenth of them after each
+  // round, so that they reach the line-fill buffers at the pace the compute allows.
   template <int V>
   static inline __attribute__((always_inline)) void philox_n(U (&c0)[V], U (&c1)[V], U (&c2)[V],
-                                                             U (&c3)[V], uint32_t k0, uint32_t k1) {
+                                                             U (&c3)[V], uint32_t k0, uint32_t k1,
+                                                             const Prefetch* pf = nullptr,
+                                                             int l0 = 0, int l1 = 0) {
 #pragma GCC unroll 10
     for (int round = 0; round < 10; ++round) {
       U hi0[V], lo0[V], hi1[V], lo1[V];
@@ -55,6 +59,7 @@ struct SimdNoise {
       }
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
+      if (pf) pf->issue(l0 + round * (l1 - l0) / 10, l0 + (round + 1) * (l1 - l0) / 10);
     }
   }
 
@@ -124,7 +129,9 @@ struct SimdNoise {
   static inline __attribute__((always_inline)) void block_n(PhiloxKey key, uint32_t step_lo,
                                                             uint32_t tag, int64_t j0,
                                                             float* __restrict__ out,
-                                                            uint32_t* __restrict__ wout) {
+                                                            uint32_t* __restrict__ wout,
+                                                            const Prefetch* pf = nullptr,
+                                                            int l0 = 0, int l1 = 0) {
     const uint64_t uj = static_cast<uint64_t>(j0);
     U lane;
     for (int l = 0; l < W; ++l) lane[l] = static_cast<uint32_t>(l);
@@ -136,7 +143,7 @@ struct SimdNoise {
       c2[v] = lane * 0u + step_lo;
       c3[v] = lane * 0u + tag;
     }
-    philox_n<V>(c0, c1, c2, c3, key.k0, key.k1);
+    philox_n<V>(c0, c1, c2, c3, key.k0, key.k1, pf, l0, l1);
     if (kWords) {
       alignas(64) float tmp[4 * V * W];
 #pragma GCC unroll 4
@@ -158,15 +165,23 @@ struct SimdNoise {
   static inline __attribute__((always_inline)) void run(PhiloxKey key, int64_t step,
                                                         uint32_t tag, int64_t j0, int64_t n,
                                                         float* __restrict__ out,
-                                                        uint32_t* __restrict__ w) {
+                                                        uint32_t* __restrict__ w,
+                                                        const Prefetch* pf) {
     const uint32_t step_lo = static_cast<uint32_t>(static_cast<uint64_t>(step));
+    // the prefetch lines, split evenly over the full blocks (the rest, if the loop below
+    // ends early, are left to the hardware)
+    const int64_t nb = n / (kV * W);
     int64_t k = 0;
-    for (; k + kV * W <= n; k += kV * W) {
+    for (int64_t b = 0; k + kV * W <= n; k += kV * W, ++b) {
       const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
       if (lo > 0xFFFFFFFFu - (kV * W - 1)) break;   // j_lo wraps in here: the loop below
+      const int ls = pf ? pf->lines : 0;
       block_n<kV, kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
-                                    kWords ? w + 4 * k : w);
+                                    kWords ? w + 4 * k : w, pf,
+                                    static_cast<int>(b * ls / nb),
+                                    static_cast<int>((b + 1) * ls / nb));
     }
+    if (pf && nb == 0) pf->issue(0, pf->lines);   // a chunk shorter than one block
     for (; k + W <= n; k += W) {
       const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
       if (lo > 0xFFFFFFFFu - (W - 1)) {   // j_lo wraps inside this vector: portable calls
@@ -190,17 +205,18 @@ struct SimdNoise {
 
   // out[4 (j - j0) + q] = z(tag, 4j + q), j in [j0, j0 + n).
   static void normals(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
-                      float* __restrict__ out) {
-    run<true, false>(key, step, tag, j0, n, out, nullptr);
+                      float* __restrict__ out, const Prefetch* pf = nullptr) {
+    run<true, false>(key, step, tag, j0, n, out, nullptr, pf);
   }
   // ... and w[4 (j - j0) + q] = w(tag, 4j + q) = x_q of call j.
   static void normals_words(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
-                            float* __restrict__ out, uint32_t* __restrict__ w) {
-    run<true, true>(key, step, tag, j0, n, out, w);
+                            float* __restrict__ out, uint32_t* __restrict__ w,
+                            const Prefetch* pf = nullptr) {
+    run<true, true>(key, step, tag, j0, n, out, w, pf);
   }
   static void words(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
-                    uint32_t* __restrict__ w) {
-    run<false, true>(key, step, tag, j0, n, nullptr, w);
+                    uint32_t* __restrict__ w, const Prefetch* pf = nullptr) {
+    run<false, true>(key, step, tag, j0, n, nullptr, w, pf);
   }
 };
 
