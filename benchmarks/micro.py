@@ -112,14 +112,19 @@ def _split(n: int, k: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- passes
-def _checked_passes(b, name, theta, grad, mom, n, dtype, triad, args, fr) -> list[dict]:
+CHECK_READ = "all_finite (gradient read)"
+CHECK_PASS1 = "checked step, pass 1: restore + check"
+CHECK_PASS2 = "checked step, pass 2: update, no restore"
+
+
+def _checked_passes(b, name, theta, grad, mom, momentum, n, es, words_u, triad, tkw,
+                    fr) -> list[dict]:
     """What ``check_finite=True`` costs, pass by pass (fp32, cpp): the gradient read alone
     (``all_finite``), and the two passes a checked step runs instead of the fused one:
     restore + finiteness check (one tag of noise, theta and the gradient read) and the
     update without a restore (the other tag). Their sum against the fused pass is the
     check's cost in the full-step table."""
-    es = theta.element_size()
-    tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
+    dtype = theta.dtype
     t_f = common.time_fn(lambda: b.all_finite([grad]), theta.device, **tkw)
     t_1 = common.time_fn(lambda: b.restore_check_([theta], [grad], [0], SEED, 0, 0, 0, SIGMA),
                          theta.device, **tkw)
@@ -127,17 +132,16 @@ def _checked_passes(b, name, theta, grad, mom, n, dtype, triad, args, fr) -> lis
 
     def upd():
         b.restore_and_step_([theta], [grad], [mom] if mom is not None else None, [0], None, found,
-                            SEED, 0, 0, 0, 0.0, LR, WD, args.momentum, 0.0, False, False,
+                            SEED, 0, 0, 0, 0.0, LR, WD, momentum, 0.0, False, False,
                             NOISE_STD, 1.0)
 
     t_2 = common.time_fn(upd, theta.device, **tkw)
-    words_u = 5 if mom is not None else 3
     return [
-        _row("check", "all_finite (gradient read)", name, n, dtype, t_f, n * es, triad, False),
-        _row("check", "checked step, pass 1: restore + check", name, n, dtype, t_1, 3 * n * es,
-             triad, True, frac_noise=fr("perturb", t_1)),
-        _row("check", "checked step, pass 2: update, no restore", name, n, dtype, t_2,
-             words_u * n * es, triad, True, frac_noise=fr("perturb", t_2)),
+        _row("check", CHECK_READ, name, n, dtype, t_f, n * es, triad, False),
+        _row("check", CHECK_PASS1, name, n, dtype, t_1, 3 * n * es, triad, True,
+             frac_noise=fr("perturb", t_1)),
+        _row("check", CHECK_PASS2, name, n, dtype, t_2, words_u * n * es, triad, True,
+             frac_noise=fr("perturb", t_2)),
     ]
 
 
@@ -169,7 +173,6 @@ def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[s
                          "note": f"skipped: n > --reference-max-size {args.reference_max_size}"})
             continue
         b = backends.get(name)
-        tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
         try:
             t_p = common.time_fn(lambda: b.perturb_([theta], [0], SEED, 0, k[0], 0, SIGMA), device, **tkw)
 
@@ -192,10 +195,10 @@ def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[s
         rows.append(_row("pass", "restore_step", name, n, dtype, t_u, words_u * n * es, triad, True,
                          frac_noise=fr("restore_step", t_u)))
         if b.restore_check_ is not None and dtype == torch.float32:
-            rows += _checked_passes(b, name, theta, grad, mom, n, dtype, triad, args, fr)
+            rows += _checked_passes(b, name, theta, grad, mom, args.momentum, n, es, words_u, triad,
+                                    tkw, fr)
     # torch's Gaussian generators: the yardstick for the noise rate
     buf = torch.empty(n, dtype=dtype, device=device)
-    tkw = dict(reps=args.reps, warmup=1, max_seconds=args.max_seconds, min_reps=args.min_reps)
     rows.append(_row("noise", "randn", "torch normal_ (in place)", n, dtype,
                      common.time_fn(lambda: buf.normal_(), device, **tkw), n * es, triad, True))
     rows.append(_row("noise", "randn", "torch randn_like (allocating)", n, dtype,
@@ -426,13 +429,13 @@ def summarize(rows: list[dict], stream_res: dict) -> list[str]:
         rates = ", ".join(f"{k} {v:.3g}" for k, v in sorted(noise[key].items(), key=lambda kv: -kv[1]))
         out.append(f"- noise rate at {common.human_count(key[0])} {key[1]} (M elements/s): {rates}")
     for r1 in rows:   # the finiteness check's cost, pass by pass
-        if r1.get("kind") != "check" or not r1["op"].startswith("checked step, pass 1"):
+        if r1.get("kind") != "check" or r1["op"] != CHECK_PASS1:
             continue
         same = [r for r in rows if r.get("n") == r1["n"] and r.get("impl") == r1["impl"]
                 and r.get("dtype") == r1["dtype"] and "median_s" in r]
-        r2 = next((r for r in same if r["op"].startswith("checked step, pass 2")), None)
+        r2 = next((r for r in same if r["op"] == CHECK_PASS2), None)
         fu = next((r for r in same if r.get("kind") == "pass" and r["op"] == "restore_step"), None)
-        af = next((r for r in same if r["op"].startswith("all_finite")), None)
+        af = next((r for r in same if r["op"] == CHECK_READ), None)
         if r2 and fu and af:
             two = r1["median_s"] + r2["median_s"]
             out.append(f"- check_finite ({r1['impl']}, {common.human_count(r1['n'])} {r1['dtype']}): "

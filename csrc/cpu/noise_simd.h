@@ -171,11 +171,11 @@ struct SimdNoise {
     // the prefetch lines, split evenly over the full blocks (the rest, if the loop below
     // ends early, are left to the hardware)
     const int64_t nb = n / (kV * W);
+    const int ls = pf ? pf->lines : 0;
     int64_t k = 0;
     for (int64_t b = 0; k + kV * W <= n; k += kV * W, ++b) {
       const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(j0 + k));
       if (lo > 0xFFFFFFFFu - (kV * W - 1)) break;   // j_lo wraps in here: the loop below
-      const int ls = pf ? pf->lines : 0;
       block_n<kV, kNormals, kWords>(key, step_lo, tag, j0 + k, kNormals ? out + 4 * k : out,
                                     kWords ? w + 4 * k : w, pf,
                                     static_cast<int>(b * ls / nb),
