@@ -326,6 +326,20 @@ def _multi_case(dtype, seed):
     return sizes, offsets, [_bucket(n, dtype, sh, gen, base=1.0) for n, sh in zip(sizes, shifts)]
 
 
+def _multi_step_inputs(ps, sizes, dtype, mom, fi, seed, shifts):
+    """The rest of a restore_and_step_ case for _multi_case's tensors ps: gradients and (when
+    the MOMENTUM case has them) momentum buffers, views shifts[0] / shifts[1] elements into
+    their storage; a grad scale of 4 and found_inf (None or [fi]) on the GPU; and CPU copies
+    of (ps, gradients, momentum buffers)."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = [_bucket(n, dtype, shifts[0], gen) for n in sizes]
+    ms = [_bucket(n, dtype, shifts[1], gen) for n in sizes] if MOMENTUM[mom][0] else None
+    gs_t = torch.tensor([4.0], device="cuda")
+    fi_t = None if fi is None else torch.tensor([fi], device="cuda")
+    cpu = tuple(None if ts is None else [_cpu_copy(t) for t in ts] for ts in (ps, gs, ms))
+    return gs, ms, gs_t, fi_t, cpu
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_multi_perturb_matches_cpu(cpp_be, dtype):
     from fused_flat import cuda_multi
@@ -346,15 +360,9 @@ def test_multi_restore_and_step_matches_cpu(cpp_be, dtype, mom, noise, fi):
     from fused_flat import cuda_multi
 
     sizes, offsets, ps = _multi_case(dtype, 2)
-    gen = torch.Generator().manual_seed(3)
-    gs = [_bucket(n, dtype, 0, gen) for n in sizes]
-    ms = [_bucket(n, dtype, 1, gen) for n in sizes] if MOMENTUM[mom][0] else None
+    gs, ms, gs_t, fi_t, cpu = _multi_step_inputs(ps, sizes, dtype, mom, fi, 3, (0, 1))
     _, mu, damp, nest, init = MOMENTUM[mom]
     sigma, noise_std = NOISE[noise]
-    gs_t = torch.tensor([4.0], device="cuda")
-    fi_t = None if fi is None else torch.tensor([fi], device="cuda")
-    cpu = ([_cpu_copy(p) for p in ps], [_cpu_copy(g) for g in gs],
-           None if ms is None else [_cpu_copy(m) for m in ms])
     cuda_multi.restore_and_step_(ps, gs, ms, offsets, gs_t, fi_t, SEED, 2, 9, 1, sigma, 0.1, 5e-4,
                                  mu, damp, nest, init, noise_std, 0.5)
     for t, off in enumerate(offsets):
@@ -429,16 +437,10 @@ def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_t
     from fused_flat import cuda_multi, ops
 
     sizes, offsets, ps = _multi_case(dtype, 5)
-    gen = torch.Generator().manual_seed(6)
-    gs = [_bucket(n, dtype, 2, gen) for n in sizes]
-    ms = [_bucket(n, dtype, 3, gen) for n in sizes] if MOMENTUM[mom][0] else None
+    gs, ms, gs_t, fi_t, cpu = _multi_step_inputs(ps, sizes, dtype, mom, fi, 6, (2, 3))
     _, mu, damp, nest, init = MOMENTUM[mom]
     sigma, noise_std = NOISE[noise]
-    gs_t = torch.tensor([4.0], device="cuda")
-    fi_t = None if fi is None else torch.tensor([fi], device="cuda")
     per = ([p.clone() for p in ps], None if ms is None else [m.clone() for m in ms])
-    cpu = ([_cpu_copy(p) for p in ps], [_cpu_copy(g) for g in gs],
-           None if ms is None else [_cpu_copy(m) for m in ms])
     args = (SEED, 2, 9)
     hyper = (restore_tag, sigma, 0.1, 5e-4, mu, damp, nest, init, noise_std, 0.5)
     cuda_multi.restore_and_step_(ps, gs, ms, offsets, gs_t, fi_t, *args, *hyper,
