@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH_PIN) numpy pytest matplotlib tqdm ninja setuptools wheel pybind11 safetensors scipy scikit-learn torchmetrics
+	$(VPY) -m pip install -q hypothesis lightning transformers accelerate
 	touch $@
 
 venv: $(VENV)/.installed
