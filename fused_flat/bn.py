@@ -13,7 +13,7 @@ increments ``num_batches_tracked`` and breaks ``momentum=None`` cumulative avera
     disable_running_stats(model); ...; enable_running_stats(model)
 
     with running_stats_frozen(model):      # a model, or None: every BatchNorm that runs
-        loss_fn(model(x), y).backward()    # inside the block, found by a global hook
+        loss_fn(model(x), y).backward()    # inside the block in this thread (a global hook)
 
 Applies to every ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm,
 the lazy variants). Modules built with ``track_running_stats=False`` are left alone.
@@ -21,6 +21,7 @@ the lazy variants). Modules built with ``track_running_stats=False`` are left al
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -68,9 +69,14 @@ def running_stats_frozen(model: torch.nn.Module | None = None) -> Iterator[None]
     """Inside the block, BatchNorm running statistics are not updated.
 
     ``model``: freeze that model's BatchNorm modules. ``None``: freeze every BatchNorm
-    module whose forward runs inside the block (a global forward pre-hook; this is how
-    SAM.step(closure) works without knowing the model). Modules already frozen by an outer
-    block or by ``disable_running_stats`` stay frozen after the block.
+    module whose forward runs inside the block *in the thread that entered it* (a global
+    forward pre-hook that acts only in that thread; this is how SAM.step(closure) works
+    without knowing the model). Models running forward in other threads at the same time
+    keep updating their statistics. A module frozen this way stays frozen (it is module
+    state) until the block exits, also if another thread runs it meanwhile; and forwards
+    that run in worker threads, such as multi-GPU ``nn.DataParallel`` replicas, are not
+    seen: pass the model for those. Modules already frozen by an outer block or by
+    ``disable_running_stats`` stay frozen after the block.
     """
     frozen: list[torch.nn.Module] = []
     handle = None
@@ -78,8 +84,11 @@ def running_stats_frozen(model: torch.nn.Module | None = None) -> Iterator[None]
         _check_model(model, "running_stats_frozen")
         frozen = [m for m in model.modules() if _freeze(m)]
     else:
+        here = threading.local()       # attributes set here are seen by this thread only
+        here.active = True
+
         def hook(m, args):
-            if _freeze(m):
+            if getattr(here, "active", False) and _freeze(m):
                 frozen.append(m)
 
         handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)

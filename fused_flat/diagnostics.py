@@ -11,7 +11,7 @@ Curvature (any model, any loss, over a data loader)::
 
 Bayesian model averaging and predictive metrics::
 
-    bma = SnapshotAverager(model, test_loader, burn_in=50, every=5)
+    bma = SnapshotAverager(model, test_loader, burn_in=50, every=5)   # loader: shuffle=False
     for epoch ...: train ...; bma.step()          # collects when past burn_in, every `every` calls
     p = bma.probs()                               # (N, C) mean of softmax over snapshots
     classification_metrics(p, y)                  # accuracy, nll, ece, brier
@@ -275,21 +275,114 @@ def hessian_lambda_max(model, loss_fn=None, data=None, params=None, *, iters: in
 
 
 # ----------------------------------------------------------------------------- predictions
+def _order_problem(loader) -> str | None:
+    """Why a DataLoader may not visit its examples in one fixed order (None: it does).
+
+    Accepted: SequentialSampler (``shuffle=False``), DistributedSampler with
+    ``shuffle=False``, a list/tuple/range of indices, a plain BatchSampler over one of these, a
+    list of index lists as ``batch_sampler``, and an IterableDataset (its own order; see the
+    fingerprint check of SnapshotAverager). Anything else is refused: a random sampler, or a
+    sampler whose order fused_flat cannot verify."""
+    from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, SequentialSampler
+
+    if isinstance(loader.dataset, IterableDataset):
+        return None
+
+    def sampler_problem(s, what: str) -> str | None:
+        if type(s) is SequentialSampler or isinstance(s, (range, list, tuple)):
+            return None
+        if isinstance(s, DistributedSampler):
+            return None if not s.shuffle else f"its {what} is a DistributedSampler with shuffle=True"
+        return f"its {what} is a {type(s).__name__}"
+
+    bs = loader.batch_sampler
+    if bs is None:                                   # batch_size=None: the sampler gives items
+        return sampler_problem(loader.sampler, "sampler")
+    if type(bs) is BatchSampler:
+        return sampler_problem(bs.sampler, "sampler")
+    if isinstance(bs, (list, tuple)):
+        return None
+    return f"its batch_sampler is a {type(bs).__name__}"
+
+
+def _check_fixed_order(data, who: str) -> None:
+    """Refuse a DataLoader that may visit the examples in a different order at each pass
+    (shuffle=True, a random sampler, or one whose order cannot be verified)."""
+    from torch.utils.data import DataLoader
+
+    if not isinstance(data, DataLoader):
+        return
+    problem = _order_problem(data)
+    if problem is not None:
+        raise ValueError(
+            f"{who}: the DataLoader may not visit the examples in a fixed order ({problem}), so "
+            f"the rows of the probabilities would not line up with the labels, and snapshots "
+            f"would average predictions for different examples. Pass an evaluation loader built "
+            f"with shuffle=False (SequentialSampler, or DistributedSampler(..., shuffle=False)), "
+            f"or the data as tensors or as a list of batches (e.g. batches = list(loader), used "
+            f"for the labels too)")
+
+
+def _row_fingerprint(t) -> torch.Tensor | None:
+    """(n, 2) float64 on the CPU: per example, the sum and the sum of squares of its values."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    rows = t.detach().reshape(t.shape[0] if t.dim() > 0 else 1, -1).double()
+    return torch.stack([rows.sum(1), (rows * rows).sum(1)], dim=1).cpu()
+
+
+def _labels(batch):
+    if isinstance(batch, torch.Tensor) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return None
+    return batch[1] if isinstance(batch[1], torch.Tensor) else None
+
+
+def _fixed_batches(data) -> Iterable:
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return [data]
+    return data
+
+
 @torch.no_grad()
+def _predict(model: nn.Module, data, who: str, fingerprint: bool):
+    """Probabilities, and (if asked) a fingerprint of the examples visited: ("labels", fp)
+    when every batch carries tensor labels, else ("inputs", fp) when every input is a tensor,
+    else None."""
+    _check_fixed_order(data, who)
+    out, labels, inputs = [], [], []
+    with _mode(model, False):
+        for b in _fixed_batches(data):
+            x = _inputs(b)
+            out.append(torch.softmax(model(x).double(), dim=-1).cpu())
+            if fingerprint:
+                labels.append(_row_fingerprint(_labels(b)))
+                inputs.append(_row_fingerprint(x))
+    if not out:
+        raise ValueError(f"{who}: the data yielded no batch (an empty loader, or a one-shot "
+                         f"iterator that was already consumed?)")
+    fp = None
+    if fingerprint:
+        if all(f is not None for f in labels):
+            fp = ("labels", torch.cat(labels))
+        elif all(f is not None for f in inputs):
+            fp = ("inputs", torch.cat(inputs))
+    return torch.cat(out), fp
+
+
 def predict_proba(model: nn.Module, data) -> torch.Tensor:
     """Softmax probabilities of ``model`` (eval mode, restored after) on ``data``: an input
-    tensor, an (x, y) pair, or an iterable of batches (x or (x, y)). Float64, on the CPU."""
-    if isinstance(data, torch.Tensor):
-        batches: Iterable = [data]
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        batches = [data]
-    else:
-        batches = data
-    out = []
-    with _mode(model, False):
-        for b in batches:
-            out.append(torch.softmax(model(_inputs(b)).double(), dim=-1).cpu())
-    return torch.cat(out)
+    tensor, an (x, y) pair, or an iterable of batches (x or (x, y)). Float64, on the CPU; row
+    i belongs to the i-th example visited.
+
+    A DataLoader must visit the examples in a fixed order, or row i would not belong to
+    label i: one with ``shuffle=True``, a RandomSampler, WeightedRandomSampler,
+    SubsetRandomSampler, DistributedSampler(shuffle=True), or any sampler or batch_sampler
+    whose order cannot be verified, is refused with a ValueError. Build the evaluation loader
+    with ``shuffle=False``, or pass a list of batches. Other iterables are taken in the order
+    they yield."""
+    return _predict(model, data, "predict_proba", fingerprint=False)[0]
 
 
 class SnapshotAverager:
@@ -300,29 +393,74 @@ class SnapshotAverager:
 
     Args:
         model: the model being trained (its current weights are the snapshot).
-        data: evaluation inputs (a tensor, an (x, y) pair, or a loader; see predict_proba).
+        data: evaluation inputs (a tensor, an (x, y) pair, a list of batches, or a loader;
+            see predict_proba). A one-shot iterator is read into a list once.
         burn_in: ``step()`` calls to skip before the first snapshot.
         every: thinning; after burn-in, ``step()`` collects every ``every``-th call
             (calls burn_in + 1, burn_in + 1 + every, ...).
 
     ``collect()`` adds a snapshot unconditionally; ``step()`` applies burn-in and thinning;
     ``probs()`` returns the BMA predictive (N, C); ``n_snapshots`` counts snapshots.
+
+    Every collection must see the same examples in the same order, or the mean would mix
+    different examples' predictions. Two guards, both raising ValueError:
+
+    * a DataLoader that may shuffle is refused at construction (see predict_proba);
+    * each collection is compared with the first: the same number of rows, and, when every
+      batch is an (x, y, ...) tuple with tensor labels, the same labels in the same order;
+      otherwise (unlabeled batches), the same inputs (a per-example sum and sum of squares,
+      to within rounding). Labels are preferred so that random test-time augmentation is
+      allowed; with unlabeled inputs, random augmentation is refused (yield (x, y) batches).
+      A failed collection leaves the average unchanged.
     """
 
     def __init__(self, model: nn.Module, data, *, burn_in: int = 0, every: int = 1):
         if every < 1 or burn_in < 0:
             raise ValueError("SnapshotAverager: need every >= 1 and burn_in >= 0")
+        if isinstance(data, Iterator):
+            data = list(data)   # a one-shot iterator would be empty at the second collection
+        _check_fixed_order(data, "SnapshotAverager")
         self.model, self.data, self.burn_in, self.every = model, data, int(burn_in), int(every)
         self.n_snapshots = 0
         self.n_calls = 0
         self._mean: torch.Tensor | None = None
+        self._fingerprint = None
+
+    def _check_same_examples(self, p: torch.Tensor, fp) -> None:
+        n = self.n_snapshots + 1
+        if self._mean is None:
+            return
+        if p.shape != self._mean.shape:
+            raise ValueError(
+                f"SnapshotAverager: snapshot {n} has probabilities of shape {tuple(p.shape)}, the "
+                f"first had {tuple(self._mean.shape)}: the data must yield the same examples at "
+                f"every collection (drop_last with shuffling? a changing dataset?)")
+        ref = self._fingerprint
+        if ref is None and fp is None:
+            return
+        same = (ref is not None and fp is not None and ref[0] == fp[0]
+                and ref[1].shape == fp[1].shape
+                and (torch.equal(ref[1], fp[1]) if ref[0] == "labels" else
+                     torch.allclose(ref[1], fp[1], rtol=1e-6, atol=1e-9, equal_nan=True)))
+        if not same:
+            what = ref[0] if ref is not None else fp[0]
+            raise ValueError(
+                f"SnapshotAverager: snapshot {n} did not visit the same examples in the same "
+                f"order as the first (its {what} differ), so averaging would mix different "
+                f"examples' predictions. Evaluate on data that yields the same batches in the "
+                f"same order every time: a DataLoader with shuffle=False, tensors, or a list of "
+                f"batches" + ("" if what == "labels" else
+                             "; if the inputs are randomly augmented, yield (x, y) batches so that "
+                             "the labels are compared instead"))
 
     def collect(self) -> torch.Tensor:
         """Add the current weights' probabilities to the running mean; returns them."""
-        p = predict_proba(self.model, self.data)
+        p, fp = _predict(self.model, self.data, "SnapshotAverager", fingerprint=True)
+        self._check_same_examples(p, fp)
         self.n_snapshots += 1
         if self._mean is None:
             self._mean = p.clone()
+            self._fingerprint = fp
         else:
             self._mean += (p - self._mean) / self.n_snapshots
         return p
@@ -342,7 +480,7 @@ class SnapshotAverager:
         return self._mean.clone()
 
     def reset(self) -> None:
-        self._mean, self.n_snapshots, self.n_calls = None, 0, 0
+        self._mean, self.n_snapshots, self.n_calls, self._fingerprint = None, 0, 0, None
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -93,3 +93,57 @@ def test_untracked_modules_left_alone_and_bad_input():
     assert not bn.track_running_stats
     with pytest.raises(TypeError, match="torch.nn.Module"):
         disable_running_stats([bn])
+
+
+def test_global_hook_freezes_only_the_entering_thread():
+    """running_stats_frozen(None) in thread A must not freeze a model that runs in thread B
+    (here the main thread) at the same time; after A exits, both models update again."""
+    import threading
+
+    net_a, net_b = _net(), _net()
+    x = torch.randn(6, 3, 6, 6)
+    inside, b_done, a_exited = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = {}, []
+
+    def thread_a():
+        try:
+            with running_stats_frozen():
+                before = _buffers(net_a)
+                net_a(x)
+                seen["a_inside"] = (before, _buffers(net_a))
+                inside.set()
+                if not b_done.wait(timeout=30):
+                    raise TimeoutError("thread B never ran")
+                net_a(x + 1.0)                       # still frozen after B ran
+                seen["a_after_b"] = (before, _buffers(net_a))
+        except BaseException as e:                   # reported by the main thread
+            errors.append(e)
+        finally:
+            inside.set()
+            a_exited.set()
+
+    t = threading.Thread(target=thread_a, daemon=True)
+    t.start()
+    try:
+        assert inside.wait(timeout=30)
+        assert not errors, errors
+        before_b = _buffers(net_b)
+        net_b.train()
+        net_b(x)                                     # thread B, while A is inside the block
+        assert net_b[1].track_running_stats
+        assert int(net_b[1].num_batches_tracked) == int(before_b["1.num_batches_tracked"]) + 1
+        assert not torch.equal(net_b[1].running_mean, before_b["1.running_mean"])
+        assert not torch.equal(net_b[5].running_var, before_b["5.running_var"])
+    finally:
+        b_done.set()
+    assert a_exited.wait(timeout=30)
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert not errors, errors
+    for key in ("a_inside", "a_after_b"):
+        _assert_same(*seen[key])                     # A's own model stayed frozen throughout
+    for net in (net_a, net_b):                       # after exit, both update
+        before = _buffers(net)
+        net(x * 2.0)
+        assert int(net[1].num_batches_tracked) == int(before["1.num_batches_tracked"]) + 1
+        assert not torch.equal(net[1].running_mean, before["1.running_mean"])

@@ -255,3 +255,148 @@ def test_snapshot_averager_equals_mean_of_stored_predictions():
         one.probs()
     first = one.collect()
     torch.testing.assert_close(one.probs(), first)
+
+
+# ----------------------------------------------------------------------------- BMA: example order
+def _perfect_classifier(n=40, d=6, c=4):
+    """A model and (x, y) with y = the model's own argmax: accuracy 1 when rows line up."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, c))
+    x = torch.randn(n, d)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    assert len(set(y.tolist())) > 1                 # several classes: a shuffle changes labels
+    return model, x, y
+
+
+def _loaders_that_may_shuffle(ds):
+    from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler,
+                                  SubsetRandomSampler, WeightedRandomSampler)
+    n = len(ds)
+    return {
+        "shuffle=True": DataLoader(ds, batch_size=8, shuffle=True),
+        "WeightedRandomSampler": DataLoader(ds, batch_size=8, sampler=WeightedRandomSampler([1.0] * n, n)),
+        "SubsetRandomSampler": DataLoader(ds, batch_size=8, sampler=SubsetRandomSampler(range(n))),
+        "DistributedSampler(shuffle=True)": DataLoader(
+            ds, batch_size=8, sampler=DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True)),
+        "BatchSampler(RandomSampler)": DataLoader(
+            ds, batch_sampler=BatchSampler(RandomSampler(ds), 8, drop_last=False)),
+        "batch_size=None, RandomSampler": DataLoader(ds, batch_size=None, sampler=RandomSampler(ds)),
+    }
+
+
+def test_shuffled_loader_is_refused_not_a_wrong_accuracy():
+    from torch.utils.data import TensorDataset
+    model, x, y = _perfect_classifier()
+    ds = TensorDataset(x, y)
+    for name, loader in _loaders_that_may_shuffle(ds).items():
+        with pytest.raises(ValueError, match="shuffle=False"):
+            D.predict_proba(model, loader)
+        with pytest.raises(ValueError, match="shuffle=False"):
+            D.SnapshotAverager(model, loader)
+
+
+def test_fixed_order_loaders_give_the_right_predictions():
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler, TensorDataset
+    model, x, y = _perfect_classifier()
+    ds = TensorDataset(x, y)
+    with torch.no_grad():
+        want = torch.softmax(model(x).double(), -1)
+    for loader in (DataLoader(ds, batch_size=8),
+                   DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds, num_replicas=1, rank=0,
+                                                                            shuffle=False)),
+                   DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 7, drop_last=False)),
+                   DataLoader(ds, batch_size=8, sampler=list(range(len(ds))))):
+        p = D.predict_proba(model, loader)
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-9)
+        assert D.accuracy(p, y) == 1.0
+
+
+def test_snapshot_averager_plain_loader_is_mean_of_softmaxes():
+    from torch.utils.data import DataLoader, TensorDataset
+    model, x, y = _perfect_classifier()
+    loader = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=False)
+    bma = D.SnapshotAverager(model, loader)
+    gen = torch.Generator().manual_seed(3)
+    stored = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            stored.append(torch.softmax(model(x).double(), -1))
+        bma.collect()
+    assert bma.n_snapshots == 3
+    torch.testing.assert_close(bma.probs(), sum(stored) / 3, rtol=1e-6, atol=1e-9)
+
+
+class _ReorderingEachPass:
+    """A generic iterable (not a DataLoader) that visits the examples in a new order each pass."""
+
+    def __init__(self, x, y=None, batch=8):
+        self.x, self.y, self.batch, self.passes = x, y, batch, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.passes)
+        self.passes += 1
+        idx = torch.randperm(len(self.x), generator=g)
+        for i in range(0, len(idx), self.batch):
+            j = idx[i:i + self.batch]
+            yield self.x[j] if self.y is None else (self.x[j], self.y[j])
+
+
+@pytest.mark.parametrize("labeled", [True, False])
+def test_snapshot_averager_refuses_an_iterable_that_reorders(labeled):
+    model, x, y = _perfect_classifier()
+    data = _ReorderingEachPass(x, y if labeled else None)
+    bma = D.SnapshotAverager(model, data)
+    first = bma.collect()
+    with pytest.raises(ValueError, match="labels differ" if labeled else "inputs differ"):
+        bma.collect()
+    assert bma.n_snapshots == 1                     # the failed collection changed nothing
+    torch.testing.assert_close(bma.probs(), first, rtol=0, atol=0)
+
+
+def test_snapshot_averager_checks_row_count_and_allows_labeled_augmentation():
+    model, x, y = _perfect_classifier()
+
+    class Shrinking:                                # one example fewer at each pass
+        def __init__(self):
+            self.n = len(x)
+
+        def __iter__(self):
+            self.n -= 1
+            yield x[:self.n], y[:self.n]
+
+    bma = D.SnapshotAverager(model, Shrinking())
+    bma.collect()
+    with pytest.raises(ValueError, match="shape"):
+        bma.collect()
+
+    class Augmented:                                # same labels, fresh input noise each pass
+        def __iter__(self):
+            yield x + 1e-3 * torch.randn_like(x), y
+
+    bma = D.SnapshotAverager(model, Augmented())
+    bma.collect()
+    bma.collect()                                   # labels are compared, not inputs
+    assert bma.n_snapshots == 2
+
+    class AugmentedUnlabeled:                       # no labels: the inputs are compared
+        def __iter__(self):
+            yield x + 1e-3 * torch.randn_like(x)
+
+    bma = D.SnapshotAverager(model, AugmentedUnlabeled())
+    bma.collect()
+    with pytest.raises(ValueError, match="yield \\(x, y\\) batches"):
+        bma.collect()
+
+
+def test_snapshot_averager_one_shot_iterator_and_empty_data():
+    model, x, y = _perfect_classifier()
+    bma = D.SnapshotAverager(model, ((x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)))
+    bma.collect()
+    bma.collect()                                   # the generator was read into a list once
+    with torch.no_grad():
+        torch.testing.assert_close(bma.probs(), torch.softmax(model(x).double(), -1), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="no batch"):
+        D.predict_proba(model, [])
