@@ -208,10 +208,10 @@ def _ddp_jobs(rank: int, results: dict) -> None:
                         "warnings": [str(w.message) for w in caught if "rank 0" in str(w.message)]}
 
 
-def _fsdp_model(mesh, out: int = 3):
+def _fsdp_model(mesh, out: int = 3, dtype: torch.dtype = torch.float32):
     from torch.distributed.fsdp import fully_shard
 
-    model = mlp(out=out)
+    model = mlp(out=out).to(dtype)
     for m in model:
         if isinstance(m, nn.Linear):
             fully_shard(m, mesh=mesh)
@@ -311,7 +311,89 @@ def _fsdp_jobs(rank: int, results: dict, tmpdir: str) -> None:
                                  "after": full_params(model)}
 
 
-JOBS = {"ddp": _ddp_jobs, "fsdp2": _fsdp_jobs}
+# --------------------------------------------------------------------------- DCP resume
+# 3 steps, save_checkpoint, 3 more (uninterrupted); fresh model + optimizer + scheduler,
+# load_checkpoint, the same 3 steps (resumed): parameters and whole optimizer state must be
+# bitwise equal. One process (tests/test_dcp_resume.py) and FSDP2 (job "fsdp2_resume").
+RESUME_CASES = {   # name: (parameter dtype, the train_step name)
+    "fsgld_bf16_masters": (torch.bfloat16, "fsgld"),
+    "sam_adamw": (torch.float32, "sam"),
+}
+RESUME_SAVED_AT, RESUME_STEPS = 3, 6
+
+
+def make_resume(case: str, model):
+    """The optimizer and LR scheduler of a resume case: FSGLD on bf16 parameters with fp32
+    master weights and momentum; SAM over torch.optim.AdamW (exp_avg, exp_avg_sq, 0-dim
+    step). The scheduler changes the lr every 2 steps (so the saved lr is not the initial one)."""
+    if case == "fsgld_bf16_masters":
+        opt = FSGLD(model.parameters(), lr=0.05, beta=1e6, momentum=0.9, master_weights=True,
+                    seed=SEED)
+    elif case == "sam_adamw":
+        opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=0.01, weight_decay=0.01)
+    else:
+        raise ValueError(case)
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def _full(t):
+    if isinstance(t, torch.Tensor):
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+    return t
+
+
+def resume_snapshot(model, opt) -> dict:
+    """Full parameters and the whole optimizer state (by parameter name, DTensors gathered;
+    "types": each state entry's type before gathering)."""
+    from fused_flat.distributed import optim_state_dict
+
+    osd = optim_state_dict(model, opt)
+    return {"params": full_params(model),
+            "state": {n: {k: _full(v) for k, v in st.items()} for n, st in osd["state"].items()},
+            "param_groups": osd["param_groups"], "fused_flat": osd["fused_flat"],
+            "types": {n: {k: type(v).__name__ for k, v in st.items()}
+                      for n, st in osd["state"].items()}}
+
+
+def resume_run(case: str, model_fn, path: str, rank: int | None = None) -> dict:
+    """{"straight", "resumed"} snapshots of a resume case; ``model_fn(dtype)`` builds the
+    model (FSDP2-sharded or not); ``rank``: train on that rank's shard of each batch."""
+    from fused_flat.distributed import load_checkpoint, save_checkpoint
+
+    dtype, name = RESUME_CASES[case]
+
+    def train(model, opt, sched, ks):
+        for k in ks:
+            x, y = batch(k)
+            if rank is not None:
+                x, y = shard(x, rank), shard(y, rank)
+            train_step(name, model, opt, x.to(dtype), y.to(dtype))
+            sched.step()
+
+    model = model_fn(dtype)
+    opt, sched = make_resume(case, model)
+    train(model, opt, sched, range(RESUME_SAVED_AT))
+    save_checkpoint(path, model, opt, extra={"sched": sched.state_dict(), "step": RESUME_SAVED_AT})
+    train(model, opt, sched, range(RESUME_SAVED_AT, RESUME_STEPS))
+    straight = resume_snapshot(model, opt)
+    model = model_fn(dtype)
+    opt, sched = make_resume(case, model)
+    extra = load_checkpoint(path, model, opt, extra={"sched": sched.state_dict(), "step": 0})
+    sched.load_state_dict(extra["sched"])
+    train(model, opt, sched, range(extra["step"], RESUME_STEPS))
+    return {"straight": straight, "resumed": resume_snapshot(model, opt)}
+
+
+def _fsdp_resume_jobs(rank: int, results: dict, tmpdir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for case in RESUME_CASES:
+        path = os.path.join(tmpdir, f"ckpt_{case}")
+        results[case] = resume_run(case, lambda dtype: _fsdp_model(mesh, dtype=dtype), path, rank)
+
+
+JOBS = {"ddp": _ddp_jobs, "fsdp2": _fsdp_jobs, "fsdp2_resume": _fsdp_resume_jobs}
 
 
 def worker(rank: int, job: str, store_path: str, outdir: str) -> None:
@@ -325,10 +407,10 @@ def worker(rank: int, job: str, store_path: str, outdir: str) -> None:
                             timeout=datetime.timedelta(seconds=30))
     try:
         results: dict = {}
-        if job == "fsdp2":
-            _fsdp_jobs(rank, results, outdir)
+        if job == "ddp":
+            _ddp_jobs(rank, results)
         else:
-            JOBS[job](rank, results)
+            JOBS[job](rank, results, outdir)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         dist.barrier()   # no rank tears the group (and the store) down while another uses it
     except BaseException:
