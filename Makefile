@@ -12,13 +12,14 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export TRITON_CACHE_DIR ?= $(CURDIR)/build/triton_cache
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: venv build test bench bench-micro gpu-check clean
+.PHONY: venv build test docs wheel-test bench bench-micro gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH_PIN) numpy pytest matplotlib tqdm ninja setuptools wheel pybind11 safetensors scipy scikit-learn torchmetrics
 	$(VPY) -m pip install -q hypothesis lightning transformers accelerate
+	$(VPY) -m pip install -q mkdocs-material 'mkdocstrings[python]' build
 	touch $@
 
 venv: $(VENV)/.installed
@@ -29,6 +30,14 @@ build: venv
 
 test: build
 	$(VPY) -m pytest -q tests
+
+# The docs site (mkdocs-material + mkdocstrings), strict: a broken reference or link fails.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# sdist + wheel, then the wheel installed into a fresh venv and an FSGLD step taken there.
+wheel-test: venv
+	$(VPY) tests/wheel_check.py
 
 bench: build
 	$(VPY) -m fused_flat bench e2e

@@ -86,7 +86,6 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="fused_flat",
-    version="0.1.0",
     packages=find_packages(include=["fused_flat", "fused_flat.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,

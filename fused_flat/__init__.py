@@ -13,7 +13,7 @@ from fused_flat.bn import disable_running_stats, enable_running_stats, running_s
 from fused_flat.langevin import FSGLD, RWP, SGLD, LangevinOptimizer
 from fused_flat.sam import MSAM, RWSAM, SAM, choose_delta
 
-__version__ = "0.1.0"
+from fused_flat._version import __version__
 __all__ = ["SGLD", "FSGLD", "RWP", "LangevinOptimizer", "SAM", "MSAM", "RWSAM", "choose_delta",
            "disable_running_stats", "enable_running_stats", "running_stats_frozen",
            "available_backends", "__version__"]
