@@ -65,7 +65,7 @@ class MSAM(SAM):
         total = sum(n for _, n in parts)
         params = [p for g in self.param_groups for p in g["params"]]
         acc = {}
-        nonfinite = False
+        nonfinite, found = False, None   # g1's verdicts (host; device) over the micro-batches
         loss_sum = 0.0
         try:
             for mb, n in parts:
@@ -76,6 +76,9 @@ class MSAM(SAM):
                 loss_sum = loss_sum + w * loss.detach() if isinstance(loss, torch.Tensor) else loss_sum
                 self.first_step(zero_grad=True)
                 nonfinite = nonfinite or self._first_nonfinite
+                first = self._first_found   # restore() below clears it
+                if first is not None:
+                    found = first if found is None else torch.maximum(found, first)
                 with torch.enable_grad(), self._bn_context():
                     closure(mb)
                 self.restore()
@@ -100,5 +103,6 @@ class MSAM(SAM):
         self.buckets()
         self._perturbed = [[] for _ in self._buckets]   # nothing perturbed: second_step updates
         self._first_nonfinite = nonfinite
+        self._first_found = found
         self.second_step()
         return loss_sum

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -38,7 +39,8 @@ from torch.optim import Optimizer
 
 from fused_flat.bn import running_stats_frozen
 from fused_flat.buckets import check_param, flat, local_copy_
-from fused_flat.core import FlatOptimizer, broadcast_seed, check_seed, number, refuse_dcp_state_init
+from fused_flat.core import (FlatOptimizer, _runtime_attr, broadcast_seed, check_seed, number,
+                             refuse_dcp_state_init)
 
 NORM_EPS = 1e-12
 RHO_DEFAULT = 0.05
@@ -75,7 +77,9 @@ class SAM(FlatOptimizer):
         backend (str): 'auto', 'cpp' (CPU kernels) or 'reference' (pure torch).
         check_finite (bool): skip the update (parameters restored exactly from the backup,
             momentum untouched) when g1 or g2 holds inf/NaN. Under GradScaler the scaler's
-            ``found_inf`` decides instead. ``skipped_steps`` counts skips.
+            ``found_inf`` decides for g2 and g1 is still checked (an overflowed scaled g1).
+            ``False`` without a GradScaler: no check at all, a non-finite gradient goes
+            through the arithmetic as in davda54/sam. ``skipped_steps`` counts skips.
         freeze_bn (bool): ``step(closure)`` runs the closure (the perturbed pass) with the
             running statistics of every BatchNorm that runs in it frozen
             (fused_flat.bn.running_stats_frozen), so they are updated once per step, by the
@@ -98,6 +102,12 @@ class SAM(FlatOptimizer):
 
         loss_fn(model(x), y).backward()          # g1 (the first pass updates BN stats)
         opt.step(lambda: loss_fn(model(x), y).backward() or ...)   # closure: g2
+
+        # or torch.optim's closure form (LBFGS-style loops, Lightning): no backward before
+        # the step, the closure is called for g1 and again for g2; returns the first loss
+        def closure():
+            opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
+        loss = opt.step(closure)
 
         # or the two-call form
         loss_fn(model(x), y).backward();  opt.first_step(zero_grad=True)
@@ -137,6 +147,7 @@ class SAM(FlatOptimizer):
     """
 
     _sam_family = True
+    _grads_left = _runtime_attr("_grads_left")   # _GradMarks of the last step(closure)
 
     def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float | None = None,
                  adaptive: bool = False, normalize: bool = True, *, adaptive_eta: float = 0.0,
@@ -211,6 +222,13 @@ class SAM(FlatOptimizer):
     def _is_perturbed(self) -> bool:
         return self._perturbed is not None
 
+    @staticmethod
+    def _norm_on_host(buckets) -> bool:
+        """Whether first_step reads g1's norm on the host (CPU tensors, eager: it costs
+        nothing) or keeps it, the coefficient and g1's verdict (``_first_found``) on the
+        device (CUDA; compiled steps): no host synchronization."""
+        return all(b.device.type == "cpu" for b in buckets) and not torch.compiler.is_compiling()
+
     def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
         bk = self._backups.get(p)
         if bk is None or bk.dtype != p.dtype or bk.shape != p.shape or bk.device != p.device \
@@ -245,17 +263,19 @@ class SAM(FlatOptimizer):
                 parts[key] = part if key not in parts else parts[key] + part.to(parts[key].device)
         sq = self._sum_sharded(parts)
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
-        if all(b.device.type == "cpu" for b in buckets) and not torch.compiler.is_compiling():
-            # host values cost nothing here (compiled: the device path, no host read)
+        # g1's verdict: only when asked (check_finite) or under a GradScaler (an overflowed
+        # scaled g1); with check_finite=False a non-finite g1 goes through the arithmetic
+        check = self.check_finite or scaled
+        if self._norm_on_host(buckets):
             inv = 1.0 / float(grad_scaler.get_scale()) if scaled else 1.0
             norm = math.sqrt(float(sq)) * inv if sq is not None else 0.0
-            self._first_nonfinite = not math.isfinite(norm)
+            self._first_nonfinite = check and not math.isfinite(norm)
         else:   # device tensors throughout: no host synchronization
             dev = buckets[0].device
             sq = sq.to(dev) if sq is not None else torch.zeros((), dtype=torch.float64, device=dev)
             inv = (1.0 / grad_scaler._get_scale_async().to(dev, torch.float64).reshape(())) if scaled else 1.0
             norm = sq.sqrt() * inv
-            self._first_found = (~torch.isfinite(norm)).float().reshape(1)
+            self._first_found = (~torch.isfinite(norm)).float().reshape(1) if check else None
             self._first_nonfinite = False
         made = []
         for bi, b in enumerate(buckets):
@@ -374,10 +394,18 @@ class SAM(FlatOptimizer):
         return running_stats_frozen() if self.freeze_bn else contextlib.nullcontext()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """One SAM step, davda54/sam's convention: the first backward (g1) has been done by
-        the caller; ``closure`` runs the second forward/backward (g2) at the perturbed point
-        (with BatchNorm running statistics frozen, see ``freeze_bn``). Returns its loss.
+        """One SAM step with a ``closure`` that computes the loss and calls ``backward()``
+        (zeroing the gradients itself or not: the step zeroes them before each call).
+        Two forms, told apart by whether a backward has written a gradient since the last
+        step:
 
+        * davda54/sam's: the caller has done the first backward (g1); ``closure`` runs the
+          second forward/backward (g2) at the perturbed point. Returns the closure's loss.
+        * torch.optim's (LBFGS-style loops, Lightning): no backward since the last step (no
+          gradient, or only the ones the last step left); ``closure`` is called for g1 (at
+          theta, BatchNorm statistics updated), then again for g2. Returns the first loss.
+
+        The perturbed pass runs with BatchNorm running statistics frozen (``freeze_bn``).
         Without a closure, only after ``first_step()``: same as ``second_step()``.
         """
         name = type(self).__name__
@@ -388,15 +416,19 @@ class SAM(FlatOptimizer):
                 return None
             raise RuntimeError(
                 f"{name}.step() needs a closure that recomputes the loss and calls backward() "
-                f"(SAM takes two gradients per step): do the first forward/backward, then "
-                f"{name}.step(closure); or use first_step() / second_step()")
+                f"(SAM takes two gradients per step): {name}.step(closure), or the first "
+                f"backward then {name}.step(closure) (davda54/sam), or first_step() / "
+                f"second_step()")
         if self._perturbed is not None:
             raise RuntimeError(f"{name}.step(closure) called after first_step(); call second_step()")
-        if not self._has_gradients():
-            raise RuntimeError(
-                f"{name}.step(closure): no parameter has a gradient. Compute the first loss and "
-                f"call backward() before step(closure); the closure computes the second "
-                f"(perturbed) pass, as in davda54/sam")
+        first_loss = None
+        if not self._new_gradients():   # torch.optim's form: the closure computes g1 too
+            self.zero_grad()             # what the last step left is no g1
+            with torch.enable_grad():
+                first_loss = closure()
+            if not self._has_gradients():
+                raise RuntimeError(f"{name}.step(closure): closure() computed no gradient; it "
+                                   f"must compute the loss and call backward() on it")
         self.first_step(zero_grad=True)
         try:
             with torch.enable_grad(), self._bn_context():
@@ -405,9 +437,44 @@ class SAM(FlatOptimizer):
             self.restore()
             raise
         self.second_step()
-        return loss
+        self._grads_left = _GradMarks(self.param_groups)   # no g1 for the next step(closure)
+        return loss if first_loss is None else first_loss
+
+    def _new_gradients(self) -> bool:
+        """Whether some parameter has a gradient that a backward wrote (or accumulated
+        into) after the last ``step(closure)``, i.e. a g1 computed by the caller."""
+        marks = self._grads_left
+        return any(p.grad is not None and (marks is None or not marks.left(p))
+                   for g in self.param_groups for p in g["params"])
 
     # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """As FlatOptimizer.state_dict; the state-dict hooks registered on this object run
+        around it as torch.optim.Optimizer runs them (those of ``base_optimizer`` run too,
+        inside)."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = super().state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As FlatOptimizer.load_state_dict, with this object's load-state-dict hooks run as
+        torch.optim.Optimizer runs them: the pre-hooks on a shallow copy (a hook may edit or
+        replace it) before anything is checked, the post-hooks after a successful load."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        super().load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
     def _torch_state_dict(self) -> dict:
         """The base optimizer's state_dict (its per-parameter state, e.g. SGD's
         'momentum_buffer', and the param_groups with rho/adaptive/normalize)."""
@@ -417,6 +484,23 @@ class SAM(FlatOptimizer):
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+
+class _GradMarks:
+    """The gradients a step left behind (a weak reference and the version counter of each
+    ``p.grad``): one that is still there, unmodified, was written by no later backward.
+    Holds no tensor alive; a copy or pickle of the optimizer starts without marks."""
+
+    def __init__(self, param_groups) -> None:
+        self._marks = {id(p): (weakref.ref(p.grad), p.grad._version)
+                       for g in param_groups for p in g["params"] if p.grad is not None}
+
+    def left(self, p: torch.Tensor) -> bool:
+        mark = self._marks.get(id(p))
+        return mark is not None and mark[0]() is p.grad and p.grad._version == mark[1]
+
+    def __reduce__(self):
+        return _GradMarks, ([],)
 
 
 # Kept importable from here (the families now live in their own modules).
