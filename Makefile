@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH_PIN) numpy pytest matplotlib tqdm ninja setuptools wheel pybind11 safetensors scipy scikit-learn torchmetrics
-	$(VPY) -m pip install -q hypothesis lightning transformers accelerate
+	$(VPY) -m pip install -q hypothesis expecttest lightning transformers accelerate
 	$(VPY) -m pip install -q mkdocs-material 'mkdocstrings[python]' build
 	touch $@
 
@@ -45,10 +45,19 @@ bench: build
 bench-micro: build
 	$(VPY) -m fused_flat bench micro
 
-# The GPU report: build for this GPU, GPU tests, micro (fraction of copy bandwidth) and e2e
-# benchmarks, results/gpu-report.md with verdicts. Without a GPU: one line, exit 0.
-gpu-check: venv
-	$(VPY) benchmarks/gpu_check.py
+# The GPU report: build for this GPU only (all cores), GPU tests, micro (fraction of copy
+# bandwidth) and e2e benchmarks, each stage with a time budget (about 9 minutes in all),
+# results/gpu-report.md with verdicts. Without a GPU: one line, exit 0. Never creates a venv
+# nor installs: Python = GPU_PY=..., else PY=... if given, else $(VPY) if it has torch, else
+# python3 on PATH (checked for torch>=2.6,<2.15). GPU_CHECK_ARGS="--dry-run --assume-capability
+# 9.0" prints the plan; TORCH_CUDA_ARCH_LIST=... on the command line overrides this GPU's arch.
+gpu-check:
+	@py='$(or $(GPU_PY),$(if $(filter command line environment override,$(origin PY)),$(PY)))'; \
+	if [ -z "$$py" ]; then \
+	  if [ -x '$(VPY)' ] && '$(VPY)' -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)' >/dev/null 2>&1; \
+	  then py='$(VPY)'; else py=python3; fi; \
+	fi; \
+	CUDA_HOME='$(CUDA_HOME)' "$$py" benchmarks/gpu_check.py $(if $(filter command line,$(origin TORCH_CUDA_ARCH_LIST)),--arch-list '$(TORCH_CUDA_ARCH_LIST)') $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build fused_flat/*.so
