@@ -169,7 +169,10 @@ class SAM(FlatOptimizer):
         defaults = dict(rho=rho, adaptive=adaptive, normalize=normalize, adaptive_eta=adaptive_eta,
                         **base_kwargs)
         super().__init__(params, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        with warnings.catch_warnings():   # torch.optim warned once already, on this object
+            warnings.filterwarnings("ignore", message="optimizer contains a parameter group with "
+                                    "duplicate parameters")
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups   # the same dicts: schedulers see them
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)

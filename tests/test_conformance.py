@@ -556,20 +556,11 @@ TORCH_OWN_MESSAGES = ("duplicate parameters", "more than one parameter group", "
                       "with/without names", "Invalid momentum value")
 
 
-SAM_DUPLICATE_WARNS_TWICE = (
-    "FINDING (not fixed yet): a SAM-family optimizer built on a group with a duplicate "
-    "parameter warns twice (torch.optim.Optimizer.__init__ of the SAM object, then of the base "
-    "SGD built on the same groups); torch warns exactly once")
-
-
 def _error_params():
     out = []
     for name in GENERIC:
         for ei in SGD_ERROR_INPUTS:
-            dup = "duplicate parameters" in ei.error_regex
-            marks = ([pytest.mark.xfail(strict=True, reason=SAM_DUPLICATE_WARNS_TWICE)]
-                     if dup and GENERIC[name][2] != "langevin" else [])
-            out.append(pytest.param(name, ei, id=f"{name}-{_error_id(ei)}", marks=marks))
+            out.append(pytest.param(name, ei, id=f"{name}-{_error_id(ei)}"))
     return out
 
 
