@@ -97,8 +97,18 @@ class Bucket:
 
 
 def check_param(p: torch.Tensor, where: str) -> None:
-    if p.is_sparse:
-        raise ValueError(f"{where}: sparse parameters are not supported")
+    """The one check of a parameter the optimizer is given (construction, add_param_group)
+    or finds changed (a bucket rebuild): ValueError saying what is wrong and what to do."""
+    if p.device.type == "meta":
+        raise ValueError(
+            f"{where}: a parameter of shape {tuple(p.shape)} is on device {p.device}, which holds "
+            f"no data, so it cannot be perturbed or updated. Materialize the model first "
+            f"(model.to_empty(device='cpu' or 'cuda'), then initialize it, e.g. "
+            f"reset_parameters() or load_state_dict), then build the optimizer on its parameters")
+    if p.layout != torch.strided:   # COO, CSR, CSC, BSR, BSC
+        raise ValueError(f"{where}: a parameter with layout {p.layout}: sparse parameters are not "
+                         f"supported, the fused kernels need dense (torch.strided) ones; make it "
+                         f"dense (nn.Parameter(p.to_dense()))")
     if not p.is_floating_point():
         raise ValueError(f"{where}: parameters must be floating point, got {p.dtype}")
     if is_dtensor(p):
@@ -184,7 +194,8 @@ def shard_groups(p) -> tuple:
 def layout_key(param_groups: list[dict]) -> tuple:
     """What the bucket layout depends on; a change (``model.half()``, ``.to(device)``,
     ``.to(memory_format=...)``) makes the optimizer rebuild its buckets at the next step."""
-    return tuple((p.dtype, p.device, p.shape, p.stride()) for g in param_groups for p in g["params"])
+    return tuple((p.dtype, p.device, p.shape, p.stride() if p.layout == torch.strided else p.layout)
+                 for g in param_groups for p in g["params"])
 
 
 def build_buckets(param_groups: list[dict]) -> list[Bucket]:

@@ -22,8 +22,10 @@ from fused_flat.buckets import (Bucket, build_buckets, check_param, flat, flat_l
                                 same_layout)
 
 # 1: flat physical buffers, noise stream layout 1. 2: tensor-list buckets (offsets rounded
-# up to a multiple of 4), noise stream layout 2 (ALGORITHMS.md §1). A checkpoint of another format loads; its noise continues from a
-# different, statistically equivalent stream (one warning).
+# up to a multiple of 4); the 'fused_flat' entry records the noise layout ("stream",
+# noise.LAYOUT_VERSION, ALGORITHMS.md §1). A checkpoint of another format or of an older
+# layout loads; its noise continues on the current layout (same law, other numbers; one
+# warning, _check_meta).
 STATE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 _SGD_ONLY_KEYS = ("foreach", "fused", "differentiable")
@@ -56,22 +58,46 @@ def check_seed(seed, cls_name: str) -> int:
     return seed
 
 
-def broadcast_seed(seed: int, explicit: bool, cls_name: str) -> int:
-    """Rank 0's seed on every rank (once, at construction), so replicated parameters get
-    identical noise with no further communication."""
+def broadcast_seed(seed: int, explicit: bool, cls_name: str, process_group=None) -> int:
+    """The seed of the first rank of ``process_group`` on every rank of it (once, at
+    construction), so replicated parameters get identical noise with no further
+    communication.
+
+    ``process_group``: None, the default group when torch.distributed is initialized (rank
+    0's seed); a ProcessGroup, only its ranks take part (the seed of its first rank,
+    ``dist.get_global_rank(group, 0)``), so ranks that build different optimizers (pipeline
+    stages) do not wait for each other; False, no collective at all (the caller guarantees
+    that replicas use the same seed, e.g. by passing ``seed=``)."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
+    if process_group is False:
         return seed
+    if process_group is not None and (process_group is True or not dist.is_available()
+                                      or not isinstance(process_group, dist.ProcessGroup)):
+        raise ValueError(f"{cls_name}: process_group must be None (the default group), a "
+                         f"torch.distributed ProcessGroup (e.g. dist.new_group(ranks)) or False "
+                         f"(no seed broadcast), got {process_group!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError(f"{cls_name}: process_group= given but torch.distributed is not "
+                             f"initialized; call dist.init_process_group first, or pass "
+                             f"process_group=False")
+        return seed
+    group = process_group
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(f"{cls_name}: rank {dist.get_rank()} is not a member of the "
+                         f"process_group given; build the optimizer with a group this rank "
+                         f"belongs to, or process_group=False")
+    src = 0 if group is None else dist.get_global_rank(group, 0)
     dev = torch.device("cpu")
-    if dist.get_backend() == "nccl":
+    if dist.get_backend(group) == "nccl":
         dev = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([seed], dtype=torch.int64, device=dev)
-    dist.broadcast(t, src=0)
+    dist.broadcast(t, src=src, group=group)
     got = int(t.item())
     if explicit and got != seed:
-        warnings.warn(f"{cls_name}: seed={seed} on rank {dist.get_rank()} differs from rank 0's "
-                      f"seed {got}; every rank uses rank 0's seed so that replicas receive the "
-                      f"same noise", UserWarning, stacklevel=4)
+        warnings.warn(f"{cls_name}: seed={seed} on rank {dist.get_rank()} differs from rank "
+                      f"{src}'s seed {got}; every rank of the group uses rank {src}'s seed so "
+                      f"that replicas receive the same noise", UserWarning, stacklevel=5)
     return got
 
 
@@ -129,13 +155,20 @@ class FlatOptimizer(Optimizer):
     _first_found = _runtime_attr("_first_found")
     _last_found_inf = _runtime_attr("_last_found_inf")
     _opt_called = _runtime_attr("_opt_called", False)
+    _step_found = _runtime_attr("_step_found")            # this step's found_inf (_known_skip)
+    _step_found_read = _runtime_attr("_step_found_read")  # its host value, if it was read
 
     def _init_core(self, *, seed: int | None, backend: str, check_finite: bool,
-                   capturable: bool = False) -> None:
+                   capturable: bool = False, process_group=None) -> None:
+        """``seed``: the user's (None: drawn from torch's generator); it is checked, then
+        broadcast from the first rank of ``process_group`` (:func:`broadcast_seed`)."""
+        name = type(self).__name__
         backends.check_name(backend)
         if not isinstance(capturable, bool):
-            raise ValueError(f"{type(self).__name__}: capturable must be True or False, got "
+            raise ValueError(f"{name}: capturable must be True or False, got "
                              f"{capturable!r}")
+        explicit = seed is not None
+        seed = broadcast_seed(check_seed(seed, name), explicit, name, process_group)
         self.backend = backend
         self.check_finite = bool(check_finite)
         self.capturable = capturable
@@ -152,15 +185,67 @@ class FlatOptimizer(Optimizer):
         self.buckets()   # validate the parameters and resolve the backends now
 
     def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        for p in [params] if isinstance(params, torch.Tensor) else list(params):
-            if isinstance(p, torch.Tensor):
-                check_param(p, type(self).__name__)
+        self._materialize_group(param_group)
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
 
+    def _materialize_group(self, param_group: dict) -> None:
+        """What torch.optim's ``add_param_group`` does to ``param_group["params"]`` (a
+        tensor becomes [tensor], a set is refused, anything else is listed), done first and
+        once, so that a generator (``model.parameters()``) is not exhausted by the checks;
+        then every parameter is checked (:func:`fused_flat.buckets.check_param`)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs. "
+                            "Please use a list instead.")
+        else:
+            params = list(params)
+        param_group["params"] = params
+        for p in params:
+            t = p[1] if isinstance(p, tuple) and len(p) == 2 else p   # (name, tensor)
+            if isinstance(t, torch.Tensor):
+                check_param(t, type(self).__name__)
+
     def _validate_group(self, g: dict) -> None:
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- copy / pickle
+    # Rebuilt after a copy or an unpickle instead of copied: the buckets and their backends
+    # (closures, process groups; derived from param_groups by buckets()) and the scratch
+    # copies of a perturbed step (none exists between steps).
+    _TRANSIENT = {"_layout": None, "_buckets": list, "_backends": list, "_shard_keys": list,
+                  "_backups": dict}
+    _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                   "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                   "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+    def __getstate__(self) -> dict:
+        """The whole optimizer (seed, step counter, skip count, options, a SAM's base
+        optimizer, ...) for ``copy.deepcopy`` and pickling (``torch.save(opt)``), where
+        torch.optim.Optimizer keeps only defaults, state and param_groups. Left out, as
+        torch leaves them out: the hooks and an instance-level ``step`` wrapper (an LR
+        scheduler's, which refers to this object, not to the copy); rebuilt on the copy:
+        the buckets and backends (``_TRANSIENT``)."""
+        if self._is_perturbed():
+            raise RuntimeError(f"{type(self).__name__}: cannot copy or pickle the optimizer "
+                               f"while the weights are perturbed; call step() or restore() first")
+        cls = type(self)
+        return {k: v for k, v in self.__dict__.items()
+                if k not in self._TRANSIENT and k not in self._HOOK_DICTS
+                and not (callable(v) and callable(getattr(cls, k, None)))}
+
+    def __setstate__(self, state: dict) -> None:
+        had = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)   # torch's: empty hook dicts, its step wrapper
+        if not had:   # torch adds it for its own optimizers; a later group would inherit it
+            self.defaults.pop("differentiable", None)
+        for k, make in self._TRANSIENT.items():
+            self.__dict__[k] = make() if callable(make) else make   # buckets(): on next use
 
     # ----------------------------------------------------------------- buckets
     def buckets(self) -> list[Bucket]:
@@ -223,6 +308,9 @@ class FlatOptimizer(Optimizer):
         if self._k_dev is None or self._k_dev.device != dev:
             k = self._k
             self._k_dev = torch.full((), k, dtype=torch.int64, device=dev)
+        if dev.type != "cpu":   # the skip counter too, before any capture (_count_device_skip)
+            self.__dict__.setdefault("_skips_dev", {}).setdefault(
+                dev, torch.zeros((), dtype=torch.int64, device=dev))
 
     def _follow_params(self) -> None:
         """State tensors (momentum, masters) follow their parameter's device and memory
@@ -291,9 +379,12 @@ class FlatOptimizer(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise ValueError(f"{type(self).__name__}: sparse gradients are not supported; use "
-                                 f"a dense embedding (nn.Embedding(..., sparse=False))")
+            if g.layout != torch.strided:   # COO, CSR, CSC, BSR, BSC, jagged...
+                raise ValueError(f"{type(self).__name__}: a gradient with layout {g.layout} (of a "
+                                 f"parameter of shape {tuple(p.shape)}): sparse gradients are not "
+                                 f"supported, the fused kernels need dense (torch.strided) ones. "
+                                 f"Use a dense embedding (nn.Embedding(..., sparse=False)), or "
+                                 f"densify the gradient before step(): p.grad = p.grad.to_dense()")
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise ValueError(f"{type(self).__name__}: a gradient of {tuple(g.shape)} {g.dtype} "
                                  f"on {g.device} does not match its parameter ({tuple(p.shape)} "
@@ -370,13 +461,45 @@ class FlatOptimizer(Optimizer):
         return gs.float().to(device).reshape(1) if gs is not None else None
 
     @staticmethod
-    def _known_skip(found_inf: torch.Tensor | None) -> bool:
+    def _found_inf_on_host(found_inf: torch.Tensor) -> bool:
+        """Whether reading ``found_inf`` costs no device sync (a CPU tensor). The one place
+        that tells the host-known skip (CPU) from the device-side one (CUDA: the kernels
+        read ``found_inf``; the host learns nothing unless it syncs)."""
+        return found_inf.device.type == "cpu"
+
+    def _known_skip(self, found_inf: torch.Tensor | None) -> bool:
         """Whether the step is known (on the host, without a device sync) to be skipped.
         Under torch.compile: never (no host read in the graph); the kernels still skip the
-        update on the device from ``found_inf``, as on CUDA."""
+        update on the device from ``found_inf``, as on CUDA. Called once per step, before
+        :meth:`_momentum_lists`: it keeps ``found_inf`` as the step's verdict, which decides
+        whether a momentum buffer may be created (:meth:`_skip_blocks_creation`)."""
         if torch.compiler.is_compiling():
             return False
-        return found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item())
+        self._step_found = found_inf
+        self._step_found_read = None
+        return found_inf is not None and self._found_inf_on_host(found_inf) and bool(found_inf.item())
+
+    def _skip_blocks_creation(self, group: dict) -> bool:
+        """Whether this step, which would create momentum buffers, is skipped on the device.
+
+        torch.optim.SGD creates ``momentum_buffer`` on its first *taken* step (m = d); a
+        step that GradScaler skips never reaches it. Here a skip known only on the device
+        cannot stop the creation, and the next step would compute m = mu * 0 + (1 - tau) d
+        instead of m = d: different whenever dampening tau != 0. So, on a step that creates
+        buffers with a device-side ``found_inf`` and tau != 0 (and only then: with tau = 0
+        both give d bit for bit), the host reads ``found_inf`` once (a sync on the steps
+        that create buffers, never in the steady state). Not under torch.compile or while
+        a CUDA graph is being captured (no host read possible there): a capture of the
+        first step with a skipped step and tau != 0 keeps the mu * 0 buffer."""
+        found = self._step_found
+        if found is None or group["dampening"] == 0 or self._found_inf_on_host(found) \
+                or torch.compiler.is_compiling():
+            return False
+        if found.is_cuda and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            return False
+        if self._step_found_read is None:
+            self._step_found_read = bool(found.ne(0).any().item())
+        return self._step_found_read
 
     # The step counter k lives in a 0-dim int64 CPU tensor (``_k_t``), so that a compiled
     # step reads it as a graph input instead of specializing on its value; ``_k`` is its
@@ -446,17 +569,53 @@ class FlatOptimizer(Optimizer):
                 self._k_t.add_(1)
         self._last_found_inf = found_inf
         self._opt_called = True   # what torch's LR schedulers check, also when step() is compiled
-        if known_skip:
-            self.skipped_steps += 1
-            warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self._k - 1}; the "
-                          f"update was skipped and the parameters restored", RuntimeWarning,
-                          stacklevel=4)
+        compiling = torch.compiler.is_compiling()
+        read = None if compiling else self._step_found_read   # read by _skip_blocks_creation
+        if not compiling:
+            self._step_found = self._step_found_read = None
+        if not (known_skip or read):
+            if read is None and found_inf is not None and not compiling \
+                    and not self._found_inf_on_host(found_inf):
+                self._count_device_skip(found_inf)   # decided on the device: counted there
+            return
+        self._skipped_host = self._skipped_host + 1
+        warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self._k - 1}; the "
+                      f"update was skipped and the parameters restored", RuntimeWarning,
+                      stacklevel=4)
+
+    # ----------------------------------------------------------------- skipped steps
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for a non-finite gradient (own check or GradScaler's
+        ``found_inf``). Skips decided on the device (CUDA) are counted there, without a
+        sync, and added in when this is read (a device read) or the state is saved."""
+        n = self.__dict__.get("_skipped_host", 0)
+        for acc in self.__dict__.get("_skips_dev", {}).values():
+            n += int(acc)
+        return n
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_host = int(value)
+        for acc in self.__dict__.get("_skips_dev", {}).values():
+            acc.zero_()   # in place: a captured CUDA graph keeps counting into it
+
+    def _count_device_skip(self, found_inf: torch.Tensor) -> None:
+        """skipped_steps += (found_inf != 0), on found_inf's device (no host sync)."""
+        accs = self.__dict__.setdefault("_skips_dev", {})
+        acc = accs.get(found_inf.device)
+        if acc is None:
+            acc = accs[found_inf.device] = torch.zeros((), dtype=torch.int64, device=found_inf.device)
+        acc.add_(found_inf.reshape(()).ne(0))   # GradScaler's may be > 1 (a sum over devices)
 
     # ----------------------------------------------------------------- momentum
     def _momentum_lists(self, b: Bucket, idx: list[int], group: dict, create: bool):
         """torch.optim.SGD's momentum buffers of parameters ``idx`` as flat views, split by
         whether the buffer is new (the kernel then sets it to d, as SGD's ``clone(d)``).
-        Returns [(indices, flat buffers or None, momentum_init)]."""
+        Returns [(indices, flat buffers or None, momentum_init)]. ``create=False`` (a step
+        known to be skipped) creates none, as torch.optim.SGD, whose step is not taken; so
+        does a step skipped on the device when the creation depends on it
+        (:meth:`_skip_blocks_creation`)."""
         if group["momentum"] == 0:
             return [(idx, None, False)]
         old, new = [], []
@@ -464,6 +623,8 @@ class FlatOptimizer(Optimizer):
             p = b.params[j]
             buf = self.state[p].get("momentum_buffer") if p in self.state else None
             if buf is None:
+                if create and self._skip_blocks_creation(group):
+                    create = False
                 if not create:
                     continue
                 buf = torch.zeros_like(p, dtype=torch.float32 if self._fp32_state(p) else p.dtype)
@@ -588,11 +749,23 @@ class FlatOptimizer(Optimizer):
                                   or not 0 <= seed < 2 ** 63)) or not isinstance(k, int) or k < 0:
             raise ValueError(f"{name}.load_state_dict: corrupted 'fused_flat' entry "
                              f"(seed={seed!r}, step={k!r})")
-        if meta["format"] != STATE_FORMAT:
-            warnings.warn(f"{name}.load_state_dict: a format-{meta['format']} checkpoint (this "
-                          f"version writes format {STATE_FORMAT}); momentum, seed and step counter "
-                          f"are loaded, but the noise continues from a different (statistically "
-                          f"equivalent) stream", UserWarning, stacklevel=3)
+        fmt = meta["format"]
+        stream = meta.get("stream", fmt)   # not recorded before format 2 (format 1: layout 1)
+        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 1:
+            raise ValueError(f"{name}.load_state_dict: corrupted 'fused_flat' entry "
+                             f"(stream={stream!r}, the noise layout version)")
+        if stream > noise.LAYOUT_VERSION:
+            raise ValueError(f"{name}.load_state_dict: the checkpoint was written with noise "
+                             f"layout {stream} by a newer fused_flat; this version knows layouts up "
+                             f"to {noise.LAYOUT_VERSION}: upgrade fused_flat to resume it")
+        if stream != noise.LAYOUT_VERSION or fmt != STATE_FORMAT:   # one warning per load
+            where = ("" if fmt == STATE_FORMAT
+                     else f" (state format {fmt}; this version writes {STATE_FORMAT})")
+            warnings.warn(f"{name}.load_state_dict: checkpoint written with noise layout {stream}"
+                          f"{where}; continues on layout {noise.LAYOUT_VERSION}: same law, other "
+                          f"numbers (momentum, seed and step counter are loaded; the noise "
+                          f"continues from a different, statistically equivalent stream)",
+                          UserWarning, stacklevel=3)
 
     def restore(self) -> None:   # overridden by the families
         return None

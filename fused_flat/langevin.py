@@ -27,8 +27,8 @@ import torch
 
 from fused_flat import backends
 from fused_flat.buckets import flat, local_copy_
-from fused_flat.core import (LOW_PRECISION, FlatOptimizer, broadcast_seed, check_seed, default_seed,
-                             number, refuse_dcp_state_init)
+from fused_flat.core import (LOW_PRECISION, FlatOptimizer, default_seed, number,
+                             refuse_dcp_state_init)
 
 # Kept for code that imported them from here.
 _number = number
@@ -69,6 +69,13 @@ class LangevinOptimizer(FlatOptimizer):
             (+4 with momentum), saved in ``state_dict``.
         seed (int | None): noise seed in [0, 2^63); default: drawn from torch's default
             generator. Under torch.distributed, rank 0's seed is used on every rank.
+        process_group: which ranks share the seed, broadcast once at construction. None
+            (default): the default group when torch.distributed is initialized (every rank
+            must then build this optimizer, in the same order); a ProcessGroup: only its
+            ranks take part and they use the seed of its first rank
+            (``dist.get_global_rank(group, 0)``), e.g. the data-parallel group of one
+            pipeline stage; False: no collective, the caller guarantees replicas use one
+            seed (pass ``seed=``). Not kept (nor pickled) after construction.
         backend (str): 'auto', 'cpp', 'reference' (and 'triton', 'cuda' where built).
         check_finite (bool): skip the update, restoring the parameters, when any gradient
             the update uses is inf/NaN. ``last_step_skipped`` reports it.
@@ -108,6 +115,19 @@ class LangevinOptimizer(FlatOptimizer):
     ``backward()`` splits the graph. One recompile follows the first step when it creates
     state (momentum buffers). Under compile a non-finite gradient still skips the update
     (on the device, as on CUDA), but ``skipped_steps`` is not counted and no warning is given.
+
+    Skipped steps: a step whose gradients are not finite (``check_finite``, or a
+    ``torch.amp.GradScaler``'s ``found_inf``) restores the weights and updates nothing: the
+    momentum is untouched and, on the first steps, no momentum buffer is created, as when
+    torch.optim.SGD's step is not taken. Where the verdict lives on the device (CUDA) it
+    is read by the kernels, with no host sync; the host reads it once only on a step that
+    would create momentum buffers with dampening != 0 (where the first momentum, m = d,
+    depends on it). ``skipped_steps`` counts device-side skips on the device and adds them
+    in when read or saved.
+
+    ``copy.deepcopy(opt)``, ``pickle`` and ``torch.save(opt)`` keep the whole optimizer
+    (seed, step counter, state, options), not only what torch.optim.Optimizer pickles; not
+    while the weights are perturbed (between ``perturb()`` and ``step()``).
     """
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 1e8, eta: float = 0.01,
@@ -116,16 +136,15 @@ class LangevinOptimizer(FlatOptimizer):
                  n_perturbations: int = 1, exact_restore: bool | None = None,
                  stochastic_rounding: bool | None = None, master_weights: bool = False,
                  seed: int | None = None, backend: str = "auto", check_finite: bool = True,
-                 capturable: bool = False):
+                 capturable: bool = False, process_group=None):
         name = type(self).__name__
-        if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 1:
-            raise ValueError(f"{name}: n_perturbations must be an integer >= 1, got {n_perturbations!r}")
-        backends.check_name(backend)
-        explicit = seed is not None
-        seed = check_seed(seed, name)
         defaults = dict(lr=lr, beta=beta, eta=eta, sigma=sigma, momentum=momentum,
                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)
+        self._validate_group(dict(defaults))   # before params, as torch.optim.SGD
+        if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 1:
+            raise ValueError(f"{name}: n_perturbations must be an integer >= 1, got {n_perturbations!r}")
+        backends.check_name(backend)
         self.n_perturbations = n_perturbations
         if exact_restore is not None and not isinstance(exact_restore, bool):
             raise ValueError(f"{name}: exact_restore must be True, False or None, got {exact_restore!r}")
@@ -134,21 +153,33 @@ class LangevinOptimizer(FlatOptimizer):
         self._perturbed = None   # (tag, [(indices, sigma) or None per bucket]) while perturbed
         self._backups: dict = {}
         super().__init__(params, defaults)
-        self._init_core(seed=broadcast_seed(seed, explicit, name), backend=backend,
-                        check_finite=check_finite, capturable=capturable)
+        self._init_core(seed=seed, backend=backend, check_finite=check_finite,
+                        capturable=capturable, process_group=process_group)
 
     def _validate_group(self, g: dict) -> None:
+        """Check (and normalize) a param group's hyperparameters; also run on the defaults
+        before the parameters are looked at. torch.optim.SGD's checks come first, in its
+        order and with its exceptions and messages; then this family's own."""
         name = type(self).__name__
         lr = g["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        # a tensor lr on a device (capturable=True) is checked without a host read
         on_device = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
-        if on_device:   # capturable=True: checked without a host read (no sync, fake tensors)
-            if lr.numel() != 1 or not lr.is_floating_point():
-                raise ValueError(f"{name}: a tensor lr must be a one-element floating-point "
-                                 f"tensor, got {lr.dtype} of shape {tuple(lr.shape)}")
-        for key in ("beta", "eta", "momentum", "dampening", "weight_decay") + (() if on_device else ("lr",)):
+        if on_device and not lr.is_floating_point():
+            raise ValueError(f"{name}: a tensor lr must be a floating-point tensor, got {lr.dtype}")
+        given = dict(g)   # torch's messages show the values as given
+        for key in (() if on_device else ("lr",)) + ("momentum", "weight_decay", "dampening",
+                                                      "beta", "eta"):
             g[key] = number(key, g[key], name)
         if not on_device and g["lr"] < 0:
-            raise ValueError(f"{name}: invalid lr={g['lr']} (must be >= 0)")
+            raise ValueError(f"Invalid learning rate: {given['lr']}")
+        if g["momentum"] < 0:
+            raise ValueError(f"Invalid momentum value: {given['momentum']}")
+        if g["weight_decay"] < 0:
+            raise ValueError(f"Invalid weight_decay value: {given['weight_decay']}")
+        if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if isinstance(lr, torch.Tensor):   # kept: schedulers update it in place (torch.compile,
             g["lr"] = lr                   # capturable=True)
         if not g["beta"] > 0:
@@ -160,14 +191,10 @@ class LangevinOptimizer(FlatOptimizer):
             g["sigma"] = number("sigma", g["sigma"], name)
             if not 0 <= g["sigma"] < math.inf:
                 raise ValueError(f"{name}: invalid sigma={g['sigma']} (must be finite and >= 0)")
-        if not 0 <= g["momentum"] < 1:
+        if not g["momentum"] < 1:
             raise ValueError(f"{name}: invalid momentum={g['momentum']} (must be in [0, 1))")
         if not 0 <= g["dampening"] <= 1:
             raise ValueError(f"{name}: invalid dampening={g['dampening']} (must be in [0, 1])")
-        if g["weight_decay"] < 0:
-            raise ValueError(f"{name}: invalid weight_decay={g['weight_decay']} (must be >= 0)")
-        if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
-            raise ValueError(f"{name}: nesterov=True requires momentum > 0 and dampening = 0")
 
     # ----------------------------------------------------------------- hyperparameters
     @staticmethod

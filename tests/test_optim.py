@@ -383,10 +383,10 @@ def test_extra_memory_no_parameter_sized_buffer():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-1.0), "lr"), (dict(beta=0.0), "beta"), (dict(beta=-3.0), "beta"),
+    (dict(lr=-1.0), "Invalid learning rate"), (dict(beta=0.0), "beta"), (dict(beta=-3.0), "beta"),
     (dict(eta=0.0), "eta"), (dict(sigma=-0.1), "sigma"), (dict(momentum=1.0), "momentum"),
     (dict(momentum=-0.1), "momentum"), (dict(n_perturbations=0), "n_perturbations"),
-    (dict(weight_decay=-1.0), "weight_decay"), (dict(nesterov=True), "nesterov"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(nesterov=True), "Nesterov"),
     (dict(seed=-1), "seed"), (dict(backend="gpu"), "backend"), (dict(lr="fast"), "lr"),
 ])
 def test_invalid_hyperparameters_raise(kwargs, match):
