@@ -10,6 +10,7 @@ under torch.distributed), the step counter, the momentum state (``state[p]
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -660,13 +661,39 @@ class FlatOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         """torch.optim.SGD's format (per-parameter 'momentum_buffer') plus a 'fused_flat'
-        entry with the seed and the step counter."""
+        entry with the seed and the step counter. The state-dict hooks registered on this
+        optimizer run around the whole of it, as torch.optim.Optimizer runs them (a post-hook
+        sees, and may replace, the dict returned, 'fused_flat' entry included)."""
         if self._is_perturbed():
             raise RuntimeError(f"{type(self).__name__}.state_dict(): the weights are perturbed; "
                                f"call step() or restore() first")
-        sd = self._torch_state_dict()
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        with self._own_hooks_suspended():
+            sd = self._torch_state_dict()
         sd["fused_flat"] = self._meta()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
+
+    _STATE_DICT_HOOKS = ("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                         "_optimizer_load_state_dict_pre_hooks",
+                         "_optimizer_load_state_dict_post_hooks")
+
+    @contextlib.contextmanager
+    def _own_hooks_suspended(self):
+        """torch's Optimizer.state_dict / load_state_dict, called for the per-parameter
+        part, would run this optimizer's hooks a second time, in the middle: they run around
+        the whole call instead (state_dict, load_state_dict)."""
+        saved = {k: self.__dict__[k] for k in self._STATE_DICT_HOOKS if k in self.__dict__}
+        for k in saved:
+            self.__dict__[k] = type(saved[k])()
+        try:
+            yield
+        finally:
+            self.__dict__.update(saved)
 
     def _torch_state_dict(self) -> dict:
         return Optimizer.state_dict(self)
@@ -677,7 +704,22 @@ class FlatOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a fused_flat checkpoint (bit-exact resume), or a ``torch.optim.SGD`` one
         (warm start: its momentum and hyperparameters are taken, this optimizer's seed and
-        step counter kept, with one warning)."""
+        step counter kept, with one warning). The load-state-dict hooks registered on this
+        optimizer run as torch.optim.Optimizer runs them: the pre-hooks on a shallow copy
+        of ``state_dict`` (a hook may edit or replace it) before anything is checked, the
+        post-hooks after a successful load."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        with self._own_hooks_suspended():
+            self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         name = type(self).__name__
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ValueError(f"{name}.load_state_dict: not an optimizer state_dict (no "

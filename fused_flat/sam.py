@@ -38,9 +38,8 @@ import torch
 from torch.optim import Optimizer
 
 from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import check_param, flat, local_copy_
-from fused_flat.core import (FlatOptimizer, _runtime_attr, broadcast_seed, check_seed, number,
-                             refuse_dcp_state_init)
+from fused_flat.buckets import flat, local_copy_
+from fused_flat.core import FlatOptimizer, _runtime_attr, number, refuse_dcp_state_init
 
 NORM_EPS = 1e-12
 RHO_DEFAULT = 0.05
@@ -153,7 +152,8 @@ class SAM(FlatOptimizer):
                  adaptive: bool = False, normalize: bool = True, *, adaptive_eta: float = 0.0,
                  backend: str = "auto", check_finite: bool = True, freeze_bn: bool = True,
                  seed: int | None = None, stochastic_rounding: bool | None = None,
-                 master_weights: bool = False, capturable: bool = False, **base_kwargs):
+                 master_weights: bool = False, capturable: bool = False, process_group=None,
+                 **base_kwargs):
         name = type(self).__name__
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(f"{name}: base_optimizer must be a torch.optim.Optimizer class (e.g. "
@@ -161,6 +161,9 @@ class SAM(FlatOptimizer):
                             f"got {base_optimizer!r}")
         if issubclass(base_optimizer, SAM):
             raise TypeError(f"{name}: base_optimizer cannot itself be a SAM optimizer")
+        # torch.optim validates the hyperparameters before it looks at the parameters: so
+        # does the base optimizer here, on a stand-in (``SAM(None, lr=-1)``: ValueError)
+        base_optimizer([torch.nn.Parameter(torch.zeros(1))], **base_kwargs)
         self.freeze_bn = bool(freeze_bn)
         self._perturbed: list[list[int]] | None = None   # per bucket: indices perturbed by first_step
         self._first_nonfinite = False
@@ -181,14 +184,13 @@ class SAM(FlatOptimizer):
         if not self._fused_sgd:
             _warn_unfused(base_optimizer)
         self._init_low_precision(stochastic_rounding, master_weights)
-        explicit = seed is not None
         if capturable and not self._fused_sgd:
             raise ValueError(f"{name}: capturable=True needs the fused update, i.e. "
                              f"base_optimizer=torch.optim.SGD (not differentiable); "
                              f"{base_optimizer.__name__}'s step runs after a host read of the "
                              f"skip flag")
-        self._init_core(seed=broadcast_seed(check_seed(seed, name), explicit, name), backend=backend,
-                        check_finite=check_finite, capturable=capturable)
+        self._init_core(seed=seed, backend=backend, check_finite=check_finite,
+                        capturable=capturable, process_group=process_group)
 
     # ----------------------------------------------------------------- setup
     def _validate_group(self, g: dict) -> None:
@@ -215,10 +217,7 @@ class SAM(FlatOptimizer):
             return super().add_param_group(param_group)
         for key in ("rho", "adaptive", "normalize", "adaptive_eta"):
             param_group.setdefault(key, self.defaults[key])
-        params = param_group["params"]
-        for p in [params] if isinstance(params, torch.Tensor) else list(params):
-            if isinstance(p, torch.Tensor):
-                check_param(p, type(self).__name__)
+        self._materialize_group(param_group)
         self.base_optimizer.add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
 
@@ -451,33 +450,6 @@ class SAM(FlatOptimizer):
                    for g in self.param_groups for p in g["params"])
 
     # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        """As FlatOptimizer.state_dict; the state-dict hooks registered on this object run
-        around it as torch.optim.Optimizer runs them (those of ``base_optimizer`` run too,
-        inside)."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        sd = super().state_dict()
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            out = hook(self, sd)
-            if out is not None:
-                sd = out
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As FlatOptimizer.load_state_dict, with this object's load-state-dict hooks run as
-        torch.optim.Optimizer runs them: the pre-hooks on a shallow copy (a hook may edit or
-        replace it) before anything is checked, the post-hooks after a successful load."""
-        if isinstance(state_dict, dict):
-            state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        super().load_state_dict(state_dict)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-
     def _torch_state_dict(self) -> dict:
         """The base optimizer's state_dict (its per-parameter state, e.g. SGD's
         'momentum_buffer', and the param_groups with rho/adaptive/normalize)."""

@@ -148,10 +148,12 @@ def test_sam_capturable_needs_fused_sgd_base():
 
 
 def test_capturable_refuses_parameters_on_two_devices():
-    a = nn.Parameter(torch.randn(3))
-    b = nn.Parameter(torch.randn(3, device="meta"))
-    with pytest.raises(ValueError, match="one device"):
-        fused_flat.FSGLD([a, b], lr=0.1, beta=1e4, backend="reference", capturable=True)
+    with FakeTensorMode():   # a CPU and a (fake) CUDA parameter; meta ones are refused earlier
+        a = nn.Parameter(torch.randn(3))
+        b = nn.Parameter(torch.randn(3, device="cuda"))
+        with pytest.raises(ValueError, match="one device"):
+            fused_flat.FSGLD([a, b], lr=0.1, beta=1e4, seed=1, backend="reference",
+                             capturable=True)
 
 
 needs_cuda_ops = pytest.mark.skipif(not (_native.available() and _native.cuda_built()),

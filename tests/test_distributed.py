@@ -24,12 +24,13 @@ REL_TOL = 1e-6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(job: str, tmpdir: str, timeout: float = JOB_TIMEOUT) -> list[dict]:
-    """Run dist_cases.worker(rank, job) on 2 spawned processes with a FileStore; kill them
-    and fail after ``timeout`` seconds; return each rank's results."""
+def launch(job: str, tmpdir: str, timeout: float = JOB_TIMEOUT, worker=None) -> list[dict]:
+    """Run ``worker(rank, job, store, tmpdir)`` (default dist_cases.worker) on 2 spawned
+    processes with a FileStore; kill them and fail after ``timeout`` seconds; return each
+    rank's results."""
     ctx = mp.get_context("spawn")
     store = os.path.join(tmpdir, "store")
-    procs = [ctx.Process(target=dc.worker, args=(r, job, store, tmpdir), daemon=True)
+    procs = [ctx.Process(target=worker or dc.worker, args=(r, job, store, tmpdir), daemon=True)
              for r in range(dc.WORLD)]
     t0 = time.monotonic()
     for p in procs:

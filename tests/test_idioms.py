@@ -8,9 +8,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import multiprocessing as mp
-import os
-import time
 import warnings
 
 import pytest
@@ -63,11 +60,6 @@ NOISE_FREE = {
     "RWP": lambda ps: RWP(ps, lr=0.1, momentum=0.9, sigma=0.0),
     "SAM": lambda ps: SAM(ps, lr=0.1, momentum=0.9, rho=0.0),
 }
-SAM_ADD_GROUP = pytest.mark.xfail(
-    strict=True, reason="sam.py's SAM.add_param_group lists the generator itself before handing "
-    "it to the base optimizer; it must call core's self._materialize_group(param_group) instead")
-
-
 def _build(make, model, form):
     ps = model.parameters()
     if form == "group":
@@ -81,9 +73,7 @@ def _build(make, model, form):
 
 @pytest.mark.parametrize("form", ["group", "bare", "add_param_group"])
 @pytest.mark.parametrize("name", list(NOISE_FREE))
-def test_parameters_from_a_generator_are_kept_and_trained(request, name, form):
-    if name == "SAM" and form == "add_param_group":
-        request.applymarker(SAM_ADD_GROUP)
+def test_parameters_from_a_generator_are_kept_and_trained(name, form):
     ref, model = mlp(), mlp()
     sgd = _build(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), ref, form)
     opt = _build(NOISE_FREE[name], model, form)
@@ -235,7 +225,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("params", ["None", "model"])
-@pytest.mark.parametrize("cls", [SGLD, FSGLD, RWP])
+@pytest.mark.parametrize("cls", [SGLD, FSGLD, RWP, SAM])
 @pytest.mark.parametrize("bad", list(BAD))
 def test_bad_hyperparameters_raise_what_torch_sgd_raises(bad, cls, params):
     """torch.optim.SGD checks its hyperparameters before it looks at params."""
@@ -252,32 +242,12 @@ def test_bad_hyperparameters_raise_what_torch_sgd_raises(bad, cls, params):
 DIST_TIMEOUT = 90.0
 
 
-def _launch(job: str, tmpdir: str, timeout: float = DIST_TIMEOUT) -> list[dict]:
+def _launch(job: str, tmpdir: str) -> list[dict]:
     """tests/test_distributed.py's launch, for the jobs of tests/dist_idiom_cases.py."""
     from tests import dist_idiom_cases as dic
+    from tests.test_distributed import launch
 
-    ctx = mp.get_context("spawn")
-    store = os.path.join(tmpdir, "store")
-    procs = [ctx.Process(target=dic.worker, args=(r, job, store, tmpdir), daemon=True)
-             for r in range(dc.WORLD)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(max(0.0, timeout - (time.monotonic() - t0)))
-        if any(p.is_alive() for p in procs):
-            pytest.fail(f"distributed job {job!r} did not finish in {timeout:.0f} s (deadlock?)")
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    codes = [p.exitcode for p in procs]
-    if any(c != 0 for c in codes):
-        pytest.fail(f"distributed job {job!r} failed: exit codes {codes} (tracebacks on stderr)")
-    return [torch.load(os.path.join(tmpdir, f"rank{r}.pt"), weights_only=False)
-            for r in range(dc.WORLD)]
+    return launch(job, tmpdir, DIST_TIMEOUT, worker=dic.worker)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -1,6 +1,5 @@
 """16-bit parameters: no restore drift, small updates that survive (stochastic rounding),
 fp32 master weights that sample what the paper analyses."""
-import copy
 import math
 
 import pytest

@@ -1,5 +1,4 @@
 """SGLD / FSGLD / RWP against torch.optim.SGD, the reference backend and the spec."""
-import copy
 import math
 import warnings
 

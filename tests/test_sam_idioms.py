@@ -64,14 +64,6 @@ OPTIMIZERS = {
     "FSGLD": _langevin(fused_flat.FSGLD, beta=1e4),
     "RWP": lambda ps: fused_flat.RWP(ps, lr=0.05, sigma=0.01, momentum=0.9, seed=1),
 }
-# core.FlatOptimizer.state_dict / load_state_dict run the Langevin family's hooks inside
-# torch's Optimizer.state_dict / load_state_dict: the post-hook sees the dict before the
-# 'fused_flat' entry is added, the load pre-hook runs after the checks (not on the caller's
-# dict). To be fixed in core.py (not this file's owner).
-LANGEVIN_HOOKS_INSIDE = pytest.mark.xfail(
-    strict=True, reason="core.py runs the Langevin family's hooks inside torch's state_dict")
-
-
 def _with_warnings_ignored(f, *a):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,8 +114,7 @@ def test_state_dict_hooks_run_as_in_torch(name):
         assert "fused_flat" in sd
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=LANGEVIN_HOOKS_INSIDE)
-                                  if n in ("SGLD", "FSGLD", "RWP") else n for n in OPTIMIZERS])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_post_hook_sees_the_returned_state_dict(name):
     opt = _trained(name)
     seen = []
@@ -157,8 +148,7 @@ def test_load_state_dict_hooks_run_as_in_torch(name):
     assert opt.param_groups[0]["lr"] == 0.5   # the replacement, after the in-place edit
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=LANGEVIN_HOOKS_INSIDE)
-                                  if n in ("SGLD", "FSGLD", "RWP") else n for n in OPTIMIZERS])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_load_pre_hook_runs_before_the_checks(name):
     """A pre-hook may turn a dict the optimizer would refuse into a loadable one (torch runs
     it before validating), e.g. one saved under other keys."""
