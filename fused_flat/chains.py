@@ -484,8 +484,8 @@ class ChainAverager:
             batches (a shuffling DataLoader is refused; the labels of every pass are checked
             against the first pass's, so a change of order is caught when labels are given).
         labels: the evaluation labels when ``data`` has none (for the traces).
-        burn_in, every: as diagnostics.SnapshotAverager: ``step()`` skips ``burn_in`` calls,
-            then collects every ``every``-th call.
+        burn_in: as diagnostics.SnapshotAverager: ``step()`` skips ``burn_in`` calls.
+        every: thinning: after burn-in, ``step()`` collects every ``every``-th call.
         metrics: per-chain metrics recorded at every snapshot (needs labels).
 
     ``probs()``: ``[M, C]``, mean over chains and snapshots; ``chain_probs()``: ``[N, M, C]``,
