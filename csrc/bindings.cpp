@@ -35,7 +35,7 @@ TORCH_LIBRARY(fused_flat, m) {
   // fp64; param any floating dtype), elements [offset, offset + numel) of the bucket.
   m.def("perturb_from_(Tensor(a!) param, Tensor master, int seed, int bucket_id, int step, "
         "int tag, float sigma, int offset=0) -> ()");
-  // Inspection of the noise stream, layout version 2 (tests, cross-backend checks):
+  // Inspection of the noise stream, layout version 3 (tests, cross-backend checks):
   // Philox words of calls [first_call, first_call + n_calls) as int64 [n_calls, 4] (call j
   // serves elements 4j..4j+3); z(tag, i) of elements [offset, offset + n), float32;
   // w(tag, i) = x_(i & 3) of those elements, int64; and (z(tag, i), z(32, i)) = the

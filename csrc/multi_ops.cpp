@@ -38,7 +38,7 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
         "bool nesterov, bool momentum_init, float grad_mult, bool stochastic_rounding=False, "
         "int seed=0, int bucket_id=0, int step=0, Tensor? lr_t=None, Tensor? step_t=None) -> ()");
   // RW-SAM probe: backup <- theta ; theta <- theta + delta * v_i, v the Rademacher sign of
-  // bucket index i = meta[t].offset + e (tag 16, noise layout v2: top bit of x_(i & 3) of
+  // bucket index i = meta[t].offset + e (tag 16, noise layout 3: top bit of x_(i & 3) of
   // Philox call i >> 2).
   m.def("sam_probe_multi_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor chunks, "
         "Tensor meta, Tensor ptrs, int chunk, int seed, int bucket_id, int step, float delta, "
@@ -46,7 +46,7 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
 
   // ---- Langevin passes (issue 12). Their tables are built for the call frame
   // (fused_flat.multi_tensor.frame_plan): meta row t = (numel_t + (offset_t & 3), offset_t),
-  // chunk rows over those frame sizes (csrc/cuda/multi_langevin.cuh). Noise layout v2.
+  // chunk rows over those frame sizes (csrc/cuda/multi_langevin.cuh). Noise layout 3.
   // theta <- theta + sigma * eps(tag) at bucket indices offset_t + e.
   m.def("perturb_multi_(Tensor(a!)[] params, Tensor chunks, Tensor meta, Tensor ptrs, int chunk, "
         "int seed, int bucket_id, int step, int tag, float sigma, Tensor? step_t=None) -> ()");

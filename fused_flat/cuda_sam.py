@@ -127,7 +127,7 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                offsets: Sequence[int], seed: int, bucket_id: int, step: int | torch.Tensor,
                delta: float) -> None:
-    """backup <- theta ; theta <- theta + delta * v (Rademacher, tag 16, layout v2) at bucket
+    """backup <- theta ; theta <- theta + delta * v (Rademacher, tag 16, layout 3) at bucket
     index offsets[t] + e. ``step`` may be a one-element int64 device tensor."""
     mt.check_lists("sam_probe_", "params", params, backups=backups)
     if len(offsets) != len(params):

@@ -1,10 +1,10 @@
-"""The noise stream of ALGORITHMS.md §1 (layout version 2) in pure torch: the readable spec.
+"""The noise stream of ALGORITHMS.md §1 (layout version 3) in pure torch: the readable spec.
 
 Every random number of fused_flat is a pure function of (seed, bucket_id, step, tag, i):
 
-    key      = (seed_lo32 ^ bucket_id, seed_hi32)
+    key      = (seed_lo32, seed_hi32)                  (the whole seed)
     j        = i >> 2                                  (one Philox call serves 4 elements)
-    counter  = (j_lo32, j_hi32, step_lo32, tag)
+    counter  = (j_lo32, j_hi32, step_lo32, tag | (bucket_id << 8))   tag < 256, bucket_id < 2^24
     x0..x3   = Philox4x32-10(counter, key)
     (a, b)   = (x0, x1) if ((i >> 1) & 1) == 0 else (x2, x3)
     u(x)     = ((x >> 8) + 0.5) * 2^-24               (fp32)
@@ -15,6 +15,10 @@ Every random number of fused_flat is a pure function of (seed, bucket_id, step, 
 Tags: eps of perturbation n is z(n, i), n = 0..15; xi (Langevin noise) is z(32, i); the
 RW-SAM Rademacher probe is the sign of the top bit of w(16, i).
 
+Layout 3 differs from layout 2 only in the key and counter word 3: layout 2 keyed Philox
+with (seed_lo32 ^ bucket_id, seed_hi32), so (seed s + 1, bucket 0) drew the numbers of
+(seed s, bucket 1). ``stream_words`` is the one place the key and word 3 are built.
+
 uint32 words are held in int64 tensors; the 32x32 -> 64 bit product is split in 16-bit
 halves so no intermediate leaves int64's range.
 """
@@ -24,7 +28,7 @@ import math
 
 import torch
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -36,6 +40,8 @@ TAG_EPS = 0            # eps of perturbation n is tag TAG_EPS + n, n = 0..15
 TAG_PAIR = TAG_EPS     # layout-v1 name of tag 0, kept for importers
 TAG_RADEMACHER = 16
 TAG_XI = 32
+TAG_LIMIT = 1 << 8         # tags live in the low byte of counter word 3
+BUCKET_LIMIT = 1 << 24     # bucket ids in its high 24 bits
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,19 +66,32 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def key_of(seed: int, bucket_id: int) -> tuple[int, int]:
-    return (seed & MASK32) ^ (bucket_id & MASK32), (seed >> 32) & MASK32
+def check_bucket_id(bucket_id: int) -> None:
+    """ValueError unless 0 <= bucket_id < 2^24 (the bucket id's bits in counter word 3)."""
+    if not 0 <= bucket_id < BUCKET_LIMIT:
+        raise ValueError(f"fused_flat: bucket_id must be in [0, 2^24), got {bucket_id} (noise "
+                         f"layout 3 keeps it in 24 bits of the Philox counter)")
+
+
+def stream_words(seed: int, bucket_id: int, tag: int) -> tuple[int, int, int]:
+    """(k0, k1, c3): the Philox key (seed_lo32, seed_hi32) and counter word 3,
+    tag | (bucket_id << 8). ValueError for a tag outside [0, 256) or a bucket id outside
+    [0, 2^24)."""
+    check_bucket_id(bucket_id)
+    if not 0 <= tag < TAG_LIMIT:
+        raise ValueError(f"fused_flat: tag must be in [0, 256), got {tag}")
+    return seed & MASK32, (seed >> 32) & MASK32, tag | (bucket_id << 8)
 
 
 def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int, n_calls: int,
                  device=None) -> torch.Tensor:
     """Words of Philox calls [first_call, first_call + n_calls) as int64 [n_calls, 4]
     (first_call is read as a uint64 bit pattern). Call j serves elements 4j .. 4j+3."""
-    k0, k1 = key_of(seed, bucket_id)
+    k0, k1, w3 = stream_words(seed, bucket_id, tag)
     first = first_call - 2 ** 64 if first_call >= 2 ** 63 else first_call
     j = torch.arange(n_calls, dtype=torch.int64, device=device) + first
     c2 = torch.full_like(j, step & MASK32)
-    c3 = torch.full_like(j, tag & MASK32)
+    c3 = torch.full_like(j, w3)
     return torch.stack(philox4x32_10(j & MASK32, (j >> 32) & MASK32, c2, c3, k0, k1), dim=1)
 
 
@@ -116,7 +135,7 @@ def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, 
                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, xi) of elements [offset, offset + n): eps = z(tag, i), xi = z(TAG_XI, i).
 
-    Layout v2 compatibility helper: what a pass with restore tag ``tag`` uses."""
+    Helper kept from layout 1's API: what a pass with restore tag ``tag`` uses."""
     return (normal_noise(seed, bucket_id, step, tag, offset, n, device),
             normal_noise(seed, bucket_id, step, TAG_XI, offset, n, device))
 

@@ -106,7 +106,7 @@ def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_i
 def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int,
                  n_calls: int) -> torch.Tensor:
     """Philox words of calls [first_call, first_call + n_calls), int64 [n_calls, 4] (CPU).
-    Noise layout v2: call j serves bucket elements 4j .. 4j+3."""
+    Noise layout 3: call j serves bucket elements 4j .. 4j+3."""
     return _ops().philox_words(seed, bucket_id, step, tag, first_call, n_calls)
 
 

@@ -43,7 +43,7 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         theta <- theta - lr * d + noise_std * xi(tag 32)
 
     A set ``found_inf`` skips everything but the restore. eps(tag) = z(tag, i) and
-    xi = z(32, i) of the noise stream, layout version 2 (fused_flat.noise).
+    xi = z(32, i) of the noise stream, layout version 3 (fused_flat.noise).
 
     ``stochastic_rounding``: a bf16 / fp16 ``param`` receives the stochastically rounded
     fp32 result (fused_flat.noise.stochastic_round with the rbits of sr_bits: tags 0 and

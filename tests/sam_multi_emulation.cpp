@@ -166,7 +166,7 @@ void one_case(std::mt19937_64& rng, int nthreads) {
     for (size_t t = 0; t < Tn; ++t)
       for (int64_t e = 0; e < sizes[t]; ++e) {
         const T want = static_cast<T>(static_cast<acc_t>(th0[t][e]) +
-                                      acc_t(0.01) * static_cast<acc_t>(probe_sign_v2(key, 17, offs[t] + e)));
+                                      acc_t(0.01) * static_cast<acc_t>(rademacher_sign(key, 17, offs[t] + e)));
         EXPECT(std::memcmp(&want, &L.at(0, t, Tn)[e], sizeof(T)) == 0, "probe theta t=%zu e=%lld\n", t, (long long)e);
         EXPECT(std::memcmp(&th0[t][e], &L.at(1, t, Tn)[e], sizeof(T)) == 0, "probe backup t=%zu e=%lld\n", t, (long long)e);
       }
@@ -199,9 +199,9 @@ int main() {
   std::printf("cases=%ld vector_blocks=%ld failures=%d\n", cases, vector_blocks, failures);
   const PhiloxKey key = make_key(0x1234'5678'9ABCll, 3);
   std::printf("probe0=");
-  for (int64_t i = 0; i < 64; ++i) std::printf("%c", probe_sign_v2(key, 17, i) < 0 ? '-' : '+');
+  for (int64_t i = 0; i < 64; ++i) std::printf("%c", rademacher_sign(key, 17, i) < 0 ? '-' : '+');
   std::printf("\nprobe33=");
-  for (int64_t i = 0; i < 64; ++i) std::printf("%c", probe_sign_v2(key, 17, (int64_t(1) << 33) - 3 + i) < 0 ? '-' : '+');
+  for (int64_t i = 0; i < 64; ++i) std::printf("%c", rademacher_sign(key, 17, (int64_t(1) << 33) - 3 + i) < 0 ? '-' : '+');
   std::printf("\n");
   return failures == 0 ? 0 : 1;
 }

@@ -3,7 +3,7 @@ Triton ones (fused_flat/triton/sam.py); skipped without a CUDA GPU (the host emu
 tests/test_sam_cuda_emulation.py and the static SASS checks run instead).
 
 Oracles: fused_flat/sam_reference.py tensor by tensor on the GPU (1 ulp: fp32 1e-6
-relative, bf16 2^-7; the compiled Triton kernels may contract to FMA), the layout-v2
+relative, bf16 2^-7; the compiled Triton kernels may contract to FMA), the layout-3
 probe oracle, and torch.cuda.set_sync_debug_mode("error") around warm calls: no host sync.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fused_flat import sam_reference
-from tests.noise_v2_oracle import rademacher_v2_oracle
+from tests.noise_v3_oracle import rademacher_v3_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -95,7 +95,7 @@ def test_passes_vs_reference(impl, dtype, shift):
     gp, gb = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
     impl.sam_probe_(gp, gb, offsets, 0x1234_5678_9ABC, 3, 17, 1e-2)
     for p, b, g, n, off in zip(ps, gb, gp, sizes, offsets):
-        v = rademacher_v2_oracle(0x1234_5678_9ABC, 3, 17, off, n).cuda()
+        v = rademacher_v3_oracle(0x1234_5678_9ABC, 3, 17, off, n).cuda()
         _close([g], [(p.float() + 1e-2 * v).to(dtype)], dtype, "probe")
         assert torch.equal(b, p)
 

@@ -11,7 +11,7 @@ without momentum, the stochastic-rounding step (bf16/fp16, kSR: every noise comb
 restore tags 0..2, with and without momentum) and the all_finite body, bit for bit against
 per-element oracles from elementwise.h; and the kernels' device-scalar loads (float64 /
 float32 lr and noise_std, int64 step: the host path's values). The eps values it prints are
-compared here with fused_flat.noise (layout v2), and a fixed SR list it runs through the
+compared here with fused_flat.noise (layout 3), and a fixed SR list it runs through the
 kernels' index logic (5 tensors, odd offsets up to 2^33 + 3, momentum; once without noise,
 once with eps and xi) is replayed through fused_flat.reference.restore_and_step_
 (stochastic_rounding=True), tensor by tensor at its offset.

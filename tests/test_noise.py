@@ -1,18 +1,26 @@
-"""The noise stream (ALGORITHMS.md §1, layout version 2): known answers, the mapping of
-elements to calls and tags, C++ vs reference (every ISA path), thread independence, and
+"""The noise stream (ALGORITHMS.md §1, layout version 3): known answers, the mapping of
+elements to calls and tags, the key / counter layout (no two (seed, bucket) streams meet),
+bitwise equality of the words across the reference, C++ (every ISA path), Triton
+(interpreter) and the CUDA kernels' header compiled for the host, thread independence, and
 its distribution."""
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 
 from fused_flat import noise
-from tests.conftest import cpu_backends
+from tests.conftest import ROOT, cpu_backends
+from tests.noise_v3_oracle import words_v3
 
 HAS_CPP = "cpp" in cpu_backends()
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 
-# Random123 known answers for Philox4x32-10: (counter, key) -> words.
+# Random123 known answers for Philox4x32-10: (counter, key) -> words. Under layout 3 the key
+# is the seed and counter word 3 is tag | bucket_id << 8: the first is (seed 0, bucket 0,
+# tag 0), the second (seed 0x299F31D0A4093822, bucket 0x037073, tag 0x44).
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
@@ -21,9 +29,10 @@ KAT = [
 
 
 def _as_args(counter, key):
-    seed = (key[1] << 32) | key[0]          # bucket_id 0: key = (seed_lo, seed_hi)
+    """(seed, bucket_id, step, tag, j) whose Philox call has this counter and key."""
+    seed = (key[1] << 32) | key[0]          # key = (seed_lo, seed_hi)
     j = (counter[1] << 32) | counter[0]
-    return seed, counter[2], counter[3], j
+    return seed, counter[3] >> 8, counter[2], counter[3] & 0xFF, j
 
 
 def _isas():
@@ -68,8 +77,8 @@ def _z_from_words(words, i):
 
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_reference_philox_known_answers(counter, key, expected):
-    seed, step, tag, j = _as_args(counter, key)
-    w = noise.philox_words(seed, 0, step, tag, j, 1)
+    seed, bucket, step, tag, j = _as_args(counter, key)
+    w = noise.philox_words(seed, bucket, step, tag, j, 1)
     assert [int(x) for x in w[0]] == list(expected)
 
 
@@ -77,12 +86,12 @@ def test_reference_philox_known_answers(counter, key, expected):
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_cpp_philox_known_answers(counter, key, expected):
     from fused_flat import ops
-    seed, step, tag, j = _as_args(counter, key)
-    w = ops.philox_words(seed, 0, step, tag, j - 2 ** 64 if j >= 2 ** 63 else j, 1)
+    seed, bucket, step, tag, j = _as_args(counter, key)
+    w = ops.philox_words(seed, bucket, step, tag, j - 2 ** 64 if j >= 2 ** 63 else j, 1)
     assert [int(x) for x in w[0]] == list(expected)
 
 
-def test_layout_v2_known_answers():
+def test_layout_known_answers():
     """Elements 0..3 of (seed 0, bucket 0, step 0, tag 0) come from the one call with counter
     (0, 0, 0, 0), whose words are Random123's first known answer: element i takes the pair
     (x0, x1) for i < 2, (x2, x3) otherwise, and r cos t (even i) / r sin t (odd i)."""
@@ -93,16 +102,17 @@ def test_layout_v2_known_answers():
     # w(tag, i) = x_(i & 3)
     assert noise.element_words(0, 0, 0, 0, 0, 4).tolist() == list(words)
     # an element deep in the bucket, other tag, step, seed and bucket: call j = i >> 2,
-    # counter (j_lo, j_hi, step_lo, tag)
+    # counter (j_lo, j_hi, step_lo, tag | bucket << 8) (the oracle builds it independently)
     seed, bucket, step, tag, i = 0xDEADBEEF12345, 7, 2 ** 32 + 9, 32, (5 << 32) + 4 * 1234 + 3
     w = [int(x) for x in noise.philox_words(seed, bucket, step, tag, i >> 2, 1)[0]]
     assert noise.element_words(seed, bucket, step, tag, i, 1).item() == w[3]
+    assert words_v3(seed, bucket, step, tag, i - 3, 4).tolist() == w
     z = noise.normal_noise(seed, bucket, step, tag, i - 3, 4).tolist()
     assert max(abs(z[q] - _z_from_words(w, i - 3 + q)) for q in range(4)) < 1e-5
 
 
 @needs_cpp
-def test_cpp_layout_v2_known_answers():
+def test_cpp_layout_known_answers():
     from fused_flat import ops
     words = KAT[0][2]
     for isa in ISAS:
@@ -125,8 +135,8 @@ def test_tags_of_the_passes():
 
 @needs_cpp
 @pytest.mark.parametrize("seed,bucket,step,tag", [(0, 0, 0, 0), (2 ** 63 - 1, 7, 123456, 3),
-                                                  (0xDEADBEEF12345, 2 ** 31 + 5, 2 ** 32 + 9, 16),
-                                                  (5, 1, 2, 32)])
+                                                  (0xDEADBEEF12345, 2 ** 24 - 1, 2 ** 32 + 9, 16),
+                                                  (5, 1, 2, 32), (4, 5, 2, 255)])
 def test_cpp_words_bitwise_equal_reference(seed, bucket, step, tag):
     from fused_flat import ops
     for f in (0, 2 ** 31 - 100, 2 ** 32 - 3):   # the last crosses the j_lo -> j_hi carry
@@ -156,6 +166,176 @@ def test_cpp_normals_match_reference_every_isa(offset, n):
         if base is None:
             base = z
         assert torch.equal(z, base), f"{isa} differs from {ISAS[0]}"
+
+
+# ------------------------------------------------------------------ layout 3: key and counter
+# (seed, bucket_id) pairs: seeds with non-zero high words, bucket ids up to 2^24 - 1
+STREAMS = [(0x2545F4914F6CDD1D, 1), (2 ** 63 - 1, 5), (0xDEADBEEF12345, 2 ** 24 - 1)]
+# (step, tag, first call, calls): the last crosses the j_lo -> j_hi carry
+WORD_CASES = [(11, 0, 0, 300), (2 ** 32 + 9, 32, 2 ** 32 - 3, 40), (3, 16, 12345, 17)]
+
+# The CUDA kernels' noise (csrc/include/fused_flat/elementwise.h: make_key, noise_words, as
+# every kernel in csrc/cuda calls them) compiled for the host: one line "seed bucket step tag
+# first n" in, the n calls' words out.
+_HOST_WORDS_CPP = r"""
+#include <cinttypes>
+#include <cstdio>
+#include "fused_flat/elementwise.h"
+int main() {
+  long long seed, bucket, step, tag, first, n;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld", &seed, &bucket, &step, &tag, &first, &n) == 6) {
+    const fused_flat::PhiloxKey key = fused_flat::make_key(seed, bucket);
+    for (long long r = 0; r < n; ++r) {
+      const fused_flat::Words4 w =
+          fused_flat::noise_words(key, first + r, step, static_cast<uint32_t>(tag));
+      std::printf("%" PRIu32 " %" PRIu32 " %" PRIu32 " %" PRIu32 "\n", w.x0, w.x1, w.x2, w.x3);
+    }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_words(tmp_path_factory):
+    """words(cases) -> one int64 [n, 4] tensor per (seed, bucket, step, tag, first, n) case,
+    from elementwise.h compiled by the host C++ compiler (asserts on: no -DNDEBUG)."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.fail("no host C++ compiler (c++/g++) on PATH")
+    d = tmp_path_factory.mktemp("host_words")
+    (d / "words.cpp").write_text(_HOST_WORDS_CPP)
+    exe = str(d / "words")
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-I" + os.path.join(ROOT, "csrc", "include"),
+                            "-o", exe, str(d / "words.cpp")], capture_output=True, text=True,
+                           timeout=120)
+    assert build.returncode == 0, build.stderr[-3000:]
+
+    def words(cases):
+        text = "".join(" ".join(str(v) for v in c) + "\n" for c in cases)
+        run = subprocess.run([exe], input=text, capture_output=True, text=True, timeout=60,
+                             check=True)
+        rows = torch.tensor([[int(x) for x in line.split()] for line in run.stdout.splitlines()],
+                            dtype=torch.int64)
+        return list(rows.split([c[-1] for c in cases]))
+    return words
+
+
+def test_consecutive_seeds_and_buckets_draw_different_words():
+    """The layout-2 bug: key (seed_lo ^ bucket_id, seed_hi) made (seed s + 1, bucket 0) and
+    (seed s, bucket 1) one stream (s even). Layout 3 keys with the whole seed and counts the
+    bucket in counter word 3: no word in common."""
+    j = torch.arange(1024, dtype=torch.int64)
+    zero = torch.zeros_like(j)
+
+    def words_v2(seed, bucket):   # step 3, tag 0 under the layout-2 key
+        return torch.stack(noise.philox4x32_10(j, zero, zero + 3, zero,
+                                               (seed & 0xFFFFFFFF) ^ bucket, seed >> 32), 1)
+
+    for s in (0, 4, 0x2545F4914F6CDD1C):
+        a = noise.philox_words(s + 1, 0, 3, 0, 0, 1024)
+        b = noise.philox_words(s, 1, 3, 0, 0, 1024)
+        assert not (a == b).any()
+        # the premise: under the layout-2 key the same two streams are equal word for word
+        assert torch.equal(words_v2(s + 1, 0), words_v2(s, 1))
+
+
+def test_streams_of_seeds_and_buckets_uncorrelated():
+    """24 streams, seeds 0..7 x bucket ids 0..2, at one (step, tag): every pair's Pearson r
+    of z over n = 2^14 elements is below 5 / sqrt(n) = 0.039. For independent streams r is
+    ~ N(0, 1/n), so one pair exceeds 5 standard errors with probability 5.7e-7 and any of the
+    276 pairs with at most 276 x 5.7e-7 = 1.6e-4 (union bound). Under layout 2 the 24
+    streams were 8 (key seed ^ bucket_id): 24 pairs had r = 1.0."""
+    n = 1 << 14
+    bound = 5.0 / math.sqrt(n)
+    streams = [(s, b) for s in range(8) for b in range(3)]
+    off_diag = ~torch.eye(len(streams), dtype=torch.bool)
+    for step, tag in ((0, 0), (7, 32)):
+        z = torch.stack([noise.normal_noise(s, b, step, tag, 0, n).double() for s, b in streams])
+        r_max = torch.corrcoef(z)[off_diag].abs().max().item()
+        print(f"layout {noise.LAYOUT_VERSION}, step {step}, tag {tag}: max |r| over "
+              f"{len(streams) * (len(streams) - 1) // 2} pairs of {n} elements = {r_max:.4f} "
+              f"(bound {bound:.4f})")
+        assert r_max < bound
+
+
+def test_bucket_id_and_tag_ranges():
+    """bucket_id < 2^24 and tag < 256 (they share counter word 3): beyond, a clear error on
+    every backend, never a silently aliased stream."""
+    noise.philox_words(1, 2 ** 24 - 1, 0, 255, 0, 1)
+    for bucket, tag in ((2 ** 24, 0), (-1, 0), (0, 256), (0, -1)):
+        with pytest.raises(ValueError, match="bucket_id|tag"):
+            noise.philox_words(1, bucket, 0, tag, 0, 1)
+    if HAS_CPP:
+        from fused_flat import ops
+        for bucket, tag in ((2 ** 24, 0), (-1, 0), (0, 256)):
+            with pytest.raises(RuntimeError, match="bucket_id|tag"):
+                ops.philox_words(1, bucket, 0, tag, 0, 1)
+        with pytest.raises(RuntimeError, match="bucket_id"):
+            ops.perturb_(torch.zeros(8), 1, 2 ** 24, 0, 0, 0.1, 0)
+
+
+def _triton_noise():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None   # with a GPU, tests/test_triton*.py cover the compiled kernels
+    try:
+        from fused_flat.triton import noise as tnoise
+    except ImportError:
+        return None
+    return tnoise
+
+
+@pytest.mark.parametrize("seed,bucket", STREAMS)
+def test_words_bitwise_equal_across_backends(seed, bucket, host_words):
+    """Layout 3's words for non-zero bucket ids, bit for bit: the independent oracle, the
+    reference, the C++ ops, the Triton helpers (interpreter) and elementwise.h compiled for
+    the host (the CUDA kernels' code)."""
+    tnoise = _triton_noise()
+    host = host_words([(seed, bucket, step, tag, first - 2 ** 64 if first >= 2 ** 63 else first, n)
+                       for step, tag, first, n in WORD_CASES])
+    for (step, tag, first, n), hw in zip(WORD_CASES, host):
+        want = noise.philox_words(seed, bucket, step, tag, first, n)
+        assert torch.equal(words_v3(seed, bucket, step, tag, 4 * first, 4 * n), want.reshape(-1))
+        assert torch.equal(hw, want), "host-compiled elementwise.h"
+        if HAS_CPP:
+            from fused_flat import ops
+            assert torch.equal(ops.philox_words(seed, bucket, step, tag, first, n), want)
+            assert torch.equal(ops.element_words(seed, bucket, step, tag, 4 * first + 1, 4 * n - 1),
+                               want.reshape(-1)[1:])
+        if tnoise is not None:
+            assert torch.equal(tnoise.philox_words(seed, bucket, step, tag, first, n), want)
+            z, w = tnoise.normal_noise_and_words(seed, bucket, step, tag, 4 * first + 3, 4 * n - 3)
+            assert torch.equal(w, want.reshape(-1)[3:])
+
+
+@needs_cpp
+@pytest.mark.parametrize("seed,bucket", STREAMS)
+def test_cpp_simd_streams_every_isa(seed, bucket):
+    """The SIMD generators build counter word 3 themselves: for non-zero bucket ids, every
+    forced ISA path gives the normals of the portable path bit for bit (within 1e-5 of the
+    reference), and stochastic-rounding bits (the words' low bytes; no noise, so the result
+    is exact) equal to the reference's."""
+    from fused_flat import ops, reference
+    n, off = 4099, 6
+    zr = noise.normal_noise(seed, bucket, 9, 32, off, n)
+    gen = torch.Generator().manual_seed(2)
+    p0 = (torch.randn(n, generator=gen) * 3).to(torch.bfloat16)
+    g = torch.randn(n, generator=gen).to(torch.bfloat16)
+    want = p0.clone()
+    reference.restore_and_step_(want, g, None, None, None, seed, bucket, 9, off, 0, 0.0, 1e-3, 0.0,
+                                0.0, 0.0, False, False, 0.0, 1.0, stochastic_rounding=True)
+    base = None
+    for isa in ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FUSED_FLAT_CPU_ISA", isa)
+            z = ops.normal_noise(seed, bucket, 9, 32, off, n)
+            p = p0.clone()
+            ops.restore_and_step_(p, g, None, None, None, seed, bucket, 9, off, 0, 0.0, 1e-3, 0.0,
+                                  0.0, 0.0, False, False, 0.0, 1.0, stochastic_rounding=True)
+        assert (z - zr).abs().max().item() <= 1e-5, isa
+        base = z if base is None else base
+        assert torch.equal(z, base), f"{isa} differs from {ISAS[0]}"
+        assert torch.equal(p.view(torch.int16), want.view(torch.int16)), isa
 
 
 @needs_cpp

@@ -9,7 +9,7 @@ every thread (256, 32 and 7 threads per block) sequentially over 1600 random ten
 up to 2^33 + 8): coverage (each element exactly once, nothing outside the views touched),
 restore+step with momentum, the RW-SAM probe, and the ASAM squared norm, against
 per-element oracles. The probe signs it prints are compared here with the Python
-layout-v2 oracle (fused_flat.noise's Philox).
+layout-3 oracle (tests/noise_v3_oracle.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import subprocess
 import pytest
 from torch.utils import cpp_extension
 
-from tests.noise_v2_oracle import rademacher_v2_oracle
+from tests.noise_v3_oracle import rademacher_v3_oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,5 +46,5 @@ def test_sam_multi_index_logic_on_host(tmp_path):
     assert run.returncode == 0
     for name, first in (("probe0", 0), ("probe33", (1 << 33) - 3)):
         got = re.search(name + r"=([+-]{64})", run.stdout).group(1)
-        v = rademacher_v2_oracle(0x1234_5678_9ABC, 3, 17, first, 64)
+        v = rademacher_v3_oracle(0x1234_5678_9ABC, 3, 17, first, 64)
         assert got == "".join("-" if x < 0 else "+" for x in v.tolist()), name

@@ -79,8 +79,9 @@ def test_philox_known_answers():
     # Random123 kat_vectors for philox4x32_10
     w = tnoise.philox_words(0, 0, 0, 0, 0, 1)
     assert w.tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
-    key = (0x299F31D0 << 32) | 0xA4093822
-    w = tnoise.philox_words(key, 0, 0x13198A2E, 0x03707344, (0x85A308D3 << 32) | 0x243F6A88, 1)
+    # layout 3: seed = key, counter word 3 = tag | bucket_id << 8 (0x44 | 0x037073 << 8)
+    seed = (0x299F31D0 << 32) | 0xA4093822
+    w = tnoise.philox_words(seed, 0x037073, 0x13198A2E, 0x44, (0x85A308D3 << 32) | 0x243F6A88, 1)
     assert w.tolist() == [[0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]]
 
 
@@ -114,8 +115,8 @@ def test_gaussian_noise_matches_reference_and_cpp(n, offset, tag):
 
 
 @pytest.mark.parametrize("offset,n,tag", [(0, 4096, 0), (3, 1001, 16), ((5 << 32) + 2, 999, 32)])
-def test_element_words_and_normals_layout_v2(offset, n, tag):
-    """Layout v2 per element: w(tag, i) = x_(i & 3) bit for bit on the Triton, C++ and
+def test_element_words_and_normals_layout(offset, n, tag):
+    """Layout 3 per element: w(tag, i) = x_(i & 3) bit for bit on the Triton, C++ and
     reference backends; z(tag, i) within 1e-5 of the reference."""
     z, w = tnoise.normal_noise_and_words(SEED, BUCKET, STEP, tag, offset, n, block=4096)
     assert torch.equal(w, noise.element_words(SEED, BUCKET, STEP, tag, offset, n))

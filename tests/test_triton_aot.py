@@ -83,7 +83,7 @@ def _compile_report() -> dict:
     out = {}
     for dt in ("fp32", "bf16"):
         for cc in ARCHS:
-            sig = {"param_ptr": f"*{dt}", "key": "i64", "step_lo": "i64", "tag": "i32",
+            sig = {"param_ptr": f"*{dt}", "key": "i64", "bw": "i32", "step_lo": "i64", "tag": "i32",
                    "sigma": "fp32", "offset": "i64", "n": "i64", "MIS": "constexpr",
                    "BLOCK": "constexpr"}
             out[f"perturb/{dt}/sm{cc}"] = build(perturb.perturb_kernel, sig,
@@ -94,7 +94,7 @@ def _compile_report() -> dict:
                 mom = flags["HAS_MOM"]
                 sig = {"param_ptr": f"*{dt}", "grad_ptr": f"*{dt}",
                        "mom_ptr": f"*{dt}" if mom else "constexpr",
-                       "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "key": "i64",
+                       "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "key": "i64", "bw": "i32",
                        "step_lo": "i64", "offset": "i64", "n": "i64", "restore_tag": "i32"}
                 sig.update({s: "fp32" for s in SCALARS})
                 sig["momentum_init"] = "i32"

@@ -418,6 +418,7 @@ def test_scalar_path_passes_no_pointers(monkeypatch):
         (args, kw), = r.calls
         assert not any(kw.get(c, False) for c in ("STEP_PTR", "LR_PTR", "NOISE_STD_PTR")), name
     (args, kw), = rec["rs"].calls
-    assert not kw["NEED_XI"] and args[11] == 5 and args[14] == 0.1   # step & MASK32, lr
+    assert not kw["NEED_XI"] and args[12] == 5 and args[15] == 0.1   # step & MASK32, lr
+    assert tuple(args[10:12]) == (SEED, BUCKET << 8)   # layout 3: key = seed, bucket word
     (args, kw), = rec["perturb"].calls
-    assert args[7] == 5
+    assert args[8] == 5 and tuple(args[6:8]) == (SEED, BUCKET << 8)

@@ -31,7 +31,7 @@ _I64 = "*i64"
 def _ml_rs_sig(dt, scalar_ptr_dt="fp64"):
     sig = {"chunks_ptr": _I64, "meta_ptr": _I64, "ptrs_ptr": _I64, "T": "i32", "carrier": f"*{dt}",
            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "step_ptr": _I64,
-           "lr_ptr": f"*{scalar_ptr_dt}", "noise_std_ptr": f"*{scalar_ptr_dt}", "key": "i64",
+           "lr_ptr": f"*{scalar_ptr_dt}", "noise_std_ptr": f"*{scalar_ptr_dt}", "key": "i64", "bw": "i32",
            "step_lo": "i64", "restore_tag": "i32"}
     sig.update({s: "fp32" for s in ("sigma", "lr", "weight_decay", "momentum", "dampening",
                                     "noise_std", "grad_mult")})
@@ -96,7 +96,7 @@ def _compile_report() -> dict:
                 multi.restore_and_step_kernel, _ml_rs_sig(dt), const, cc)
         for step_ptr in (False, True):
             sig = {"chunks_ptr": _I64, "meta_ptr": _I64, "ptrs_ptr": _I64, "T": "i32",
-                   "carrier": "*fp32", "step_ptr": _I64, "key": "i64", "step_lo": "i64",
+                   "carrier": "*fp32", "step_ptr": _I64, "key": "i64", "bw": "i32", "step_lo": "i64",
                    "tag": "i32", "sigma": "fp32"}
             out[f"multi.perturb[step_ptr={step_ptr}]/sm{cc}"] = build(
                 multi.perturb_kernel, sig, dict(STEP_PTR=step_ptr, **tables), cc)
@@ -105,14 +105,14 @@ def _compile_report() -> dict:
                    "carrier": f"*{dt}", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
                    "lr_ptr": "*fp64", "step_ptr": _I64, "lr": "fp32", "weight_decay": "fp32",
                    "momentum": "fp32", "dampening": "fp32", "grad_mult": "fp32",
-                   "momentum_init": "i32", "key": "i64", "step_lo": "i64"}
+                   "momentum_init": "i32", "key": "i64", "bw": "i32", "step_lo": "i64"}
             const = dict(HAS_MOM=True, NESTEROV=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
                          SR=sr, IS_BF16=dt == "bf16", OFF4=True, LR_PTR=True, STEP_PTR=sr,
                          **tables)
             out[f"sam.restore_and_step[{dt}]/sm{cc}"] = build(sam.restore_and_step_kernel, sig,
                                                               const, cc)
         sig = {"chunks_ptr": _I64, "meta_ptr": _I64, "ptrs_ptr": _I64, "T": "i32",
-               "carrier": "*bf16", "step_ptr": _I64, "key": "i64", "step_lo": "i64",
+               "carrier": "*bf16", "step_ptr": _I64, "key": "i64", "bw": "i32", "step_lo": "i64",
                "delta": "fp32"}
         out[f"sam.probe[step_ptr]/sm{cc}"] = build(sam.probe_kernel, sig,
                                                    dict(STEP_PTR=True, **tables), cc)
@@ -140,23 +140,25 @@ def _specialization_report() -> dict:
     out = {}
     # step_lo values: 1, a multiple of 16, an odd one (all < 2^31: one type)
     steps = [(1, 0.1, 1, 0, 1), (16, 0.25, 0, 16, 32), (12345, 1.0 / 3, 1, 7, 3)]
+    BW = 3 << 8   # the bucket word (noise_key) of bucket 3
     rs_kw = dict(HAS_MOM=True, NESTEROV=False, NEED_EPS=True, NEED_XI=True,
                  HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, STEP_PTR=False, LR_PTR=False,
                  NOISE_STD_PTR=False, SR=True, EPS_TAG0=True, IS_BF16=True, **tables)
     out["multi.restore_and_step"] = len({spec(
         multi.restore_and_step_kernel,
-        (p, p, p, 3, p, p, p, p, p, p, 0x12345678, s, tag, 0.1, lr, 0.0, 0.9, 0.0, lr / 100,
-         1.0, mi), rs_kw) for s, lr, mi, tag, _ in steps}) == 1
-    out["multi.perturb"] = len({spec(multi.perturb_kernel, (p, p, p, 3, p, p, 0x12345678, s, tag,
-                                                            lr), dict(STEP_PTR=False, **tables))
+        (p, p, p, 3, p, p, p, p, p, p, 0x12345678, BW, s, tag, 0.1, lr, 0.0, 0.9, 0.0,
+         lr / 100, 1.0, mi), rs_kw) for s, lr, mi, tag, _ in steps}) == 1
+    out["multi.perturb"] = len({spec(multi.perturb_kernel,
+                                     (p, p, p, 3, p, p, 0x12345678, BW, s, tag, lr),
+                                     dict(STEP_PTR=False, **tables))
                                 for s, lr, _, tag, _ in steps}) == 1
     sam_kw = dict(HAS_MOM=True, NESTEROV=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
                   SR=True, IS_BF16=True, OFF4=True, LR_PTR=False, STEP_PTR=False, **tables)
     out["sam.restore_and_step"] = len({spec(
         sam.restore_and_step_kernel,
         (p, p, p, 3, p, p, p, p, p, lr, 0.0, 0.9, 0.0, 1.0, mi),
-        dict(sam_kw, key=0x12345678, step_lo=s)) for s, lr, mi, _, _ in steps}) == 1
-    out["sam.probe"] = len({spec(sam.probe_kernel, (p, p, p, 3, p, p, 0x12345678, s, lr),
+        dict(sam_kw, key=0x12345678, bw=BW, step_lo=s)) for s, lr, mi, _, _ in steps}) == 1
+    out["sam.probe"] = len({spec(sam.probe_kernel, (p, p, p, 3, p, p, 0x12345678, BW, s, lr),
                                  dict(STEP_PTR=False, **tables))
                             for s, lr, _, _, _ in steps}) == 1
     return out

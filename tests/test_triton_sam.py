@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from fused_flat import sam_reference  # noqa: E402
 from fused_flat.triton import sam as tsam  # noqa: E402
-from tests.noise_v2_oracle import rademacher_v2_oracle  # noqa: E402
+from tests.noise_v3_oracle import rademacher_v3_oracle  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -150,7 +150,7 @@ def test_restore_and_step(dtype, case, scaler):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_probe_v2(dtype):
+def test_probe_v3(dtype):
     gen = torch.Generator().manual_seed(5)
     sizes = [1, 130, 0, 7, 257, 64]
     offsets = [0, 1, 200, 203, 2 ** 33 + 5, 1000]          # odd offsets: FSDP shards
@@ -161,7 +161,7 @@ def test_probe_v2(dtype):
     tsam.sam_probe_(got, backups, offsets, seed, bucket_id, step, delta)
     for p, b, g, n, off in zip(params, backups, got, sizes, offsets):
         assert torch.equal(b, p)
-        v = rademacher_v2_oracle(seed, bucket_id, step, off, n).to(DEVICE)
+        v = rademacher_v3_oracle(seed, bucket_id, step, off, n).to(DEVICE)
         want = (p.float() + delta * v).to(dtype)
         _assert_close([g], [want], dtype, f"probe@{off}")
         if n > 16:

@@ -1,5 +1,5 @@
 // CPU implementations of the fused_flat ops: one pass over a flat bucket per op,
-// parallel over Philox calls (4 elements each, noise layout v2) with at::parallel_for
+// parallel over Philox calls (4 elements each, noise layout 3) with at::parallel_for
 // (OpenMP); the loops are loops.h with the noise generator of the best ISA (baseline,
 // AVX2, AVX-512; FUSED_FLAT_CPU_ISA forces one). Every element's value is
 // a function of its bucket index alone (ALGORITHMS.md §1), never of the thread split,
@@ -247,7 +247,7 @@ void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict
 void perturb_cpu(at::Tensor& param, int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
                  double sigma, int64_t offset) {
   check_bucket(param, "param");
-  check_noise_args(seed, offset, tag);
+  check_noise_args(seed, bucket_id, offset, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_: tag must be >= 0, got ", tag);
   if (sigma == 0.0) return;
   const PhiloxKey key = make_key(seed, bucket_id);
@@ -270,7 +270,7 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
   if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
   check_scalar_tensor(grad_scale, param, "grad_scale");
   check_scalar_tensor(found_inf, param, "found_inf");
-  check_noise_args(seed, offset, restore_tag);
+  check_noise_args(seed, bucket_id, offset, restore_tag);
   TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
               "fused_flat.restore_and_step_: restore_tag must be >= 0 when sigma != 0");
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
@@ -314,7 +314,7 @@ void check_list(at::TensorList params, at::IntArrayRef offsets, const char* op) 
 void perturb_list_cpu(at::TensorList params, at::IntArrayRef offsets, int64_t seed,
                       int64_t bucket_id, int64_t step, int64_t tag, double sigma) {
   check_list(params, offsets, "perturb_list_");
-  check_noise_args(seed, 0, tag);
+  check_noise_args(seed, bucket_id, 0, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_list_: tag must be >= 0, got ", tag);
   if (sigma == 0.0 || params.empty()) return;
   const PhiloxKey key = make_key(seed, bucket_id);
@@ -351,7 +351,7 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::
   if (params.empty()) return;
   check_scalar_tensor(grad_scale, params[0], "grad_scale");
   check_scalar_tensor(found_inf, params[0], "found_inf");
-  check_noise_args(seed, 0, restore_tag);
+  check_noise_args(seed, bucket_id, 0, restore_tag);
   TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
               "fused_flat.restore_and_step_list_: restore_tag must be >= 0 when sigma != 0");
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
@@ -404,7 +404,7 @@ at::Tensor restore_check_list_cpu(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(params[t].scalar_type() == at::kFloat,
                 "fused_flat.restore_check_list_: float32 buckets only, got ", params[t].scalar_type());
   }
-  check_noise_args(seed, 0, tag);
+  check_noise_args(seed, bucket_id, 0, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.restore_check_list_: tag must be >= 0, got ", tag);
   at::Tensor found = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
   if (params.empty()) return found;
@@ -476,7 +476,7 @@ void perturb_from_cpu(at::Tensor& param, const at::Tensor& master, int64_t seed,
   TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf ||
                   param.scalar_type() == at::kFloat,
               "fused_flat.perturb_from_: param must be bf16, fp16 or fp32, got ", param.scalar_type());
-  check_noise_args(seed, offset, tag);
+  check_noise_args(seed, bucket_id, offset, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_from_: tag must be >= 0, got ", tag);
   const PhiloxKey key = make_key(seed, bucket_id);
   const float* ms = master.data_ptr<float>();
@@ -493,7 +493,7 @@ at::Tensor philox_words_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64
                             int64_t first_call, int64_t n_calls) {
   // first_call is taken as the bit pattern of a uint64 (so Random123's test vectors,
   // whose counters have the top bit set, can be checked). Call j serves elements 4j..4j+3.
-  check_noise_args(seed, 0, tag);
+  check_noise_args(seed, bucket_id, 0, tag);
   TORCH_CHECK(n_calls >= 0, "fused_flat.philox_words: n_calls must be >= 0");
   at::Tensor out = at::empty({n_calls, 4}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
@@ -513,7 +513,7 @@ at::Tensor philox_words_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64
 // w(tag, i) = x_(i & 3) of elements [offset, offset + n), int64 in [0, 2^32).
 at::Tensor element_words_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
                              int64_t offset, int64_t n) {
-  check_noise_args(seed, offset, tag);
+  check_noise_args(seed, bucket_id, offset, tag);
   TORCH_CHECK(n >= 0, "fused_flat.element_words: n must be >= 0");
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
@@ -527,7 +527,7 @@ at::Tensor element_words_cpu(int64_t seed, int64_t bucket_id, int64_t step, int6
 // z(tag, i) of elements [offset, offset + n), float32, through the CPU's noise generator.
 at::Tensor normal_noise_cpu(int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
                             int64_t offset, int64_t n) {
-  check_noise_args(seed, offset, tag);
+  check_noise_args(seed, bucket_id, offset, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.normal_noise: tag must be >= 0, got ", tag);
   TORCH_CHECK(n >= 0, "fused_flat.normal_noise: n must be >= 0");
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
@@ -554,10 +554,13 @@ std::tuple<at::Tensor, at::Tensor> gaussian_noise_cpu(int64_t seed, int64_t buck
 // per-thread L1 buffers with no parameter traffic. Returns a float32 checksum.
 at::Tensor noise_roofline_cpu(int64_t seed, int64_t bucket_id, int64_t step, at::IntArrayRef tags,
                               int64_t n) {
-  check_noise_args(seed, 0, 0);
+  check_noise_args(seed, bucket_id, 0, 0);
   TORCH_CHECK(n >= 0 && tags.size() <= 8, "fused_flat.noise_roofline: n >= 0 and at most 8 tags");
   uint32_t t[8];
-  for (size_t k = 0; k < tags.size(); ++k) t[k] = static_cast<uint32_t>(tags[k]);
+  for (size_t k = 0; k < tags.size(); ++k) {
+    check_noise_args(seed, bucket_id, 0, tags[k]);
+    t[k] = static_cast<uint32_t>(tags[k]);
+  }
   const int nt = static_cast<int>(tags.size());
   const PhiloxKey key = make_key(seed, bucket_id);
   const IsaLoops& L = loops();

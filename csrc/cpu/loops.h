@@ -1,5 +1,5 @@
 // The CPU inner loops over whole Philox calls [j0, j1) of a bucket slice (noise layout
-// version 2: call j serves elements 4j .. 4j+3 of one tag), templated on the storage type
+// version 3: call j serves elements 4j .. 4j+3 of one tag), templated on the storage type
 // and on the noise generator.
 //
 // Each loop works in chunks of kChunkCalls calls: the generator writes the chunk's

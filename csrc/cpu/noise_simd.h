@@ -1,4 +1,4 @@
-// SIMD generator of the noise stream (layout version 2) for one ISA: W Philox calls per
+// SIMD generator of the noise stream (layout version 3) for one ISA: W Philox calls per
 // vector (lane l = call j0 + l), then uniform24, the branch-free log and the
 // quadrant-reduced sincos of elementwise.h operation for operation on W lanes, and a
 // 4 x W transpose so the 4W normals land in element order. kV vectors are generated
@@ -141,7 +141,7 @@ struct SimdNoise {
       c0[v] = lane + static_cast<uint32_t>(uj + static_cast<uint64_t>(v * W));
       c1[v] = lane * 0u + static_cast<uint32_t>(uj >> 32);
       c2[v] = lane * 0u + step_lo;
-      c3[v] = lane * 0u + tag;
+      c3[v] = lane * 0u + (tag | key.bucket_word);   // noise_words' counter word 3
     }
     philox_n<V>(c0, c1, c2, c3, key.k0, key.k1, pf, l0, l1);
     if (kWords) {

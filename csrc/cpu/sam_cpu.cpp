@@ -158,7 +158,7 @@ void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const
   if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
   check_scalar_tensor(grad_scale, param, "grad_scale");
   check_scalar_tensor(found_inf, param, "found_inf");
-  if (stochastic_rounding) check_noise_args(seed, offset, 0);
+  if (stochastic_rounding) check_noise_args(seed, bucket_id, offset, 0);
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
     param.copy_(backup);  // skipped step: exact restore only, momentum untouched
     return;
@@ -196,14 +196,14 @@ void sam_probe_cpu(at::Tensor& param, at::Tensor& backup, int64_t seed, int64_t 
                    int64_t step, double delta, int64_t offset) {
   check_bucket(param, "param");
   check_like(param, backup, "backup");
-  check_noise_args(seed, offset, 0);
+  check_noise_args(seed, bucket_id, offset, 0);
   const PhiloxKey key = make_key(seed, bucket_id);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sam_probe_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* p = param.data_ptr<scalar_t>();
     scalar_t* bk = backup.data_ptr<scalar_t>();
     const acc_t d = static_cast<acc_t>(delta);
-    // One Philox call per 4 elements (layout v2: v_i from w(16, i) = x_(i & 3)).
+    // One Philox call per 4 elements (layout 3: v_i from w(16, i) = x_(i & 3)).
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
       int64_t i = i0;
       while (i < i1) {

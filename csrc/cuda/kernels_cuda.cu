@@ -1,7 +1,7 @@
 // CUDA implementations of the fused_flat ops perturb_ and restore_and_step_.
 //
 // Same semantics as csrc/cpu/kernels_cpu.cpp, and the same per-element arithmetic:
-// the noise (fused_flat::call_noise / element_noise, layout v2) and the update
+// the noise (fused_flat::call_noise / element_noise, layout 3) and the update
 // (fused_flat::langevin_update) come from fused_flat/elementwise.h. Compiled with
 // -fmad=false (setup.py) so the fp32 results equal the CPU kernels' bit for bit.
 //
@@ -274,7 +274,7 @@ void perturb_cuda(at::Tensor& param, int64_t seed, int64_t bucket_id, int64_t st
                   double sigma, int64_t offset) {
   check_bucket(param, "param");
   check_cuda_bucket(param, "param");
-  check_noise_args(seed, offset, tag);
+  check_noise_args(seed, bucket_id, offset, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_: tag must be >= 0, got ", tag);
   if (sigma == 0.0 || param.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
@@ -298,7 +298,7 @@ void restore_and_step_cuda(at::Tensor& param, const at::Tensor& grad,
   if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
   check_scalar_tensor(grad_scale, param, "grad_scale");
   check_scalar_tensor(found_inf, param, "found_inf");
-  check_noise_args(seed, offset, restore_tag);
+  check_noise_args(seed, bucket_id, offset, restore_tag);
   TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
               "fused_flat.restore_and_step_: restore_tag must be >= 0 when sigma != 0");
   if (param.numel() == 0) return;
@@ -358,7 +358,7 @@ void perturb_from_cuda(at::Tensor& param, const at::Tensor& master, int64_t seed
   TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf ||
                   param.scalar_type() == at::kFloat,
               "fused_flat.perturb_from_: param must be bf16, fp16 or fp32, got ", param.scalar_type());
-  check_noise_args(seed, offset, tag);
+  check_noise_args(seed, bucket_id, offset, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_from_: tag must be >= 0, got ", tag);
   if (param.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());

@@ -133,7 +133,7 @@ void perturb_multi_cuda(at::TensorList params, const at::Tensor& chunks, const a
                         int64_t step, int64_t tag, double sigma,
                         const c10::optional<at::Tensor>& step_t) {
   const Tables tb = check_args("perturb_multi_", {&params}, chunks, meta, ptrs, chunk);
-  check_noise_args(seed, 0, tag);
+  check_noise_args(seed, bucket_id, 0, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_multi_: tag must be >= 0, got ", tag);
   const int64_t* step_p = step_scalar("perturb_multi_", step_t, params[0]);
   if (sigma == 0.0 || tb.n_chunks == 0) return;
@@ -195,7 +195,7 @@ void restore_and_step_multi_cuda(at::TensorList params, at::TensorList grads, at
   const Tables tb = check_args("restore_and_step_multi_", lists, chunks, meta, ptrs, chunk);
   check_scalar_tensor(grad_scale, params[0], "grad_scale");
   check_scalar_tensor(found_inf, params[0], "found_inf");
-  check_noise_args(seed, 0, restore_tag);
+  check_noise_args(seed, bucket_id, 0, restore_tag);
   TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
               "fused_flat.restore_and_step_multi_: restore_tag must be >= 0 when sigma != 0");
   const StepScalars sc{step_scalar("restore_and_step_multi_", step_t, params[0]),

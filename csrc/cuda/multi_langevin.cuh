@@ -4,7 +4,7 @@
 // per-element oracle. No CUDA API here. The arithmetic is fused_flat/elementwise.h's
 // (call_noise, langevin_update), as in the per-tensor kernels (sweep.cuh).
 //
-// Call frame (noise layout v2, ALGORITHMS.md §1). Tensor t with bucket offset off_t and
+// Call frame (noise layout 3, ALGORITHMS.md §1). Tensor t with bucket offset off_t and
 // numel n_t is visited in frame positions f = e + mis_t, mis_t = off_t & 3: position f has
 // bucket index 4 * (off_t >> 2) + f, so 4 consecutive positions starting at a multiple of 4
 // are exactly one Philox call. The launch tables (fused_flat.multi_tensor.frame_plan) are

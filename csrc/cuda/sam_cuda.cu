@@ -256,7 +256,7 @@ void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backu
   const Tables tb = check_args("sam_restore_and_step_multi_", lists, chunks, meta, ptrs, chunk);
   check_scalar_tensor(grad_scale, params[0], "grad_scale");
   check_scalar_tensor(found_inf, params[0], "found_inf");
-  if (stochastic_rounding) check_noise_args(seed, 0, 0);
+  if (stochastic_rounding) check_noise_args(seed, bucket_id, 0, 0);
   const DevScalar lr_s = float_scalar("sam_restore_and_step_multi_", lr_t, params[0], "lr_t");
   const int64_t* step_p = step_scalar("sam_restore_and_step_multi_", step_t, params[0]);
   if (tb.n_chunks == 0) return;
@@ -284,7 +284,7 @@ void sam_probe_multi_cuda(at::TensorList params, at::TensorList backups, const a
                           int64_t seed, int64_t bucket_id, int64_t step, double delta,
                           const c10::optional<at::Tensor>& step_t) {
   const Tables tb = check_args("sam_probe_multi_", {&params, &backups}, chunks, meta, ptrs, chunk);
-  check_noise_args(seed, 0, 0);
+  check_noise_args(seed, bucket_id, 0, 0);
   const int64_t* step_p = step_scalar("sam_probe_multi_", step_t, params[0]);
   if (tb.n_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());

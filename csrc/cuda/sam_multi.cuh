@@ -154,23 +154,6 @@ FFM_HD void visit_chunk(scalar_t* const (&p)[K], int64_t start, int64_t end, int
   }
 }
 
-// ------------------------------------------------------------------ RW-SAM probe (v2)
-// v_i in {+1, -1}: -1 where the top bit of w(16, i) = x_(i & 3) of Philox call j = i >> 2
-// (counter (j_lo, j_hi, step_lo, 16)) is set: noise layout v2 (ALGORITHMS.md §1). The one
-// place to point at the shared v2 helper of elementwise.h once it exists.
-FFM_HD float probe_sign_v2(PhiloxKey key, int64_t step, int64_t gi) {
-  const uint64_t j = static_cast<uint64_t>(gi) >> 2;
-  Words4 c;
-  c.x0 = static_cast<uint32_t>(j);
-  c.x1 = static_cast<uint32_t>(j >> 32);
-  c.x2 = static_cast<uint32_t>(static_cast<uint64_t>(step));
-  c.x3 = kTagRademacher;
-  const Words4 w = philox4x32_10(c, key.k0, key.k1);
-  const int lane = static_cast<int>(gi & 3);
-  const uint32_t word = lane == 0 ? w.x0 : lane == 1 ? w.x1 : lane == 2 ? w.x2 : w.x3;
-  return (word >> 31) ? -1.0f : 1.0f;
-}
-
 // ------------------------------------------------------------------ bodies
 // Streams: (g[, theta]); read only.
 template <bool kAdaptive, typename acc_t>
@@ -255,7 +238,7 @@ struct ProbeBody {
   acc_t delta;
   FFM_HD void operator()(acc_t* x, int64_t i) {
     x[1] = x[0];
-    x[0] = x[0] + delta * static_cast<acc_t>(probe_sign_v2(key, step, offset + i));
+    x[0] = x[0] + delta * static_cast<acc_t>(rademacher_sign(key, step, offset + i));
   }
 };
 

@@ -71,7 +71,7 @@ FFC_HD void do_element(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
   if constexpr (kM) m[i] = static_cast<scalar_t>(mm);
 }
 
-// Vector path over one slice; see the file comment. Noise layout v2: a 16-byte vector
+// Vector path over one slice; see the file comment. Noise layout 3: a 16-byte vector
 // holds whole Philox calls (fp32: 1 call = 4 elements; 16-bit: 2 calls).
 template <typename scalar_t, int V, bool kEps, bool kXi, bool kG, bool kM, bool kSR, typename Body>
 FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,

@@ -11,9 +11,10 @@ launched through ``torch.library.wrap_triton``, so ``torch.compile`` traces into
 ops run eagerly on CPU tensors; no fallback is needed.)
 
 The Python entry points ``perturb_`` / ``restore_and_step_`` have the signatures of
-fused_flat.reference. They compute the Philox key on the host, pick the constexpr
-switches, and hand fp64 buckets to fused_flat.reference (the kernels compute in fp32;
-an fp64 bucket keeps fp64 arithmetic, as the C++ backend does, through the reference).
+fused_flat.reference. They compute the Philox key and the bucket word on the host
+(noise.noise_key), pick the constexpr switches, and hand fp64 buckets to
+fused_flat.reference (the kernels compute in fp32; an fp64 bucket keeps fp64 arithmetic,
+as the C++ backend does, through the reference).
 
 Devices: CUDA; also CPU when ``TRITON_INTERPRET=1`` (so the test-suite can run the
 optimizers with backend='triton' without a GPU).
@@ -35,9 +36,10 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fused_flat import backends, reference
+from fused_flat.noise import TAG_LIMIT, check_bucket_id
 from fused_flat.triton import perturb as _perturb
 from fused_flat.triton import restore_and_step as _rs
-from fused_flat.triton.noise import MASK32, philox_key
+from fused_flat.triton.noise import MASK32, noise_key
 
 __all__ = ["backend", "perturb_", "restore_and_step_", "perturb_from_", "interpreted"]
 
@@ -49,11 +51,11 @@ def interpreted() -> bool:
 
 # ------------------------------------------------------------------ torch.library ops
 @triton_op("fused_flat_triton::perturb_", mutates_args={"param"})
-def _perturb_op(param: torch.Tensor, key: int, step_lo: int, tag: int, sigma: float,
+def _perturb_op(param: torch.Tensor, key: int, bw: int, step_lo: int, tag: int, sigma: float,
                 offset: int) -> None:
     n = param.numel()
     wrap_triton(_perturb.perturb_kernel)[_perturb.grid(n, offset)](
-        param, key, step_lo, tag, sigma, offset, n,
+        param, key, bw, step_lo, tag, sigma, offset, n,
         MIS=offset & 3, BLOCK=_perturb.BLOCK, num_warps=_perturb.NUM_WARPS)
 
 
@@ -61,7 +63,8 @@ def _perturb_op(param: torch.Tensor, key: int, step_lo: int, tag: int, sigma: fl
 def _restore_and_step_op(param: torch.Tensor, grad: torch.Tensor,
                          momentum_buffer: Optional[torch.Tensor],
                          grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                         key: int, step_lo: int, offset: int, restore_tag: int, sigma: float,
+                         key: int, bw: int, step_lo: int, offset: int, restore_tag: int,
+                         sigma: float,
                          lr: float, weight_decay: float, momentum: float, dampening: float,
                          nesterov: bool, momentum_init: bool, noise_std: float,
                          grad_mult: float, stochastic_rounding: bool = False) -> None:
@@ -70,7 +73,7 @@ def _restore_and_step_op(param: torch.Tensor, grad: torch.Tensor,
     sr = bool(stochastic_rounding) and param.dtype in (torch.bfloat16, torch.float16)
     wrap_triton(_rs.restore_and_step_kernel)[_rs.grid(n, offset)](
         param, grad, momentum_buffer, grad_scale, found_inf,
-        key, step_lo, offset, n, restore_tag,
+        key, bw, step_lo, offset, n, restore_tag,
         sigma, lr, weight_decay, momentum, dampening, noise_std, grad_mult, int(momentum_init),
         HAS_MOM=momentum_buffer is not None, NESTEROV=bool(nesterov) and momentum_buffer is not None,
         NEED_EPS=need_eps, NEED_XI=need_xi,
@@ -81,11 +84,11 @@ def _restore_and_step_op(param: torch.Tensor, grad: torch.Tensor,
 
 
 @triton_op("fused_flat_triton::perturb_from_", mutates_args={"param"})
-def _perturb_from_op(param: torch.Tensor, master: torch.Tensor, key: int, step_lo: int, tag: int,
-                     sigma: float, offset: int) -> None:
+def _perturb_from_op(param: torch.Tensor, master: torch.Tensor, key: int, bw: int, step_lo: int,
+                     tag: int, sigma: float, offset: int) -> None:
     n = param.numel()
     wrap_triton(_perturb.perturb_from_kernel)[_perturb.grid(n, offset)](
-        param, master, key, step_lo, tag, sigma, offset, n, NEED_EPS=sigma != 0.0,
+        param, master, key, bw, step_lo, tag, sigma, offset, n, NEED_EPS=sigma != 0.0,
         IS_BF16=param.dtype == torch.bfloat16,
         MIS=offset & 3, BLOCK=_perturb.BLOCK, num_warps=_perturb.NUM_WARPS)
 
@@ -113,13 +116,14 @@ def _check_scalar(t: Optional[torch.Tensor], param: torch.Tensor, name: str) -> 
                          f"{param.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
 
 
-def _check_noise_args(seed: int, offset: int, tag: int) -> None:
+def _check_noise_args(seed: int, bucket_id: int, offset: int, tag: int) -> None:
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"fused_flat.triton: seed must be in [0, 2^63), got {seed}")
     if offset < 0:
         raise ValueError(f"fused_flat.triton: offset must be >= 0, got {offset}")
-    if not -1 <= tag < 2 ** 32:
-        raise ValueError(f"fused_flat.triton: tag must be in [-1, 2^32), got {tag}")
+    check_bucket_id(bucket_id)
+    if not -1 <= tag < TAG_LIMIT:
+        raise ValueError(f"fused_flat.triton: tag must be in [-1, 256), got {tag}")
 
 
 # ------------------------------------------------------------------ entry points
@@ -127,7 +131,7 @@ def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int
              offset: int = 0) -> None:
     """theta <- theta + sigma * eps(tag) over elements [offset, offset + numel) of the bucket."""
     _check_bucket(param, "param")
-    _check_noise_args(seed, offset, tag)
+    _check_noise_args(seed, bucket_id, offset, tag)
     if tag < 0:
         raise ValueError(f"fused_flat.triton.perturb_: tag must be >= 0, got {tag}")
     if sigma == 0.0 or param.numel() == 0:
@@ -135,8 +139,8 @@ def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int
     if param.dtype == torch.float64:   # fp64 keeps fp64 arithmetic: the reference does it
         reference.perturb_(param, seed, bucket_id, step, tag, sigma, offset)
         return
-    torch.ops.fused_flat_triton.perturb_(param, philox_key(seed, bucket_id), step & MASK32,
-                                         tag & MASK32, float(sigma), int(offset))
+    torch.ops.fused_flat_triton.perturb_(param, *noise_key(seed, bucket_id), step & MASK32,
+                                         tag, float(sigma), int(offset))
 
 
 def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
@@ -154,7 +158,7 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         _check_like(param, momentum_buffer, "momentum_buffer")
     _check_scalar(grad_scale, param, "grad_scale")
     _check_scalar(found_inf, param, "found_inf")
-    _check_noise_args(seed, offset, restore_tag)
+    _check_noise_args(seed, bucket_id, offset, restore_tag)
     if restore_tag < 0 and sigma != 0.0:
         raise ValueError("fused_flat.triton.restore_and_step_: restore_tag must be >= 0 when sigma != 0")
     if param.numel() == 0:
@@ -166,8 +170,8 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                                     stochastic_rounding)
         return
     torch.ops.fused_flat_triton.restore_and_step_(
-        param, grad, momentum_buffer, grad_scale, found_inf, philox_key(seed, bucket_id),
-        step & MASK32, int(offset), max(int(restore_tag), 0) & MASK32, float(sigma), float(lr),
+        param, grad, momentum_buffer, grad_scale, found_inf, *noise_key(seed, bucket_id),
+        step & MASK32, int(offset), max(int(restore_tag), 0), float(sigma), float(lr),
         float(weight_decay), float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
         float(noise_std), float(grad_mult), bool(stochastic_rounding))
 
@@ -184,13 +188,13 @@ def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_i
                          f"{master.numel()} on {master.device}")
     if param.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"fused_flat.triton.perturb_from_: param must be bf16, fp16 or fp32, got {param.dtype}")
-    _check_noise_args(seed, offset, tag)
+    _check_noise_args(seed, bucket_id, offset, tag)
     if tag < 0:
         raise ValueError(f"fused_flat.triton.perturb_from_: tag must be >= 0, got {tag}")
     if param.numel() == 0:
         return
-    torch.ops.fused_flat_triton.perturb_from_(param, master, philox_key(seed, bucket_id),
-                                              step & MASK32, tag & MASK32, float(sigma), int(offset))
+    torch.ops.fused_flat_triton.perturb_from_(param, master, *noise_key(seed, bucket_id),
+                                              step & MASK32, tag, float(sigma), int(offset))
 
 
 def backend() -> backends.Backend:

@@ -13,7 +13,7 @@ contiguous tensors of one dtype and device, and the lists of one call have equal
 
 Math and noise: those of the per-tensor kernels (fused_flat/triton/perturb.py,
 restore_and_step.py), built on the same helpers of fused_flat/triton/noise.py (noise
-layout v2): element e of tensor t has bucket index i = offsets[t] + e; one Philox call
+layout 3): element e of tensor t has bucket index i = offsets[t] + e; one Philox call
 j = i >> 2 serves 4 elements of one tag.
 
 Launch (fused_flat.multi_tensor's cached tables, as fused_flat/triton/sam.py): program b
@@ -75,7 +75,8 @@ import triton.language as tl
 
 from fused_flat import multi_tensor as mt
 from fused_flat import reference
-from fused_flat.triton.noise import (MASK32, block_normals, philox_key, step_noise,
+from fused_flat.noise import TAG_LIMIT, check_bucket_id
+from fused_flat.triton.noise import (block_normals, noise_key, step_noise,
                                      stochastic_round_bits)
 # the masked / unmasked block load and store; the device-scalar loads and host checks
 from fused_flat.triton.sam import (_f32, _float_arg, _host_float, _host_int, _ld, _st,
@@ -85,7 +86,7 @@ BLOCK = 1024
 CHUNK = 16 * BLOCK      # frame positions per program (a multiple of BLOCK); tests may lower it
 NUM_WARPS = 4
 
-_NO_SPEC = ["T", "key", "step_lo"]
+_NO_SPEC = ["T", "key", "bw", "step_lo"]
 
 
 # ------------------------------------------------------------------ table access
@@ -119,6 +120,13 @@ def _fofs(f, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _frame_mask(o, mis, n):
+    """The frame positions o that hold elements of the tensor: mis <= o < n + mis, as one
+    unsigned compare (two compares and an and cost the SR kernels a register spill on sm90)."""
+    return (o - mis).to(tl.uint64) < n.to(tl.uint64)
+
+
+@triton.jit
 def _calls(jb, f, BLOCK: tl.constexpr):
     """Philox call indices of the BLOCK frame positions [f, f + BLOCK), f a multiple of 4."""
     return jb + (f >> 2) + tl.arange(0, BLOCK // 4)
@@ -126,18 +134,18 @@ def _calls(jb, f, BLOCK: tl.constexpr):
 
 # ------------------------------------------------------------------ perturb
 @triton.jit
-def _perturb_block(p_ptr, f, mis, n, jb, key, step_lo, tag, sigma, BLOCK: tl.constexpr,
+def _perturb_block(p_ptr, f, mis, n, jb, key, bw, step_lo, tag, sigma, BLOCK: tl.constexpr,
                    MASKED: tl.constexpr):
     o = _fofs(f, BLOCK)
-    mask = (o >= mis) & (o < n + mis)
+    mask = _frame_mask(o, mis, n)
     theta = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
-    eps = block_normals(key, _calls(jb, f, BLOCK), step_lo, tag)
+    eps = block_normals(key, bw, _calls(jb, f, BLOCK), step_lo, tag)
     theta = (theta + sigma * eps).to(p_ptr.dtype.element_ty)
     _st(p_ptr, o, theta, mask, MASKED)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["tag"])
-def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, step_lo, tag,
+def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, bw, step_lo, tag,
                    sigma, STEP_PTR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK: tl.constexpr):
     t, s, end, n, mis, jb = _frame_row(chunks_ptr, meta_ptr, CHUNK)
@@ -147,16 +155,16 @@ def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, st
     nfull = (end // BLOCK) * BLOCK
     lo = head.to(tl.int64) * BLOCK
     for it in range(lo, nfull, BLOCK):
-        _perturb_block(p_ptr, s + it, mis, n, jb, key, step_lo, tag, sigma, BLOCK, False)
+        _perturb_block(p_ptr, s + it, mis, n, jb, key, bw, step_lo, tag, sigma, BLOCK, False)
     if head:
-        _perturb_block(p_ptr, s, mis, n, jb, key, step_lo, tag, sigma, BLOCK, True)
+        _perturb_block(p_ptr, s, mis, n, jb, key, bw, step_lo, tag, sigma, BLOCK, True)
     if (nfull < end) & ((nfull > 0) | (s > 0) | (mis == 0)):   # the tail, unless it was the head
-        _perturb_block(p_ptr, s + nfull, mis, n, jb, key, step_lo, tag, sigma, BLOCK, True)
+        _perturb_block(p_ptr, s + nfull, mis, n, jb, key, bw, step_lo, tag, sigma, BLOCK, True)
 
 
 # ------------------------------------------------------------------ restore + update
 @triton.jit
-def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, skip, mult,
+def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, bw, step_lo, restore_tag, skip, mult,
                 sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
                 HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, NEED_EPS: tl.constexpr,
                 NEED_XI: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
@@ -164,15 +172,15 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, s
                 MASKED: tl.constexpr):
     # the per-element math of fused_flat/triton/restore_and_step.py, operation for operation
     o = _fofs(f, BLOCK)
-    mask = (o >= mis) & (o < n + mis)
+    mask = _frame_mask(o, mis, n)
     theta = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
     g = _ld(g_ptr, o, mask, MASKED).to(tl.float32)
     m = tl.zeros([BLOCK], tl.float32)
     if HAS_MOM:
         m = _ld(m_ptr, o, mask, MASKED).to(tl.float32)
     j = _calls(jb, f, BLOCK)
-    eps, xi, rbits = step_noise(key, j, step_lo, restore_tag, NEED_EPS, NEED_XI, SR, EPS_TAG0,
-                                 BLOCK)
+    eps, xi, rbits = step_noise(key, bw, j, step_lo, restore_tag, NEED_EPS, NEED_XI, SR,
+                                 EPS_TAG0, BLOCK)
 
     if NEED_EPS:
         theta = theta - sigma * eps                     # restore
@@ -207,7 +215,7 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, step_lo, restore_tag, s
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["restore_tag", "momentum_init"])
 def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_scale_ptr,
-                            found_inf_ptr, step_ptr, lr_ptr, noise_std_ptr, key, step_lo,
+                            found_inf_ptr, step_ptr, lr_ptr, noise_std_ptr, key, bw, step_lo,
                             restore_tag, sigma, lr, weight_decay, momentum, dampening, noise_std,
                             grad_mult, momentum_init,
                             HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
@@ -236,17 +244,17 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
     nfull = (end // BLOCK) * BLOCK
     lo = head.to(tl.int64) * BLOCK
     for it in range(lo, nfull, BLOCK):
-        _step_block(p_ptr, g_ptr, m_ptr, s + it, mis, n, jb, key, step_lo, restore_tag, skip,
+        _step_block(p_ptr, g_ptr, m_ptr, s + it, mis, n, jb, key, bw, step_lo, restore_tag, skip,
                     mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
                     HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, SR, EPS_TAG0, IS_BF16,
                     BLOCK, False)
     if head:
-        _step_block(p_ptr, g_ptr, m_ptr, s, mis, n, jb, key, step_lo, restore_tag, skip,
+        _step_block(p_ptr, g_ptr, m_ptr, s, mis, n, jb, key, bw, step_lo, restore_tag, skip,
                     mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
                     HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, SR, EPS_TAG0, IS_BF16,
                     BLOCK, True)
     if (nfull < end) & ((nfull > 0) | (s > 0) | (mis == 0)):
-        _step_block(p_ptr, g_ptr, m_ptr, s + nfull, mis, n, jb, key, step_lo, restore_tag, skip,
+        _step_block(p_ptr, g_ptr, m_ptr, s + nfull, mis, n, jb, key, bw, step_lo, restore_tag, skip,
                     mult, sigma, lr, weight_decay, momentum, dampening, noise_std, momentum_init,
                     HAS_MOM, NESTEROV, NEED_EPS, NEED_XI, HAS_FOUND_INF, SR, EPS_TAG0, IS_BF16,
                     BLOCK, True)
@@ -306,11 +314,12 @@ def _check_offsets(what, params, offsets):
         raise ValueError(f"{what}: offsets must be >= 0, got {list(offsets)}")
 
 
-def _check_noise(what, seed, tag):
+def _check_noise(what, seed, bucket_id, tag):
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"{what}: seed must be in [0, 2^63), got {seed}")
-    if not -1 <= tag < 2 ** 32:
-        raise ValueError(f"{what}: tag must be in [-1, 2^32), got {tag}")
+    check_bucket_id(bucket_id)
+    if not -1 <= tag < TAG_LIMIT:
+        raise ValueError(f"{what}: tag must be in [-1, 256), got {tag}")
 
 
 def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> None:
@@ -325,7 +334,7 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
     ``step``: an int or a one-element int64 tensor on the params' device (read by the kernel)."""
     mt.check_lists("perturb_", "params", params)
     _check_offsets("perturb_", params, offsets)
-    _check_noise("perturb_", seed, tag)
+    _check_noise("perturb_", seed, bucket_id, tag)
     if tag < 0:
         raise ValueError(f"fused_flat.triton.perturb_: tag must be >= 0, got {tag}")
     if sigma == 0.0 or not params:
@@ -339,7 +348,7 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
     if p.n_chunks == 0:
         return
     perturb_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0], step_ptr,
-                                  philox_key(seed, bucket_id), step_lo, tag & MASK32,
+                                  *noise_key(seed, bucket_id), step_lo, tag,
                                   float(sigma), STEP_PTR=step_is_ptr, **kw)
 
 
@@ -373,7 +382,7 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     what = "fused_flat.triton.restore_and_step_"
     mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
     _check_offsets("restore_and_step_", params, offsets)
-    _check_noise("restore_and_step_", seed, restore_tag)
+    _check_noise("restore_and_step_", seed, bucket_id, restore_tag)
     if restore_tag < 0 and sigma != 0.0:
         raise ValueError("fused_flat.triton.restore_and_step_: restore_tag must be >= 0 when "
                          "sigma != 0")
@@ -396,13 +405,13 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     if p.n_chunks == 0:
         return
     need_eps = sigma != 0.0
-    tag = max(int(restore_tag), 0) & MASK32
+    tag = max(int(restore_tag), 0)
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     restore_and_step_kernel[(p.n_chunks,)](
         p.chunks, p.meta, ptrs, p.n_tensors, params[0],
         grad_scale if grad_scale is not None else params[0],
         found_inf if found_inf is not None else params[0], step_ptr, lr_ptr, ns_ptr,
-        philox_key(seed, bucket_id), step_lo, tag,
+        *noise_key(seed, bucket_id), step_lo, tag,
         float(sigma), lr_f, float(weight_decay), float(momentum), float(dampening),
         ns_f, float(grad_mult), int(bool(momentum_init)),
         HAS_MOM=moms is not None, NESTEROV=bool(nesterov) and moms is not None,

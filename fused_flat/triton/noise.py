@@ -1,4 +1,4 @@
-"""The noise stream of ALGORITHMS.md §1 (layout version 2) as @triton.jit helpers,
+"""The noise stream of ALGORITHMS.md §1 (layout version 3) as @triton.jit helpers,
 matching elementwise.h.
 
 Every helper reproduces the per-element math of csrc/include/fused_flat/elementwise.h
@@ -7,14 +7,18 @@ bitcasts), so a Triton kernel gives the C++ kernels' numbers: the Philox words b
 bit, eps/xi to ~1 ulp (only FMA contraction on the GPU may differ; the interpreter and
 the C++ CPU build do not contract).
 
-    key      = (seed_lo32 ^ bucket_id, seed_hi32), passed as ONE int64 scalar
-               ``philox_key = (seed_hi32 << 32) | (seed_lo32 ^ bucket_id)`` (tl.philox's seed)
-    counter  = (j_lo32, j_hi32, step_lo32, tag), j = i >> 2
+    key      = (seed_lo32, seed_hi32): the whole seed, passed as ONE int64 scalar ``key``
+               (tl.philox's seed)
+    counter  = (j_lo32, j_hi32, step_lo32, tag | bw), j = i >> 2, with the bucket word
+               ``bw = bucket_id << 8`` passed as a second scalar (tag < 256, bucket_id < 2^24)
     element 4j + q: q = 0, 1 take r cos t, r sin t of the pair (x0, x1); q = 2, 3 of (x2, x3)
     w(tag, i) = x_(i & 3)
 
 Kernels work on *calls*: one Philox call serves elements 4j .. 4j+3 of one tag, and the
-four results are interleaved with tl.join + tl.reshape into element order.
+four results are interleaved with tl.join + tl.reshape into element order. Every kernel
+that draws noise takes (key, bw) from ``noise_key`` and hands both to the helpers below;
+the tags (the pass's own, or 0 / 16 / 32 inside a kernel) are ORed with bw only in
+``call_words``.
 
 Also here: inspection kernels (words of calls, z and w of a range of elements) used by
 the tests to compare the stream with fused_flat.noise and the C++ ops.
@@ -25,24 +29,30 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_flat import noise as _ref
+
 MASK32 = 0xFFFFFFFF
 TAG_XI: tl.constexpr = tl.constexpr(32)   # the Langevin noise xi is z(32, i)
+TAG_RADEMACHER: tl.constexpr = tl.constexpr(16)   # the RW-SAM probe: top bit of w(16, i)
 
 
-def philox_key(seed: int, bucket_id: int) -> int:
-    """tl.philox's 64-bit seed for the key (seed_lo32 ^ bucket_id, seed_hi32); < 2^63 for seed < 2^63."""
-    lo = (seed & MASK32) ^ (bucket_id & MASK32)
-    hi = (seed >> 32) & MASK32
-    return (hi << 32) | lo
+def noise_key(seed: int, bucket_id: int, tag: int = 0) -> tuple[int, int]:
+    """(key, bw) of a bucket: tl.philox's 64-bit seed for the key (seed_lo32, seed_hi32), i.e.
+    the seed itself (< 2^63), and the bucket word bucket_id << 8 of counter word 3, from
+    fused_flat.noise.stream_words: ValueError for a bucket id outside [0, 2^24) or a ``tag``
+    (only checked here) outside [0, 256)."""
+    k0, k1, word3 = _ref.stream_words(seed, bucket_id, tag)
+    return (k1 << 32) | k0, word3 ^ tag
 
 
 @triton.jit
-def call_words(key, j, step_lo, tag):
-    """Philox4x32-10 words (x0, x1, x2, x3) of call indices j (int64 tensor) at (step, tag)."""
+def call_words(key, bw, j, step_lo, tag):
+    """Philox4x32-10 words (x0, x1, x2, x3) of call indices j (int64 tensor) at (step, tag)
+    of the bucket whose word is bw: counter (j_lo, j_hi, step_lo, tag | bw)."""
     c0 = j.to(tl.uint32)                     # low 32 bits (truncation)
     c1 = (j >> 32).to(tl.uint32)
     c2 = (tl.zeros_like(j) + step_lo).to(tl.uint32)   # step_lo / tag may be python ints
-    c3 = (tl.zeros_like(j) + tag).to(tl.uint32)
+    c3 = (tl.zeros_like(j) + (bw | tag)).to(tl.uint32)
     return tl.philox(key, c0, c1, c2, c3, 10)
 
 
@@ -119,30 +129,46 @@ def interleave4(z0, z1, z2, z3):
 
 
 @triton.jit
-def block_normals(key, j, step_lo, tag):
+def block_normals(key, bw, j, step_lo, tag):
     """z(tag, .) of the 4Q elements of calls j (a [Q] tensor), in element order: every
     Box-Muller output used."""
-    x0, x1, x2, x3 = call_words(key, j, step_lo, tag)
+    x0, x1, x2, x3 = call_words(key, bw, j, step_lo, tag)
     z0, z1 = box_muller(x0, x1)
     z2, z3 = box_muller(x2, x3)
     return interleave4(z0, z1, z2, z3)
 
 
 @triton.jit
-def block_words(key, j, step_lo, tag):
+def block_words(key, bw, j, step_lo, tag):
     """w(tag, .) = x_(i & 3) of the 4Q elements of calls j, in element order (uint32): the
     element's own word (stochastic-rounding bits, probes)."""
-    x0, x1, x2, x3 = call_words(key, j, step_lo, tag)
+    x0, x1, x2, x3 = call_words(key, bw, j, step_lo, tag)
     return interleave4(x0, x1, x2, x3)
 
 
 @triton.jit
-def block_normals_words(key, j, step_lo, tag):
+def block_normals_words(key, bw, j, step_lo, tag):
     """(z(tag, .), w(tag, .)) of the 4Q elements of calls j from ONE Philox call per j."""
-    x0, x1, x2, x3 = call_words(key, j, step_lo, tag)
+    x0, x1, x2, x3 = call_words(key, bw, j, step_lo, tag)
     z0, z1 = box_muller(x0, x1)
     z2, z3 = box_muller(x2, x3)
     return interleave4(z0, z1, z2, z3), interleave4(x0, x1, x2, x3)
+
+
+@triton.jit
+def index_words(key, bw, gi, step_lo, tag):
+    """w(tag, gi) = x_(gi & 3) of any bucket indices gi (int64 tensor): one call per element
+    (for element ranges that need not start on a call, e.g. a tensor of a list)."""
+    x0, x1, x2, x3 = call_words(key, bw, gi >> 2, step_lo, tag)
+    lane = gi & 3
+    return tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+
+
+@triton.jit
+def rademacher(key, bw, gi, step_lo):
+    """The RW-SAM probe v_i in {+1, -1} of bucket indices gi: -1 where the top bit of
+    w(16, gi) is set."""
+    return tl.where((index_words(key, bw, gi, step_lo, TAG_RADEMACHER) >> 31) != 0, -1.0, 1.0)
 
 
 # ------------------------------------------------------------------ stochastic rounding
@@ -153,7 +179,7 @@ def sr_bits_of(w0, w32):
 
 
 @triton.jit
-def step_noise(key, j, step_lo, restore_tag, NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
+def step_noise(key, bw, j, step_lo, restore_tag, NEED_EPS: tl.constexpr, NEED_XI: tl.constexpr,
                SR: tl.constexpr, EPS_TAG0: tl.constexpr, BLOCK: tl.constexpr):
     """(eps, xi, rbits) of the BLOCK elements of calls j for a restore + update pass: eps of
     ``restore_tag`` (NEED_EPS), xi of tag 32 (NEED_XI), zeros where not needed; with SR the
@@ -166,22 +192,22 @@ def step_noise(key, j, step_lo, restore_tag, NEED_EPS: tl.constexpr, NEED_XI: tl
     if SR:
         if NEED_EPS:
             if EPS_TAG0:
-                eps, w0 = block_normals_words(key, j, step_lo, restore_tag)
+                eps, w0 = block_normals_words(key, bw, j, step_lo, restore_tag)
             else:
-                eps = block_normals(key, j, step_lo, restore_tag)
-                w0 = block_words(key, j, step_lo, 0)
+                eps = block_normals(key, bw, j, step_lo, restore_tag)
+                w0 = block_words(key, bw, j, step_lo, 0)
         else:
-            w0 = block_words(key, j, step_lo, 0)
+            w0 = block_words(key, bw, j, step_lo, 0)
         if NEED_XI:
-            xi, w32 = block_normals_words(key, j, step_lo, TAG_XI)
+            xi, w32 = block_normals_words(key, bw, j, step_lo, TAG_XI)
         else:
-            w32 = block_words(key, j, step_lo, TAG_XI)
+            w32 = block_words(key, bw, j, step_lo, TAG_XI)
         rbits = sr_bits_of(w0, w32)
     else:
         if NEED_EPS:
-            eps = block_normals(key, j, step_lo, restore_tag)
+            eps = block_normals(key, bw, j, step_lo, restore_tag)
         if NEED_XI:
-            xi = block_normals(key, j, step_lo, TAG_XI)
+            xi = block_normals(key, bw, j, step_lo, TAG_XI)
     return eps, xi, rbits
 
 
@@ -228,11 +254,11 @@ def stochastic_round_bits(x, rbits, IS_BF16: tl.constexpr):
 
 # ------------------------------------------------------------------ inspection kernels
 @triton.jit
-def _words_kernel(out_ptr, key, step_lo, tag, first_call, n_calls, BLOCK: tl.constexpr):
+def _words_kernel(out_ptr, key, bw, step_lo, tag, first_call, n_calls, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     k = pid * BLOCK + tl.arange(0, BLOCK)
     mask = k < n_calls
-    x0, x1, x2, x3 = call_words(key, first_call + k, step_lo, tag)
+    x0, x1, x2, x3 = call_words(key, bw, first_call + k, step_lo, tag)
     tl.store(out_ptr + 4 * k + 0, x0.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * k + 1, x1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * k + 2, x2.to(tl.int64), mask=mask)
@@ -240,7 +266,7 @@ def _words_kernel(out_ptr, key, step_lo, tag, first_call, n_calls, BLOCK: tl.con
 
 
 @triton.jit
-def _normal_kernel(z_ptr, w_ptr, key, step_lo, tag, offset, n, MIS: tl.constexpr,
+def _normal_kernel(z_ptr, w_ptr, key, bw, step_lo, tag, offset, n, MIS: tl.constexpr,
                    BLOCK: tl.constexpr):
     # Same indexing as the update kernels: program p covers calls (offset >> 2) + p*Q + k,
     # i.e. the local elements p * BLOCK - MIS + [0, BLOCK), MIS = offset & 3.
@@ -249,18 +275,19 @@ def _normal_kernel(z_ptr, w_ptr, key, step_lo, tag, offset, n, MIS: tl.constexpr
     j = (offset >> 2) + pid * Q + tl.arange(0, Q)
     local = pid * BLOCK + tl.arange(0, BLOCK) - MIS
     mask = (local >= 0) & (local < n)
-    tl.store(z_ptr + local, block_normals(key, j, step_lo, tag), mask=mask)
-    tl.store(w_ptr + local, block_words(key, j, step_lo, tag).to(tl.int64), mask=mask)
+    tl.store(z_ptr + local, block_normals(key, bw, j, step_lo, tag), mask=mask)
+    tl.store(w_ptr + local, block_words(key, bw, j, step_lo, tag).to(tl.int64), mask=mask)
 
 
 def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int, n_calls: int,
                  device="cpu", block: int = 1024) -> torch.Tensor:
     """Words of calls [first_call, first_call + n_calls) as int64 [n_calls, 4] (as fused_flat.noise)."""
     out = torch.empty((n_calls, 4), dtype=torch.int64, device=device)
+    key, bw = noise_key(seed, bucket_id, tag)
     if n_calls:
         first = first_call - 2 ** 64 if first_call >= 2 ** 63 else first_call
         _words_kernel[(triton.cdiv(n_calls, block),)](
-            out, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, first, n_calls, BLOCK=block)
+            out, key, bw, step & MASK32, tag, first, n_calls, BLOCK=block)
     return out
 
 
@@ -269,11 +296,11 @@ def normal_noise_and_words(seed: int, bucket_id: int, step: int, tag: int, offse
     """(z(tag, i) float32, w(tag, i) int64) of bucket elements [offset, offset + n)."""
     z = torch.empty(n, dtype=torch.float32, device=device)
     w = torch.empty(n, dtype=torch.int64, device=device)
+    key, bw = noise_key(seed, bucket_id, tag)
     if n:
         mis = offset & 3
         _normal_kernel[(triton.cdiv(n + mis, block),)](
-            z, w, philox_key(seed, bucket_id), step & MASK32, tag & MASK32, offset, n,
-            MIS=mis, BLOCK=block)
+            z, w, key, bw, step & MASK32, tag, offset, n, MIS=mis, BLOCK=block)
     return z, w
 
 

@@ -5,7 +5,7 @@ Per element (ALGORITHMS.md §2, elementwise.h's langevin_update, fp32 math):
     theta <- theta - sigma * eps(restore_tag)                      (restore)
     d     <- g * grad_mult [/ grad_scale] + wd * theta
     m     <- d if momentum_init else mu * m + (1 - dampening) * d ; d <- m (or d + mu * m)
-    theta <- theta - lr * d + noise_std * xi          (xi = z(32, i), noise layout v2)
+    theta <- theta - lr * d + noise_std * xi          (xi = z(32, i), noise layout 3)
 
 One pass: reads theta, g, [m], writes theta, [m]. ``grad_scale`` and ``found_inf`` are
 one-element float32 tensors read *inside* the kernel (no host sync, CUDA-graph safe);
@@ -34,9 +34,10 @@ NUM_WARPS = 4
 
 # The JIT would otherwise specialize ints equal to 1 or divisible by 16 (one compile per
 # pattern as the step counter advances); none of them affects the generated code's speed.
-@triton.jit(do_not_specialize=["key", "step_lo", "offset", "n", "restore_tag", "momentum_init"])
+@triton.jit(do_not_specialize=["key", "bw", "step_lo", "offset", "n", "restore_tag",
+                               "momentum_init"])
 def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_inf_ptr,
-                            key, step_lo, offset, n, restore_tag,
+                            key, bw, step_lo, offset, n, restore_tag,
                             sigma, lr, weight_decay, momentum, dampening, noise_std, grad_mult,
                             momentum_init,
                             HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
@@ -66,8 +67,8 @@ def restore_and_step_kernel(param_ptr, grad_ptr, mom_ptr, grad_scale_ptr, found_
         if HAS_MOM:
             m = tl.load(mom_ptr + local, mask=mask, other=0.0).to(tl.float32)
 
-    eps, xi, rbits = step_noise(key, j, step_lo, restore_tag, NEED_EPS, NEED_XI, SR, EPS_TAG0,
-                                 BLOCK)
+    eps, xi, rbits = step_noise(key, bw, j, step_lo, restore_tag, NEED_EPS, NEED_XI, SR,
+                                 EPS_TAG0, BLOCK)
 
     if NEED_EPS:
         theta = theta - sigma * eps                     # restore

@@ -32,9 +32,9 @@ ValueError names what to pass). The fp64 fallbacks (fused_flat.sam_reference) re
 Math in fp32 for fp32/bf16/fp16; fp64 lists go to the reference (fp64 arithmetic), as the
 flat Triton ops do. Devices: CUDA, and CPU under TRITON_INTERPRET=1.
 
-RW-SAM's probe sign is ``rademacher_v2``: the top bit of w(16, i) = x_(i & 3) of Philox
-call j = i >> 2 (noise-stream layout v2, ALGORITHMS.md §1), isolated in one helper so it
-can be pointed at the shared v2 helper of fused_flat/triton/noise.py later.
+RW-SAM's probe sign is fused_flat/triton/noise.py's ``rademacher``: the top bit of
+w(16, i) = x_(i & 3) of Philox call j = i >> 2 (noise-stream layout 3, ALGORITHMS.md §1);
+the stochastic-rounding bits are its ``sr_bits_of`` of the tag-0 and tag-32 words.
 """
 from __future__ import annotations
 
@@ -46,13 +46,13 @@ import triton.language as tl
 
 from fused_flat import multi_tensor as mt
 from fused_flat import sam_reference
-from fused_flat.triton.noise import (MASK32, block_words, call_words, philox_key, sr_bits_of,
-                                     stochastic_round_bits)
+from fused_flat.noise import check_bucket_id
+from fused_flat.triton.noise import (MASK32, block_words, index_words, noise_key, rademacher,
+                                     sr_bits_of, stochastic_round_bits)
 
 BLOCK = 1024
 CHUNK = 16 * BLOCK      # elements per program (a multiple of BLOCK); tests may lower it
 NUM_WARPS = 4
-TAG_RADEMACHER = 16
 
 _NO_SPEC = ["T", "eta"]
 
@@ -121,22 +121,6 @@ def _f32(ptr, value, PTR: tl.constexpr):
     return value
 
 
-# ------------------------------------------------------------------ the noise bit (v2)
-@triton.jit
-def rademacher_v2(key, gi, step_lo):
-    """v_i in {+1, -1}: -1 where the top bit of w(16, i) = x_(i & 3) of Philox call
-    j = i >> 2 (counter (j_lo, j_hi, step_lo, 16)) is set. Layout v2."""
-    j = gi >> 2
-    c0 = j.to(tl.uint32)
-    c1 = (j >> 32).to(tl.uint32)
-    c2 = (tl.zeros_like(j) + step_lo).to(tl.uint32)
-    c3 = (tl.zeros_like(j) + 16).to(tl.uint32)
-    x0, x1, x2, x3 = tl.philox(key, c0, c1, c2, c3, 10)
-    lane = gi & 3
-    w = tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
-    return tl.where((w >> 31) != 0, -1.0, 1.0)
-
-
 # ------------------------------------------------------------------ kernels
 @triton.jit
 def _sq_block(g_ptr, p_ptr, o, mask, eta, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr):
@@ -203,28 +187,22 @@ def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, coef_ptr, coef, e
 
 
 @triton.jit
-def _sr_rbits(key, step_lo, gi0, o, OFF4: tl.constexpr, BLOCK: tl.constexpr):
+def _sr_rbits(key, bw, step_lo, gi0, o, OFF4: tl.constexpr, BLOCK: tl.constexpr):
     """rbits of bucket indices gi0 + [0, BLOCK) (o: the same elements' tensor indices).
     OFF4 (gi0 % 4 == 0): one tag-0 and one tag-32 call per 4 elements; else per element."""
     if OFF4:
         j = (gi0 >> 2) + tl.arange(0, BLOCK // 4)
-        rb = sr_bits_of(block_words(key, j, step_lo, 0), block_words(key, j, step_lo, 32))
+        rb = sr_bits_of(block_words(key, bw, j, step_lo, 0), block_words(key, bw, j, step_lo, 32))
     else:
         gi = gi0 + tl.arange(0, BLOCK).to(tl.int64)
-        j = gi >> 2
-        lane = gi & 3
-        a0, a1, a2, a3 = call_words(key, j, step_lo, 0)
-        w0 = tl.where(lane == 0, a0, tl.where(lane == 1, a1, tl.where(lane == 2, a2, a3)))
-        b0, b1, b2, b3 = call_words(key, j, step_lo, 32)
-        w32 = tl.where(lane == 0, b0, tl.where(lane == 1, b1, tl.where(lane == 2, b2, b3)))
-        rb = sr_bits_of(w0, w32)
+        rb = sr_bits_of(index_words(key, bw, gi, step_lo, 0), index_words(key, bw, gi, step_lo, 32))
     return rb
 
 
 @triton.jit
 def _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, mask, skip, mult, lr, weight_decay, momentum,
                 dampening, momentum_init, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
-                MASKED: tl.constexpr, key=0, step_lo=0, gi0=0, SR: tl.constexpr = False,
+                MASKED: tl.constexpr, key=0, bw=0, step_lo=0, gi0=0, SR: tl.constexpr = False,
                 IS_BF16: tl.constexpr = False, OFF4: tl.constexpr = False,
                 BLOCK: tl.constexpr = 1024):
     theta = _ld(b_ptr, o, mask, MASKED).to(tl.float32)
@@ -242,7 +220,7 @@ def _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, mask, skip, mult, lr, weight_deca
         _st(m_ptr, o, buf.to(m_ptr.dtype.element_ty), mask, MASKED)
     new = tl.where(skip, theta, theta - lr * d)  # skipped step: exact restore only
     if SR:   # SR of an exactly representable value (the skipped step's backup) is exact
-        rb = _sr_rbits(key, step_lo, gi0, o, OFF4, BLOCK)
+        rb = _sr_rbits(key, bw, step_lo, gi0, o, OFF4, BLOCK)
         out = stochastic_round_bits(new, rb, IS_BF16).to(p_ptr.dtype.element_ty, bitcast=True)
     else:
         out = new.to(p_ptr.dtype.element_ty)
@@ -250,14 +228,15 @@ def _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, mask, skip, mult, lr, weight_deca
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["lr", "weight_decay", "momentum", "dampening",
-                                          "grad_mult", "momentum_init", "key", "step_lo"])
+                                          "grad_mult", "momentum_init", "key", "bw",
+                                          "step_lo"])
 def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_scale_ptr,
                             found_inf_ptr, lr_ptr, step_ptr, lr, weight_decay, momentum,
                             dampening, grad_mult, momentum_init, HAS_MOM: tl.constexpr,
                             NESTEROV: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                             HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
                             CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                            key=0, step_lo=0, SR: tl.constexpr = False,
+                            key=0, bw=0, step_lo=0, SR: tl.constexpr = False,
                             IS_BF16: tl.constexpr = False, OFF4: tl.constexpr = False,
                             LR_PTR: tl.constexpr = False, STEP_PTR: tl.constexpr = False):
     t, s, end, _off = _row(chunks_ptr, meta_ptr, CHUNK)
@@ -280,25 +259,25 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
     for it in range(0, nfull, BLOCK):
         _step_block(p_ptr, b_ptr, g_ptr, m_ptr, _offs(s, it, BLOCK), None, skip, mult, lr,
                     weight_decay, momentum, dampening, momentum_init, HAS_MOM, NESTEROV, False,
-                    key, step_lo, _off + s + it, SR, IS_BF16, OFF4, BLOCK)
+                    key, bw, step_lo, _off + s + it, SR, IS_BF16, OFF4, BLOCK)
     if nfull < end:
         o = _offs(s, nfull, BLOCK)
         _step_block(p_ptr, b_ptr, g_ptr, m_ptr, o, o < s + end, skip, mult, lr, weight_decay,
                     momentum, dampening, momentum_init, HAS_MOM, NESTEROV, True,
-                    key, step_lo, _off + s + nfull, SR, IS_BF16, OFF4, BLOCK)
+                    key, bw, step_lo, _off + s + nfull, SR, IS_BF16, OFF4, BLOCK)
 
 
 @triton.jit
-def _probe_block(p_ptr, b_ptr, o, mask, off, key, step_lo, delta, MASKED: tl.constexpr):
+def _probe_block(p_ptr, b_ptr, o, mask, off, key, bw, step_lo, delta, MASKED: tl.constexpr):
     x = _ld(p_ptr, o, mask, MASKED)
     _st(b_ptr, o, x, mask, MASKED)
-    v = rademacher_v2(key, off + o, step_lo)
+    v = rademacher(key, bw, off + o, step_lo)
     new = x.to(tl.float32) + delta * v
     _st(p_ptr, o, new.to(p_ptr.dtype.element_ty), mask, MASKED)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC + ["key", "step_lo", "delta"])
-def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, step_lo, delta,
+@triton.jit(do_not_specialize=_NO_SPEC + ["key", "bw", "step_lo", "delta"])
+def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, bw, step_lo, delta,
                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                  STEP_PTR: tl.constexpr = False):
     t, s, end, off = _row(chunks_ptr, meta_ptr, CHUNK)
@@ -307,10 +286,10 @@ def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, step
     step_lo = _step_lo(step_ptr, step_lo, STEP_PTR)
     nfull = (end // BLOCK) * BLOCK
     for it in range(0, nfull, BLOCK):
-        _probe_block(p_ptr, b_ptr, _offs(s, it, BLOCK), None, off, key, step_lo, delta, False)
+        _probe_block(p_ptr, b_ptr, _offs(s, it, BLOCK), None, off, key, bw, step_lo, delta, False)
     if nfull < end:
         o = _offs(s, nfull, BLOCK)
-        _probe_block(p_ptr, b_ptr, o, o < s + end, off, key, step_lo, delta, True)
+        _probe_block(p_ptr, b_ptr, o, o < s + end, off, key, bw, step_lo, delta, True)
 
 
 # ------------------------------------------------------------------ launchers
@@ -452,6 +431,7 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     if sr and not 0 <= seed < 2 ** 63:
         raise ValueError(f"sam_restore_and_step_: seed must be in [0, 2^63), got {seed}")
+    key, bw = noise_key(seed, bucket_id) if sr else (0, 0)
     if params[0].dtype == torch.float64:
         for i, (p, b, g) in enumerate(zip(params, backups, grads)):
             sam_reference.sam_restore_and_step_(p, b, g, None if moms is None else moms[i],
@@ -477,7 +457,7 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
         int(bool(momentum_init)), HAS_MOM=moms is not None,
         NESTEROV=bool(nesterov) and moms is not None, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
-        key=philox_key(seed, bucket_id) if sr else 0, step_lo=step_lo if sr else 0,
+        key=key, bw=bw, step_lo=step_lo if sr else 0,
         SR=sr, IS_BF16=params[0].dtype == torch.bfloat16,
         OFF4=sr and all(int(o) % 4 == 0 for o in offsets), LR_PTR=lr_is_ptr,
         STEP_PTR=sr and step_is_ptr, **kw)
@@ -487,13 +467,14 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                offsets: Sequence[int], seed: int, bucket_id: int, step: int | torch.Tensor,
                delta: float) -> None:
     """backup <- theta ; theta <- theta + delta * v, v the Rademacher probe of tag 16
-    (layout v2) at bucket index offsets[t] + e of element e of tensor t. ``step``: an int or
+    (layout 3) at bucket index offsets[t] + e of element e of tensor t. ``step``: an int or
     a one-element int64 tensor on the device (read by the kernel)."""
     mt.check_lists("sam_probe_", "params", params, backups=backups)
     if len(offsets) != len(params):
         raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"sam_probe_: seed must be in [0, 2^63), got {seed}")
+    check_bucket_id(bucket_id)
     if not params:
         return
     step_ptr, step_lo, step_is_ptr = _step_arg("sam_probe_", step, params[0])
@@ -504,5 +485,5 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
     if p.n_chunks == 0:
         return
     probe_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0], step_ptr,
-                                philox_key(seed, bucket_id), step_lo, float(delta),
+                                *noise_key(seed, bucket_id), step_lo, float(delta),
                                 STEP_PTR=step_is_ptr, **kw)

@@ -5,18 +5,23 @@
 // arithmetic the GPU runs; only indexing and launch differ between backends.
 //
 // Contents (ALGORITHMS.md §1-§2):
-//   philox4x32_10      Philox4x32-10 (Random123 constants), counter (j_lo, j_hi, k, tag)
+//   make_key           the key (seed_lo, seed_hi) and bucket word (bucket_id << 8) of a bucket
+//   philox4x32_10      Philox4x32-10 (Random123 constants)
+//   noise_words        call j: counter (j_lo, j_hi, k_lo, tag | bucket_id << 8) under the key
 //   uniform24          u(x) = ((x >> 8) + 0.5) * 2^-24, in fp32, IEEE-exact ops only
 //   box_muller         r (cos t, sin t), r = sqrt(-2 ln u(a)), t = 2 pi u(b)
-//   call_normals       z(tag, 4j + 0..3) of one Philox call (layout version 2)
+//   call_normals       z(tag, 4j + 0..3) of one Philox call (layout version 3)
 //   element_normal     z(tag, i), element_word: w(tag, i) = x_(i & 3)
 //   langevin_update    restore + weight decay + momentum + Langevin noise + SGD update
 //   sr_bf16_bits / sr_fp16_bits   stochastic rounding of an fp32 result (rbits of §1)
 //
-// Noise stream layout version 2 (ALGORITHMS.md §1): call j = i >> 2 serves the 4
-// elements 4j..4j+3 of ONE tag; element i uses the Box-Muller pair (x0, x1) when
+// Noise stream layout version 3 (ALGORITHMS.md §1): key (seed_lo32, seed_hi32), the whole
+// seed; call j = i >> 2, counter (j_lo32, j_hi32, step_lo32, tag | (bucket_id << 8)), serves
+// the 4 elements 4j..4j+3 of ONE tag; element i uses the Box-Muller pair (x0, x1) when
 // ((i >> 1) & 1) == 0, else (x2, x3), and takes r cos t (i even) or r sin t (i odd).
 // eps of perturbation n is tag n (0..15), xi tag 32, the Rademacher probe tag 16.
+// (Layout 2 keyed Philox with (seed_lo32 ^ bucket_id, seed_hi32): (seed s + 1, bucket 0)
+// drew the numbers of (seed s, bucket 1).)
 //
 // log/sin/cos are our own branch-free polynomials (Cephes coefficients, ~1 ulp-ish,
 // max abs error < 1e-6 on the N(0,1) output), built only from + - * sqrt and bit
@@ -35,6 +40,7 @@
 #define FF_HD static inline __attribute__((always_inline))
 #include <string.h>
 #endif
+#include <assert.h>
 
 namespace fused_flat {
 
@@ -43,26 +49,34 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// Tags of ALGORITHMS.md §1 (layout version 2).
+// Tags of ALGORITHMS.md §1 (layout version 3).
 constexpr uint32_t kTagEps = 0;         // eps of perturbation n is tag kTagEps + n, n < 16
 constexpr uint32_t kTagRademacher = 16; // RW-SAM probe
 constexpr uint32_t kTagXi = 32;         // Langevin noise xi
-constexpr int kNoiseLayoutVersion = 2;
+constexpr int kNoiseLayoutVersion = 3;
+constexpr int64_t kTagLimit = int64_t(1) << 8;      // tags: the low byte of counter word 3
+constexpr int64_t kBucketLimit = int64_t(1) << 24;  // bucket ids: its high 24 bits
 
 struct Words4 {
   uint32_t x0, x1, x2, x3;
 };
 
-// Key of a bucket: (seed_lo32 XOR bucket_id, seed_hi32).
+// What identifies a bucket's stream: the Philox key (seed_lo32, seed_hi32) and the bucket
+// word bucket_id << 8, which noise_words ORs with the tag into counter word 3.
 struct PhiloxKey {
   uint32_t k0, k1;
+  uint32_t bucket_word;
 };
 
+// The one place keys are built. bucket_id must be in [0, 2^24): the ops check it
+// (check_noise_args, a clear error) before they get here.
 FF_HD PhiloxKey make_key(int64_t seed, int64_t bucket_id) {
+  assert(bucket_id >= 0 && bucket_id < kBucketLimit);
   const uint64_t s = static_cast<uint64_t>(seed);
   PhiloxKey key;
-  key.k0 = static_cast<uint32_t>(s) ^ static_cast<uint32_t>(bucket_id);
+  key.k0 = static_cast<uint32_t>(s);
   key.k1 = static_cast<uint32_t>(s >> 32);
+  key.bucket_word = static_cast<uint32_t>(bucket_id) << 8;
   return key;
 }
 
@@ -100,14 +114,15 @@ FF_HD Words4 philox4x32_10(Words4 c, uint32_t k0, uint32_t k1) {
   return c;
 }
 
-// The four words of Philox call j, which serves elements 4j .. 4j+3 of a bucket at step k, tag.
+// The four words of Philox call j, which serves elements 4j .. 4j+3 of a bucket at step k,
+// tag (< 256): counter (j_lo, j_hi, k_lo, tag | bucket_id << 8).
 FF_HD Words4 noise_words(PhiloxKey key, int64_t j, int64_t step, uint32_t tag) {
   const uint64_t uj = static_cast<uint64_t>(j);
   Words4 c;
   c.x0 = static_cast<uint32_t>(uj);
   c.x1 = static_cast<uint32_t>(uj >> 32);
   c.x2 = static_cast<uint32_t>(static_cast<uint64_t>(step));
-  c.x3 = tag;
+  c.x3 = tag | key.bucket_word;
   return philox4x32_10(c, key.k0, key.k1);
 }
 

@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "fused_flat/elementwise.h"
+
 namespace fused_flat {
 
 inline void check_bucket(const at::Tensor& t, const char* name) {
@@ -30,10 +32,14 @@ inline void check_scalar_tensor(const c10::optional<at::Tensor>& t, const at::Te
               ", got ", t->numel(), " elements of ", t->scalar_type(), " on ", t->device());
 }
 
-inline void check_noise_args(int64_t seed, int64_t offset, int64_t tag) {
+// seed < 2^63, bucket_id < 2^24 and tag < 256 (-1: no tag) fit the noise layout (elementwise.h).
+inline void check_noise_args(int64_t seed, int64_t bucket_id, int64_t offset, int64_t tag) {
   TORCH_CHECK(seed >= 0, "fused_flat: seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK(bucket_id >= 0 && bucket_id < kBucketLimit,
+              "fused_flat: bucket_id must be in [0, 2^24), got ", bucket_id,
+              " (noise layout 3 keeps it in 24 bits of the Philox counter)");
   TORCH_CHECK(offset >= 0, "fused_flat: offset must be >= 0, got ", offset);
-  TORCH_CHECK(tag >= -1 && tag < (int64_t(1) << 32), "fused_flat: tag must be in [-1, 2^32), got ", tag);
+  TORCH_CHECK(tag >= -1 && tag < kTagLimit, "fused_flat: tag must be in [-1, 256), got ", tag);
 }
 
 }  // namespace fused_flat

@@ -75,7 +75,7 @@ FF_HD acc_t sam_sgd_update(acc_t theta, acc_t g, acc_t* m, const SamStepArgs<acc
   return theta - a.lr * d;
 }
 
-// v_i in {+1, -1}: -1 where the top bit of w(16, i) is set (layout version 2).
+// v_i in {+1, -1}: -1 where the top bit of w(16, i) is set (layout version 3).
 FF_HD float rademacher_sign(PhiloxKey key, int64_t step, int64_t gi) {
   return rademacher(element_word(key, step, kTagRademacher, gi));
 }
