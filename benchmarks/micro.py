@@ -8,7 +8,7 @@ What it measures, side by side in one process:
   pass must move (read + written) / time, its fraction of this run's STREAM triad, the time
   a bandwidth-bound pass would take (bytes / triad) and the noise rate (bucket elements/s);
 * the noise roofline (CPU): ``fused_flat::noise_roofline``, the project's fastest generator of
-  the same stream (layout v2) into L1 buffers with no parameter traffic, for the tags each
+  the same stream (layout v3) into L1 buffers with no parameter traffic, for the tags each
   pass needs (perturb: eps; restore_step: eps and xi); each pass reports "of noise limit" =
   roofline time / pass time next to its fraction of STREAM;
 * torch.optim.SGD (for-loop, foreach, fused) over the same number of elements (split into

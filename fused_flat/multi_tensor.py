@@ -122,7 +122,7 @@ def frame_numels(numels: Sequence[int], offsets: Sequence[int]) -> list[int]:
     """Frame sizes of the Langevin multi-tensor kernels: ``numel + (offset & 3)`` (0 for an
     empty tensor). Frame position f of tensor t is element f - (offset_t & 3), bucket index
     4 * (offset_t >> 2) + f: blocks of frame positions starting at multiples of 4 are whole
-    Philox calls (noise layout v2) whatever the offset."""
+    Philox calls (noise layout v2 and v3) whatever the offset."""
     if len(offsets) != len(numels):
         raise ValueError(f"{len(offsets)} offsets for {len(numels)} tensors")
     return [int(n) + (int(o) & 3) if int(n) else 0 for n, o in zip(numels, offsets)]

@@ -145,18 +145,9 @@ EXCLUDED: list[tuple[Case, str]] = []
 
 # (predicate, finding): cases that fail today because a fix is in progress; they run as
 # strict xfails, so they turn into failures the moment the fix lands (then drop the rule).
-# Empty now: the one this table had (noise key layout 3 in the reference backend but not
-# yet in the built C++ extension: 12 multi-bucket 'backend' cases) landed.
-EMPTY_FIRST = (
-    "FINDING (not fixed yet): the C++ list kernel restore_and_step_list_ chooses its variant "
-    "from the FIRST tensor's momentum pointer (csrc/cpu/kernels_cpu.cpp: restore_variant(ms[0], "
-    "...)); a zero-size first parameter has a null data_ptr, so the whole bucket runs the "
-    "no-momentum variant: momentum buffers are neither read nor written except for the elements "
-    "of the unaligned edges (fix: decide from !moms.empty())")
-XFAIL_RULES: list = [
-    (lambda c: c.idiom == "empty_param" and _fam(c) == "langevin" and c.backend != "reference"
-     and CONFIGS[c.config]["kw"].get("momentum"), EMPTY_FIRST),
-]
+# Empty now: the last ones (layout 3 not yet in the built extension; an empty first tensor
+# with momentum on the C++ list kernel, fixed in restore_and_step_list_) landed.
+XFAIL_RULES: list = []
 
 
 def _add(cases, opts, configs, idioms, dtypes, backends, oracle):

@@ -1004,7 +1004,7 @@ LANGEVIN_HP = st.fixed_dictionaries(dict(
 @example(layout=[("flat", 0), ("flat", 9)], dtype=torch.float32,
          hp=dict(lr=0.05, beta=1e4, sigma=None, momentum=0.5, nesterov=False, dampening=0.0,
                  weight_decay=0.0, maximize=False, n_perturbations=1),
-         seed=0).xfail(raises=AssertionError, reason=spec.EMPTY_FIRST)   # found by this test
+         seed=0)   # found by this test: an empty first tensor with momentum (cpp list kernel)
 def test_property_langevin_cpp_matches_reference(layout, dtype, hp, seed):
     """FSGLD / SGLD (sigma 0) / RWP (beta inf) steps, closure form, two steps (the momentum
     buffer is created, then updated): 'cpp' equals 'reference' on any list of parameters

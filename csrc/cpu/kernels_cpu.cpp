@@ -189,8 +189,8 @@ void update_element(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t i, int6
 }
 
 template <typename scalar_t>
-int restore_variant(const scalar_t* m, const StepArgs<at::opmath_type<scalar_t>>& a, bool sr) {
-  return (m != nullptr ? 1 : 0) | (a.sigma != 0 ? 2 : 0) | (a.noise_std != 0 ? 4 : 0) | (sr ? 8 : 0);
+int restore_variant(bool has_momentum, const StepArgs<at::opmath_type<scalar_t>>& a, bool sr) {
+  return (has_momentum ? 1 : 0) | (a.sigma != 0 ? 2 : 0) | (a.noise_std != 0 ? 4 : 0) | (sr ? 8 : 0);
 }
 
 template <typename scalar_t>
@@ -198,7 +198,7 @@ std::pair<int64_t, int64_t> restore_edges(scalar_t* __restrict__ p, const scalar
                                           scalar_t* __restrict__ m, int64_t n, PhiloxKey key,
                                           int64_t step, uint32_t tag, int64_t offset,
                                           const StepArgs<at::opmath_type<scalar_t>>& a, bool sr) {
-  const int base_variant = restore_variant(m, a, false);
+  const int base_variant = restore_variant<scalar_t>(m != nullptr, a, false);
   return split_edges(offset, n, [&](int64_t i, int64_t gi) {
     switch (base_variant) {
       case 0: return update_element<false, false, false>(p, g, m, i, gi, key, step, tag, a, sr);
@@ -236,7 +236,7 @@ void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict
                             uint32_t tag, int64_t offset,
                             const StepArgs<at::opmath_type<scalar_t>>& a, bool sr_flag) {
   const bool sr = sr_flag && cpu::Fmt16<scalar_t>::kind != 0;
-  const int variant = restore_variant(m, a, sr);
+  const int variant = restore_variant<scalar_t>(m != nullptr, a, sr);
   const auto range = restore_edges(p, g, m, n, key, step, tag, offset, a, sr);
   const IsaLoops& L = loops();
   at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
@@ -379,7 +379,8 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::
       ranges[t] = restore_edges(ps[t], gs[t], ms[t], params[t].numel(), key, step, rtag,
                                 offsets[t], a, sr);
     }
-    const int variant = restore_variant(ms[0], a, sr);
+    // from the list, not from ms[0]: an empty first tensor has no data pointer
+    const int variant = restore_variant<scalar_t>(!moms.empty(), a, sr);
     const IsaLoops& L = loops();
     for_list_calls(ranges, [&](size_t t, int64_t j0, int64_t j1) {
       restore_calls_typed(L, variant, ps[t], gs[t], ms[t], j0, j1, offsets[t], key, step, rtag, a);
