@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fused_flat.diagnostics import RunningAverage
 from fused_flat.sam import NORM_EPS, SAM
 
 __all__ = ["Chains", "chain_loss", "ChainSAM", "chain_predict_proba", "bma_probs",
@@ -475,7 +476,7 @@ def per_chain_metrics(probs: torch.Tensor, labels, metrics: Sequence[str] = ("ac
     return {m: [fns[m](probs[c], labels) for c in range(probs.shape[0])] for m in metrics}
 
 
-class ChainAverager:
+class ChainAverager(RunningAverage):
     """Bayesian model averaging over chains and snapshots, with per-chain traces for R-hat.
 
     Args:
@@ -498,19 +499,14 @@ class ChainAverager:
                  metrics: Sequence[str] = ("accuracy", "nll")):
         if not isinstance(chains, Chains):
             raise TypeError(f"ChainAverager: expected a Chains, got {type(chains).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1 \
-                or isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
-            raise ValueError("ChainAverager: need integers every >= 1 and burn_in >= 0")
+        self._init_average(burn_in, every)
         for m in metrics:
             if m not in _METRICS:
                 raise ValueError(f"ChainAverager: unknown metric {m!r}; choose from {_METRICS}")
         _batches(data)   # refuses a shuffling loader now
-        self.chains, self.data, self.burn_in, self.every = chains, data, burn_in, every
+        self.chains, self.data = chains, data
         self.labels = None if labels is None else torch.as_tensor(labels).reshape(-1).cpu()
         self.metrics = tuple(metrics)
-        self.n_snapshots = 0
-        self.n_calls = 0
-        self._mean: torch.Tensor | None = None
         self._first_labels: torch.Tensor | None = None
         self._traces: dict = {m: [] for m in self.metrics}
 
@@ -530,26 +526,11 @@ class ChainAverager:
             vals = per_chain_metrics(p, labels, self.metrics)
             for m in self.metrics:
                 self._traces[m].append(vals[m])
-        self.n_snapshots += 1
-        if self._mean is None:
-            self._mean = p.clone()
-        else:
-            self._mean += (p - self._mean) / self.n_snapshots
+        self._add(p)
         return p
 
-    def step(self) -> bool:
-        """Count a call; collect if past burn-in and on the thinning grid. True if collected."""
-        self.n_calls += 1
-        j = self.n_calls - self.burn_in - 1
-        if j >= 0 and j % self.every == 0:
-            self.collect()
-            return True
-        return False
-
     def chain_probs(self) -> torch.Tensor:
-        if self._mean is None:
-            raise RuntimeError("ChainAverager: no snapshot collected yet")
-        return self._mean.clone()
+        return self._average()
 
     def probs(self) -> torch.Tensor:
         return self.chain_probs().mean(0)

@@ -385,7 +385,46 @@ def predict_proba(model: nn.Module, data) -> torch.Tensor:
     return _predict(model, data, "predict_proba", fingerprint=False)[0]
 
 
-class SnapshotAverager:
+class RunningAverage:
+    """The snapshot bookkeeping shared by :class:`SnapshotAverager` and
+    ``fused_flat.chains.ChainAverager``: burn-in and thinning of ``step()`` calls, and the
+    running mean of what ``collect()`` adds (``_add``)."""
+
+    def _init_average(self, burn_in: int, every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1 \
+                or isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise ValueError(f"{type(self).__name__}: need integers every >= 1 and burn_in >= 0")
+        self.burn_in, self.every = burn_in, every
+        self.n_snapshots = 0
+        self.n_calls = 0
+        self._mean: torch.Tensor | None = None
+
+    def collect(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """Count a call; collect if past burn-in and on the thinning grid. True if collected."""
+        self.n_calls += 1
+        j = self.n_calls - self.burn_in - 1
+        if j >= 0 and j % self.every == 0:
+            self.collect()
+            return True
+        return False
+
+    def _add(self, p: torch.Tensor) -> None:
+        self.n_snapshots += 1
+        if self._mean is None:
+            self._mean = p.clone()
+        else:
+            self._mean += (p - self._mean) / self.n_snapshots
+
+    def _average(self) -> torch.Tensor:
+        if self._mean is None:
+            raise RuntimeError(f"{type(self).__name__}: no snapshot collected yet")
+        return self._mean.clone()
+
+
+class SnapshotAverager(RunningAverage):
     """Bayesian model averaging over parameter snapshots: p(y|x) = mean_s softmax(f(x; theta_s)).
 
     Stores the running mean of the predictive probabilities on the evaluation set (memory
@@ -415,15 +454,11 @@ class SnapshotAverager:
     """
 
     def __init__(self, model: nn.Module, data, *, burn_in: int = 0, every: int = 1):
-        if every < 1 or burn_in < 0:
-            raise ValueError("SnapshotAverager: need every >= 1 and burn_in >= 0")
+        self._init_average(burn_in, every)
         if isinstance(data, Iterator):
             data = list(data)   # a one-shot iterator would be empty at the second collection
         _check_fixed_order(data, "SnapshotAverager")
-        self.model, self.data, self.burn_in, self.every = model, data, int(burn_in), int(every)
-        self.n_snapshots = 0
-        self.n_calls = 0
-        self._mean: torch.Tensor | None = None
+        self.model, self.data = model, data
         self._fingerprint = None
 
     def _check_same_examples(self, p: torch.Tensor, fp) -> None:
@@ -457,27 +492,13 @@ class SnapshotAverager:
         """Add the current weights' probabilities to the running mean; returns them."""
         p, fp = _predict(self.model, self.data, "SnapshotAverager", fingerprint=True)
         self._check_same_examples(p, fp)
-        self.n_snapshots += 1
         if self._mean is None:
-            self._mean = p.clone()
             self._fingerprint = fp
-        else:
-            self._mean += (p - self._mean) / self.n_snapshots
+        self._add(p)
         return p
 
-    def step(self) -> bool:
-        """Count a call; collect if past burn-in and on the thinning grid. True if collected."""
-        self.n_calls += 1
-        j = self.n_calls - self.burn_in - 1
-        if j >= 0 and j % self.every == 0:
-            self.collect()
-            return True
-        return False
-
     def probs(self) -> torch.Tensor:
-        if self._mean is None:
-            raise RuntimeError("SnapshotAverager: no snapshot collected yet")
-        return self._mean.clone()
+        return self._average()
 
     def reset(self) -> None:
         self._mean, self.n_snapshots, self.n_calls, self._fingerprint = None, 0, 0, None

@@ -26,6 +26,16 @@ def cpu_backends():
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared machine (use
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _torch_defaults():
     torch.manual_seed(0)

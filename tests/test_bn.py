@@ -7,13 +7,7 @@ import torch
 from fused_flat.bn import disable_running_stats, enable_running_stats, running_stats_frozen
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spin-waits on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(momentum=0.1):

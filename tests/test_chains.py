@@ -30,12 +30,7 @@ from fused_flat.chains import (ChainAverager, Chains, ChainSAM, bma_probs, chain
 N = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn() -> nn.Module:

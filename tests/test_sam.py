@@ -18,13 +18,7 @@ from tests.conftest import cpu_backends
 STEPS = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = dict(rtol=1e-10, atol=1e-12)   # float64 round-off over 10 steps
 
 

@@ -14,13 +14,7 @@ from fused_flat.sam import MSAM, RWSAM, SAM
 from tests.conftest import cpu_backends
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(dtype=torch.float64, seed=0, bn=True):

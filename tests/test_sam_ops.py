@@ -6,20 +6,12 @@ import torch
 from fused_flat import noise, sam_reference as ref
 from tests.conftest import cpu_backends
 
-pytestmark = pytest.mark.skipif("cpp" not in cpu_backends(), reason="compiled extension not built")
+pytestmark = [pytest.mark.skipif("cpp" not in cpu_backends(), reason="compiled extension not built"),
+              pytest.mark.usefixtures("one_thread")]
 
 SIZES = [1, 7, 1001, (1 << 14) * 3 + 5]   # odd sizes, more than one reduction block
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-13, atol=1e-15),
        torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spin-waits on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ops():
