@@ -11,7 +11,8 @@ them; time a stage leaves unused goes to the stages after it):
              from torch.cuda.get_device_capability(), e.g. "9.0"; --arch-list overrides),
              MAX_JOBS = os.cpu_count(), FORCE_CUDA=1, CUDA_HOME as the Makefile finds it;
   2. tests   the GPU tests (compiled Triton and CUDA kernels against the reference, bf16
-             included), pytest -x, TRITON_INTERPRET unset; one file per worker when
+             included; tests/test_gpu_sync.py: no synchronizing call in any optimizer's
+             step, CUDA graphs captured on the first step), pytest -x, TRITON_INTERPRET unset; one file per worker when
              pytest-xdist is there (--test-workers 0: one process);
   3. micro   fused passes as fractions of measured copy bandwidth at the sizes >= 64M
              (benchmarks/gpu_micro.py; the sizes the verdicts read);
@@ -46,7 +47,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU_LINE = "gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing to check."
-GPU_TESTS = ["tests/test_cuda_gpu.py", "tests/test_cuda_sam_gpu.py", "tests/test_triton_sam.py",
+# test_gpu_sync.py first: no synchronizing call in any optimizer's step on any GPU backend
+# (sync debug mode "error"), CUDA graphs captured on the first step (the launch tables that
+# the registered ops build in their real implementations, which fake tensors cannot reach)
+GPU_TESTS = ["tests/test_gpu_sync.py",
+             "tests/test_cuda_gpu.py", "tests/test_cuda_sam_gpu.py", "tests/test_triton_sam.py",
              "tests/test_triton_multi.py", "tests/test_capturable_gpu.py",
              "tests/test_triton_device_scalars.py", "tests/test_cuda_device_scalars.py",
              "tests/test_triton.py"]

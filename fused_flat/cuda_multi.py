@@ -11,10 +11,20 @@ list signatures: one kernel launch per bucket per pass (issue 12).
 Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math and the
 noise are the per-tensor ops' (fused_flat.ops; kernels csrc/cuda/multi_langevin.cu on
 csrc/include/fused_flat/elementwise.h; oracle fused_flat.reference per tensor at its
-offset). The Langevin tables are built for the call frame (fused_flat.multi_tensor.
-frame_plan), cached on the device: no host-to-device copy once warm. ``grad_scale`` /
-``found_inf`` are read by the kernels; no call synchronises with the host. all_finite
-keeps a persistent zeroed int32 [2] scratch per (device, stream) (see the .cu).
+offset). ``grad_scale`` / ``found_inf`` are read by the kernels; no call synchronises with
+the host. all_finite keeps a persistent zeroed int32 [2] scratch per (device, stream) (see
+the .cu).
+
+Each pass is ONE registered torch op (torch.library.custom_op, opaque; namespace
+``fused_flat_cuda``: ``perturb_list_``, ``restore_and_step_list_``, ``all_finite_list``),
+called by these Python entry points after the argument checks (metadata only). Its real
+implementation builds the launch tables for the call frame
+(fused_flat.multi_tensor.launch_tables, frame=True: pinned staging buffer, non-blocking
+copy, owned by the call or, while a CUDA graph is captured, by the process) and calls the
+compiled op (``torch.ops.fused_flat.*_multi``) once; its fake implementation touches nothing
+on the host. So a step on fake CUDA tensors makes no host read and a compiled step holds one
+node per pass; the table building runs only in the real implementation, which fake tensors
+cannot reach: tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
 
 ``stochastic_rounding=True`` (bf16/fp16 params; ignored for fp32/fp64): the same one launch,
 theta stored stochastically rounded with the rbits of ALGORITHMS.md §1 (tags 0 and 32 of
@@ -33,7 +43,7 @@ then differ in the sign of the zero from the scalar path's, -0.0 + 0 * xi.)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -59,8 +69,6 @@ def _device(ref: torch.Tensor) -> torch.device:
     if device.type != "cuda":
         raise ValueError(f"fused_flat.cuda_multi: CUDA tensors only, got {device}; use "
                          f"fused_flat.triton.multi, fused_flat.ops or fused_flat.reference")
-    if not mt.tracing(ref):
-        cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
     return device
 
 
@@ -96,10 +104,92 @@ def _host(value, tensor, cast):
     return cast(0) if tensor is not None else cast(value)
 
 
+# ------------------------------------------------------------------ the registered ops
+# The real implementations build one launch's tables (fused_flat.multi_tensor) and call the
+# compiled op; the fakes touch nothing on the host (module docstring).
+@torch.library.custom_op("fused_flat_cuda::perturb_list_", mutates_args=("params",))
+def _perturb_list(params: List[torch.Tensor], offsets: List[int], seed: int, bucket_id: int,
+                  step: int, step_t: Optional[torch.Tensor], tag: int, sigma: float) -> None:
+    device = params[0].device
+    cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
+    with mt.launching(device):
+        tb = mt.launch_tables([params], CHUNK, offsets, frame=True)
+        _ops().perturb_multi_(params, tb.chunks, tb.meta, tb.ptrs, tb.chunk, seed, bucket_id,
+                              step, tag, sigma, step_t)
+
+
+@_perturb_list.register_fake
+def _(params, offsets, seed, bucket_id, step, step_t, tag, sigma):
+    return None
+
+
+@torch.library.custom_op("fused_flat_cuda::restore_and_step_list_",
+                         mutates_args=("params", "moms"))
+def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor],
+                           moms: List[torch.Tensor], offsets: List[int],
+                           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                           seed: int, bucket_id: int, step: int, step_t: Optional[torch.Tensor],
+                           restore_tag: int, sigma: float, lr: float,
+                           lr_t: Optional[torch.Tensor], weight_decay: float, momentum: float,
+                           dampening: float, nesterov: bool, momentum_init: bool,
+                           noise_std: float, noise_std_t: Optional[torch.Tensor],
+                           grad_mult: float, stochastic_rounding: bool) -> None:
+    """``moms`` empty: no momentum buffers."""
+    device = params[0].device
+    cuda_arch.check_device(device)
+    with mt.launching(device):
+        lists = [params, grads] + ([moms] if moms else [])
+        tb = mt.launch_tables(lists, CHUNK, offsets, frame=True)
+        _ops().restore_and_step_multi_(
+            params, grads, moms, grad_scale, found_inf, tb.chunks, tb.meta, tb.ptrs, tb.chunk,
+            seed, bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
+            nesterov, momentum_init, noise_std, grad_mult, stochastic_rounding, step_t, lr_t,
+            noise_std_t)
+
+
+@_restore_and_step_list.register_fake
+def _(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id, step, step_t,
+      restore_tag, sigma, lr, lr_t, weight_decay, momentum, dampening, nesterov, momentum_init,
+      noise_std, noise_std_t, grad_mult, stochastic_rounding):
+    return None
+
+
+_scratch: dict = {}
+
+
+def _scratch_for(device: torch.device) -> torch.Tensor:
+    """all_finite's persistent zeroed int32 [2] per (device, stream), held for the process (a
+    graph captured with it keeps reading it)."""
+    key = (device.index, torch.cuda.current_stream(device).stream_id)
+    s = _scratch.get(key)
+    if s is None:
+        s = _scratch[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return s
+
+
+@torch.library.custom_op("fused_flat_cuda::all_finite_list", mutates_args=())
+def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
+    device = tensors[0].device
+    cuda_arch.check_device(device)
+    with mt.launching(device):
+        tb = mt.launch_tables([tensors], CHUNK)
+        if tb.n_chunks == 0:
+            return torch.zeros(1, dtype=torch.float32, device=device)
+        return _ops().all_finite_multi(tensors, tb.chunks, tb.meta, tb.ptrs, tb.chunk,
+                                       _scratch_for(device))
+
+
+@_all_finite_list.register_fake
+def _(tensors):
+    return tensors[0].new_empty(1, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ entry points
 def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, bucket_id: int,
              step: int | torch.Tensor, tag: int, sigma: float) -> None:
     """theta <- theta + sigma * eps(tag), eps at bucket indices offsets[t] + e. ``step``: a
-    Python int or a one-element int64 device tensor (module docstring)."""
+    Python int or a one-element int64 device tensor (module docstring). One call of the op
+    ``fused_flat_cuda::perturb_list_``."""
     mt.check_lists("perturb_", "params", params)
     _check_offsets("perturb_", params, offsets)
     if not params:
@@ -108,13 +198,10 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
     step_t = device_scalar("cuda_multi.perturb_", "step", step, device, _STEP_DTYPES)
     if sigma == 0.0:
         return
-    if mt.tracing(params[0]):
-        p, ptrs = mt.placeholder_tables(1, len(params), CHUNK, device)
-    else:
-        p = mt.frame_plan([t.numel() for t in params], offsets, CHUNK, device)
-        ptrs = mt.pointer_table([list(params)], device)
-    _ops().perturb_multi_(list(params), p.chunks, p.meta, ptrs, p.chunk, int(seed),
-                          int(bucket_id), _host(step, step_t, int), int(tag), float(sigma), step_t)
+    _ops()
+    torch.ops.fused_flat_cuda.perturb_list_(
+        list(params), [int(o) for o in offsets], int(seed), int(bucket_id),
+        _host(step, step_t, int), step_t, int(tag), float(sigma))
 
 
 def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -127,7 +214,8 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                       stochastic_rounding: bool = False) -> None:
     """The fused restore + decay + momentum + Langevin + update pass over a tensor list.
     ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors, and
-    ``stochastic_rounding`` rounds 16-bit params stochastically (module docstring)."""
+    ``stochastic_rounding`` rounds 16-bit params stochastically (module docstring). One call
+    of the op ``fused_flat_cuda::restore_and_step_list_``."""
     mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
     _check_offsets("restore_and_step_", params, offsets)
     if not params:
@@ -138,33 +226,19 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     noise_std_t = device_scalar("cuda_multi.restore_and_step_", "noise_std", noise_std, device,
                                 _FLOAT_DTYPES)
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
-    lists = [list(params), list(grads)] + ([list(moms)] if moms is not None else [])
-    if mt.tracing(params[0]):
-        p, ptrs = mt.placeholder_tables(len(lists), len(params), CHUNK, device)
-    else:
-        p = mt.frame_plan([t.numel() for t in params], offsets, CHUNK, device)
-        ptrs = mt.pointer_table(lists, device)
-    _ops().restore_and_step_multi_(
-        list(params), list(grads), list(moms) if moms is not None else [], grad_scale, found_inf,
-        p.chunks, p.meta, ptrs, p.chunk, int(seed), int(bucket_id), _host(step, step_t, int),
-        int(restore_tag), float(sigma), _host(lr, lr_t, float), float(weight_decay),
-        float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
-        _host(noise_std, noise_std_t, float), float(grad_mult), sr, step_t, lr_t, noise_std_t)
-
-
-_scratch: dict = {}
-
-
-def _scratch_for(device: torch.device) -> torch.Tensor:
-    key = (device.index, torch.cuda.current_stream(device).stream_id)
-    s = _scratch.get(key)
-    if s is None:
-        s = _scratch[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return s
+    _ops()
+    torch.ops.fused_flat_cuda.restore_and_step_list_(
+        list(params), list(grads), list(moms) if moms is not None else [],
+        [int(o) for o in offsets], grad_scale, found_inf, int(seed), int(bucket_id),
+        _host(step, step_t, int), step_t, int(restore_tag), float(sigma),
+        _host(lr, lr_t, float), lr_t, float(weight_decay), float(momentum), float(dampening),
+        bool(nesterov), bool(momentum_init), _host(noise_std, noise_std_t, float), noise_std_t,
+        float(grad_mult), sr)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """found_inf: float32 [1] on the device, 1.0 if any element is inf or NaN; one launch."""
+    """found_inf: float32 [1] on the device, 1.0 if any element is inf or NaN; one launch
+    (one call of the op ``fused_flat_cuda::all_finite_list``)."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(1, dtype=torch.float32)
@@ -173,16 +247,9 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         from fused_flat import reference
 
         return reference.all_finite(tensors)
-    device = _device(tensors[0])
-    if mt.tracing(tensors[0]):
-        p, ptrs = mt.placeholder_tables(1, len(tensors), CHUNK, device)
-        scratch = torch.zeros(2, dtype=torch.int32, device=device)
-        return _ops().all_finite_multi(tensors, p.chunks, p.meta, ptrs, p.chunk, scratch)
-    p = mt.plan([t.numel() for t in tensors], CHUNK, device)
-    if p.n_chunks == 0:
-        return torch.zeros(1, dtype=torch.float32, device=device)
-    ptrs = mt.pointer_table([tensors], device)
-    return _ops().all_finite_multi(tensors, p.chunks, p.meta, ptrs, p.chunk, _scratch_for(device))
+    _device(tensors[0])
+    _ops()
+    return torch.ops.fused_flat_cuda.all_finite_list(tensors)
 
 
 if available():

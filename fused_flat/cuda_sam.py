@@ -10,12 +10,19 @@ signatures: one kernel launch per bucket per pass.
 
 Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math is
 fused_flat/sam_reference.py's (kernels: csrc/cuda/sam_cuda.cu on
-csrc/include/fused_flat/sam_elementwise.h). The launch tables come from
-fused_flat.multi_tensor (cached device int64 tensors: no host-to-device copy once warm).
-``coef`` may be a Python float or a 1-element device tensor (read by the kernel, so the
-global norm never leaves the GPU); ``grad_scale`` / ``found_inf`` are read by the kernel.
-No call synchronises with the host. Fake implementations are registered so the ops trace
-under ``torch.compile``.
+csrc/include/fused_flat/sam_elementwise.h). ``coef`` may be a Python float or a 1-element
+device tensor (read by the kernel, so the global norm never leaves the GPU); ``grad_scale`` /
+``found_inf`` are read by the kernel. No call synchronises with the host.
+
+Each pass is ONE registered torch op (torch.library.custom_op, opaque; namespace
+``fused_flat_cuda``: ``sam_grad_sq_norm_list``, ``sam_perturb_list_``,
+``sam_restore_and_step_list_``, ``sam_probe_list_``), called by these Python entry points
+after the argument checks (metadata only): its real implementation builds one launch's tables
+(fused_flat.multi_tensor.launch_tables: pinned staging, non-blocking copy, capture-owned
+while a CUDA graph is captured) and calls the compiled op once; its fake implementation
+touches nothing on the host (no host read on fake tensors, one node per pass under
+torch.compile). The table building runs only in the real implementation, which fake tensors
+cannot reach: tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
 
 Device-resident per-step scalars (CUDA-graph capture, ``capturable=True``): the ``lr`` of
 ``sam_restore_and_step_`` may be a one-element float64 (or float32) tensor, and the ``step``
@@ -25,7 +32,7 @@ converts ``float(t)`` / ``int(t)`` (bit-identical results; fused_flat.cuda_multi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -50,45 +57,123 @@ def _ops():
     return torch.ops.fused_flat
 
 
-def _tables(lists, offsets=None):
-    ref = lists[0]
-    device = ref[0].device
+def _check_device(ref: torch.Tensor) -> torch.device:
+    device = ref.device
     if device.type != "cuda":
         raise ValueError(f"fused_flat.cuda_sam: CUDA tensors only, got {device}; use "
                          f"fused_flat.triton.sam, fused_flat.sam_ops or fused_flat.sam_reference")
-    if mt.tracing(ref[0]):
-        return mt.placeholder_tables(len(lists), len(ref), CHUNK, device)
-    cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
-    p = mt.plan([t.numel() for t in ref], CHUNK, device, offsets)
-    return p, mt.pointer_table(lists, device)
+    return device
 
 
+def _tables(lists, offsets=None):
+    """One launch's tables (inside the real implementations only: it reads data pointers)."""
+    cuda_arch.check_device(lists[0][0].device)   # a clear error if the build cannot run here
+    return mt.launch_tables(lists, CHUNK, offsets)
+
+
+# ------------------------------------------------------------------ the registered ops
+@torch.library.custom_op("fused_flat_cuda::sam_grad_sq_norm_list", mutates_args=())
+def _sq_norm_list(grads: List[torch.Tensor], params: List[torch.Tensor],
+                  eta: float) -> torch.Tensor:
+    """``params`` empty: plain SAM; else ASAM's (|theta| + eta) g."""
+    with mt.launching(grads[0].device):
+        tb = _tables([grads] + ([params] if params else []))
+        return _ops().sam_grad_sq_norm_multi(grads, params, tb.chunks, tb.meta, tb.ptrs,
+                                             tb.chunk, eta)
+
+
+@_sq_norm_list.register_fake
+def _(grads, params, eta):
+    return grads[0].new_empty((), dtype=torch.float64)
+
+
+@torch.library.custom_op("fused_flat_cuda::sam_perturb_list_", mutates_args=("params", "backups"))
+def _perturb_list(params: List[torch.Tensor], grads: List[torch.Tensor],
+                  backups: List[torch.Tensor], adaptive: bool, coef: float,
+                  coef_t: Optional[torch.Tensor], eta: float) -> None:
+    with mt.launching(params[0].device):
+        tb = _tables([params, grads, backups])
+        _ops().sam_perturb_multi_(params, grads, backups, tb.chunks, tb.meta, tb.ptrs, tb.chunk,
+                                  adaptive, coef, coef_t, eta)
+
+
+@_perturb_list.register_fake
+def _(params, grads, backups, adaptive, coef, coef_t, eta):
+    return None
+
+
+@torch.library.custom_op("fused_flat_cuda::sam_restore_and_step_list_",
+                         mutates_args=("params", "moms"))
+def _restore_and_step_list(params: List[torch.Tensor], backups: List[torch.Tensor],
+                           grads: List[torch.Tensor], moms: List[torch.Tensor],
+                           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                           lr: float, lr_t: Optional[torch.Tensor], weight_decay: float,
+                           momentum: float, dampening: float, nesterov: bool,
+                           momentum_init: bool, grad_mult: float, stochastic_rounding: bool,
+                           seed: int, bucket_id: int, step: int, step_t: Optional[torch.Tensor],
+                           offsets: Optional[List[int]]) -> None:
+    """``moms`` empty: no momentum buffers; ``offsets``: those of the stochastic rounding."""
+    with mt.launching(params[0].device):
+        lists = [params, backups, grads] + ([moms] if moms else [])
+        tb = _tables(lists, offsets if stochastic_rounding else None)
+        _ops().sam_restore_and_step_multi_(
+            params, backups, grads, moms, grad_scale, found_inf, tb.chunks, tb.meta, tb.ptrs,
+            tb.chunk, lr, weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult,
+            stochastic_rounding, seed, bucket_id, step, lr_t, step_t)
+
+
+@_restore_and_step_list.register_fake
+def _(params, backups, grads, moms, grad_scale, found_inf, lr, lr_t, weight_decay, momentum,
+      dampening, nesterov, momentum_init, grad_mult, stochastic_rounding, seed, bucket_id, step,
+      step_t, offsets):
+    return None
+
+
+@torch.library.custom_op("fused_flat_cuda::sam_probe_list_", mutates_args=("params", "backups"))
+def _probe_list(params: List[torch.Tensor], backups: List[torch.Tensor], offsets: List[int],
+                seed: int, bucket_id: int, step: int, step_t: Optional[torch.Tensor],
+                delta: float) -> None:
+    with mt.launching(params[0].device):
+        tb = _tables([params, backups], offsets)
+        _ops().sam_probe_multi_(params, backups, tb.chunks, tb.meta, tb.ptrs, tb.chunk, seed,
+                                bucket_id, step, delta, step_t)
+
+
+@_probe_list.register_fake
+def _(params, backups, offsets, seed, bucket_id, step, step_t, delta):
+    return None
+
+
+# ------------------------------------------------------------------ entry points
 def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None,
                      eta: float) -> torch.Tensor:
-    """sum_i t_i^2, float64 0-dim on the device; t = g, or (|theta| + eta) g (ASAM)."""
+    """sum_i t_i^2, float64 0-dim on the device; t = g, or (|theta| + eta) g (ASAM). One call
+    of the op ``fused_flat_cuda::sam_grad_sq_norm_list``."""
     mt.check_lists("sam_grad_sq_norm", "grads", grads, params=params)
     if not grads:
         return torch.zeros((), dtype=torch.float64)
-    lists = [list(grads)] + ([list(params)] if params is not None else [])
-    p, ptrs = _tables(lists)
-    return _ops().sam_grad_sq_norm_multi(list(grads), list(params) if params is not None else [],
-                                         p.chunks, p.meta, ptrs, p.chunk, float(eta))
+    _check_device(grads[0])
+    _ops()
+    return torch.ops.fused_flat_cuda.sam_grad_sq_norm_list(
+        list(grads), list(params) if params is not None else [], float(eta))
 
 
 def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                  backups: Sequence[torch.Tensor], adaptive: bool, coef: float | torch.Tensor,
                  eta: float) -> None:
-    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive."""
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive.
+    One call of the op ``fused_flat_cuda::sam_perturb_list_``."""
     mt.check_lists("sam_perturb_", "params", params, grads=grads, backups=backups)
     if not params:
         return
+    _check_device(params[0])
     coef_t = None
     if isinstance(coef, torch.Tensor):
         coef_t = coef.reshape(()).to(torch.float64)   # device op (no-op for float64): no sync
         coef = 0.0
-    p, ptrs = _tables([list(params), list(grads), list(backups)])
-    _ops().sam_perturb_multi_(list(params), list(grads), list(backups), p.chunks, p.meta, ptrs,
-                              p.chunk, bool(adaptive), float(coef), coef_t, float(eta))
+    _ops()
+    torch.ops.fused_flat_cuda.sam_perturb_list_(list(params), list(grads), list(backups),
+                                                bool(adaptive), float(coef), coef_t, float(eta))
 
 
 def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
@@ -103,42 +188,44 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     ``stochastic_rounding`` (bf16/fp16; ignored otherwise): theta stored as SR(theta) with
     the rbits of (seed, bucket_id, step) at bucket index offsets[t] + e (offsets default to
     the packed prefix sums of the numels). ``lr`` / ``step`` may be one-element device
-    tensors (module docstring)."""
+    tensors (module docstring). One call of the op ``fused_flat_cuda::sam_restore_and_step_list_``."""
     mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
                    moms=moms)
     if offsets is not None and len(offsets) != len(params):
         raise ValueError(f"sam_restore_and_step_: {len(offsets)} offsets for {len(params)} tensors")
     if not params:
         return
+    dev = _check_device(params[0])
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
-    lists = [list(params), list(backups), list(grads)] + ([list(moms)] if moms is not None else [])
-    p, ptrs = _tables(lists, offsets if sr else None)
-    dev = params[0].device
     lr_t = device_scalar("cuda_sam.sam_restore_and_step_", "lr", lr, dev, _FLOAT_DTYPES)
     step_t = device_scalar("cuda_sam.sam_restore_and_step_", "step", step, dev, _STEP_DTYPES)
-    _ops().sam_restore_and_step_multi_(
+    _ops()
+    torch.ops.fused_flat_cuda.sam_restore_and_step_list_(
         list(params), list(backups), list(grads), list(moms) if moms is not None else [],
-        grad_scale, found_inf, p.chunks, p.meta, ptrs, p.chunk, _host(lr, lr_t, float),
-        float(weight_decay), float(momentum), float(dampening), bool(nesterov),
-        bool(momentum_init), float(grad_mult), sr, int(seed), int(bucket_id),
-        _host(step, step_t, int), lr_t, step_t)
+        grad_scale, found_inf, _host(lr, lr_t, float), lr_t, float(weight_decay),
+        float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
+        float(grad_mult), sr, int(seed), int(bucket_id), _host(step, step_t, int), step_t,
+        [int(o) for o in offsets] if offsets is not None else None)
 
 
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                offsets: Sequence[int], seed: int, bucket_id: int, step: int | torch.Tensor,
                delta: float) -> None:
     """backup <- theta ; theta <- theta + delta * v (Rademacher, tag 16, layout 3) at bucket
-    index offsets[t] + e. ``step`` may be a one-element int64 device tensor."""
+    index offsets[t] + e. ``step`` may be a one-element int64 device tensor. One call of the
+    op ``fused_flat_cuda::sam_probe_list_``."""
     mt.check_lists("sam_probe_", "params", params, backups=backups)
     if len(offsets) != len(params):
         raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
     if not params:
         return
-    p, ptrs = _tables([list(params), list(backups)], offsets)
+    _check_device(params[0])
     step_t = device_scalar("cuda_sam.sam_probe_", "step", step, params[0].device, _STEP_DTYPES)
-    _ops().sam_probe_multi_(list(params), list(backups), p.chunks, p.meta, ptrs, p.chunk,
-                            int(seed), int(bucket_id), _host(step, step_t, int), float(delta),
-                            step_t)
+    _ops()
+    torch.ops.fused_flat_cuda.sam_probe_list_(list(params), list(backups),
+                                              [int(o) for o in offsets], int(seed),
+                                              int(bucket_id), _host(step, step_t, int), step_t,
+                                              float(delta))
 
 
 if available():

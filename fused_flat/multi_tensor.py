@@ -14,23 +14,58 @@ space, not a buffer). A multi-tensor kernel gets, instead of one flat pointer,
 * the **pointer table** ``ptrs``: int64 ``[K, T]``, row k = ``data_ptr()`` of the tensors
   of the k-th tensor-list argument (params, grads, backups, ...).
 
-All three are built on the host once and cached as device tensors: the chunk and tensor
-tables by (device, numels, offsets, chunk), the pointer table by (device, data_ptrs).
-A step therefore does no host-to-device copy once the cache is warm (which CUDA-graph
-capture and the no-host-sync goal need), and a pointer table can never be stale: a new
-storage has a new key. The builders are plain Python + torch on the CPU (device-agnostic,
-tested on CPU: tests/test_multi_tensor.py); only the final ``.to(device)`` touches the
-device. Caches are small LRUs (``CACHE_SIZE`` entries each).
+Who builds them, when, and who owns them (no host round trip, ever):
+
+* :func:`launch_tables` builds all three for ONE launch, inside the real implementation of
+  the registered multi-tensor ops (fused_flat/triton/multi.py, triton/sam.py, cuda_multi.py,
+  cuda_sam.py: ``torch.library.custom_op`` ops). Under FakeTensorMode or torch.compile's
+  tracing those ops run their fake implementations, which touch nothing on the host, so
+  this code never runs on fake tensors and fake tensors cannot check it: on a GPU it is
+  checked by tests/test_gpu_sync.py (``make gpu-check``, sync debug mode "error").
+* The three tables are written into ONE host staging buffer -- **pinned** when the device
+  is CUDA -- and copied to ONE device buffer with ``non_blocking=True``: an asynchronous
+  copy on the current stream, never a synchronizing one. torch's caching host allocator
+  records the copy's stream event on the pinned block and hands the block out again only
+  once that event has completed. The device buffer comes from torch's caching allocator on
+  the current stream (the kernel's stream); when the op returns it is freed, and the
+  allocator reuses a freed block only for work queued later on that stream: in stream
+  order, after the kernel that reads it.
+* Nothing is cached by address: a new gradient tensor (``zero_grad(set_to_none=True)``)
+  simply lands in the next call's pointer table. The only cache is of the host-side
+  chunk + tensor rows, keyed by (numels, offsets, chunk) and holding plain host memory that
+  is copied into each call's staging buffer, so dropping an entry can never free memory a
+  kernel or a graph reads.
+* While the current stream is capturing a CUDA graph
+  (``torch.cuda.is_current_stream_capturing()``), the captured copy re-reads the pinned
+  staging buffer and the captured kernel the device buffer at every replay. Those tables are therefore handed to the
+  process-lifetime registry ``CAPTURED`` (staging buffer and device buffer together): never
+  evicted, never reused, never written again. ``release_captured_tables()`` empties it for
+  a process that has destroyed every graph it captured (a few hundred bytes per pass and
+  capture otherwise stay held until exit).
+* :func:`launching` is the context a real implementation launches in: the tensors' CUDA
+  device made current, and, while the stream is capturing, this thread switched to the
+  relaxed capture mode (the driver's ``cuThreadExchangeStreamCaptureMode``), so that a
+  first capture needs no warm-up: a Triton kernel loaded for the first time
+  (``cuModuleLoadData``) and a pinned staging block allocated for the first time are legal
+  inside the capture. The launches themselves are captured as usual.
+
+The builders are plain Python + torch on the CPU (tested on CPU: tests/test_multi_tensor.py,
+the CUDA branch through the ``_empty`` / ``_capturing`` seams, which are the only CUDA calls
+in it); on CPU tensors (Triton's interpreter) the staging buffer is the table itself.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-CACHE_SIZE = 256
+HOST_CACHE_SIZE = 64
 
 
 def chunk_rows(numels: Sequence[int], chunk: int) -> list[tuple[int, int]]:
@@ -75,49 +110,6 @@ def tensor_table_cpu(numels: Sequence[int], offsets: Sequence[int] | None) -> to
                         dtype=torch.int64).reshape(len(numels), 2)
 
 
-class _LRU(OrderedDict):
-    def get_or_make(self, key, make):
-        hit = self.get(key)
-        if hit is not None:
-            self.move_to_end(key)
-            return hit
-        val = make()
-        self[key] = val
-        if len(self) > CACHE_SIZE:
-            self.popitem(last=False)
-        return val
-
-
-_chunk_cache = _LRU()
-_ptr_cache = _LRU()
-stats = {"chunk_builds": 0, "ptr_builds": 0}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Device tables of one launch: see the module docstring."""
-    chunks: torch.Tensor   # int64 [n_chunks, 2]
-    meta: torch.Tensor     # int64 [T, 2]
-    chunk: int
-    n_chunks: int
-    n_tensors: int
-
-
-def plan(numels: Sequence[int], chunk: int, device, offsets: Sequence[int] | None = None) -> Plan:
-    """Cached chunk + tensor tables for tensors of these sizes on ``device``."""
-    device = torch.device(device)
-    key = (str(device), tuple(int(x) for x in numels),
-           None if offsets is None else tuple(int(o) for o in offsets), int(chunk))
-
-    def make():
-        stats["chunk_builds"] += 1
-        ch = chunk_table_cpu(key[1], chunk)
-        meta = tensor_table_cpu(key[1], offsets)
-        return Plan(ch.to(device), meta.to(device), int(chunk), int(ch.shape[0]), len(key[1]))
-
-    return _chunk_cache.get_or_make(key, make)
-
-
 def frame_numels(numels: Sequence[int], offsets: Sequence[int]) -> list[int]:
     """Frame sizes of the Langevin multi-tensor kernels: ``numel + (offset & 3)`` (0 for an
     empty tensor). Frame position f of tensor t is element f - (offset_t & 3), bucket index
@@ -128,27 +120,156 @@ def frame_numels(numels: Sequence[int], offsets: Sequence[int]) -> list[int]:
     return [int(n) + (int(o) & 3) if int(n) else 0 for n, o in zip(numels, offsets)]
 
 
-def frame_plan(numels: Sequence[int], offsets: Sequence[int], chunk: int, device) -> Plan:
-    """``plan`` over the frame sizes (meta rows (numel + (offset & 3), offset))."""
-    return plan(frame_numels(numels, offsets), chunk, device, offsets)
+# ------------------------------------------------------------------ one launch's tables
+@dataclass(frozen=True)
+class Tables:
+    """The tables of ONE launch (module docstring), views of one device buffer."""
+    chunks: torch.Tensor    # int64 [n_chunks, 2]
+    meta: torch.Tensor      # int64 [T, 2]
+    ptrs: torch.Tensor      # int64 [K, T]
+    chunk: int
+    n_chunks: int
+    n_tensors: int
+    staging: torch.Tensor   # the host buffer they were written to (pinned for CUDA)
+    buffer: torch.Tensor    # the device buffer (the staging buffer itself on CPU)
 
 
-def pointer_table(lists: Sequence[Sequence[torch.Tensor]], device) -> torch.Tensor:
-    """Cached int64 [K, T] table of data_ptr()s, one row per tensor list (all of length T)."""
-    device = torch.device(device)
+_host_rows: OrderedDict = OrderedDict()   # (numels, offsets, chunk) -> (int64 rows, n_chunks)
+_host_lock = threading.Lock()
+CAPTURED: list = []                       # Tables read by captured CUDA graphs (never freed)
+
+
+def _rows(numels: tuple, offsets: tuple | None, chunk: int) -> tuple[torch.Tensor, int]:
+    """[chunk table | tensor table] as one flat CPU int64 tensor, and n_chunks (host memory
+    only; the cache holds nothing a device reads)."""
+    key = (numels, offsets, chunk)
+    with _host_lock:
+        hit = _host_rows.get(key)
+        if hit is not None:
+            _host_rows.move_to_end(key)
+            return hit
+    ch = chunk_table_cpu(numels, chunk)
+    meta = tensor_table_cpu(numels, offsets)
+    val = (torch.cat((ch.reshape(-1), meta.reshape(-1))), int(ch.shape[0]))
+    with _host_lock:
+        _host_rows[key] = val
+        while len(_host_rows) > HOST_CACHE_SIZE:
+            _host_rows.popitem(last=False)
+    return val
+
+
+def _empty(n: int, *, pin_memory: bool = False, device=None) -> torch.Tensor:
+    """An int64 buffer of n elements: the allocation seam (pinned host staging / device)."""
+    if device is not None:
+        return torch.empty(n, dtype=torch.int64, device=device)
+    return torch.empty(n, dtype=torch.int64, pin_memory=pin_memory)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph (the seam)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def launch_tables(lists: Sequence[Sequence[torch.Tensor]], chunk: int,
+                  offsets: Sequence[int] | None = None, *, frame: bool = False,
+                  device=None) -> Tables:
+    """The chunk, tensor and pointer tables of one launch over ``lists`` (K lists of T
+    tensors; the chunk table follows ``lists[0]``'s numels), on ``device`` (default: the
+    tensors' device). ``frame=True``: the Langevin kernels' call frame (``frame_numels``;
+    meta rows (numel + (offset & 3), offset)). Runs only inside a real op implementation
+    (module docstring: pinned staging, non-blocking copy, capture-owned tables)."""
     if not lists:
-        return torch.empty((0, 0), dtype=torch.int64, device=device)
-    n = len(lists[0])
+        raise ValueError("launch_tables: no tensor lists")
+    ref = lists[0]
+    n = len(ref)
     if any(len(lst) != n for lst in lists):
         raise ValueError(f"tensor lists of different lengths: {[len(lst) for lst in lists]}")
-    key = (str(device),) + tuple(tuple(t.data_ptr() for t in lst) for lst in lists)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    device = torch.device(device) if device is not None else (
+        ref[0].device if n else torch.device("cpu"))
+    numels = tuple(t.numel() for t in ref)
+    offs = None if offsets is None else tuple(int(o) for o in offsets)
+    if frame:
+        if offs is None:
+            raise ValueError("launch_tables: frame=True needs the offsets")
+        numels = tuple(frame_numels(numels, offs))
+    rows, n_chunks = _rows(numels, offs, int(chunk))
+    ptrs = torch.tensor([t.data_ptr() for lst in lists for t in lst], dtype=torch.int64)
+    total = rows.numel() + ptrs.numel()
+    on_cuda = device.type == "cuda"
+    staging = _empty(total, pin_memory=on_cuda)
+    torch.cat((rows, ptrs), out=staging)
+    if device.type == "cpu":
+        buf = staging
+    else:
+        buf = _empty(total, device=device)
+        buf.copy_(staging, non_blocking=True)     # pinned -> device: asynchronous, no sync
+    a, b = 2 * n_chunks, 2 * n_chunks + 2 * n   # 16-byte aligned views (even int64 offsets)
+    tb = Tables(buf[:a].view(n_chunks, 2), buf[a:b].view(n, 2), buf[b:].view(len(lists), n),
+                int(chunk), n_chunks, n, staging, buf)
+    if _capturing(device):
+        CAPTURED.append(tb)   # read at every replay: alive (and unwritten) for the process
+    return tb
 
-    def make():
-        stats["ptr_builds"] += 1
-        return torch.tensor([list(row) for row in key[1:]], dtype=torch.int64).reshape(
-            len(lists), n).to(device)
 
-    return _ptr_cache.get_or_make(key, make)
+def release_captured_tables() -> int:
+    """Drop the tables held for captured CUDA graphs (returns how many). Only for a process
+    that has destroyed every graph captured so far: a graph replayed afterwards would read
+    freed (and possibly reused) memory."""
+    n = len(CAPTURED)
+    CAPTURED.clear()
+    return n
+
+
+# ------------------------------------------------------------------ launch context
+_CU_STREAM_CAPTURE_MODE_RELAXED = 2
+_driver = None
+
+
+def _exchange_capture_mode(mode: int) -> int:
+    """cuThreadExchangeStreamCaptureMode (CUDA driver API): set this thread's capture mode,
+    return the previous one. -1 when the driver library cannot be loaded (nothing changed)."""
+    global _driver
+    if _driver is None:
+        try:
+            lib = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+            fn = lib.cuThreadExchangeStreamCaptureMode
+            fn.argtypes = [ctypes.POINTER(ctypes.c_int)]
+            fn.restype = ctypes.c_int
+            _driver = fn
+        except (OSError, AttributeError):
+            _driver = False
+    if _driver is False:
+        return -1
+    m = ctypes.c_int(mode)
+    rc = _driver(ctypes.byref(m))
+    if rc != 0:
+        raise RuntimeError(f"fused_flat: cuThreadExchangeStreamCaptureMode failed ({rc})")
+    return m.value
+
+
+@contextlib.contextmanager
+def _relaxed_capture():
+    prev = _exchange_capture_mode(_CU_STREAM_CAPTURE_MODE_RELAXED)
+    try:
+        yield
+    finally:
+        if prev >= 0:
+            _exchange_capture_mode(prev)
+
+
+@contextlib.contextmanager
+def launching(device: torch.device):
+    """Where a real op implementation builds its tables and launches: on a CUDA device, that
+    device made current (Triton launches on the current device's current stream) and, while
+    the stream is capturing, the relaxed capture mode for this thread (module docstring)."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        with _relaxed_capture() if _capturing(device) else contextlib.nullcontext():
+            yield
 
 
 def check_lists(what: str, ref_name: str, ref: Sequence[torch.Tensor], **others) -> None:
@@ -175,23 +296,3 @@ def check_lists(what: str, ref_name: str, ref: Sequence[torch.Tensor], **others)
             if t.numel() != r.numel():
                 raise ValueError(f"{what}: {name}[{i}] has {t.numel()} elements, expected "
                                  f"{r.numel()}")
-
-
-def clear_caches() -> None:
-    _chunk_cache.clear()
-    _ptr_cache.clear()
-
-
-def tracing(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a fake tensor (FakeTensorMode, torch.compile tracing): no memory, so
-    no pointer or chunk tables; the ops' fake implementations do not read them."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
-
-
-def placeholder_tables(n_lists: int, n_tensors: int, chunk: int, device) -> tuple[Plan, torch.Tensor]:
-    """Empty (plan, pointer table) for tracing (never cached: fake tensors must not leak)."""
-    empty = torch.zeros((0, 2), dtype=torch.int64, device=device)
-    return (Plan(empty, empty, chunk, 0, n_tensors),
-            torch.zeros((n_lists, n_tensors), dtype=torch.int64, device=device))

@@ -4,16 +4,21 @@
 fused_flat.cuda_multi.perturb_ / restore_and_step_ and fused_flat.cuda_sam.sam_restore_and_step_ /
 sam_probe_ take ``step`` as a one-element int64 device tensor and ``lr`` / ``noise_std`` as a
 one-element float64 (or float32) device tensor; the kernels read them from device memory.
-Here, on fake CUDA tensors (FakeTensorMode: any host read of a device value raises
+Each pass is one registered op (``torch.ops.fused_flat_cuda.*_list_``, whose real
+implementation builds the launch tables and calls the compiled ``torch.ops.fused_flat.*_multi``
+op). Here, on fake CUDA tensors (FakeTensorMode: any host read of a device value raises
 DataDependentOutputException), the wrappers must
 
   * trace with no host read, and call the ops with the tensors in their Tensor? arguments
     (step_t / lr_t / noise_std_t) and 0 in the scalar ones; stochastic_rounding reaches the
     multi-tensor op (no per-tensor fallback) for 16-bit lists only;
   * reject a wrong dtype, size or device with a ValueError that says what to pass;
-  * trace under make_fx (what torch.compile's AOT stage does) with the tensors as graph inputs.
+  * trace under make_fx (what torch.compile's AOT stage does) with the tensors as graph inputs
+    and one node per pass.
 
-The op schemas are checked too. Numerical equality with the scalar path (bit for bit) needs a
+The registered ops' real implementations are run on CPU tensors with the compiled ops
+recorded instead of run (they need a GPU): the device scalars are forwarded to them, with
+this call's launch tables. The compiled ops' schemas are checked too. Numerical equality with the scalar path (bit for bit) needs a
 GPU: tests/test_cuda_gpu.py and tests/test_cuda_sam_gpu.py.
 """
 from __future__ import annotations
@@ -33,7 +38,8 @@ OFFSETS = [0, 7, 1 << 33, 4105]
 
 
 class _Record(TorchDispatchMode):
-    """Records the fused_flat ops that reach the dispatcher, arguments by schema name."""
+    """Records the registered list ops (namespace fused_flat_cuda) that reach the
+    dispatcher, arguments by schema name."""
 
     def __init__(self):
         super().__init__()
@@ -41,7 +47,7 @@ class _Record(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "fused_flat":
+        if func.namespace == "fused_flat_cuda":
             named = {a.name: a.default_value for a in func._schema.arguments if a.has_default_value()}
             named.update(zip([a.name for a in func._schema.arguments], args))
             named.update(kwargs)
@@ -85,7 +91,7 @@ def test_cuda_multi_tensor_scalars_trace_without_host_read(dtype, sr_reaches_op)
             cuda_multi.restore_and_step_(ps, gs, None, OFFSETS, None, None, 123, 2, step_t, 0, 0.0,
                                          lr_t, 0.0, 0.0, 0.0, False, False, 0.0, 1.0)
     names = [c[0] for c in rec.calls]
-    assert names == ["perturb_multi_", "restore_and_step_multi_", "restore_and_step_multi_"], names
+    assert names == ["perturb_list_", "restore_and_step_list_", "restore_and_step_list_"], names
     per = rec.calls[0][1]
     assert per["step_t"] is step_t and per["step"] == 0 and per["sigma"] == 0.01
     st = rec.calls[1][1]
@@ -136,7 +142,7 @@ def test_cuda_sam_tensor_scalars_trace_without_host_read(dtype):
                                            False, 1.0, True, 123, 2, step_t, OFFSETS)
             cuda_sam.sam_probe_(ps, bs, OFFSETS, 123, 2, step_t, 1e-3)
     (n1, st), (n2, pr) = rec.calls
-    assert (n1, n2) == ("sam_restore_and_step_multi_", "sam_probe_multi_")
+    assert (n1, n2) == ("sam_restore_and_step_list_", "sam_probe_list_")
     assert st["lr_t"] is lr_t and st["step_t"] is step_t and st["lr"] == 0.0 and st["step"] == 0
     assert st["stochastic_rounding"] is (dtype == torch.bfloat16)
     assert pr["step_t"] is step_t and pr["step"] == 0
@@ -209,16 +215,17 @@ def test_make_fx_graph_takes_the_scalars_as_inputs():
         args += list(_scalars())
     gm = make_fx(step, tracing_mode="fake")(*args)
     code = gm.code
-    for op in ("perturb_multi_", "restore_and_step_multi_", "sam_restore_and_step_multi_",
-               "sam_probe_multi_"):
-        assert f"fused_flat.{op}" in code, code
+    for op in ("perturb_list_", "restore_and_step_list_", "sam_restore_and_step_list_",
+               "sam_probe_list_"):
+        assert code.count(f"fused_flat_cuda.{op}.default(") == 1, code   # one node per pass
+    assert "fused_flat." not in code.replace("fused_flat_cuda.", ""), code   # nothing else
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     users = {n.name: {u.target for u in n.users} for n in gm.graph.nodes if n.op == "placeholder"}
     step_in, lr_in, ns_in = placeholders[4:7]
     targets = {str(t) for t in users[step_in]}
-    assert any("perturb_multi_" in t for t in targets) and any("sam_probe_multi_" in t for t in targets)
-    assert any("restore_and_step_multi_" in str(t) for t in users[lr_in])
-    assert any("restore_and_step_multi_" in str(t) for t in users[ns_in])
+    assert any("perturb_list_" in t for t in targets) and any("sam_probe_list_" in t for t in targets)
+    assert any("restore_and_step_list_" in str(t) for t in users[lr_in])
+    assert any("restore_and_step_list_" in str(t) for t in users[ns_in])
 
 
 def test_op_schemas():
@@ -234,3 +241,53 @@ def test_op_schemas():
     for name, tail in want.items():
         schema = str(getattr(ops, name).default._schema)
         assert schema.endswith(tail), schema
+
+
+def test_registered_ops_forward_the_scalars_to_the_compiled_ops(monkeypatch):
+    """The registered ops' real implementations on CPU tensors (their only CUDA-specific
+    calls, the device-capability check and the compiled kernels, are stubbed / recorded: no
+    GPU here): the device scalars reach the compiled ops in their Tensor? arguments, with the
+    tables of this very call (chunk rows of the call frame, this call's data pointers)."""
+    from fused_flat import cuda_arch, cuda_multi, cuda_sam
+
+    calls = []
+
+    class _Compiled:
+        """Stands in for torch.ops.fused_flat: records each call, arguments by schema name."""
+
+        def __getattr__(self, name):
+            schema = getattr(torch.ops.fused_flat, name).default._schema
+
+            def op(*args):
+                calls.append((name, dict(zip([a.name for a in schema.arguments], args))))
+            return op
+
+    monkeypatch.setattr(cuda_arch, "check_device", lambda device: "ok")
+    monkeypatch.setattr(cuda_multi, "_ops", _Compiled)
+    monkeypatch.setattr(cuda_sam, "_ops", _Compiled)
+    ops = torch.ops.fused_flat_cuda
+    ps, gs, ms, bs = ([torch.randn(n).to(torch.bfloat16) for n in SIZES] for _ in range(4))
+    step_t = torch.tensor(7, dtype=torch.int64)
+    lr_t, ns_t = torch.tensor(0.1, dtype=torch.float64), torch.tensor([1e-3], dtype=torch.float64)
+    with torch.no_grad():
+        ops.perturb_list_(ps, OFFSETS, 123, 2, 0, step_t, 0, 0.01)
+        ops.restore_and_step_list_(ps, gs, ms, OFFSETS, None, None, 123, 2, 0, step_t, 0, 0.01,
+                                   0.0, lr_t, 5e-4, 0.9, 0.0, False, False, 0.0, ns_t, 1.0, True)
+        ops.sam_restore_and_step_list_(ps, bs, gs, [], None, None, 0.0, lr_t, 0.0, 0.0, 0.0,
+                                       False, False, 1.0, True, 123, 2, 0, step_t, OFFSETS)
+        ops.sam_probe_list_(ps, bs, OFFSETS, 123, 2, 0, step_t, 1e-3)
+    (n0, per), (n1, st), (n2, sst), (n3, pr) = calls
+    assert (n0, n1, n2, n3) == ("perturb_multi_", "restore_and_step_multi_",
+                                "sam_restore_and_step_multi_", "sam_probe_multi_")
+    assert per["step_t"] is step_t and per["step"] == 0 and per["sigma"] == 0.01
+    assert per["ptrs"].tolist() == [[t.data_ptr() for t in ps]]
+    frames = [n + (o & 3) for n, o in zip(SIZES, OFFSETS)]
+    assert per["meta"].tolist() == [[f, o] for f, o in zip(frames, OFFSETS)]
+    assert per["chunks"].tolist() == [[t, s] for t, f in enumerate(frames)
+                                      for s in range(0, f, per["chunk"])]
+    assert st["step_t"] is step_t and st["lr_t"] is lr_t and st["noise_std_t"] is ns_t
+    assert st["stochastic_rounding"] is True and len(st["moms"]) == len(ms)
+    assert st["ptrs"].tolist() == [[t.data_ptr() for t in lst] for lst in (ps, gs, ms)]
+    assert sst["lr_t"] is lr_t and sst["step_t"] is step_t and sst["moms"] == []
+    assert sst["meta"].tolist() == [[n, o] for n, o in zip(SIZES, OFFSETS)]   # SR offsets
+    assert pr["step_t"] is step_t and pr["meta"].tolist() == [[n, o] for n, o in zip(SIZES, OFFSETS)]

@@ -1,6 +1,12 @@
 """Host emulation of the multi-tensor launch tables (fused_flat/multi_tensor.py), on CPU.
 
-Every element of every tensor must be covered by exactly one (chunk row, lane) pair, for
+The tables of one launch (launch_tables): rows and pointers; nothing cached by address (a
+changed address is in the next call's tables); on CUDA (the same code, with the allocation
+and capture queries as seams) a pinned staging buffer and one non-blocking copy; tables
+built during a CUDA-graph capture held for the process, never evicted nor reused; the
+relaxed capture mode around a captured launch.
+
+Coverage of the chunk table: every element of every tensor must be covered by exactly one (chunk row, lane) pair, for
 thousands of random size lists (1-element tensors, empty tensors, sizes not a multiple of
 the block, empty lists), with every row's work inside one tensor and one chunk, exactly as
 a kernel program reads its row: t, s = chunks[b]; elements [s, min(s + chunk, numel_t)).
@@ -11,6 +17,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_flat import multi_tensor as mt
 
@@ -87,21 +94,144 @@ def test_tensor_table_offsets():
     assert mt.tensor_table_cpu([], None).shape == (0, 2)
 
 
-def test_plan_and_pointer_caches():
-    mt.clear_caches()
-    before = dict(mt.stats)
-    p1 = mt.plan([3, 4], 16, "cpu")
-    p2 = mt.plan([3, 4], 16, "cpu")
-    assert p1 is p2 and mt.stats["chunk_builds"] == before["chunk_builds"] + 1
-    assert mt.plan([3, 4], 16, "cpu", offsets=[1, 9]) is not p1
-    a, b = torch.zeros(3), torch.zeros(4)
-    ptr1 = mt.pointer_table([[a, b], [b, a]], "cpu")
-    assert ptr1.tolist() == [[a.data_ptr(), b.data_ptr()], [b.data_ptr(), a.data_ptr()]]
-    assert mt.pointer_table([[a, b], [b, a]], "cpu") is ptr1
-    c = torch.zeros(3)
-    assert mt.pointer_table([[c, b], [b, a]], "cpu") is not ptr1   # new storage, new table
-    with pytest.raises(ValueError):
-        mt.pointer_table([[a], [a, b]], "cpu")
+def _lists(sizes, k=2, dtype=torch.float32):
+    return [[torch.randn(n).to(dtype) for n in sizes] for _ in range(k)]
+
+
+def _ptrs(lists):
+    return [[t.data_ptr() for t in lst] for lst in lists]
+
+
+def test_launch_tables_rows_and_pointers():
+    sizes, offsets = [5, 0, 33, 1, 70], [3, 8, 2 ** 33 + 1, 40, 41]
+    lists = _lists(sizes, 3)
+    tb = mt.launch_tables(lists, 16, offsets)
+    assert tb.chunks.tolist() == [list(r) for r in mt.chunk_rows(sizes, 16)]
+    assert tb.meta.tolist() == [[n, o] for n, o in zip(sizes, offsets)]
+    assert tb.ptrs.tolist() == _ptrs(lists)
+    assert (tb.n_chunks, tb.n_tensors, tb.chunk) == (tb.chunks.shape[0], 5, 16)
+    # the call frame of the Langevin kernels: numel + (offset & 3) frame positions
+    fr = mt.launch_tables(lists[:1], 16, offsets, frame=True)
+    frames = mt.frame_numels(sizes, offsets)
+    assert fr.meta.tolist() == [[f, o] for f, o in zip(frames, offsets)]
+    assert fr.chunks.tolist() == [list(r) for r in mt.chunk_rows(frames, 16)]
+    # packed offsets by default; the three tables are views of one buffer, each 16-byte aligned
+    tb = mt.launch_tables(lists, 16)
+    assert tb.meta[:, 1].tolist() == [0, 5, 5, 38, 39]
+    for t in (tb.chunks, tb.meta, tb.ptrs):
+        assert t.untyped_storage().data_ptr() == tb.buffer.untyped_storage().data_ptr()
+        assert t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.int64
+    with pytest.raises(ValueError, match="different lengths"):
+        mt.launch_tables([lists[0], lists[1][:2]], 16)
+
+
+def test_a_changed_address_is_in_the_next_tables():
+    """Nothing is cached by address: a new gradient tensor (zero_grad(set_to_none=True))
+    lands in the next call's pointer table, and an earlier call's tables are left alone."""
+    params, grads = _lists([7, 300, 2])
+    first = mt.launch_tables([params, grads], 64)
+    before = first.ptrs.clone()
+    grads = [torch.randn_like(g) for g in grads]          # new storages, same sizes
+    second = mt.launch_tables([params, grads], 64)
+    assert second.ptrs.tolist() == _ptrs([params, grads])
+    assert second.ptrs[1].tolist() != before[1].tolist()
+    assert torch.equal(first.ptrs, before)                # owned by the first call: unchanged
+    assert torch.equal(first.chunks, second.chunks) and torch.equal(first.meta, second.meta)
+
+
+class _Alloc:
+    """Stands in for the allocation seam mt._empty on a machine without a GPU: records what
+    was asked for (pinned host staging, a device buffer) and hands out CPU memory."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, n, *, pin_memory=False, device=None):
+        self.requests.append(dict(n=n, pin_memory=pin_memory,
+                                  device=None if device is None else torch.device(device).type))
+        return torch.empty(n, dtype=torch.int64)
+
+
+class _Copies(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default:
+            self.copies.append((args[0], args[1], kwargs.get("non_blocking",
+                                                             args[2] if len(args) > 2 else False)))
+        return func(*args, **kwargs)
+
+
+def test_cuda_tables_are_staged_in_pinned_memory_and_copied_without_sync(monkeypatch):
+    """The CUDA branch of launch_tables (the code a GPU runs; only the allocations are
+    stood in for): one pinned staging buffer, one device buffer, one non-blocking copy."""
+    alloc = _Alloc()
+    monkeypatch.setattr(mt, "_empty", alloc)
+    monkeypatch.setattr(mt, "_capturing", lambda device: False)
+    lists = _lists([5, 40, 1])
+    held = len(mt.CAPTURED)
+    with _Copies() as rec:
+        tb = mt.launch_tables(lists, 16, [0, 5, 45], device=torch.device("cuda", 0))
+    total = 2 * tb.n_chunks + 2 * 3 + 2 * 3
+    assert alloc.requests == [dict(n=total, pin_memory=True, device=None),
+                              dict(n=total, pin_memory=False, device="cuda")]
+    (dst, src, non_blocking), = [c for c in rec.copies if c[0] is tb.buffer]
+    assert src is tb.staging and non_blocking is True
+    assert tb.buffer is not tb.staging and torch.equal(tb.buffer, tb.staging)
+    assert tb.ptrs.tolist() == _ptrs(lists) and tb.meta.tolist() == [[5, 0], [40, 5], [1, 45]]
+    assert len(mt.CAPTURED) == held          # not capturing: owned by the call alone
+
+
+def test_tables_used_in_a_capture_are_held_never_evicted_nor_reused(monkeypatch):
+    """Tables built while the stream captures a CUDA graph are read at every replay (the
+    captured copy re-reads the pinned staging buffer, the kernel the device buffer): held for
+    the process, unchanged, their memory never handed out again, however many tables follow."""
+    alloc = _Alloc()
+    monkeypatch.setattr(mt, "_empty", alloc)
+    capturing = [True]
+    monkeypatch.setattr(mt, "_capturing", lambda device: capturing[0])
+    mt.release_captured_tables()
+    lists = _lists([9, 17])
+    cuda = torch.device("cuda", 0)
+    tb = mt.launch_tables(lists, 16, device=cuda)
+    assert mt.CAPTURED == [tb]
+    snapshot = (tb.staging.clone(), tb.buffer.clone())
+    capturing[0] = False
+    later = []
+    for k in range(300):          # more than any cache size (the host rows keep 64)
+        other = _lists([k + 1, 3])
+        later.append(mt.launch_tables(other, 16, device=cuda))
+    assert mt.CAPTURED == [tb]
+    assert torch.equal(tb.staging, snapshot[0]) and torch.equal(tb.buffer, snapshot[1])
+    held = {tb.staging.data_ptr(), tb.buffer.data_ptr()}
+    assert not held & {t.data_ptr() for x in later for t in (x.staging, x.buffer)}
+    assert mt.release_captured_tables() == 1 and mt.CAPTURED == []
+
+
+def test_relaxed_capture_mode_is_set_and_restored(monkeypatch):
+    """While a stream captures, the launch runs in the relaxed capture mode (a first Triton
+    launch loads its module, a first pinned block is allocated); the thread's previous mode
+    comes back afterwards, also when the launch raises; without a driver nothing changes."""
+    modes = [0]                       # the thread's mode: global
+
+    def exchange(mode):
+        prev, modes[0] = modes[0], mode
+        return prev
+
+    monkeypatch.setattr(mt, "_exchange_capture_mode", exchange)
+    with mt._relaxed_capture():
+        assert modes[0] == mt._CU_STREAM_CAPTURE_MODE_RELAXED
+    assert modes[0] == 0
+    with pytest.raises(KeyError):
+        with mt._relaxed_capture():
+            raise KeyError("launch failed")
+    assert modes[0] == 0
+    monkeypatch.setattr(mt, "_exchange_capture_mode", lambda mode: -1)   # no driver library
+    with mt._relaxed_capture():
+        pass
 
 
 def test_check_lists():

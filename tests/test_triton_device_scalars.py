@@ -11,14 +11,14 @@ bf16 and fp16 with and without stochastic rounding, with momentum, several steps
 tensors updated in place as a replayed graph would, steps >= 2^31 and >= 2^32 for the
 low-32-bit rule); no host read of the tensors (a dispatch mode that fails on
 ``aten._local_scalar_dense`` of them, i.e. ``.item()``, ``int()``, ``float()``, ``bool()``,
-during real runs; and the wrappers' host code under FakeTensorMode with the launches
-recorded instead of run, since a Triton kernel cannot run on fake tensors); malformed
-tensors raise ValueError. That per-step scalars never recompile is checked by
+during real runs; the wrappers under FakeTensorMode, where each pass is one registered op
+whose fake runs, the scalars in its tensor arguments; and the ops' real implementations on
+CPU tensors with the launches recorded, the scalars handed to the kernels as pointers);
+malformed tensors raise ValueError. That per-step scalars never recompile is checked by
 tests/test_triton_list_aot.py (Triton's binder, no GPU needed).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -29,7 +29,6 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest) or a GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from fused_flat import multi_tensor as mt  # noqa: E402
 from fused_flat.triton import multi as tm  # noqa: E402
 from fused_flat.triton import sam as tsam  # noqa: E402
 
@@ -53,8 +52,8 @@ def _small_blocks(monkeypatch):
 
 class NoHostRead(TorchDispatchMode):
     """Fails on any host read (aten._local_scalar_dense: item / int / float / bool) of the
-    watched tensors; everything else runs (the cached launch tables are built from host
-    lists on first use, which is not a read of a device scalar)."""
+    watched tensors; everything else runs (each call's launch tables are built from host
+    values, the tensors' sizes and data pointers, never from a device scalar)."""
 
     def __init__(self, *watched):
         super().__init__()
@@ -341,31 +340,32 @@ class _Record:
         return launch
 
 
-def test_wrappers_make_no_host_read_under_fake_tensor_mode(monkeypatch):
-    """The host side of every wrapper runs on fake tensors (FakeTensorMode raises on any
-    host read of a tensor's value) and hands the scalar tensors to the kernel as pointers.
-    Tables are placeholders here (fake tensors have no memory); the kernels' own loads are
-    covered by the bitwise tests above."""
+class _RecordOps(TorchDispatchMode):
+    """Records the registered Triton list ops (namespace fused_flat_triton) that reach the
+    dispatcher, arguments by schema name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fused_flat_triton":
+            named = dict(zip([a.name for a in func._schema.arguments], args))
+            named.update(kwargs)
+            self.calls.append((func._schema.name.split("::")[1], named))
+        return func(*args, **kwargs)
+
+
+def test_wrappers_make_no_host_read_under_fake_tensor_mode():
+    """The wrappers on fake CUDA tensors (FakeTensorMode raises on any host read of a
+    tensor's value): argument checks on metadata only, then ONE registered op per pass, whose
+    fake implementation runs, with the device scalars in its tensor arguments and 0 in the
+    number ones. The op's real implementation (tables, launch) cannot run on fake tensors:
+    test_ops_hand_device_scalars_to_the_kernels below runs it on CPU tensors, and
+    tests/test_gpu_sync.py on a GPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    rec = {k: _Record() for k in ("perturb", "rs", "sam_rs", "probe", "sam_perturb")}
-    monkeypatch.setattr(tm, "perturb_kernel", rec["perturb"])
-    monkeypatch.setattr(tm, "restore_and_step_kernel", rec["rs"])
-    monkeypatch.setattr(tsam, "restore_and_step_kernel", rec["sam_rs"])
-    monkeypatch.setattr(tsam, "probe_kernel", rec["probe"])
-    monkeypatch.setattr(tsam, "perturb_kernel", rec["sam_perturb"])
-
-    def frame_plan(lists, offsets):
-        p, ptrs = mt.placeholder_tables(len(lists), len(lists[0]), tm.CHUNK, lists[0][0].device)
-        p = dataclasses.replace(p, n_chunks=1)   # a launch is recorded
-        return p, ptrs, dict(ALIGNED=True, CHUNK=tm.CHUNK, BLOCK=tm.BLOCK)
-
-    def launch_args(lists, offsets=None):
-        p, ptrs, kw = frame_plan(lists, offsets)
-        return p, ptrs, kw
-
-    monkeypatch.setattr(tm, "_frame_plan", frame_plan)
-    monkeypatch.setattr(tsam, "_launch_args", launch_args)
     with FakeTensorMode():
         dev = "cuda"
         p = [torch.empty(n, dtype=torch.bfloat16, device=dev) for n in (5, 70)]
@@ -379,24 +379,70 @@ def test_wrappers_make_no_host_read_under_fake_tensor_mode(monkeypatch):
         fi = torch.zeros(1, dtype=torch.float32, device=dev)
         with pytest.raises(Exception):   # the mode does catch host reads
             int(step)
-        tm.perturb_(p, [0, 5], SEED, BUCKET, step, 0, 0.1)
-        tm.restore_and_step_(p, g, m, [0, 5], None, fi, SEED, BUCKET, step, 0, 0.1, lr, 0.0,
-                             0.9, 0.0, True, False, ns, 1.0, stochastic_rounding=True)
-        tsam.sam_restore_and_step_(p, b, g, m, None, fi, lr, 0.0, 0.9, 0.0, False, False, 1.0,
-                                   True, SEED, BUCKET, step, [0, 5])
-        tsam.sam_probe_(p, b, [0, 5], SEED, BUCKET, step, 1e-3)
-        tsam.sam_perturb_(p, g, b, False, coef, 0.0)
+        with _RecordOps() as rec:
+            tm.perturb_(p, [0, 5], SEED, BUCKET, step, 0, 0.1)
+            tm.restore_and_step_(p, g, m, [0, 5], None, fi, SEED, BUCKET, step, 0, 0.1, lr, 0.0,
+                                 0.9, 0.0, True, False, ns, 1.0, stochastic_rounding=True)
+            tsam.sam_restore_and_step_(p, b, g, m, None, fi, lr, 0.0, 0.9, 0.0, False, False,
+                                       1.0, True, SEED, BUCKET, step, [0, 5])
+            tsam.sam_probe_(p, b, [0, 5], SEED, BUCKET, step, 1e-3)
+            tsam.sam_perturb_(p, g, b, False, coef, 0.0)
+            norm = tsam.sam_grad_sq_norm(g, p, 0.0)
+            found = tm.all_finite(g)
+    assert norm.shape == () and norm.dtype == torch.float64 and norm.device.type == "cuda"
+    assert found.shape == (1,) and found.dtype == torch.float32 and found.device.type == "cuda"
+    calls = dict(rec.calls)
+    assert [c[0] for c in rec.calls] == [
+        "perturb_list_", "restore_and_step_list_", "sam_restore_and_step_list_",
+        "sam_probe_list_", "sam_perturb_list_", "sam_grad_sq_norm_list", "all_finite_list"]
+    per = calls["perturb_list_"]
+    assert per["step_t"] is step and per["step_lo"] == 0 and per["offsets"] == [0, 5]
+    rs = calls["restore_and_step_list_"]
+    assert rs["step_t"] is step and rs["lr_t"] is lr and rs["noise_std_t"] is ns
+    assert rs["lr"] == 0.0 and rs["noise_std"] == 0.0 and rs["found_inf"] is fi
+    assert rs["stochastic_rounding"] is True and rs["moms"][1] is m[1]
+    srs = calls["sam_restore_and_step_list_"]
+    assert srs["lr_t"] is lr and srs["step_t"] is step and srs["sr"] is True
+    assert srs["offsets"] == [0, 5]
+    assert calls["sam_probe_list_"]["step_t"] is step
+    sp = calls["sam_perturb_list_"]
+    assert sp["coef_t"] is not None and sp["coef_t"].numel() == 1 and sp["coef"] == 0.0
+
+
+def test_ops_hand_device_scalars_to_the_kernels(monkeypatch):
+    """The ops' real implementations (CPU tensors, the kernels recorded instead of run):
+    every device scalar reaches its kernel as a pointer (its *_PTR constexpr on), with the
+    launch tables of this very call."""
+    rec = {k: _Record() for k in ("perturb", "rs", "sam_rs", "probe", "sam_perturb")}
+    monkeypatch.setattr(tm, "perturb_kernel", rec["perturb"])
+    monkeypatch.setattr(tm, "restore_and_step_kernel", rec["rs"])
+    monkeypatch.setattr(tsam, "restore_and_step_kernel", rec["sam_rs"])
+    monkeypatch.setattr(tsam, "probe_kernel", rec["probe"])
+    monkeypatch.setattr(tsam, "perturb_kernel", rec["sam_perturb"])
+    p, g = _lists([5, 70], torch.bfloat16, 20), _lists([5, 70], torch.bfloat16, 21)
+    m, b = _clone(g), _clone(p)
+    step, lr, ns = _i64(7), _f(0.1), _f(1e-3, shape=(1,))
+    coef = _f(0.5, torch.float32, (1,))
+    tm.perturb_(p, [0, 5], SEED, BUCKET, step, 0, 0.1)
+    tm.restore_and_step_(p, g, m, [0, 5], None, None, SEED, BUCKET, step, 0, 0.1, lr, 0.0,
+                         0.9, 0.0, True, False, ns, 1.0, stochastic_rounding=True)
+    tsam.sam_restore_and_step_(p, b, g, m, None, None, lr, 0.0, 0.9, 0.0, False, False, 1.0,
+                               True, SEED, BUCKET, step, [0, 5])
+    tsam.sam_probe_(p, b, [0, 5], SEED, BUCKET, step, 1e-3)
+    tsam.sam_perturb_(p, g, b, False, coef, 0.0)
     (args, kw), = rec["perturb"].calls
     assert kw["STEP_PTR"] and args[5] is step
+    assert args[2].tolist() == [[t.data_ptr() for t in p]]          # this call's pointers
     (args, kw), = rec["rs"].calls
     assert kw["STEP_PTR"] and kw["LR_PTR"] and kw["NOISE_STD_PTR"] and kw["NEED_XI"] and kw["SR"]
     assert args[7] is step and args[8] is lr and args[9] is ns
+    assert args[2].tolist() == [[t.data_ptr() for t in lst] for lst in (p, g, m)]
     (args, kw), = rec["sam_rs"].calls
     assert kw["LR_PTR"] and kw["STEP_PTR"] and args[7] is lr and args[8] is step
     (args, kw), = rec["probe"].calls
     assert kw["STEP_PTR"] and args[5] is step
     (args, kw), = rec["sam_perturb"].calls
-    assert kw["COEF_PTR"]
+    assert kw["COEF_PTR"] and float(args[5]) == 0.5
 
 
 def test_scalar_path_passes_no_pointers(monkeypatch):

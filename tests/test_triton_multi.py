@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest) or a GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from fused_flat import FSGLD, backends, multi_tensor, reference  # noqa: E402
+from fused_flat import FSGLD, SAM, backends, reference  # noqa: E402
 from fused_flat import triton as ft  # noqa: E402
 from fused_flat.triton import multi as tm  # noqa: E402
 from fused_flat.triton import noise as tnoise  # noqa: E402
@@ -149,7 +149,7 @@ def test_misaligned_views_take_the_scalar_path():
     views = [store[1:50], store[60:131], store[141:142]]
     offsets = [0, 9, 3]
     per = _clone(views)
-    _p, _ptrs, kw = tm._frame_plan([views], offsets)
+    _tb, kw = tm._frame_tables([views], offsets)
     assert kw["ALIGNED"] is False
     tm.perturb_(views, offsets, SEED, BUCKET, STEP, 1, 0.2)
     for q, off in zip(per, offsets):
@@ -160,9 +160,10 @@ def test_misaligned_views_take_the_scalar_path():
 def test_frame_tables():
     """The chunk table covers numel + (offset & 3) frame positions per tensor."""
     ps = [torch.zeros(n, device=DEVICE) for n in (96, 1, 0, 95)]
-    p, _ptrs, kw = tm._frame_plan([ps], [1, 2, 3, 4])
-    assert p.meta.cpu().tolist() == [[97, 1], [3, 2], [0, 3], [95, 4]]
-    assert p.chunks.cpu().tolist() == [[0, 0], [0, 96], [1, 0], [3, 0]]
+    tb, kw = tm._frame_tables([ps], [1, 2, 3, 4])
+    assert tb.meta.cpu().tolist() == [[97, 1], [3, 2], [0, 3], [95, 4]]
+    assert tb.chunks.cpu().tolist() == [[0, 0], [0, 96], [1, 0], [3, 0]]
+    assert tb.ptrs.cpu().tolist() == [[t.data_ptr() for t in ps]]
     assert kw["CHUNK"] == 96 and kw["BLOCK"] == 32
 
 
@@ -418,4 +419,61 @@ def test_fsgld_momentum_many_tensors_triton_matches_reference(monkeypatch):
     assert err <= 1e-6, f"triton vs reference: {err:.3g}"
     # one launch per bucket per pass (one bucket here): 4 steps -> 4 perturb, 4 update
     assert counts["perturb_kernel"].n == 4 and counts["restore_and_step_kernel"].n == 4
-    assert multi_tensor.stats["chunk_builds"] >= 1
+
+
+def _compile_run(kind, compiled, graphs):
+    """Four steps of FSGLD (perturb, backward, step) or SAM (first_step, second_step) with
+    backend='triton' and capturable=True (counter and lr as tensors), eager or compiled."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    lr = torch.tensor(0.05)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    comp = (lambda f: torch.compile(f, backend=backend, fullgraph=True)) if compiled else (lambda f: f)
+    if kind == "fsgld":
+        opt = FSGLD(m.parameters(), lr=lr, beta=1e4, momentum=0.9, seed=1, backend="triton",
+                    capturable=True)
+        steps = [comp(opt.step)]
+    else:
+        opt = SAM(m.parameters(), lr=lr, momentum=0.9, seed=1, backend="triton", capturable=True)
+        steps = [comp(opt.first_step), comp(opt.second_step)]
+    for _ in range(4):
+        if kind == "fsgld":
+            opt.perturb()
+        for f in steps:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            f()
+    return [p.detach().clone() for p in m.parameters()]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors under the interpreter")
+@pytest.mark.parametrize("kind", ["fsgld", "sam"])
+def test_compiled_step_holds_one_node_per_pass(kind):
+    """torch.compile(fullgraph=True) of the optimizer step with the Triton list ops: each pass
+    is ONE node, the registered op (opaque: its tables are built when it runs), and the
+    compiled steps are bitwise equal to eager."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    try:
+        eager = _compile_run(kind, False, [])
+        graphs = []
+        got = _compile_run(kind, True, graphs)
+    finally:
+        dynamo.reset()
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+    passes = ({"restore_and_step_list_"} if kind == "fsgld"
+              else {"sam_grad_sq_norm_list", "sam_perturb_list_", "sam_restore_and_step_list_"})
+    nodes = [str(n.target).removesuffix(".default") for gm in graphs for n in gm.graph.nodes
+             if n.op == "call_function"]
+    ours = [t for t in nodes if "fused_flat" in t]
+    assert ours and all(t.startswith("fused_flat_triton.") for t in ours), ours
+    per_graph = len(graphs) // (1 if kind == "fsgld" else 2)   # SAM: first and second step
+    for name in passes:
+        assert ours.count(f"fused_flat_triton.{name}") == per_graph, (name, ours)

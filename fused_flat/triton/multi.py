@@ -11,12 +11,24 @@ contiguous tensors of one dtype and device, and the lists of one call have equal
                       stochastic_rounding=False)
     all_finite(tensors) -> float32 [1] on the device, 1.0 if any element is inf or NaN
 
+Each is ONE registered torch op (torch.library.custom_op, opaque; namespace
+``fused_flat_triton``: ``perturb_list_``, ``restore_and_step_list_``, ``all_finite_list``)
+called by these Python entry points after the argument checks (metadata only). The op's
+real implementation builds the launch tables (fused_flat.multi_tensor.launch_tables: pinned
+staging buffer, non-blocking copy, tables owned by the call or, while a CUDA graph is being
+captured, by the process) and launches the kernel once; its fake implementation touches
+nothing on the host. So on fake tensors (FakeTensorMode, torch.compile's tracing) a step
+makes no host read and a compiled step holds one node per pass -- and, for the same reason,
+fake tensors never run the table-building code: tests/test_gpu_sync.py checks it on a GPU
+(``make gpu-check``, torch.cuda.set_sync_debug_mode("error"), a CUDA graph captured on the
+first step).
+
 Math and noise: those of the per-tensor kernels (fused_flat/triton/perturb.py,
 restore_and_step.py), built on the same helpers of fused_flat/triton/noise.py (noise
 layout 3): element e of tensor t has bucket index i = offsets[t] + e; one Philox call
 j = i >> 2 serves 4 elements of one tag.
 
-Launch (fused_flat.multi_tensor's cached tables, as fused_flat/triton/sam.py): program b
+Launch (one launch's tables from fused_flat.multi_tensor, as fused_flat/triton/sam.py): program b
 reads row (t, s) of the chunk table and works in tensor t's *call frame*: frame position
 f = e + mis, mis = offsets[t] & 3, so that frame position f has bucket index
 4 * (offsets[t] >> 2) + f and a block of BLOCK frame positions starting at a multiple of
@@ -67,7 +79,7 @@ finish writes the output and resets the pair to zero for the next call. One scra
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -294,19 +306,111 @@ def all_finite_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, scratch_ptr, o
         tl.atomic_xchg(scratch_ptr + 1, 0)
 
 
-# ------------------------------------------------------------------ launchers
-def _frame_plan(lists, offsets):
-    """Tables for the call frame: numel + (offset & 3) per tensor (0 for empty tensors)."""
+# ------------------------------------------------------------------ launch tables
+def _frame_tables(lists, offsets):
+    """One launch's tables for the call frame (numel + (offset & 3) per tensor, 0 for empty
+    tensors; fused_flat.multi_tensor.launch_tables) and the launch constexprs. Runs inside
+    the ops' real implementations only (it reads data pointers)."""
     ref = lists[0]
-    device = ref[0].device
-    p = mt.frame_plan([t.numel() for t in ref], offsets, CHUNK, device)
-    ptrs = mt.pointer_table(lists, device)
+    tb = mt.launch_tables(lists, CHUNK, offsets, frame=True)
     es = ref[0].element_size()
     aligned = all((t.data_ptr() - (int(o) & 3) * es) % 16 == 0
                   for lst in lists for t, o in zip(lst, offsets) if t.numel())
-    return p, ptrs, dict(ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return tb, dict(ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
+# ------------------------------------------------------------------ the registered ops
+# One torch op per pass (torch.library.custom_op, opaque): the real implementation builds
+# the launch tables (pinned staging, non-blocking copy: fused_flat.multi_tensor) and
+# launches the kernel once; the fake implementation touches nothing on the host, so a step
+# on fake tensors (FakeTensorMode, torch.compile's tracing) makes no host read and the
+# compiled graph holds one node per pass. The table building itself runs only in the real
+# implementation, which fake tensors cannot reach: tests/test_gpu_sync.py checks it on a
+# GPU (``make gpu-check``) under torch.cuda.set_sync_debug_mode("error").
+@torch.library.custom_op("fused_flat_triton::perturb_list_", mutates_args=("params",))
+def _perturb_list(params: List[torch.Tensor], offsets: List[int], key: int, bw: int,
+                  step_lo: int, step_t: Optional[torch.Tensor], tag: int, sigma: float) -> None:
+    with mt.launching(params[0].device):
+        tb, kw = _frame_tables([params], offsets)
+        if tb.n_chunks == 0:
+            return
+        perturb_kernel[(tb.n_chunks,)](tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, params[0],
+                                       step_t if step_t is not None else params[0], key, bw,
+                                       step_lo, tag, sigma, STEP_PTR=step_t is not None, **kw)
+
+
+@_perturb_list.register_fake
+def _(params, offsets, key, bw, step_lo, step_t, tag, sigma):
+    return None
+
+
+@torch.library.custom_op("fused_flat_triton::restore_and_step_list_",
+                         mutates_args=("params", "moms"))
+def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor],
+                           moms: List[torch.Tensor], offsets: List[int],
+                           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                           key: int, bw: int, step_lo: int, step_t: Optional[torch.Tensor],
+                           restore_tag: int, sigma: float, lr: float,
+                           lr_t: Optional[torch.Tensor], weight_decay: float, momentum: float,
+                           dampening: float, nesterov: bool, momentum_init: bool,
+                           noise_std: float, noise_std_t: Optional[torch.Tensor],
+                           grad_mult: float, stochastic_rounding: bool) -> None:
+    """``moms`` empty: no momentum buffers."""
+    ref = params[0]
+    has_mom = len(moms) > 0
+    with mt.launching(ref.device):
+        tb, kw = _frame_tables([params, grads] + ([moms] if has_mom else []), offsets)
+        if tb.n_chunks == 0:
+            return
+        need_eps = sigma != 0.0
+        sr = bool(stochastic_rounding) and ref.dtype in (torch.bfloat16, torch.float16)
+        restore_and_step_kernel[(tb.n_chunks,)](
+            tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, ref,
+            grad_scale if grad_scale is not None else ref,
+            found_inf if found_inf is not None else ref,
+            step_t if step_t is not None else ref, lr_t if lr_t is not None else ref,
+            noise_std_t if noise_std_t is not None else ref,
+            key, bw, step_lo, restore_tag, sigma, lr, weight_decay, momentum, dampening,
+            noise_std, grad_mult, int(bool(momentum_init)),
+            HAS_MOM=has_mom, NESTEROV=bool(nesterov) and has_mom,
+            NEED_EPS=need_eps, NEED_XI=noise_std_t is not None or noise_std != 0.0,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            STEP_PTR=step_t is not None, LR_PTR=lr_t is not None,
+            NOISE_STD_PTR=noise_std_t is not None,
+            SR=sr, EPS_TAG0=sr and need_eps and restore_tag == 0,
+            IS_BF16=ref.dtype == torch.bfloat16, **kw)
+
+
+@_restore_and_step_list.register_fake
+def _(params, grads, moms, offsets, grad_scale, found_inf, key, bw, step_lo, step_t,
+      restore_tag, sigma, lr, lr_t, weight_decay, momentum, dampening, nesterov, momentum_init,
+      noise_std, noise_std_t, grad_mult, stochastic_rounding):
+    return None
+
+
+@torch.library.custom_op("fused_flat_triton::all_finite_list", mutates_args=())
+def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """float32 [1]: 1.0 if any element is inf or NaN (one dtype and device, 1-D contiguous)."""
+    device = tensors[0].device
+    with mt.launching(device):
+        tb = mt.launch_tables([tensors], CHUNK)
+        if tb.n_chunks == 0:
+            return torch.zeros(1, dtype=torch.float32, device=device)
+        out = torch.empty(1, dtype=torch.float32, device=device)   # the last program writes it
+        aligned = all(t.data_ptr() % 16 == 0 for t in tensors if t.numel())
+        all_finite_kernel[(tb.n_chunks,)](tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, tensors[0],
+                                          _scratch_for(device), out, tb.n_chunks,
+                                          ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK,
+                                          num_warps=NUM_WARPS)
+        return out
+
+
+@_all_finite_list.register_fake
+def _(tensors):
+    return tensors[0].new_empty(1, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ entry points
 def _check_offsets(what, params, offsets):
     if len(offsets) != len(params):
         raise ValueError(f"{what}: {len(offsets)} offsets for {len(params)} tensors")
@@ -328,10 +432,16 @@ def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> No
                          f"{ref.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
 
 
+def _opt(x, is_ptr: bool):
+    """The tensor argument of a device scalar: the tensor itself, or None (scalar path)."""
+    return x if is_ptr else None
+
+
 def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, bucket_id: int,
              step: int | torch.Tensor, tag: int, sigma: float) -> None:
     """theta <- theta + sigma * eps(tag) for every tensor, eps at bucket indices offsets[t] + e.
-    ``step``: an int or a one-element int64 tensor on the params' device (read by the kernel)."""
+    ``step``: an int or a one-element int64 tensor on the params' device (read by the kernel).
+    One call of the op ``fused_flat_triton::perturb_list_`` (one launch)."""
     mt.check_lists("perturb_", "params", params)
     _check_offsets("perturb_", params, offsets)
     _check_noise("perturb_", seed, bucket_id, tag)
@@ -344,12 +454,9 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
         for p, off in zip(params, offsets):
             reference.perturb_(p, seed, bucket_id, _host_int(step), tag, sigma, int(off))
         return
-    p, ptrs, kw = _frame_plan([list(params)], offsets)
-    if p.n_chunks == 0:
-        return
-    perturb_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0], step_ptr,
-                                  *noise_key(seed, bucket_id), step_lo, tag,
-                                  float(sigma), STEP_PTR=step_is_ptr, **kw)
+    torch.ops.fused_flat_triton.perturb_list_(
+        list(params), [int(o) for o in offsets], *noise_key(seed, bucket_id), step_lo,
+        _opt(step_ptr, step_is_ptr), int(tag), float(sigma))
 
 
 def _per_tensor_restore_and_step(params, grads, moms, offsets, *args, stochastic_rounding):
@@ -378,7 +485,8 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                       stochastic_rounding: bool = False) -> None:
     """The fused restore + decay + momentum + Langevin + update pass over a tensor list (the
     math of fused_flat.reference.restore_and_step_, tensor t at bucket offset offsets[t]).
-    ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors (module docstring)."""
+    ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors (module docstring).
+    One call of the op ``fused_flat_triton::restore_and_step_list_`` (one launch)."""
     what = "fused_flat.triton.restore_and_step_"
     mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
     _check_offsets("restore_and_step_", params, offsets)
@@ -400,26 +508,13 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                                      momentum, dampening, nesterov, momentum_init, noise_std,
                                      grad_mult, stochastic_rounding=stochastic_rounding)
         return
-    lists = [list(params), list(grads)] + ([list(moms)] if moms is not None else [])
-    p, ptrs, kw = _frame_plan(lists, offsets)
-    if p.n_chunks == 0:
-        return
-    need_eps = sigma != 0.0
-    tag = max(int(restore_tag), 0)
-    sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
-    restore_and_step_kernel[(p.n_chunks,)](
-        p.chunks, p.meta, ptrs, p.n_tensors, params[0],
-        grad_scale if grad_scale is not None else params[0],
-        found_inf if found_inf is not None else params[0], step_ptr, lr_ptr, ns_ptr,
-        *noise_key(seed, bucket_id), step_lo, tag,
-        float(sigma), lr_f, float(weight_decay), float(momentum), float(dampening),
-        ns_f, float(grad_mult), int(bool(momentum_init)),
-        HAS_MOM=moms is not None, NESTEROV=bool(nesterov) and moms is not None,
-        NEED_EPS=need_eps, NEED_XI=ns_is_ptr or ns_f != 0.0,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        STEP_PTR=step_is_ptr, LR_PTR=lr_is_ptr, NOISE_STD_PTR=ns_is_ptr,
-        SR=sr, EPS_TAG0=sr and need_eps and tag == 0,
-        IS_BF16=params[0].dtype == torch.bfloat16, **kw)
+    torch.ops.fused_flat_triton.restore_and_step_list_(
+        list(params), list(grads), list(moms) if moms is not None else [],
+        [int(o) for o in offsets], grad_scale, found_inf, *noise_key(seed, bucket_id), step_lo,
+        _opt(step_ptr, step_is_ptr), max(int(restore_tag), 0), float(sigma), lr_f,
+        _opt(lr_ptr, lr_is_ptr), float(weight_decay), float(momentum), float(dampening),
+        bool(nesterov), bool(momentum_init), ns_f, _opt(ns_ptr, ns_is_ptr), float(grad_mult),
+        bool(stochastic_rounding))
 
 
 _scratch: dict = {}
@@ -427,7 +522,8 @@ _scratch: dict = {}
 
 def _scratch_for(device: torch.device) -> torch.Tensor:
     """The persistent int32 [2] (flag, programs done) of all_finite on this device and stream;
-    zeroed once, left zeroed by every launch."""
+    zeroed once, left zeroed by every launch (held for the process: a graph captured with it
+    keeps reading it)."""
     key = (str(device), torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
     s = _scratch.get(key)
     if s is None:
@@ -437,7 +533,8 @@ def _scratch_for(device: torch.device) -> torch.Tensor:
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """found_inf: float32 [1] on the tensors' device, 1.0 if any element of any tensor is inf
-    or NaN, else 0.0. One launch, no host sync (see the module docstring)."""
+    or NaN, else 0.0. One launch, no host sync (see the module docstring): one call of the op
+    ``fused_flat_triton::all_finite_list``."""
     tensors = [t for t in tensors]
     if not tensors:
         return torch.zeros(1, dtype=torch.float32)
@@ -445,14 +542,4 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
             and t.device == tensors[0].device for t in tensors):
         return reference.all_finite(tensors)   # fp64 (an fp32 cast would overflow) or mixed lists
-    device = tensors[0].device
-    p = mt.plan([t.numel() for t in tensors], CHUNK, device)
-    if p.n_chunks == 0:
-        return torch.zeros(1, dtype=torch.float32, device=device)
-    ptrs = mt.pointer_table([tensors], device)
-    out = torch.empty(1, dtype=torch.float32, device=device)
-    aligned = all(t.data_ptr() % 16 == 0 for t in tensors if t.numel())
-    all_finite_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, tensors[0],
-                                     _scratch_for(device), out, p.n_chunks, ALIGNED=aligned,
-                                     CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return out
+    return torch.ops.fused_flat_triton.all_finite_list(tensors)

@@ -11,7 +11,17 @@ and fused_flat/sam_reference.py is the oracle:
                           stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None)
     sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
 
-Launch: fused_flat.multi_tensor's cached tables. Program b reads its row (t, start) of the
+Each is ONE registered torch op (torch.library.custom_op, opaque; namespace
+``fused_flat_triton``: ``sam_grad_sq_norm_list``, ``sam_perturb_list_``,
+``sam_restore_and_step_list_``, ``sam_probe_list_``), called by these Python entry points
+after the argument checks (metadata only); as in fused_flat/triton/multi.py the real
+implementation builds one launch's tables (fused_flat.multi_tensor.launch_tables: pinned
+staging, non-blocking copy, capture-owned while a CUDA graph is captured) and launches once,
+and the fake implementation touches nothing on the host (no host read on fake tensors, one
+node per pass under torch.compile). Fake tensors therefore never run the table building:
+tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
+
+Launch: one launch's tables from fused_flat.multi_tensor. Program b reads its row (t, start) of the
 chunk table, tensor t's numel / bucket offset from the tensor table and its data pointers
 from the pointer table (``int64 -> pointer`` casts), then walks ``CHUNK`` elements in
 ``BLOCK`` steps: whole blocks unmasked, the last one masked. ``coef`` may be a Python
@@ -38,7 +48,7 @@ the stochastic-rounding bits are its ``sr_bits_of`` of the tag-0 and tag-32 word
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -292,19 +302,122 @@ def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, bw, 
         _probe_block(p_ptr, b_ptr, o, o < s + end, off, key, bw, step_lo, delta, True)
 
 
-# ------------------------------------------------------------------ launchers
+# ------------------------------------------------------------------ launch tables
 def _aligned(lists) -> bool:
     return all(t.data_ptr() % 16 == 0 for lst in lists for t in lst)
 
 
 def _launch_args(lists, offsets=None):
-    ref = lists[0]
-    device = ref[0].device
-    p = mt.plan([t.numel() for t in ref], CHUNK, device, offsets)
-    ptrs = mt.pointer_table(lists, device)
-    return p, ptrs, dict(ALIGNED=_aligned(lists), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    """One launch's tables (fused_flat.multi_tensor.launch_tables) and the launch constexprs.
+    Runs inside the ops' real implementations only (it reads data pointers)."""
+    tb = mt.launch_tables(lists, CHUNK, offsets)
+    return tb, dict(ALIGNED=_aligned(lists), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
+# ------------------------------------------------------------------ the registered ops
+# One torch op per pass (torch.library.custom_op, opaque), as fused_flat/triton/multi.py:
+# the real implementation builds the tables and launches once; the fake implementation
+# touches nothing on the host (no host read on fake tensors, one node per pass in a
+# compiled graph). The table building runs only in the real implementation:
+# tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
+@torch.library.custom_op("fused_flat_triton::sam_grad_sq_norm_list", mutates_args=())
+def _sq_norm_list(grads: List[torch.Tensor], params: List[torch.Tensor], adaptive: bool,
+                  eta: float) -> torch.Tensor:
+    """``params`` is read only when ``adaptive`` (then as long as ``grads``)."""
+    device = grads[0].device
+    with mt.launching(device):
+        tb, kw = _launch_args([grads] + ([params] if adaptive else []))
+        if tb.n_chunks == 0:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        partial = torch.empty(tb.n_chunks, dtype=torch.float64, device=device)
+        sq_norm_kernel[(tb.n_chunks,)](tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, partial,
+                                       grads[0], eta, ADAPTIVE=adaptive, **kw)
+        return partial.sum()
+
+
+@_sq_norm_list.register_fake
+def _(grads, params, adaptive, eta):
+    return grads[0].new_empty((), dtype=torch.float64)
+
+
+@torch.library.custom_op("fused_flat_triton::sam_perturb_list_",
+                         mutates_args=("params", "backups"))
+def _perturb_list(params: List[torch.Tensor], grads: List[torch.Tensor],
+                  backups: List[torch.Tensor], adaptive: bool, coef: float,
+                  coef_t: Optional[torch.Tensor], eta: float) -> None:
+    with mt.launching(params[0].device):
+        tb, kw = _launch_args([params, grads, backups])
+        if tb.n_chunks == 0:
+            return
+        perturb_kernel[(tb.n_chunks,)](tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, params[0],
+                                       coef_t if coef_t is not None else params[0], coef, eta,
+                                       ADAPTIVE=adaptive, COEF_PTR=coef_t is not None, **kw)
+
+
+@_perturb_list.register_fake
+def _(params, grads, backups, adaptive, coef, coef_t, eta):
+    return None
+
+
+@torch.library.custom_op("fused_flat_triton::sam_restore_and_step_list_",
+                         mutates_args=("params", "moms"))
+def _restore_and_step_list(params: List[torch.Tensor], backups: List[torch.Tensor],
+                           grads: List[torch.Tensor], moms: List[torch.Tensor],
+                           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                           lr: float, lr_t: Optional[torch.Tensor], weight_decay: float,
+                           momentum: float, dampening: float, nesterov: bool,
+                           momentum_init: bool, grad_mult: float, sr: bool, key: int, bw: int,
+                           step_lo: int, step_t: Optional[torch.Tensor],
+                           offsets: Optional[List[int]]) -> None:
+    """``moms`` empty: no momentum buffers. ``sr``: the stochastic rounding of 16-bit
+    params (then ``offsets`` are the tensors' bucket offsets)."""
+    ref = params[0]
+    has_mom = len(moms) > 0
+    with mt.launching(ref.device):
+        lists = [params, backups, grads] + ([moms] if has_mom else [])
+        tb, kw = _launch_args(lists, offsets if sr else None)
+        if tb.n_chunks == 0:
+            return
+        restore_and_step_kernel[(tb.n_chunks,)](
+            tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, ref,
+            grad_scale if grad_scale is not None else ref,
+            found_inf if found_inf is not None else ref,
+            lr_t if lr_t is not None else ref, step_t if step_t is not None else ref,
+            lr, weight_decay, momentum, dampening, grad_mult, int(bool(momentum_init)),
+            HAS_MOM=has_mom, NESTEROV=bool(nesterov) and has_mom,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            key=key, bw=bw, step_lo=step_lo if sr else 0,
+            SR=sr, IS_BF16=ref.dtype == torch.bfloat16,
+            OFF4=sr and all(int(o) % 4 == 0 for o in offsets), LR_PTR=lr_t is not None,
+            STEP_PTR=sr and step_t is not None, **kw)
+
+
+@_restore_and_step_list.register_fake
+def _(params, backups, grads, moms, grad_scale, found_inf, lr, lr_t, weight_decay, momentum,
+      dampening, nesterov, momentum_init, grad_mult, sr, key, bw, step_lo, step_t, offsets):
+    return None
+
+
+@torch.library.custom_op("fused_flat_triton::sam_probe_list_",
+                         mutates_args=("params", "backups"))
+def _probe_list(params: List[torch.Tensor], backups: List[torch.Tensor], offsets: List[int],
+                key: int, bw: int, step_lo: int, step_t: Optional[torch.Tensor],
+                delta: float) -> None:
+    with mt.launching(params[0].device):
+        tb, kw = _launch_args([params, backups], offsets)
+        if tb.n_chunks == 0:
+            return
+        probe_kernel[(tb.n_chunks,)](tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, params[0],
+                                     step_t if step_t is not None else params[0], key, bw,
+                                     step_lo, delta, STEP_PTR=step_t is not None, **kw)
+
+
+@_probe_list.register_fake
+def _(params, backups, offsets, key, bw, step_lo, step_t, delta):
+    return None
+
+
+# ------------------------------------------------------------------ argument checks
 def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> None:
     if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != ref.device):
         raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
@@ -350,10 +463,12 @@ def _host_float(x):
     return float(x) if isinstance(x, torch.Tensor) else x
 
 
+# ------------------------------------------------------------------ entry points
 def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None,
                      eta: float) -> torch.Tensor:
     """sum_i t_i^2 over every element of every tensor, float64 0-dim on the device;
-    t = g, or (|theta| + eta) * g when ``params`` is given (ASAM)."""
+    t = g, or (|theta| + eta) * g when ``params`` is given (ASAM). One call of the op
+    ``fused_flat_triton::sam_grad_sq_norm_list``."""
     mt.check_lists("sam_grad_sq_norm", "grads", grads, params=params)
     if not grads:
         return torch.zeros((), dtype=torch.float64)
@@ -363,21 +478,16 @@ def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tenso
         for i, g in enumerate(grads):
             total += sam_reference.sam_grad_sq_norm(g, None if params is None else params[i], eta)
         return total
-    lists = [list(grads)] + ([list(params)] if params is not None else [])
-    p, ptrs, kw = _launch_args(lists)
-    if p.n_chunks == 0:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    partial = torch.empty(p.n_chunks, dtype=torch.float64, device=device)
-    sq_norm_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, partial, grads[0],
-                                  float(eta), ADAPTIVE=params is not None, **kw)
-    return partial.sum()
+    return torch.ops.fused_flat_triton.sam_grad_sq_norm_list(
+        list(grads), list(params) if params is not None else [], params is not None, float(eta))
 
 
 def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                  backups: Sequence[torch.Tensor], adaptive: bool, coef: float | torch.Tensor,
                  eta: float) -> None:
     """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive
-    else 1. ``coef``: a float or a 1-element tensor on the device (read in the kernel)."""
+    else 1. ``coef``: a float or a 1-element tensor on the device (read in the kernel).
+    One call of the op ``fused_flat_triton::sam_perturb_list_``."""
     mt.check_lists("sam_perturb_", "params", params, grads=grads, backups=backups)
     if not params:
         return
@@ -392,13 +502,9 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             c = float(coef_t) if coef_t is not None else coef   # fp64 fallback: host read
             sam_reference.sam_perturb_(p, g, b, adaptive, c, eta)
         return
-    p, ptrs, kw = _launch_args([list(params), list(grads), list(backups)])
-    if p.n_chunks == 0:
-        return
-    perturb_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0],
-                                  coef_t if coef_t is not None else params[0],
-                                  0.0 if coef_t is not None else float(coef), float(eta),
-                                  ADAPTIVE=bool(adaptive), COEF_PTR=coef_t is not None, **kw)
+    torch.ops.fused_flat_triton.sam_perturb_list_(
+        list(params), list(grads), list(backups), bool(adaptive),
+        0.0 if coef_t is not None else float(coef), coef_t, float(eta))
 
 
 def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
@@ -410,7 +516,8 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
                           bucket_id: int = 0, step: int | torch.Tensor = 0,
                           offsets: Sequence[int] | None = None) -> None:
     """theta <- backup, then torch.optim.SGD's update with g2 (fused_flat.sam_reference);
-    a set ``found_inf`` only restores (momentum untouched). No host sync.
+    a set ``found_inf`` only restores (momentum untouched). No host sync: one call of the op
+    ``fused_flat_triton::sam_restore_and_step_list_``.
 
     ``stochastic_rounding`` (bf16/fp16 lists; ignored otherwise): theta is stored as
     SR(theta) with the rbits (tags 0 and 32 of seed, bucket_id, step) of bucket index
@@ -445,22 +552,13 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
         for t in params:
             offsets.append(acc)
             acc += t.numel()
-    lists = [list(params), list(backups), list(grads)] + ([list(moms)] if moms is not None else [])
-    p, ptrs, kw = _launch_args(lists, offsets if sr else None)
-    if p.n_chunks == 0:
-        return
-    restore_and_step_kernel[(p.n_chunks,)](
-        p.chunks, p.meta, ptrs, p.n_tensors, params[0],
-        grad_scale if grad_scale is not None else params[0],
-        found_inf if found_inf is not None else params[0], lr_ptr, step_ptr,
-        lr_f, float(weight_decay), float(momentum), float(dampening), float(grad_mult),
-        int(bool(momentum_init)), HAS_MOM=moms is not None,
-        NESTEROV=bool(nesterov) and moms is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        key=key, bw=bw, step_lo=step_lo if sr else 0,
-        SR=sr, IS_BF16=params[0].dtype == torch.bfloat16,
-        OFF4=sr and all(int(o) % 4 == 0 for o in offsets), LR_PTR=lr_is_ptr,
-        STEP_PTR=sr and step_is_ptr, **kw)
+    torch.ops.fused_flat_triton.sam_restore_and_step_list_(
+        list(params), list(backups), list(grads), list(moms) if moms is not None else [],
+        grad_scale, found_inf, lr_f, lr_ptr if lr_is_ptr else None, float(weight_decay),
+        float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
+        float(grad_mult), sr, key, bw, step_lo if sr else 0,
+        step_ptr if sr and step_is_ptr else None,
+        [int(o) for o in offsets] if sr else None)
 
 
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
@@ -468,7 +566,8 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                delta: float) -> None:
     """backup <- theta ; theta <- theta + delta * v, v the Rademacher probe of tag 16
     (layout 3) at bucket index offsets[t] + e of element e of tensor t. ``step``: an int or
-    a one-element int64 tensor on the device (read by the kernel)."""
+    a one-element int64 tensor on the device (read by the kernel). One call of the op
+    ``fused_flat_triton::sam_probe_list_``."""
     mt.check_lists("sam_probe_", "params", params, backups=backups)
     if len(offsets) != len(params):
         raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
@@ -481,9 +580,6 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
     if params[0].dtype == torch.float64:
         raise NotImplementedError("sam_probe_: float64 lists are not supported by the Triton "
                                   "backend (use the reference)")
-    p, ptrs, kw = _launch_args([list(params), list(backups)], offsets)
-    if p.n_chunks == 0:
-        return
-    probe_kernel[(p.n_chunks,)](p.chunks, p.meta, ptrs, p.n_tensors, params[0], step_ptr,
-                                *noise_key(seed, bucket_id), step_lo, float(delta),
-                                STEP_PTR=step_is_ptr, **kw)
+    torch.ops.fused_flat_triton.sam_probe_list_(
+        list(params), list(backups), [int(o) for o in offsets], *noise_key(seed, bucket_id),
+        step_lo, step_ptr if step_is_ptr else None, float(delta))
