@@ -15,6 +15,11 @@ What it measures, side by side in one process:
   ``--sgd-tensors`` tensors, as a model's parameters are), and torch's own Gaussian
   generators (``normal_`` in place, ``randn_like``) as the noise-rate yardstick;
 * SAM passes / steps when ``fused_flat.sam`` is importable (skipped with a note otherwise);
+* host overhead (always, CPU, one thread): 500 parameters of 64 fp32 elements with their
+  gradients set, where a step's time is its host work (Python, dispatch: what a GPU waits
+  for): SGLD step, FSGLD perturb + step and SAM first + second step, each timed call by call
+  alternately with torch.optim.SGD(fused=True, momentum=0.9)'s step on an equal parameter
+  set; medians and their ratio, read against the targets (1.2x / 2.0x / 2.5x);
 * a full optimizer step at ``--step-size`` (default 64M): fused FSGLD (perturb + update,
   backend auto; with the default check_finite gradient scan, and without it) vs the
   paper-style baseline (randn_like x2 + adds + SGD step) vs the
@@ -370,6 +375,82 @@ STEP_COLS = [("impl", "optimizer step (no fwd/bwd)"), ("dtype", "dtype"), ("n", 
              ("x_sgd", "x SGD"), ("x_fused_fsgld", "x fused fSGLD"), ("note", "note")]
 
 
+# ----------------------------------------------------------------------------- host overhead
+HOST_PARAMS, HOST_ELEMS = 500, 64
+HOST_TARGETS = {"SGLD step": 1.2, "FSGLD perturb + step": 2.0, "SAM first + second step": 2.5}
+HOST_COLS = [("impl", "host work per step"), ("n", "params x elems"), ("median_us", "median us"),
+             ("sgd_median_us", "SGD fused median us"), ("x_sgd", "x SGD"), ("target", "target"),
+             ("verdict", "verdict")]
+
+
+def _host_params(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(HOST_ELEMS, generator=g)) for _ in range(HOST_PARAMS)]
+    for p in ps:
+        p.grad = torch.randn(HOST_ELEMS, generator=g)
+    return ps
+
+
+def bench_host_overhead(rounds: int) -> list[dict]:
+    """Each case's call (a step's host work) and torch.optim.SGD(fused=True, momentum=0.9)'s
+    step, timed alternately ``rounds`` times in one thread on 500 x 64 fp32 (the arithmetic is
+    negligible there); medians, their ratio and the target ratio."""
+    import fused_flat
+
+    backend = "cpp" if backends.available_backends().get("cpp") == "ok" else "auto"
+    kw = dict(lr=0.01, momentum=0.9, seed=SEED, backend=backend)
+
+    def sgld():
+        return fused_flat.SGLD(_host_params(1), beta=1e8, **kw).step
+
+    def fsgld():
+        opt = fused_flat.FSGLD(_host_params(2), beta=1e8, **kw)
+
+        def call():
+            opt.perturb()
+            opt.step()
+        return call
+
+    def sam():
+        opt = fused_flat.SAM(_host_params(3), **kw)
+
+        def call():
+            opt.first_step()
+            opt.second_step()
+        return call
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for name, make in (("SGLD step", sgld), ("FSGLD perturb + step", fsgld),
+                           ("SAM first + second step", sam)):
+            call = make()
+            sgd = torch.optim.SGD(_host_params(4), lr=0.01, momentum=0.9, fused=True).step
+            for _ in range(10):   # state created, plans built, caches warm
+                call()
+                sgd()
+            ours, theirs = [], []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                call()
+                t1 = time.perf_counter()
+                sgd()
+                t2 = time.perf_counter()
+                ours.append(t1 - t0)
+                theirs.append(t2 - t1)
+            med, sgd_med = common.median(ours), common.median(theirs)
+            target = HOST_TARGETS[name]
+            rows.append({"kind": "host", "impl": name, "backend": backend, "dtype": "float32",
+                         "n": f"{HOST_PARAMS} x {HOST_ELEMS}", "rounds": rounds,
+                         "median_us": med * 1e6, "sgd_median_us": sgd_med * 1e6,
+                         "x_sgd": med / sgd_med, "target": f"<= {target}x",
+                         "verdict": "met" if med / sgd_med <= target else "MISSED"})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def _plot(rows: list[dict], triad: float, path: Path) -> Path | None:
     plt = common.plt()
     if plt is None:
@@ -443,6 +524,12 @@ def summarize(rows: list[dict], stream_res: dict) -> list[str]:
                        f"{common.human_time(r2['median_s'])} = {common.human_time(two)} vs the fused "
                        f"pass {common.human_time(fu['median_s'])} (+{common.human_time(two - fu['median_s'])}); "
                        f"the gradient read alone {common.human_time(af['median_s'])}")
+    host = [r for r in rows if r.get("kind") == "host"]
+    if host:
+        out.append(f"- host overhead ({HOST_PARAMS} x {HOST_ELEMS} fp32, one thread; x the step of "
+                   f"torch.optim.SGD(fused=True, momentum=0.9), {host[0]['sgd_median_us']:.0f} us): "
+                   + "; ".join(f"{r['impl']} {r['median_us']:.0f} us = {r['x_sgd']:.2f}x "
+                               f"(target {r['target']}: {r['verdict']})" for r in host))
     steps = {r["impl"]: r for r in rows if r.get("kind") == "step" and "median_s" in r}
     fused = next((r for k, r in steps.items() if k.startswith("FSGLD fused")), None)
     paper = next((r for k, r in steps.items() if k.startswith("fSGLD paper")), None)
@@ -478,6 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (smoke test)")
     ap.add_argument("--out", default=str(common.DEFAULT_OUT))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--host-rounds", type=int, default=None,
+                    help="alternating calls per host-overhead case (default 300; --quick: 30)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -516,6 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += bench_passes(n, dt, dev, names, triad, args)
     if step_n > 0:
         rows += bench_steps(step_n, torch.float32, dev, args, sam_mod)
+    rows += bench_host_overhead(args.host_rounds or (30 if args.quick else 300))
 
     out = Path(args.out)
     payload = {"meta": meta, "stream": st, "config": {k: v for k, v in vars(args).items()},
@@ -537,6 +627,9 @@ def main(argv: list[str] | None = None) -> dict:
     if step_n > 0:
         md += [f"## Full optimizer step at {common.human_count(step_n)} fp32 (gradient given; no forward/backward)",
                "", common.markdown_table([r for r in rows if r.get("kind") == "step"], STEP_COLS), ""]
+    md += [f"## Host overhead per step ({HOST_PARAMS} parameters x {HOST_ELEMS} fp32, gradients given, "
+           f"one thread, each call alternating with torch.optim.SGD(fused=True, momentum=0.9)'s step)",
+           "", common.markdown_table([r for r in rows if r.get("kind") == "host"], HOST_COLS), ""]
     md += ["## Reading", "", *conclusions, ""]
     text = "\n".join(md)
     paths[2].write_text(text)

@@ -16,21 +16,39 @@ TORCH_LIBRARY(fused_flat, m) {
         "int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
         "float dampening, bool nesterov, bool momentum_init, float noise_std, "
         "float grad_mult, bool stochastic_rounding=False) -> ()");
-  // The same two passes over a list of tensors in one parallel loop (CPU): tensor t is a
-  // contiguous 1-D view whose element 0 is bucket index offsets[t]; one dtype per call;
-  // moms empty = no momentum. Values identical to the per-tensor ops at those offsets.
+  // The same two passes over a list of tensors in one parallel loop (CPU): tensor t's
+  // element 0 is bucket index offsets[t]; one dtype per call; moms empty = no momentum.
+  // Values identical to the per-tensor ops at those offsets. Without `layout` every tensor is
+  // a contiguous 1-D view (a flat bucket); with it (plan_layout's record of params: a step
+  // plan, fused_flat.core.StepPlan) the tensors are the user's own, of any shape, dense,
+  // walked in memory order: params must match the record, each gradient its parameter
+  // (strided, same shape, dtype and device; one laid out otherwise is read through a copy in
+  // the parameter's order), each momentum buffer its parameter's shape, dtype and layout.
   m.def("perturb_list_(Tensor(a!)[] params, int[] offsets, int seed, int bucket_id, int step, "
-        "int tag, float sigma) -> ()");
+        "int tag, float sigma, Tensor? layout=None) -> ()");
   m.def("restore_and_step_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, "
         "int[] offsets, Tensor? grad_scale, Tensor? found_inf, int seed, int bucket_id, "
         "int step, int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
         "float dampening, bool nesterov, bool momentum_init, float noise_std, float grad_mult, "
-        "bool stochastic_rounding=False) -> ()");
+        "bool stochastic_rounding=False, Tensor? layout=None) -> ()");
   // The restore half of a checked step (fp32, CPU): params[t] <- params[t] + sigma * eps(tag)
   // (sigma = minus the perturbation's) and, in the same loop, found_inf (float32 [1]) = 1.0
-  // if any element of any grads[t] is inf/NaN. The update then runs with sigma 0.
+  // if any element of any grads[t] is inf/NaN. The update then runs with sigma 0. `layout`:
+  // as above.
   m.def("restore_check_list_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, int seed, "
-        "int bucket_id, int step, int tag, float sigma) -> Tensor");
+        "int bucket_id, int step, int tag, float sigma, Tensor? layout=None) -> Tensor");
+  // Step plans (CPU). plan_layout: the record (int64) of a list of dense CPU tensors of one
+  // floating dtype -- per tensor requires_grad, shape and strides -- that the list ops take
+  // as `layout`. check_step_list: the first pass of a planned step over a bucket, which
+  // writes nothing: params (all of the bucket's) against their record and, when grads are
+  // given (one per param, None where there is none), each gradient against its parameter
+  // (strided, same shape, dtype and device; else ValueError) and present exactly where
+  // has_grad (bool [T], the plan's) says. Returns found_inf, float32 [1]: 1.0 if `finite` and
+  // any element of a gradient is inf or nan. A list that no longer matches its record is a
+  // stale plan (ValueError): the optimizer then takes its general path and builds a new plan.
+  m.def("plan_layout(Tensor[] tensors) -> Tensor");
+  m.def("check_step_list(Tensor[] params, Tensor layout, Tensor?[] grads, Tensor? has_grad, "
+        "bool finite) -> Tensor");
   // param (16-bit) <- round-to-nearest(master + sigma * eps(tag)), fp32 math (master fp32 or
   // fp64; param any floating dtype), elements [offset, offset + numel) of the bucket.
   m.def("perturb_from_(Tensor(a!) param, Tensor master, int seed, int bucket_id, int step, "

@@ -22,4 +22,22 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
   // bucket elements [offset, offset + numel).
   m.def("sam_probe_(Tensor(a!) param, Tensor(b!) backup, int seed, int bucket_id, int step, "
         "float delta, int offset=0) -> ()");
+  // The same passes over a list of tensors in one parallel loop (CPU), one dtype per call,
+  // tensor by tensor the values of the ops above. Without `layout` every tensor is a
+  // contiguous 1-D view (a flat bucket); with it (fused_flat::plan_layout's record of params:
+  // a step plan) they are the user's own, of any shape, dense, walked in memory order:
+  // params must match the record, each gradient its parameter (read in the parameter's
+  // order), each backup / momentum buffer its parameter's shape, dtype and layout.
+  // sam_grad_sq_norm_list: float64 [T], entry t = sam_grad_sq_norm(grads[t], params[t] if
+  // adaptive, eta) (params may be empty when not adaptive and without a layout).
+  m.def("sam_grad_sq_norm_list(Tensor[] grads, Tensor[] params, bool adaptive, float eta, "
+        "Tensor? layout=None) -> Tensor");
+  m.def("sam_perturb_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+        "bool adaptive, float coef, float eta, Tensor? layout=None) -> ()");
+  // offsets: each tensor's bucket offset (needed with stochastic_rounding; may be empty else).
+  m.def("sam_restore_and_step_list_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, "
+        "Tensor(b!)[] moms, Tensor? grad_scale, Tensor? found_inf, float lr, float weight_decay, "
+        "float momentum, float dampening, bool nesterov, bool momentum_init, float grad_mult, "
+        "bool stochastic_rounding=False, int seed=0, int bucket_id=0, int step=0, "
+        "int[] offsets=[], Tensor? layout=None) -> ()");
 }

@@ -65,6 +65,12 @@ class Backend:
     # (params, grads, offsets, seed, bucket, step, tag, sigma) -> float32 [1] found_inf: the
     # restore half of a checked fp32 step with the finiteness check in the same pass (cpp)
     restore_check_: Callable | None = None
+    # Step plans (fused_flat.core.StepPlan; cpp): plan_layout(tensors) -> the record the list
+    # passes take as ``layout=`` (the user's tensors as they are, any dense shape);
+    # check_step(params, layout, grads, has_grad, finite) -> found_inf, the first pass of a
+    # planned step (writes nothing). None: this backend runs no plans.
+    plan_layout: Callable | None = None
+    check_step: Callable | None = None
 
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type in self.devices
@@ -77,7 +83,7 @@ class Backend:
 # --------------------------------------------------------------------------- list lifting
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
          all_finite=None, perturb_from_=None, perturb_list_=None,
-         restore_and_step_list_=None) -> Backend:
+         restore_and_step_list_=None, sam_lists=None) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
 
@@ -87,15 +93,21 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
 
     ``perturb_list_`` / ``restore_and_step_list_`` (the C++ CPU list ops): one parallel loop
     per bucket instead of one per tensor, used when the per-step values are numbers
-    (eager); tensors (torch.compile, capturable) go through the per-tensor forms."""
+    (eager); tensors (torch.compile, capturable) go through the per-tensor forms. ``sam_lists``
+    (fused_flat.sam_ops with the C++ SAM list ops) does the same for the SAM passes.
+
+    ``layout=`` (a step plan's record, fused_flat.ops.plan_layout): the tensors are the user's
+    own, any dense shape, and only the list ops take them (eager, number values)."""
     native_t = name == "cpp"   # fused_flat.ops / sam_ops: the tensor-argument (*_t_) op forms
 
     def _numbers(*vals) -> bool:
         return not any(isinstance(v, torch.Tensor) for v in vals) and not torch.compiler.is_compiling()
 
-    def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma):
-        if perturb_list_ is not None and _numbers(step):
-            perturb_list_(params, list(offsets), seed, bucket_id, step, tag, sigma)
+    def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma, layout=None):
+        if not params:
+            return
+        if layout is not None or (perturb_list_ is not None and _numbers(step)):
+            perturb_list_(params, list(offsets), seed, bucket_id, step, tag, sigma, layout)
             return
         if not native_t:
             step = _host(step)
@@ -105,12 +117,14 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     def restore_and_step_list(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
                               step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
                               nesterov, momentum_init, noise_std, grad_mult,
-                              stochastic_rounding=False):
-        if restore_and_step_list_ is not None and _numbers(step, lr, noise_std):
+                              stochastic_rounding=False, layout=None):
+        if not params:
+            return
+        if layout is not None or (restore_and_step_list_ is not None and _numbers(step, lr, noise_std)):
             restore_and_step_list_(params, grads, moms, list(offsets), grad_scale, found_inf, seed,
                                    bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
                                    dampening, nesterov, momentum_init, noise_std, grad_mult,
-                                   stochastic_rounding)
+                                   stochastic_rounding, layout)
             return
         extra = (True,) if stochastic_rounding else ()
         if not native_t:
@@ -131,14 +145,24 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
 
     kw = {}
     if sam is not None:
-        def sq_norm_list(grads, params, eta):
-            parts = [sam.sam_grad_sq_norm(g, params[t] if params is not None else None, eta)
-                     for t, g in enumerate(grads)]
-            if not parts:
+        def sq_norm_list(grads, params, eta, adaptive=None, layout=None):
+            """0-dim float64: the sum over the list (``adaptive`` None: iff params are given)."""
+            adaptive = params is not None if adaptive is None else adaptive
+            if not grads:
                 return torch.zeros((), dtype=torch.float64)
+            if layout is not None or (sam_lists is not None and not torch.compiler.is_compiling()):
+                parts = sam_lists.sam_grad_sq_norm_list(grads, params or [], adaptive, eta, layout)
+                return parts[0] if len(parts) == 1 else parts.sum()
+            parts = [sam.sam_grad_sq_norm(g, params[t] if adaptive else None, eta)
+                     for t, g in enumerate(grads)]
             return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
-        def sam_perturb_list(params, grads, backups, adaptive, coef, eta):
+        def sam_perturb_list(params, grads, backups, adaptive, coef, eta, layout=None):
+            if not params:
+                return
+            if layout is not None or (sam_lists is not None and _numbers(coef)):
+                sam_lists.sam_perturb_list_(params, grads, backups, adaptive, float(coef), eta, layout)
+                return
             # a tensor coef (compiled first_step) stays one for the compiled CPU ops
             c = coef if name == "cpp" and isinstance(coef, torch.Tensor) else float(coef)
             for p, g, b in zip(params, grads, backups):
@@ -146,7 +170,17 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
 
         def sam_restore_list(params, backups, grads, moms, grad_scale, found_inf, lr, weight_decay,
                              momentum, dampening, nesterov, momentum_init, grad_mult,
-                             stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None):
+                             stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None,
+                             layout=None):
+            if not params:
+                return
+            if layout is not None or (sam_lists is not None and _numbers(step, lr)):
+                sam_lists.sam_restore_and_step_list_(params, backups, grads, moms, grad_scale,
+                                                     found_inf, lr, weight_decay, momentum,
+                                                     dampening, nesterov, momentum_init, grad_mult,
+                                                     stochastic_rounding, seed, bucket_id, step,
+                                                     offsets, layout)
+                return
             if not native_t:
                 step, lr = _host(step), _host(lr)
             for t, (p, b, g) in enumerate(zip(params, backups, grads)):
@@ -219,10 +253,12 @@ def _compiled(name: str, device: str) -> Backend:
                            "PATH (or CUDA_HOME set) and FORCE_CUDA=1")
     from fused_flat import ops
 
-    sam = None
+    sam = sam_lists = None
     if device == "cpu":
         if hasattr(torch.ops.fused_flat, "sam_perturb_"):
             from fused_flat import sam_ops as sam
+
+            sam_lists = sam if sam.has_list_ops() else None
         else:
             warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
                                 f"older sources); the SAM family runs on the pure-torch reference "
@@ -230,9 +266,12 @@ def _compiled(name: str, device: str) -> Backend:
     lists = device == "cpu" and ops.has_list_ops()
     b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
              ops.all_finite if device == "cpu" else None, ops.perturb_from_,
-             ops.perturb_list_ if lists else None, ops.restore_and_step_list_ if lists else None)
+             ops.perturb_list_ if lists else None, ops.restore_and_step_list_ if lists else None,
+             sam_lists)
     if lists:
         b = dataclasses.replace(b, restore_check_=ops.restore_check_list_)
+    if lists and sam_lists is not None and ops.has_plan_ops():
+        b = dataclasses.replace(b, plan_layout=ops.plan_layout, check_step=ops.check_step_list)
     if device == "cuda":
         from fused_flat import cuda_sam
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
 
 import torch
@@ -19,8 +20,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.optim import Optimizer
 
 from fused_flat import backends, noise
-from fused_flat.buckets import (Bucket, build_buckets, check_param, flat, flat_like, layout_key,
-                                same_layout)
+from fused_flat.buckets import (Bucket, build_buckets, check_param, flat, flat_like, is_dtensor,
+                                layout_key, same_layout)
 
 # 1: flat physical buffers, noise stream layout 1. 2: tensor-list buckets (offsets rounded
 # up to a multiple of 4); the 'fused_flat' entry records the noise layout ("stream",
@@ -28,6 +29,7 @@ from fused_flat.buckets import (Bucket, build_buckets, check_param, flat, flat_l
 # layout loads; its noise continues on the current layout (same law, other numbers; one
 # warning, _check_meta).
 STATE_FORMAT = 2
+_NO_STATE: dict = {}   # what a parameter without state has (read-only use)
 READABLE_FORMATS = (1, 2)
 _SGD_ONLY_KEYS = ("foreach", "fused", "differentiable")
 FP32_STATE_KEYS = ("momentum_buffer", "master_weight")
@@ -178,6 +180,7 @@ class FlatOptimizer(Optimizer):
         self._k = 0
         self.skipped_steps = 0
         self._layout = None
+        self._plans = None   # the buckets' step plans (StepPlans), built at the next step
         self._buckets: list[Bucket] = []
         self._backends: list[backends.Backend] = []
         self._shard_keys: list[tuple] = []   # the process-group tuples of sharded parameters
@@ -220,7 +223,7 @@ class FlatOptimizer(Optimizer):
     # (closures, process groups; derived from param_groups by buckets()) and the scratch
     # copies of a perturbed step (none exists between steps).
     _TRANSIENT = {"_layout": None, "_buckets": list, "_backends": list, "_shard_keys": list,
-                  "_backups": dict}
+                  "_backups": dict, "_plans": None}
     _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -274,6 +277,7 @@ class FlatOptimizer(Optimizer):
             self._shard_keys = list(keys)
             self._follow_params()
             self._place_counter()
+            self._plans = None
             self._layout = key
         return self._buckets
 
@@ -368,8 +372,182 @@ class FlatOptimizer(Optimizer):
             st["master_weight"] = m
         return m
 
+    def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The backup copy of ``p`` a perturbation writes (``exact_restore``, SAM), one per
+        parameter, in its dtype and layout (made, or remade after ``p`` changed, on use)."""
+        bk = self._backups.get(p)
+        if bk is None or bk.dtype != p.dtype or bk.shape != p.shape or bk.device != p.device \
+                or bk.stride() != p.stride():
+            bk = self._backups[p] = torch.empty_like(p)
+        return bk
+
     def _is_perturbed(self) -> bool:
         return False
+
+    # ----------------------------------------------------------------- step plans
+    # The eager 'cpp' step over CPU buckets keeps, per bucket, the lists its ops take (a
+    # StepPlan), so that a step's Python work is O(buckets) plus one ``[p.grad for p in
+    # params]`` per bucket; every other path (and every step the plans cannot take) is the
+    # general one, which is the definition: a planned step gives its bits exactly.
+    _plans_enabled = True   # False on an instance: every step takes the general path
+
+    def _plan_config(self) -> tuple:
+        """What a plan is built from besides the buckets, the state and the gradients."""
+        return (tuple(len(g["params"]) for g in self.param_groups), self.backend,
+                getattr(self, "exact_restore", None), getattr(self, "stochastic_rounding", None),
+                getattr(self, "master_weights", False))
+
+    def _plans_possible(self, buckets) -> bool:
+        """Whether plans can run these buckets at all (checked once per set of plans): CPU
+        buckets whose backend runs plans ('cpp'), no sharded or DTensor parameter, no device
+        step counter (capturable), no fp32 masters."""
+        if self._shard_keys or self._k_dev is not None:
+            return False
+        for b, be in zip(buckets, self._backends):
+            if b.device.type != "cpu" or be.check_step is None or self._masters(b):
+                return False
+        return not any(is_dtensor(p) for b in buckets for p in b.params)
+
+    def _step_plans(self, build: bool = True) -> "_Plans | None":
+        """The buckets' plans if this step may run them (eager, nothing changed that the
+        plans were built from), else None; ``build``: build them when there are none (not
+        while perturbed: they would not be the ones the perturbation used). Each plan's
+        lists are still checked by the ops (first pass: Backend.check_step); a mismatch there
+        makes the step take the general path too."""
+        if not self._plans_enabled or torch.compiler.is_compiling():
+            return None
+        plans = self._plans
+        config = self._plan_config()
+        if plans is not None and (plans.config != config or plans.state is not self.state):
+            plans = self._plans = None   # built from something else
+        if plans is None:
+            if not build:
+                return None
+            buckets = self.buckets()
+            plans = self._plans = _Plans(config, self.state, self._plans_possible(buckets))
+            if plans.ok:
+                try:
+                    plans.extend(self._plan_bucket(b, be) for b, be in zip(buckets, self._backends))
+                except Exception:   # tensors the list ops do not take: the general path
+                    plans.clear()
+                    plans.ok = False
+        return plans if plans.ok else None
+
+    def _drop_plans(self) -> None:
+        """After a step that took the general path: it may have created or replaced what the
+        plans hold (momentum buffers, backups, buckets), so the next step builds them anew."""
+        if self._plans is not None and self._plans.ok:
+            self._plans = None
+
+    def _plan_bucket(self, b: Bucket, backend) -> "StepPlan":
+        P = StepPlan(b, backend, backend.plan_layout(b.params), self._sr(b, backend))
+        self._plan_family(P)
+        return P
+
+    def _plan_family(self, P: "StepPlan") -> None:   # the families add their own lists
+        return None
+
+    def _plan_grads(self, P: "StepPlan", grads: list) -> "GradPlan":
+        """The part of ``P`` that depends on which parameters have a gradient (``grads``:
+        ``p.grad`` of every parameter of the bucket): the list of those parameters with
+        their momentum buffers (``moms_ok`` False when one is missing: such a step creates
+        them on the general path)."""
+        U = GradPlan()
+        has = [g is not None for g in grads]
+        U.idx = [j for j, h in enumerate(has) if h]
+        U.has_grad = torch.tensor(has, dtype=torch.bool)
+        U.nonempty = any(grads[j].numel() for j in U.idx)
+        U.upd = self._plan_part(P, U, U.idx, moms=True)
+        self._plan_grads_family(P, U)
+        return U
+
+    def _plan_part(self, P: "StepPlan", U: "GradPlan | None", idx: list,
+                   moms: bool) -> "PlanPart | None":
+        """A list the ops take (None if empty): parameters ``idx`` of P's bucket, their
+        offsets and record and, with ``moms``, their momentum buffers (``U.moms_ok`` False
+        when one is missing)."""
+        if not idx:
+            return None
+        b = P.bucket
+        part = PlanPart()
+        part.idx = idx
+        part.whole = len(idx) == len(b.params)
+        part.params = [b.params[j] for j in idx]
+        part.offsets = [b.index(j) for j in idx]
+        part.layout = P.backend.plan_layout(part.params)
+        part.moms = None
+        if moms:
+            bufs = []
+            for p in part.params:
+                st = self.state.get(p)
+                bufs.append(st.get("momentum_buffer") if st else None)
+            if any(m is None for m in bufs):
+                U.moms_ok = False
+            else:
+                part.moms = bufs
+        return part
+
+    def _plan_grads_family(self, P: "StepPlan", U: "GradPlan") -> None:
+        return None
+
+    def _planned_grads(self, plans) -> list | None:
+        """Every plan's gradients for this step (``p.grad`` of each parameter of its bucket;
+        the plan's GradPlan built on first use), or None when a bucket needs momentum
+        buffers it does not have yet (the general path creates them) or its lr is a device
+        tensor (the general path says what to do)."""
+        grads = [[p.grad for p in P.params] for P in plans]
+        groups = self.param_groups
+        state = self.state
+        for P, gl in zip(plans, grads):
+            if P.grads is None:
+                P.grads = self._plan_grads(P, gl)
+            g = groups[P.bucket.group_index]
+            if (g["momentum"] != 0 and not P.grads.moms_ok) or (
+                    isinstance(g["lr"], torch.Tensor) and g["lr"].device.type != "cpu"):
+                return None
+            upd = P.grads.upd
+            if g["momentum"] != 0 and upd is not None and upd.moms is not None and not all(
+                    map(operator.is_, [state.get(p, _NO_STATE).get("momentum_buffer")
+                                       for p in upd.params], upd.moms)):
+                return None   # the user replaced or cleared a buffer (opt.state.clear(), ...)
+        return grads
+
+    @staticmethod
+    def _checks_itself(plans, part) -> bool:
+        """Whether a pass over ``part`` checks all that the first pass (Backend.check_step)
+        would, before it writes anything: the only bucket's every parameter against its
+        record and, taking gradients, that each parameter has one (a None in a tensor list
+        is refused when the op is called). That pass then is the first one."""
+        return len(plans) == 1 and part is not None and part.whole
+
+    def _planned_check(self, plans, grads, finite) -> list | None:
+        """The first pass of a planned step (writes nothing): every bucket's parameters
+        against their record, its gradients against their parameters and the plan; found_inf
+        per bucket when ``finite`` (a list, one per bucket; True/False per bucket too). None
+        when a plan no longer fits (stale, or a gradient the general path refuses with its
+        own message)."""
+        if isinstance(finite, bool):
+            finite = [finite] * len(plans)
+        try:
+            return [P.backend.check_step(P.params, P.layout, gl, P.grads.has_grad if gl else None, f)
+                    for P, gl, f in zip(plans, grads, finite)]
+        except Exception:   # nothing was written: the general path decides (or raises)
+            return None
+
+    def _planned_found(self, plans, checks) -> torch.Tensor | None:
+        """found_inf as :meth:`_found_inf` gives it, from the first pass's per-bucket checks:
+        GradScaler's when it drives the step, else (check_finite) the max over the buckets
+        that have a non-empty gradient, else None."""
+        scaler_found = getattr(self, "found_inf", None)
+        if scaler_found is not None:
+            return self._reduce_max_sharded(scaler_found.float().reshape(1).clone())
+        if not self.check_finite:
+            return None
+        found = None
+        for P, f in zip(plans, checks):
+            if P.grads.nonempty:
+                found = f if found is None else torch.maximum(found, f)
+        return found
 
     # ----------------------------------------------------------------- gradients
     def _grads(self, b: Bucket) -> list[int]:
@@ -811,3 +989,57 @@ class FlatOptimizer(Optimizer):
 
     def restore(self) -> None:   # overridden by the families
         return None
+
+
+class PlanPart:
+    """A list of a bucket's parameters that a planned pass takes: their indices in the
+    bucket (``whole``: all of them, in order), the tensors, their bucket offsets, their
+    plan_layout record and (lists of parameters with gradients) their momentum buffers."""
+
+    __slots__ = ("idx", "whole", "params", "offsets", "layout", "moms")
+
+    def grads(self, gl: list) -> list:
+        """This list's gradients out of ``gl``, the gradients of every bucket parameter."""
+        return gl if self.whole else [gl[j] for j in self.idx]
+
+
+class GradPlan:
+    """The part of a :class:`StepPlan` that depends on which parameters have a gradient:
+    their indices (``idx``) and mask (``has_grad``, bool [T], what the first pass checks),
+    whether any gradient is non-empty, the list of them (``upd``, a PlanPart; None if none)
+    and whether all their momentum buffers exist; the families' own lists (Langevin: the
+    perturbed parameters with and without a gradient, those with one not perturbed; SAM:
+    the backups)."""
+
+    __slots__ = ("idx", "has_grad", "nonempty", "upd", "moms_ok", "both", "only_grad",
+                 "only_pert", "backups")
+
+    def __init__(self) -> None:
+        self.upd = self.both = self.only_grad = self.only_pert = self.backups = None
+        self.moms_ok = True
+
+
+class StepPlan:
+    """One bucket's step plan (FlatOptimizer._step_plans): the bucket's parameters and
+    their plan_layout record, the stochastic-rounding flag, the families' lists (Langevin:
+    the perturbed parameters ``pert``, a PlanPart, their restore mode and backups) and the
+    gradient part (:class:`GradPlan`, built at the first step that reads the gradients).
+    Built from the bucket and the state when a step needs it; dropped after any step that
+    takes the general path and whenever the buckets are rebuilt."""
+
+    __slots__ = ("bucket", "backend", "params", "layout", "sr", "grads", "pert", "mode", "backups")
+
+    def __init__(self, bucket: Bucket, backend, layout: torch.Tensor, sr: bool) -> None:
+        self.bucket, self.backend, self.params, self.layout = bucket, backend, bucket.params, layout
+        self.sr = sr
+        self.grads: GradPlan | None = None
+        self.pert = self.mode = self.backups = None
+
+
+class _Plans(list):
+    """The StepPlans of every bucket (``ok`` False: these buckets run no plans), with what
+    they were built from."""
+
+    def __init__(self, config: tuple, state, ok: bool) -> None:
+        super().__init__()
+        self.config, self.state, self.ok = config, state, ok

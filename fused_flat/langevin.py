@@ -250,6 +250,16 @@ class LangevinOptimizer(FlatOptimizer):
     def _restore_bucket(self, bi: int, entry, tag: int) -> None:
         idx, sigma, mode = entry
         b = self._buckets[bi]
+        plans = self._plans
+        if plans is not None and plans.ok and plans[bi].pert is not None \
+                and plans[bi].pert.idx is idx and not torch.compiler.is_compiling():   # the plan's
+            P = plans[bi]
+            if mode == "backup":
+                torch._foreach_copy_(P.pert.params, P.backups)
+            else:
+                P.backend.perturb_(P.pert.params, P.pert.offsets, self.seed, b.bucket_id, self._k,
+                                   tag, -sigma, layout=P.pert.layout)
+            return
         params = [b.params[j] for j in idx]
         if mode == "master":
             for p in params:
@@ -265,6 +275,66 @@ class LangevinOptimizer(FlatOptimizer):
         """Restore the active perturbation (if any), then perturb with eps of ``tag`` every
         parameter that requires grad now."""
         self.restore()
+        # (compiled: the general path, traced in this frame)
+        if torch.compiler.is_compiling() or not self._move_planned(tag):
+            self._move_general(tag)
+            self._drop_plans()
+
+    def _plan_family(self, P) -> None:
+        """The perturbation's lists: the parameters that require grad (and are not empty),
+        their offsets and record, the restore mode and (mode 'backup') their backups."""
+        b = P.bucket
+        P.pert = self._plan_part(P, None, [j for j, p in enumerate(b.params)
+                                           if p.requires_grad and p.numel() > 0], moms=False)
+        P.mode = self._restore_mode(b)
+        P.backups = ([self._backup_of(p) for p in P.pert.params]
+                     if P.mode == "backup" and P.pert is not None else None)
+
+    def _plan_grads_family(self, P, U) -> None:
+        """A bucket restored by regenerating eps: the parameters perturbed with a gradient
+        (restored in the update pass), those with a gradient not perturbed, those perturbed
+        without one (restored only), as _update_general splits them."""
+        if P.mode != "regen" or P.pert is None:
+            U.both = U.only_grad = U.only_pert = None
+            return
+        pert, grad = set(P.pert.idx), set(U.idx)
+        if pert == grad:
+            U.both, U.only_grad, U.only_pert = U.upd, None, None
+            return
+        U.both = self._plan_part(P, U, [j for j in U.idx if j in pert], moms=True)
+        U.only_grad = self._plan_part(P, U, [j for j in U.idx if j not in pert], moms=True)
+        U.only_pert = self._plan_part(P, U, [j for j in P.pert.idx if j not in grad], moms=False)
+
+    def _move_planned(self, tag: int) -> bool:
+        """_move_general's perturbation through the step plans; False: not taken (nothing
+        written)."""
+        plans = self._step_plans()
+        if plans is None:
+            return False
+        own = self._checks_itself(plans, plans[0].pert) and plans[0].mode == "regen"
+        if not own and self._planned_check(plans, [[]] * len(plans), False) is None:
+            return False
+        k, seed = self._k, self.seed
+        made = []
+        for P in plans:
+            sigma = self._sigma(P.bucket)
+            if sigma == 0.0 or P.pert is None:
+                made.append(None)
+                continue
+            if P.mode == "backup":
+                torch._foreach_copy_(P.backups, P.pert.params)
+            try:
+                P.backend.perturb_(P.pert.params, P.pert.offsets, seed, P.bucket.bucket_id, k, tag,
+                                   sigma, layout=P.pert.layout)
+            except Exception:
+                if own:   # the first pass: nothing written
+                    return False
+                raise
+            made.append((P.pert.idx, sigma, P.mode))
+        self._perturbed = (tag, made)
+        return True
+
+    def _move_general(self, tag: int) -> None:
         made = []
         for bi, b in enumerate(self.buckets()):
             sigma = self._sigma(b)
@@ -282,12 +352,7 @@ class LangevinOptimizer(FlatOptimizer):
                                                  self._step_arg(self._backends[bi]), tag, sigma)
             else:
                 if mode == "backup":
-                    for p in params:
-                        bk = self._backups.get(p)
-                        if bk is None or bk.dtype != p.dtype or bk.shape != p.shape \
-                                or bk.device != p.device or bk.stride() != p.stride():
-                            self._backups[p] = torch.empty_like(p)
-                    local_copy_([self._backups[p] for p in params], params)
+                    local_copy_([self._backup_of(p) for p in params], params)
                 self._backends[bi].perturb_([flat(p) for p in params], offsets, self.seed,
                                             b.bucket_id, self._step_arg(self._backends[bi]), tag,
                                             sigma)
@@ -295,7 +360,8 @@ class LangevinOptimizer(FlatOptimizer):
         self._perturbed = (tag, made)
 
     def _needs_perturbation(self) -> bool:
-        return any(self._sigma(b) != 0.0 for b in self.buckets())
+        """Whether some bucket has sigma != 0 (every group with parameters has a bucket)."""
+        return any(self.group_sigma(g) != 0.0 for g in self.param_groups if g["params"])
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
@@ -391,6 +457,91 @@ class LangevinOptimizer(FlatOptimizer):
         return found
 
     def _update(self, grad_mult: float) -> None:
+        if torch.compiler.is_compiling() or not self._update_planned(grad_mult):
+            self._update_general(grad_mult)
+            self._drop_plans()
+
+    def _update_planned(self, grad_mult: float) -> bool:
+        """_update_general through the step plans, with its bits; False: not taken (nothing
+        written; the general path then runs). The passes per bucket: the check
+        (Backend.check_step: the plan and the gradients, found_inf when no restore pass
+        computes it), the restore from a backup or the checked restore (restore_check_) where
+        _update_general makes them, the update."""
+        tag, made = self._perturbed if self._perturbed is not None else (0, None)
+        plans = self._step_plans(build=made is None)
+        if plans is None:
+            return False
+        if made is not None and any(e is not None and (P.pert is None or e[0] is not P.pert.idx)
+                                    for P, e in zip(plans, made)):
+            return False   # perturbed by the general path
+        grads = self._planned_grads(plans)
+        if grads is None:
+            return False
+        entries = made if made is not None else [None] * len(plans)
+        use_rc = made is not None and self._checked_restore_applies(self._buckets, made)
+        finite = self.check_finite and getattr(self, "found_inf", None) is None
+        # found_inf in the first pass, except where the checked restore computes it (for the
+        # gradients of parameters that were not perturbed, the first pass still does); a
+        # checked restore over every parameter of the only bucket is itself the first pass
+        own = use_rc and entries[0] is not None and self._checks_itself(plans, plans[0].grads.both)
+        checks = [None] if own else self._planned_check(plans, grads, [
+            finite and not (use_rc and e is not None and P.grads.only_grad is None)
+            for P, e in zip(plans, entries)])
+        if checks is None:
+            return False
+        k, seed = self._k, self.seed
+        if use_rc:   # as _restore_and_check: the restore with the check, one pass per bucket
+            found = torch.zeros(1)
+            for P, gl, e, f in zip(plans, grads, entries, checks):
+                U, bid = P.grads, P.bucket.bucket_id
+                if e is not None:
+                    if U.both is not None:
+                        try:
+                            f_both = P.backend.restore_check_(
+                                U.both.params, U.both.grads(gl), U.both.offsets, seed, bid, k, tag,
+                                -e[1], U.both.layout)
+                        except Exception:
+                            if own:   # the first pass: nothing written
+                                return False
+                            raise
+                        found = torch.maximum(found, f_both)
+                    if U.only_pert is not None:
+                        P.backend.perturb_(U.only_pert.params, U.only_pert.offsets, seed, bid, k,
+                                           tag, -e[1], layout=U.only_pert.layout)
+                    if U.only_grad is not None:
+                        found = torch.maximum(found, f)
+                elif U.nonempty:
+                    found = torch.maximum(found, f)
+            entries = [None] * len(plans)
+        else:
+            found = self._planned_found(plans, checks)
+        known_skip = self._known_skip(found)
+        groups = self.param_groups
+        for P, gl, e in zip(plans, grads, entries):
+            b, U = P.bucket, P.grads
+            if e is not None and e[2] == "backup":   # exact restore, then an update without one
+                torch._foreach_copy_(P.pert.params, P.backups)
+                e = None
+            g = groups[b.group_index]
+            sigma = e[1] if e is not None else 0.0
+            parts = ((U.upd, 0.0),) if e is None else ((U.both, sigma), (U.only_grad, 0.0))
+            for part, sigma_r in parts:
+                if part is None:
+                    continue
+                P.backend.restore_and_step_(
+                    part.params, part.grads(gl), part.moms if g["momentum"] != 0 else None,
+                    part.offsets, self._grad_scale(b.device), found, seed, b.bucket_id, k, tag,
+                    sigma_r, self._lr_arg(g, P.backend), g["weight_decay"], g["momentum"],
+                    g["dampening"], g["nesterov"], False, self.group_noise_std(g),
+                    -grad_mult if g["maximize"] else grad_mult, P.sr, layout=part.layout)
+            if e is not None and U.only_pert is not None:   # perturbed, no gradient: restored
+                P.backend.perturb_(U.only_pert.params, U.only_pert.offsets, seed, b.bucket_id, k,
+                                   tag, -sigma, layout=U.only_pert.layout)
+        self._perturbed = None
+        self._finish_step(found, known_skip)
+        return True
+
+    def _update_general(self, grad_mult: float) -> None:
         tag, made = self._perturbed if self._perturbed is not None else (0, None)
         buckets = self._buckets if made is not None else self.buckets()
         try:

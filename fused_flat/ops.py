@@ -65,11 +65,20 @@ def has_list_ops() -> bool:
     return _native.available() and hasattr(torch.ops.fused_flat, "restore_check_list_")
 
 
+def has_plan_ops() -> bool:
+    """Whether the extension has the step-plan ops (plan_layout, check_step_list, and the list
+    ops' ``layout`` argument): built from these sources."""
+    return _native.available() and hasattr(torch.ops.fused_flat, "check_step_list")
+
+
 def perturb_list_(params: list[torch.Tensor], offsets: list[int], seed: int, bucket_id: int,
-                  step: int, tag: int, sigma: float) -> None:
-    """perturb_ over a list of 1-D contiguous CPU tensors of one dtype (tensor t at bucket
-    offset offsets[t]) in one parallel loop: the per-tensor op's values."""
-    _ops().perturb_list_(params, offsets, seed, bucket_id, step, tag, sigma)
+                  step: int, tag: int, sigma: float, layout: torch.Tensor | None = None) -> None:
+    """perturb_ over a list of CPU tensors of one dtype (tensor t at bucket offset offsets[t])
+    in one parallel loop: the per-tensor op's values. Without ``layout`` the tensors are
+    1-D contiguous; with it (:func:`plan_layout` of ``params``) any dense shape, in memory
+    order."""
+    args = (params, offsets, seed, bucket_id, step, tag, sigma)
+    _ops().perturb_list_(*args, *(() if layout is None else (layout,)))
 
 
 def restore_and_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -78,23 +87,45 @@ def restore_and_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor]
                            seed: int, bucket_id: int, step: int, restore_tag: int, sigma: float,
                            lr: float, weight_decay: float, momentum: float, dampening: float,
                            nesterov: bool, momentum_init: bool, noise_std: float,
-                           grad_mult: float, stochastic_rounding: bool = False) -> None:
+                           grad_mult: float, stochastic_rounding: bool = False,
+                           layout: torch.Tensor | None = None) -> None:
     """restore_and_step_ over a list of tensors in one parallel loop (``moms`` None: no
-    momentum): the per-tensor op's values."""
-    _ops().restore_and_step_list_(params, grads, moms or [], offsets, grad_scale, found_inf, seed,
-                                  bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
-                                  dampening, nesterov, momentum_init, noise_std, grad_mult,
-                                  stochastic_rounding)
+    momentum): the per-tensor op's values. ``layout``: as in :func:`perturb_list_` (the
+    gradients are then checked against their parameters, read in the parameter's order)."""
+    args = (params, grads, moms or [], offsets, grad_scale, found_inf, seed, bucket_id, step,
+            restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
+            noise_std, grad_mult, stochastic_rounding)
+    _ops().restore_and_step_list_(*args, *(() if layout is None else (layout,)))
 
 
 def restore_check_list_(params: list[torch.Tensor], grads: list[torch.Tensor], offsets: list[int],
                         seed: int, bucket_id: int, step: int, tag: int,
-                        sigma: float) -> torch.Tensor:
+                        sigma: float, layout: torch.Tensor | None = None) -> torch.Tensor:
     """The restore half of a checked fp32 step: params[t] += sigma * eps(tag) (sigma: minus the
     perturbation's) and, in the same pass, float32 [1] found_inf = 1.0 if any gradient element
     is inf/NaN. Followed by restore_and_step_list_ with sigma 0 when found_inf is 0, it gives
-    the bits of the fused restore_and_step_list_ (tests/test_cpu_list_ops.py)."""
-    return _ops().restore_check_list_(params, grads, list(offsets), seed, bucket_id, step, tag, sigma)
+    the bits of the fused restore_and_step_list_ (tests/test_cpu_list_ops.py). ``layout``: as
+    in :func:`perturb_list_`."""
+    args = (params, grads, list(offsets), seed, bucket_id, step, tag, sigma)
+    return _ops().restore_check_list_(*args, *(() if layout is None else (layout,)))
+
+
+def plan_layout(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The record (int64) of a list of dense CPU tensors of one floating dtype -- each one's
+    requires_grad, shape and strides -- that the list ops take as ``layout`` (a step plan,
+    fused_flat.core.StepPlan). The ops refuse a list that no longer matches it."""
+    return _ops().plan_layout(tensors)
+
+
+def check_step_list(params: list[torch.Tensor], layout: torch.Tensor,
+                    grads: list[torch.Tensor | None], has_grad: torch.Tensor | None,
+                    finite: bool) -> torch.Tensor:
+    """The first pass of a planned step over a bucket; writes nothing. ``params`` (all of the
+    bucket's) against their record; with ``grads`` (one per parameter, None where there is
+    none) each gradient against its parameter (strided, same shape, dtype and device:
+    ValueError) and present exactly where ``has_grad`` (bool [T]) says. Returns found_inf,
+    float32 [1]: 1.0 if ``finite`` and any gradient element is inf or NaN."""
+    return _ops().check_step_list(params, layout, grads, has_grad, finite)
 
 
 def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,
@@ -165,19 +196,29 @@ if _native.available():
 
     if hasattr(torch.ops.fused_flat, "restore_check_list_"):
         @torch.library.register_fake("fused_flat::perturb_list_")
-        def _perturb_list_fake(params, offsets, seed, bucket_id, step, tag, sigma):
+        def _perturb_list_fake(params, offsets, seed, bucket_id, step, tag, sigma, layout=None):
             return None
 
         @torch.library.register_fake("fused_flat::restore_check_list_")
-        def _restore_check_list_fake(params, grads, offsets, seed, bucket_id, step, tag, sigma):
+        def _restore_check_list_fake(params, grads, offsets, seed, bucket_id, step, tag, sigma,
+                                     layout=None):
             return torch.empty(1, dtype=torch.float32)
 
         @torch.library.register_fake("fused_flat::restore_and_step_list_")
         def _restore_and_step_list_fake(params, grads, moms, offsets, grad_scale, found_inf, seed,
                                         bucket_id, step, restore_tag, sigma, lr, weight_decay,
                                         momentum, dampening, nesterov, momentum_init, noise_std,
-                                        grad_mult, stochastic_rounding=False):
+                                        grad_mult, stochastic_rounding=False, layout=None):
             return None
+
+    if hasattr(torch.ops.fused_flat, "check_step_list"):
+        @torch.library.register_fake("fused_flat::plan_layout")
+        def _plan_layout_fake(tensors):
+            return torch.empty(3 + sum(2 + 2 * t.dim() for t in tensors), dtype=torch.int64)
+
+        @torch.library.register_fake("fused_flat::check_step_list")
+        def _check_step_list_fake(params, layout, grads, has_grad, finite):
+            return torch.empty(1, dtype=torch.float32)
 
     @torch.library.register_fake("fused_flat::perturb_from_")
     def _perturb_from_fake(param, master, seed, bucket_id, step, tag, sigma, offset=0):

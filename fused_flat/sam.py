@@ -231,13 +231,6 @@ class SAM(FlatOptimizer):
         device (CUDA; compiled steps): no host synchronization."""
         return all(b.device.type == "cpu" for b in buckets) and not torch.compiler.is_compiling()
 
-    def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
-        bk = self._backups.get(p)
-        if bk is None or bk.dtype != p.dtype or bk.shape != p.shape or bk.device != p.device \
-                or bk.stride() != p.stride():
-            bk = self._backups[p] = torch.empty_like(p)
-        return bk
-
     # ----------------------------------------------------------------- the two halves
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
@@ -251,19 +244,15 @@ class SAM(FlatOptimizer):
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step(): the weights are already "
                                f"perturbed; call second_step() (or step()) first")
-        buckets = self.buckets()
-        with_grad = [self._grads(b) for b in buckets]
-        grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
-        parts: dict = {}   # {shard key: partial sum of squares}; sharded ones are reduced over the mesh
-        for bi, b in enumerate(buckets):
-            g = self.param_groups[b.group_index]
-            idx = with_grad[bi]
-            for key, ks in self._split_sharded(b, idx).items():
-                ps = [flat(b.params[idx[k]]) for k in ks] if g["adaptive"] else None
-                part = self._backends[bi].sam_grad_sq_norm([grads[bi][k] for k in ks], ps,
-                                                           g["adaptive_eta"]).to(torch.float64)
-                parts[key] = part if key not in parts else parts[key] + part.to(parts[key].device)
-        sq = self._sum_sharded(parts)
+        if torch.compiler.is_compiling() or not self._first_step_planned(grad_scaler):
+            self._first_step_general(grad_scaler)
+            self._drop_plans()
+        if zero_grad:
+            self.zero_grad()
+
+    def _first_norm(self, sq, grad_scaler, buckets) -> tuple:
+        """(norm, inv) of g1 from its sum of squares ``sq`` (None: no gradient), and g1's
+        verdict (``_first_nonfinite`` on the host, ``_first_found`` on the device)."""
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
         # g1's verdict: only when asked (check_finite) or under a GradScaler (an overflowed
         # scaled g1); with check_finite=False a non-finite g1 goes through the arithmetic
@@ -279,6 +268,72 @@ class SAM(FlatOptimizer):
             norm = sq.sqrt() * inv
             self._first_found = (~torch.isfinite(norm)).float().reshape(1) if check else None
             self._first_nonfinite = False
+        return norm, inv
+
+    def _first_step_planned(self, grad_scaler) -> bool:
+        """_first_step_general through the step plans, with its bits; False: not taken
+        (nothing written). Passes per bucket: the check (Backend.check_step), the norm, the
+        perturbation."""
+        plans = self._step_plans()
+        if plans is None:
+            return False
+        grads = self._planned_grads(plans)
+        if grads is None:
+            return False
+        # the norm over every parameter of the only bucket is the first pass (it writes nothing)
+        own = self._checks_itself(plans, plans[0].grads.upd)
+        if not own and self._planned_check(plans, grads, False) is None:
+            return False
+        groups = self.param_groups
+        sq = None
+        for P, gl in zip(plans, grads):
+            part = P.grads.upd
+            if part is not None:
+                g = groups[P.bucket.group_index]
+                try:
+                    sq_b = P.backend.sam_grad_sq_norm(part.grads(gl), part.params, g["adaptive_eta"],
+                                                      adaptive=g["adaptive"], layout=part.layout)
+                except Exception:
+                    if own:
+                        return False
+                    raise
+                sq_b = sq_b.to(torch.float64)
+                sq = sq_b if sq is None else sq + sq_b
+        norm, inv = self._first_norm(sq, grad_scaler, self._buckets)
+        made = []
+        for P, gl in zip(plans, grads):
+            U = P.grads
+            made.append([] if self._first_nonfinite else U.idx)
+            if self._first_nonfinite or U.upd is None:
+                continue
+            g = groups[P.bucket.group_index]
+            coef = g["rho"] * inv / (norm + NORM_EPS) if g["normalize"] else g["rho"] * inv
+            P.backend.sam_perturb_(U.upd.params, U.upd.grads(gl), U.backups, g["adaptive"], coef,
+                                   g["adaptive_eta"], layout=U.upd.layout)
+        self._perturbed = made
+        return True
+
+    def _plans_possible(self, buckets) -> bool:
+        return self._fused_sgd and super()._plans_possible(buckets)   # the fused update only
+
+    def _plan_grads_family(self, P, U) -> None:
+        U.backups = [self._backup_of(p) for p in U.upd.params] if U.upd else None   # first_step's
+
+    def _first_step_general(self, grad_scaler) -> None:
+        buckets = self.buckets()
+        with_grad = [self._grads(b) for b in buckets]
+        grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
+        parts: dict = {}   # {shard key: partial sum of squares}; sharded ones are reduced over the mesh
+        for bi, b in enumerate(buckets):
+            g = self.param_groups[b.group_index]
+            idx = with_grad[bi]
+            for key, ks in self._split_sharded(b, idx).items():
+                ps = [flat(b.params[idx[k]]) for k in ks] if g["adaptive"] else None
+                part = self._backends[bi].sam_grad_sq_norm([grads[bi][k] for k in ks], ps,
+                                                           g["adaptive_eta"]).to(torch.float64)
+                parts[key] = part if key not in parts else parts[key] + part.to(parts[key].device)
+        sq = self._sum_sharded(parts)
+        norm, inv = self._first_norm(sq, grad_scaler, buckets)
         made = []
         for bi, b in enumerate(buckets):
             g = self.param_groups[b.group_index]
@@ -295,8 +350,6 @@ class SAM(FlatOptimizer):
                 [flat(self._backup_of(b.params[j])) for j in idx], g["adaptive"], coef,
                 g["adaptive_eta"])
         self._perturbed = made
-        if zero_grad:
-            self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -305,6 +358,52 @@ class SAM(FlatOptimizer):
         if self._perturbed is None:
             raise RuntimeError(f"{type(self).__name__}.second_step(): no perturbation to undo; call "
                                f"first_step() after the first backward pass")
+        if torch.compiler.is_compiling() or not self._second_step_planned():
+            self._second_step_general()
+            self._drop_plans()
+        self._opt_called = True   # what torch's LR schedulers check: no "scheduler before step" warning
+        if zero_grad:
+            self.zero_grad()
+
+    def _second_step_planned(self) -> bool:
+        """_second_step_general through the step plans (fused SGD update), with its bits;
+        False: not taken (nothing written). Passes per bucket: the check (found_inf), the
+        restore + update."""
+        if not self._fused_sgd or self._first_nonfinite or self._first_found is not None:
+            return False
+        plans = self._step_plans(build=False)
+        if plans is None or any(P.grads is None or idx is not P.grads.idx
+                                for P, idx in zip(plans, self._perturbed)):
+            return False   # not perturbed by these plans (or g2's parameters differ from g1's)
+        grads = self._planned_grads(plans)
+        if grads is None:
+            return False
+        finite = self.check_finite and getattr(self, "found_inf", None) is None
+        checks = self._planned_check(plans, grads, finite)
+        if checks is None:
+            return False
+        found = self._planned_found(plans, checks)
+        known_skip = self._known_skip(found)
+        groups = self.param_groups
+        for P, gl in zip(plans, grads):
+            b, U = P.bucket, P.grads
+            part = U.upd
+            if part is None:
+                continue
+            g = groups[b.group_index]
+            P.backend.sam_restore_and_step_(
+                part.params, U.backups, part.grads(gl), part.moms if g["momentum"] != 0 else None,
+                self._grad_scale(b.device), found, self._lr_arg(g, P.backend), g["weight_decay"],
+                g["momentum"], g["dampening"], g["nesterov"], False,
+                -1.0 if g.get("maximize", False) else 1.0, P.sr, self.seed, b.bucket_id, self._k,
+                part.offsets, layout=part.layout)
+        self._perturbed = None
+        self._first_nonfinite = False
+        self._first_found = None
+        self._finish_step(found, known_skip)
+        return True
+
+    def _second_step_general(self) -> None:
         buckets = self._buckets
         try:
             with_grad = [self._grads(b) for b in buckets]
@@ -333,9 +432,6 @@ class SAM(FlatOptimizer):
         self._first_nonfinite = False
         self._first_found = None
         self._finish_step(found_inf, known_skip)
-        self._opt_called = True   # what torch's LR schedulers check: no "scheduler before step" warning
-        if zero_grad:
-            self.zero_grad()
 
     def _fused_update(self, buckets, with_grad, grads, found_inf, known_skip: bool) -> None:
         for bi, b in enumerate(buckets):

@@ -70,6 +70,42 @@ def sam_probe_(param: torch.Tensor, backup: torch.Tensor, seed: int, bucket_id: 
     _ops().sam_probe_(param, backup, seed, bucket_id, step, delta, offset)
 
 
+def has_list_ops() -> bool:
+    """Whether the extension has the SAM list forms (sam_*_list): built from these sources."""
+    return _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_list_")
+
+
+def sam_grad_sq_norm_list(grads: list[torch.Tensor], params: list[torch.Tensor], adaptive: bool,
+                          eta: float = 0.0, layout: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [T]: entry t = sam_grad_sq_norm(grads[t], params[t] if adaptive, eta), every
+    tensor in one parallel loop. Without ``layout`` the tensors are 1-D contiguous (``params``
+    may be empty when not adaptive); with it (fused_flat.ops.plan_layout of ``params``) they
+    are the user's own tensors, the gradients read in their parameter's memory order."""
+    return _ops().sam_grad_sq_norm_list(grads, params, adaptive, eta, layout)
+
+
+def sam_perturb_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                      backups: list[torch.Tensor], adaptive: bool, coef: float, eta: float = 0.0,
+                      layout: torch.Tensor | None = None) -> None:
+    """sam_perturb_ over a list in one parallel loop; ``layout`` as in sam_grad_sq_norm_list
+    (the backups then share their parameter's layout)."""
+    _ops().sam_perturb_list_(params, grads, backups, adaptive, coef, eta, layout)
+
+
+def sam_restore_and_step_list_(params, backups, grads, moms, grad_scale, found_inf, lr: float,
+                               weight_decay: float, momentum: float, dampening: float,
+                               nesterov: bool, momentum_init: bool, grad_mult: float,
+                               stochastic_rounding: bool = False, seed: int = 0, bucket_id: int = 0,
+                               step: int = 0, offsets=None, layout: torch.Tensor | None = None) -> None:
+    """sam_restore_and_step_ over a list in one parallel loop (``moms`` None: no momentum;
+    ``offsets``: the bucket offsets, needed with stochastic rounding); ``layout`` as in
+    sam_grad_sq_norm_list."""
+    _ops().sam_restore_and_step_list_(params, backups, grads, moms or [], grad_scale, found_inf, lr,
+                                      weight_decay, momentum, dampening, nesterov, momentum_init,
+                                      grad_mult, stochastic_rounding, seed, bucket_id, step,
+                                      list(offsets) if offsets is not None else [], layout)
+
+
 if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
 
     @torch.library.register_fake("fused_flat::sam_grad_sq_norm")
@@ -90,6 +126,22 @@ if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
     @torch.library.register_fake("fused_flat::sam_probe_")
     def _probe_fake(param, backup, seed, bucket_id, step, delta, offset=0):
         return None
+
+    if hasattr(torch.ops.fused_flat, "sam_perturb_list_"):
+        @torch.library.register_fake("fused_flat::sam_grad_sq_norm_list")
+        def _sq_norm_list_fake(grads, params, adaptive, eta, layout=None):
+            return torch.empty(len(grads), dtype=torch.float64)
+
+        @torch.library.register_fake("fused_flat::sam_perturb_list_")
+        def _perturb_list_fake(params, grads, backups, adaptive, coef, eta, layout=None):
+            return None
+
+        @torch.library.register_fake("fused_flat::sam_restore_and_step_list_")
+        def _restore_and_step_list_fake(params, backups, grads, moms, grad_scale, found_inf, lr,
+                                        weight_decay, momentum, dampening, nesterov, momentum_init,
+                                        grad_mult, stochastic_rounding=False, seed=0, bucket_id=0,
+                                        step=0, offsets=(), layout=None):
+            return None
 
 
     # Tensor-argument forms (torch.compile; see fused_flat.ops): the per-step coefficient,

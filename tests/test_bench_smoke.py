@@ -56,7 +56,8 @@ def test_bench_micro_quick(tmp_path):
     from fused_flat import backends
 
     _cli("bench", "micro", "--quick", "--sizes", "4096", "--dtypes", "float32,bfloat16", "--step-size", "4096",
-         "--stream-size", "64K", "--sgd-tensors", "4", "--reps", "1", "--threads", "1", "--out", str(tmp_path))
+         "--stream-size", "64K", "--sgd-tensors", "4", "--reps", "1", "--threads", "1", "--host-rounds", "5",
+         "--out", str(tmp_path))
     data = json.loads((tmp_path / "micro.json").read_text())
     assert data["meta"]["torch"] and data["meta"]["date"] and data["meta"]["cpu_model"]
     assert data["stream"]["triad_GBps"] > 0
@@ -76,6 +77,13 @@ def test_bench_micro_quick(tmp_path):
         assert "- check_finite (cpp, 4K float32): restore + check" in (tmp_path / "micro.md").read_text()
     steps = {r["impl"] for r in rows if r["kind"] == "step" and "median_s" in r}
     assert any(s.startswith("FSGLD fused") for s in steps)
+    # host overhead: each case against torch.optim.SGD(fused=True)'s step, with its reading
+    host = {r["impl"]: r for r in rows if r["kind"] == "host"}
+    assert set(host) == {"SGLD step", "FSGLD perturb + step", "SAM first + second step"}
+    for r in host.values():
+        assert {"median_us", "sgd_median_us", "x_sgd", "target", "verdict"} <= set(r)
+    md = (tmp_path / "micro.md").read_text()
+    assert "## Host overhead per step" in md and "- host overhead (500 x 64 fp32" in md
     assert any(s.startswith("fSGLD paper-style") for s in steps)
     assert any(s.startswith("FSGLD reference") for s in steps)
     with open(tmp_path / "micro.csv") as f:

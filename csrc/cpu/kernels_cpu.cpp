@@ -25,6 +25,7 @@
 #include "fused_flat/elementwise.h"
 #include "fused_flat/op_args.h"
 #include "loops.h"
+#include "plan_args.h"
 
 namespace fused_flat {
 
@@ -295,25 +296,53 @@ void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
 }
 
 // ---- list forms: every tensor of a bucket in one parallel loop (one OpenMP region per
-// pass instead of one per tensor). Tensor t is 1-D contiguous, its element 0 at bucket
-// index offsets[t]; all tensors of one call share a dtype. Same values as the per-tensor ops.
-void check_list(at::TensorList params, at::IntArrayRef offsets, const char* op) {
+// pass instead of one per tensor). Tensor t's element 0 is at bucket index offsets[t]; all
+// tensors of one call share a dtype. Same values as the per-tensor ops. Without a layout
+// the tensors are 1-D contiguous buckets (flat views); with one (plan_layout's record of
+// params, a step plan: plan_args.h) they are the user's own tensors of any shape, dense,
+// walked in memory order, and the gradients are checked against their parameters.
+void check_list(at::TensorList params, at::IntArrayRef offsets, const char* op,
+                const c10::optional<at::Tensor>& layout) {
   TORCH_CHECK(offsets.size() == params.size(), "fused_flat.", op, ": ", params.size(),
               " params but ", offsets.size(), " offsets");
+  if (layout.has_value()) plan::check_layout(params, *layout, op);
   for (size_t t = 0; t < params.size(); ++t) {
-    check_bucket(params[t], "param");
-    TORCH_CHECK(params[t].device().is_cpu(), "fused_flat.", op, ": CPU tensors expected, got ",
-                params[t].device());
-    TORCH_CHECK(params[t].scalar_type() == params[0].scalar_type(), "fused_flat.", op,
-                ": every tensor of a list must have one dtype, got ", params[0].scalar_type(),
-                " and ", params[t].scalar_type());
+    if (!layout.has_value()) {
+      check_bucket(params[t], "param");
+      TORCH_CHECK(params[t].device().is_cpu(), "fused_flat.", op, ": CPU tensors expected, got ",
+                  params[t].device());
+      TORCH_CHECK(params[t].scalar_type() == params[0].scalar_type(), "fused_flat.", op,
+                  ": every tensor of a list must have one dtype, got ", params[0].scalar_type(),
+                  " and ", params[t].scalar_type());
+    }
     TORCH_CHECK(offsets[t] >= 0, "fused_flat.", op, ": offsets must be >= 0, got ", offsets[t]);
   }
 }
 
+// The gradients of a list op as its kernels read them: checked against their parameters,
+// in the parameter's memory order (copied when laid out otherwise) with a layout; the 1-D
+// bucket checks without.
+std::vector<at::Tensor> list_grads(at::TensorList params, at::TensorList grads, const char* op,
+                                   bool planned) {
+  TORCH_CHECK(grads.size() == params.size(), "fused_flat.", op, ": ", params.size(),
+              " params but ", grads.size(), " grads");
+  std::vector<at::Tensor> out;
+  out.reserve(grads.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    if (planned) {
+      out.push_back(plan::grad_in_order(params[t], grads[t]));
+    } else {
+      check_like(params[t], grads[t], "grad");
+      out.push_back(grads[t]);
+    }
+  }
+  return out;
+}
+
 void perturb_list_cpu(at::TensorList params, at::IntArrayRef offsets, int64_t seed,
-                      int64_t bucket_id, int64_t step, int64_t tag, double sigma) {
-  check_list(params, offsets, "perturb_list_");
+                      int64_t bucket_id, int64_t step, int64_t tag, double sigma,
+                      const c10::optional<at::Tensor>& layout) {
+  check_list(params, offsets, "perturb_list_", layout);
   check_noise_args(seed, bucket_id, 0, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_list_: tag must be >= 0, got ", tag);
   if (sigma == 0.0 || params.empty()) return;
@@ -333,20 +362,22 @@ void perturb_list_cpu(at::TensorList params, at::IntArrayRef offsets, int64_t se
   });
 }
 
-void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::TensorList moms,
+void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList moms,
                                at::IntArrayRef offsets, const c10::optional<at::Tensor>& grad_scale,
                                const c10::optional<at::Tensor>& found_inf, int64_t seed,
                                int64_t bucket_id, int64_t step, int64_t restore_tag, double sigma,
                                double lr, double weight_decay, double momentum, double dampening,
                                bool nesterov, bool momentum_init, double noise_std, double grad_mult,
-                               bool stochastic_rounding) {
-  check_list(params, offsets, "restore_and_step_list_");
-  TORCH_CHECK(grads.size() == params.size() && (moms.empty() || moms.size() == params.size()),
-              "fused_flat.restore_and_step_list_: ", params.size(), " params, ", grads.size(),
+                               bool stochastic_rounding, const c10::optional<at::Tensor>& layout) {
+  check_list(params, offsets, "restore_and_step_list_", layout);
+  TORCH_CHECK(grads_in.size() == params.size() && (moms.empty() || moms.size() == params.size()),
+              "fused_flat.restore_and_step_list_: ", params.size(), " params, ", grads_in.size(),
               " grads, ", moms.size(), " moms (moms: one per param, or none)");
-  for (size_t t = 0; t < params.size(); ++t) {
-    check_like(params[t], grads[t], "grad");
-    if (!moms.empty()) check_like(params[t], moms[t], "momentum_buffer");
+  const std::vector<at::Tensor> grads =
+      list_grads(params, grads_in, "restore_and_step_list_", layout.has_value());
+  for (size_t t = 0; t < params.size() && !moms.empty(); ++t) {
+    if (layout.has_value()) plan::check_state(params[t], moms[t], "momentum_buffer", "restore_and_step_list_");
+    else check_like(params[t], moms[t], "momentum_buffer");
   }
   if (params.empty()) return;
   check_scalar_tensor(grad_scale, params[0], "grad_scale");
@@ -356,7 +387,7 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::
               "fused_flat.restore_and_step_list_: restore_tag must be >= 0 when sigma != 0");
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
     // Skipped step (non-finite gradient): undo the perturbation only; m untouched.
-    if (sigma != 0.0) perturb_list_cpu(params, offsets, seed, bucket_id, step, restore_tag, -sigma);
+    if (sigma != 0.0) perturb_list_cpu(params, offsets, seed, bucket_id, step, restore_tag, -sigma, layout);
     return;
   }
   double mult = grad_mult;
@@ -394,14 +425,14 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads, at::
 // gradient reads overlap the noise generation. The update then runs without a restore
 // (sigma 0) when found_inf is 0; on a skip the parameters are already restored. Same values
 // as the fused restore_and_step_ (theta - sigma * eps is rounded to fp32 there too).
-at::Tensor restore_check_list_cpu(at::TensorList params, at::TensorList grads,
+at::Tensor restore_check_list_cpu(at::TensorList params, at::TensorList grads_in,
                                   at::IntArrayRef offsets, int64_t seed, int64_t bucket_id,
-                                  int64_t step, int64_t tag, double sigma) {
-  check_list(params, offsets, "restore_check_list_");
-  TORCH_CHECK(grads.size() == params.size(), "fused_flat.restore_check_list_: ", params.size(),
-              " params but ", grads.size(), " grads");
+                                  int64_t step, int64_t tag, double sigma,
+                                  const c10::optional<at::Tensor>& layout) {
+  check_list(params, offsets, "restore_check_list_", layout);
+  const std::vector<at::Tensor> grads =
+      list_grads(params, grads_in, "restore_check_list_", layout.has_value());
   for (size_t t = 0; t < params.size(); ++t) {
-    check_like(params[t], grads[t], "grad");
     TORCH_CHECK(params[t].scalar_type() == at::kFloat,
                 "fused_flat.restore_check_list_: float32 buckets only, got ", params[t].scalar_type());
   }
@@ -576,17 +607,16 @@ at::Tensor noise_roofline_cpu(int64_t seed, int64_t bucket_id, int64_t step, at:
 
 std::string cpu_isa_op() { return isa_name(current_isa()); }
 
-// found_inf of a list of tensors: 1.0 if any element is inf or nan (float32, shape [1]).
-// One parallel loop over the elements of all tensors (pieces of one tensor per task).
-at::Tensor all_finite_cpu(at::TensorList tensors) {
-  at::Tensor found = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+// Whether any element of the (floating point, CPU, strided) tensors is inf or nan: one
+// parallel loop over the elements of all tensors (pieces of one tensor per task). A dense
+// tensor is read in memory order where it lies; any other is made contiguous first.
+bool any_nonfinite(const std::vector<at::Tensor>& tensors) {
   const IsaLoops& L = loops();
   std::vector<at::Tensor> ts;
   std::vector<int64_t> start(1, 0);
   for (const at::Tensor& t0 : tensors) {
-    TORCH_CHECK(t0.device().is_cpu(), "fused_flat.all_finite: CPU tensors expected, got ", t0.device());
     if (t0.numel() == 0 || !at::isFloatingType(t0.scalar_type())) continue;
-    ts.push_back(t0.is_contiguous() ? t0 : t0.contiguous());
+    ts.push_back(t0.is_non_overlapping_and_dense() ? t0 : t0.contiguous());
     start.push_back(start.back() + t0.numel());
   }
   std::atomic<bool> any{false};
@@ -610,7 +640,62 @@ at::Tensor all_finite_cpu(at::TensorList tensors) {
       }
     });
   }
-  if (any.load()) found.fill_(1.0f);
+  return any.load();
+}
+
+// found_inf of a list of tensors: 1.0 if any element is inf or nan (float32, shape [1]).
+at::Tensor all_finite_cpu(at::TensorList tensors) {
+  at::Tensor found = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<at::Tensor> ts;
+  ts.reserve(tensors.size());
+  for (const at::Tensor& t0 : tensors) {
+    TORCH_CHECK(t0.device().is_cpu(), "fused_flat.all_finite: CPU tensors expected, got ", t0.device());
+    ts.push_back(t0);
+  }
+  if (any_nonfinite(ts)) found.fill_(1.0f);
+  return found;
+}
+
+// ---- step plans (fused_flat.core.StepPlan; checks: plan_args.h)
+// The record of a list that a plan hands to the ops (their `layout` argument).
+at::Tensor plan_layout_cpu(at::TensorList tensors) { return plan::make_layout(tensors); }
+
+// The first pass of a planned step over one bucket, before anything is written: params (all
+// of the bucket's) against their record; with grads (one per param, None where it has no
+// gradient), each present one checked against its parameter and, with has_grad (bool [T],
+// the plan's), present exactly where the plan says. Returns found_inf (float32 [1]): 1.0 if
+// `finite` and any element of a gradient is inf or nan. Registered for the sparse keys too,
+// so that a sparse gradient gets the optimizers' message, not a dispatch error.
+at::Tensor check_step_list_cpu(at::TensorList params, const at::Tensor& layout,
+                               const c10::List<c10::optional<at::Tensor>>& grads,
+                               const c10::optional<at::Tensor>& has_grad, bool finite) {
+  plan::check_layout(params, layout, "check_step_list");
+  at::Tensor found = at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+  if (grads.empty()) return found;
+  const size_t T = params.size();
+  TORCH_CHECK_VALUE(grads.size() == T, "fused_flat.check_step_list: ", T, " params but ",
+                    grads.size(), " grads");
+  const bool* mask = nullptr;
+  if (has_grad.has_value()) {
+    TORCH_CHECK_VALUE(has_grad->scalar_type() == at::kBool && has_grad->numel() == static_cast<int64_t>(T) &&
+                          has_grad->is_contiguous() && has_grad->device().is_cpu(),
+                      "fused_flat.check_step_list: has_grad must be a CPU bool tensor of ", T, " elements");
+    mask = has_grad->data_ptr<bool>();
+  }
+  std::vector<at::Tensor> present;
+  present.reserve(T);
+  for (size_t t = 0; t < T; ++t) {
+    const c10::optional<at::Tensor> g = grads.get(t);
+    const bool has = g.has_value() && g->defined();
+    if (mask != nullptr && mask[t] != has) {
+      TORCH_CHECK_VALUE(false, "fused_flat.check_step_list: stale step plan: parameter ", t,
+                        has ? " has a gradient" : " has no gradient", " now, not when the plan was built");
+    }
+    if (!has) continue;
+    plan::check_grad(params[t], *g);
+    if (finite) present.push_back(*g);
+  }
+  if (finite && any_nonfinite(present)) found.fill_(1.0f);
   return found;
 }
 
@@ -624,7 +709,12 @@ TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
   m.impl("restore_check_list_", &restore_check_list_cpu);
   m.impl("perturb_from_", &perturb_from_cpu);
   m.impl("all_finite", &all_finite_cpu);
+  m.impl("check_step_list", &check_step_list_cpu);
 }
+
+// A sparse gradient makes the dispatcher pick these keys: the checks then say what is wrong.
+TORCH_LIBRARY_IMPL(fused_flat, SparseCPU, m) { m.impl("check_step_list", &check_step_list_cpu); }
+TORCH_LIBRARY_IMPL(fused_flat, SparseCsrCPU, m) { m.impl("check_step_list", &check_step_list_cpu); }
 
 // Noise inspection ops take no tensor, so they are registered for the
 // CompositeExplicitAutograd key (device-free) and always run on the CPU.
@@ -635,6 +725,7 @@ TORCH_LIBRARY_IMPL(fused_flat, CompositeExplicitAutograd, m) {
   m.impl("element_words", &element_words_cpu);
   m.impl("noise_roofline", &noise_roofline_cpu);
   m.impl("cpu_isa", &cpu_isa_op);
+  m.impl("plan_layout", &plan_layout_cpu);
 }
 
 }  // namespace fused_flat

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,12 +15,37 @@
 
 #include "fused_flat/op_args.h"
 #include "fused_flat/sam_elementwise.h"
+#include "plan_args.h"
 
 namespace fused_flat {
 namespace {
 
 constexpr int64_t kGrain = int64_t(1) << 15;
 
+// The sum of squares of elements [lo, hi) of one tensor (one reduction block): kLanes
+// independent partial sums (element i goes to lane i % kLanes), added in a fixed order:
+// vectorizable, and independent of the thread count.
+template <typename scalar_t, bool kAdaptive>
+double block_sq(const scalar_t* g, const scalar_t* p, int64_t lo, int64_t hi,
+                at::opmath_type<scalar_t> eta) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const acc_t th = kAdaptive ? static_cast<acc_t>(p[i + k]) : acc_t(0);
+      acc[k] += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i + k]), eta);
+    }
+  }
+  for (int k = 0; i < hi; ++i, ++k) {
+    const acc_t th = kAdaptive ? static_cast<acc_t>(p[i]) : acc_t(0);
+    acc[k] += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i]), eta);
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Fixed-size blocks (kSamReduceBlock) summed in order: the same total for any thread count.
 template <typename scalar_t, bool kAdaptive>
 double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n, double eta_d) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -30,23 +56,7 @@ double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n, double eta
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t lo = b * kSamReduceBlock;
       const int64_t hi = lo + kSamReduceBlock < n ? lo + kSamReduceBlock : n;
-      // kLanes independent partial sums (element i goes to lane i % kLanes), added in a
-      // fixed order: vectorizable, and still independent of the thread count.
-      constexpr int kLanes = 8;
-      double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t i = lo;
-      for (; i + kLanes <= hi; i += kLanes) {
-        for (int k = 0; k < kLanes; ++k) {
-          const acc_t th = kAdaptive ? static_cast<acc_t>(p[i + k]) : acc_t(0);
-          acc[k] += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i + k]), eta);
-        }
-      }
-      for (int k = 0; i < hi; ++i, ++k) {
-        const acc_t th = kAdaptive ? static_cast<acc_t>(p[i]) : acc_t(0);
-        acc[k] += sam_sq_term<kAdaptive, acc_t>(th, static_cast<acc_t>(g[i]), eta);
-      }
-      const double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      partial[static_cast<size_t>(b)] = s;
+      partial[static_cast<size_t>(b)] = block_sq<scalar_t, kAdaptive>(g, p, lo, hi, eta);
     }
   });
   double total = 0.0;
@@ -67,6 +77,18 @@ at::Tensor sam_grad_sq_norm_cpu(const at::Tensor& grad, const c10::optional<at::
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
 }
 
+template <typename scalar_t, bool kAd>
+void perturb_range(scalar_t* p, const scalar_t* g, scalar_t* bk, int64_t i0, int64_t i1,
+                   at::opmath_type<scalar_t> c, at::opmath_type<scalar_t> eta) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = i0; i < i1; ++i) {
+    const scalar_t th = p[i];
+    bk[i] = th;
+    p[i] = static_cast<scalar_t>(
+        sam_perturbed<kAd, acc_t>(static_cast<acc_t>(th), static_cast<acc_t>(g[i]), c, eta));
+  }
+}
+
 void sam_perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, bool adaptive,
                      double coef, double eta_d) {
   check_bucket(param, "param");
@@ -78,19 +100,10 @@ void sam_perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& back
     scalar_t* bk = backup.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(coef), eta = static_cast<acc_t>(eta_d);
-    auto run = [&](auto adaptive_c) {
-      constexpr bool kAd = decltype(adaptive_c)::value;
-      at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t th = p[i];
-          bk[i] = th;
-          p[i] = static_cast<scalar_t>(
-              sam_perturbed<kAd, acc_t>(static_cast<acc_t>(th), static_cast<acc_t>(g[i]), c, eta));
-        }
-      });
-    };
-    if (adaptive) run(std::true_type{});
-    else run(std::false_type{});
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      if (adaptive) perturb_range<scalar_t, true>(p, g, bk, i0, i1, c, eta);
+      else perturb_range<scalar_t, false>(p, g, bk, i0, i1, c, eta);
+    });
   });
 }
 
@@ -106,42 +119,54 @@ scalar_t sr_store(acc_t th, uint32_t rbits) {
   }
 }
 
-// The SR variant: one tag-0 and one tag-32 Philox call per 4 elements (bucket index
-// offset + i), as sam_probe_ walks its calls.
+// The SR variant over elements [i0, i1): one tag-0 and one tag-32 Philox call per 4
+// elements (bucket index offset + i), as sam_probe_ walks its calls.
 template <typename scalar_t, bool kMom>
-void restore_step_sr_typed(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m,
-                           int64_t n, const SamStepArgs<at::opmath_type<scalar_t>>& a,
+void restore_step_sr_range(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m,
+                           int64_t i0, int64_t i1, const SamStepArgs<at::opmath_type<scalar_t>>& a,
                            PhiloxKey key, int64_t step, int64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-    int64_t i = i0;
-    while (i < i1) {
-      const int64_t gi = offset + i;
-      uint32_t rb[4];
-      call_sr_bits(noise_words(key, gi >> 2, step, kTagEps), noise_words(key, gi >> 2, step, kTagXi), rb);
-      const int64_t stop = std::min(i1, i + (4 - (gi & 3)));
-      for (; i < stop; ++i) {
-        acc_t mm = kMom ? static_cast<acc_t>(m[i]) : acc_t(0);
-        const acc_t th = sam_sgd_update<kMom, acc_t>(static_cast<acc_t>(bk[i]), static_cast<acc_t>(g[i]), &mm, a);
-        p[i] = sr_store<scalar_t, acc_t>(th, rb[(offset + i) & 3]);
-        if (kMom) m[i] = static_cast<scalar_t>(mm);
-      }
+  int64_t i = i0;
+  while (i < i1) {
+    const int64_t gi = offset + i;
+    uint32_t rb[4];
+    call_sr_bits(noise_words(key, gi >> 2, step, kTagEps), noise_words(key, gi >> 2, step, kTagXi), rb);
+    const int64_t stop = std::min(i1, i + (4 - (gi & 3)));
+    for (; i < stop; ++i) {
+      acc_t mm = kMom ? static_cast<acc_t>(m[i]) : acc_t(0);
+      const acc_t th = sam_sgd_update<kMom, acc_t>(static_cast<acc_t>(bk[i]), static_cast<acc_t>(g[i]), &mm, a);
+      p[i] = sr_store<scalar_t, acc_t>(th, rb[(offset + i) & 3]);
+      if (kMom) m[i] = static_cast<scalar_t>(mm);
     }
-  });
+  }
 }
 
 template <typename scalar_t, bool kMom>
-void restore_step_typed(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m, int64_t n,
-                        const SamStepArgs<at::opmath_type<scalar_t>>& a) {
+void restore_step_range(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m, int64_t i0,
+                        int64_t i1, const SamStepArgs<at::opmath_type<scalar_t>>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      acc_t mm = kMom ? static_cast<acc_t>(m[i]) : acc_t(0);
-      p[i] = static_cast<scalar_t>(sam_sgd_update<kMom, acc_t>(static_cast<acc_t>(bk[i]),
-                                                               static_cast<acc_t>(g[i]), &mm, a));
-      if (kMom) m[i] = static_cast<scalar_t>(mm);
+  for (int64_t i = i0; i < i1; ++i) {
+    acc_t mm = kMom ? static_cast<acc_t>(m[i]) : acc_t(0);
+    p[i] = static_cast<scalar_t>(sam_sgd_update<kMom, acc_t>(static_cast<acc_t>(bk[i]),
+                                                             static_cast<acc_t>(g[i]), &mm, a));
+    if (kMom) m[i] = static_cast<scalar_t>(mm);
+  }
+}
+
+// Elements [i0, i1) of one tensor: the plain or the stochastically rounded update.
+template <typename scalar_t>
+void restore_step_piece(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m, int64_t i0,
+                        int64_t i1, const SamStepArgs<at::opmath_type<scalar_t>>& a, bool sr,
+                        PhiloxKey key, int64_t step, int64_t offset) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (sr) {
+      if (m != nullptr) restore_step_sr_range<scalar_t, true>(p, bk, g, m, i0, i1, a, key, step, offset);
+      else restore_step_sr_range<scalar_t, false>(p, bk, g, m, i0, i1, a, key, step, offset);
+      return;
     }
-  });
+  }
+  if (m != nullptr) restore_step_range<scalar_t, true>(p, bk, g, m, i0, i1, a);
+  else restore_step_range<scalar_t, false>(p, bk, g, m, i0, i1, a);
 }
 
 void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
@@ -165,6 +190,8 @@ void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const
   }
   double mult = grad_mult;
   if (grad_scale.has_value()) mult /= static_cast<double>(grad_scale->item<float>());
+  const bool sr = stochastic_rounding;
+  const PhiloxKey key = make_key(seed, bucket_id);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sam_restore_and_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SamStepArgs<acc_t> a = make_sam_step_args<acc_t>(lr, weight_decay, momentum, dampening,
@@ -172,23 +199,10 @@ void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* bk = backup.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    if constexpr (sizeof(scalar_t) == 2) {
-      if (stochastic_rounding) {
-        const PhiloxKey key = make_key(seed, bucket_id);
-        if (momentum_buffer.has_value()) {
-          restore_step_sr_typed<scalar_t, true>(p, bk, g, momentum_buffer->data_ptr<scalar_t>(),
-                                                param.numel(), a, key, step, offset);
-        } else {
-          restore_step_sr_typed<scalar_t, false>(p, bk, g, nullptr, param.numel(), a, key, step, offset);
-        }
-        return;
-      }
-    }
-    if (momentum_buffer.has_value()) {
-      restore_step_typed<scalar_t, true>(p, bk, g, momentum_buffer->data_ptr<scalar_t>(), param.numel(), a);
-    } else {
-      restore_step_typed<scalar_t, false>(p, bk, g, nullptr, param.numel(), a);
-    }
+    scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      restore_step_piece<scalar_t>(p, bk, g, m, i0, i1, a, sr, key, step, offset);
+    });
   });
 }
 
@@ -221,6 +235,187 @@ void sam_probe_cpu(at::Tensor& param, at::Tensor& backup, int64_t seed, int64_t 
   });
 }
 
+// ---- list forms: every tensor of a bucket in one parallel loop (fused_flat.backends lifts
+// the optimizers' passes to them). Without `layout` the tensors are 1-D contiguous buckets;
+// with it (plan_layout's record of params: a step plan, csrc/cpu/plan_args.h) they are the
+// user's own, of any shape, dense, walked in memory order; gradients are then read in their
+// parameter's order and state tensors (backups, momentum buffers) must share its layout.
+// Same values as the per-tensor ops, tensor by tensor.
+
+// One parallel loop over the elements of a list: body(t, i0, i1) runs a piece of tensor t.
+template <typename Body>
+void for_list_elems(const std::vector<int64_t>& numels, const Body& body) {
+  const size_t T = numels.size();
+  std::vector<int64_t> start(T + 1, 0);
+  for (size_t t = 0; t < T; ++t) start[t + 1] = start[t] + numels[t];
+  if (start[T] == 0) return;
+  at::parallel_for(0, start[T], kGrain, [&](int64_t b, int64_t e) {
+    size_t t = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), b) - start.begin()) - 1;
+    while (b < e) {
+      const int64_t piece_end = std::min(e, start[t + 1]);
+      if (piece_end > b) body(t, b - start[t], piece_end - start[t]);
+      b = piece_end;
+      ++t;
+    }
+  });
+}
+
+// params (with a layout: against the record; else 1-D buckets of one dtype) and their
+// companions: the gradients as the kernels read them (in the parameter's order), the state
+// tensors checked.
+std::vector<at::Tensor> sam_list_args(at::TensorList params, at::TensorList grads,
+                                      std::initializer_list<std::pair<at::TensorList, const char*>> states,
+                                      const c10::optional<at::Tensor>& layout, const char* op) {
+  if (layout.has_value()) plan::check_layout(params, *layout, op);
+  TORCH_CHECK(grads.size() == params.size(), "fused_flat.", op, ": ", params.size(), " params but ",
+              grads.size(), " grads");
+  std::vector<at::Tensor> out;
+  out.reserve(grads.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    if (layout.has_value()) {
+      out.push_back(plan::grad_in_order(params[t], grads[t]));
+    } else {
+      check_bucket(params[t], "param");
+      TORCH_CHECK(params[t].scalar_type() == params[0].scalar_type() && params[t].device().is_cpu(),
+                  "fused_flat.", op, ": every tensor of a list must be a CPU tensor of one dtype, got ",
+                  params[0].scalar_type(), " and ", params[t].scalar_type(), " on ", params[t].device());
+      check_like(params[t], grads[t], "grad");
+      out.push_back(grads[t]);
+    }
+  }
+  for (const auto& st : states) {
+    if (st.first.empty()) continue;
+    TORCH_CHECK(st.first.size() == params.size(), "fused_flat.", op, ": ", params.size(),
+                " params but ", st.first.size(), " ", st.second, "s");
+    for (size_t t = 0; t < params.size(); ++t) {
+      if (layout.has_value()) plan::check_state(params[t], st.first[t], st.second, op);
+      else check_like(params[t], st.first[t], st.second);
+    }
+  }
+  return out;
+}
+
+// Per tensor t: sam_grad_sq_norm(grads[t], params[t] if adaptive, eta), float64 [T]; params
+// may be empty when not adaptive and without a layout. Blocks of every tensor in one loop.
+at::Tensor sam_grad_sq_norm_list_cpu(at::TensorList grads_in, at::TensorList params, bool adaptive,
+                                     double eta_d, const c10::optional<at::Tensor>& layout) {
+  const char* op = "sam_grad_sq_norm_list";
+  std::vector<at::Tensor> grads;
+  if (layout.has_value() || adaptive) {
+    grads = sam_list_args(params, grads_in, {}, layout, op);
+  } else {
+    for (const at::Tensor& g : grads_in) {
+      check_bucket(g, "grad");
+      TORCH_CHECK(g.scalar_type() == grads_in[0].scalar_type() && g.device().is_cpu(), "fused_flat.",
+                  op, ": every tensor of a list must be a CPU tensor of one dtype");
+      grads.push_back(g);
+    }
+  }
+  const size_t T = grads.size();
+  at::Tensor out = at::zeros({static_cast<int64_t>(T)}, at::TensorOptions().dtype(at::kDouble));
+  if (T == 0) return out;
+  double* o = out.data_ptr<double>();
+  std::vector<int64_t> bstart(T + 1, 0);
+  for (size_t t = 0; t < T; ++t) {
+    bstart[t + 1] = bstart[t] + (grads[t].numel() + kSamReduceBlock - 1) / kSamReduceBlock;
+  }
+  std::vector<double> partial(static_cast<size_t>(bstart[T]), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "sam_grad_sq_norm_list", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t eta = static_cast<acc_t>(eta_d);
+    at::parallel_for(0, bstart[T], 1, [&](int64_t b0, int64_t b1) {
+      size_t t = static_cast<size_t>(std::upper_bound(bstart.begin(), bstart.end(), b0) - bstart.begin()) - 1;
+      for (int64_t b = b0; b < b1; ++b) {
+        while (b >= bstart[t + 1]) ++t;
+        const int64_t n = grads[t].numel();
+        const int64_t lo = (b - bstart[t]) * kSamReduceBlock;
+        const int64_t hi = lo + kSamReduceBlock < n ? lo + kSamReduceBlock : n;
+        const scalar_t* g = grads[t].data_ptr<scalar_t>();
+        partial[static_cast<size_t>(b)] =
+            adaptive ? block_sq<scalar_t, true>(g, params[t].data_ptr<scalar_t>(), lo, hi, eta)
+                     : block_sq<scalar_t, false>(g, nullptr, lo, hi, eta);
+      }
+    });
+  });
+  for (size_t t = 0; t < T; ++t) {
+    double total = 0.0;
+    for (int64_t b = bstart[t]; b < bstart[t + 1]; ++b) total += partial[static_cast<size_t>(b)];
+    o[t] = total;
+  }
+  return out;
+}
+
+void sam_perturb_list_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList backups,
+                          bool adaptive, double coef, double eta_d,
+                          const c10::optional<at::Tensor>& layout) {
+  const std::vector<at::Tensor> grads =
+      sam_list_args(params, grads_in, {{backups, "backup"}}, layout, "sam_perturb_list_");
+  TORCH_CHECK(backups.size() == params.size(), "fused_flat.sam_perturb_list_: ", params.size(),
+              " params but ", backups.size(), " backups");
+  if (params.empty()) return;
+  std::vector<int64_t> numels;
+  for (const at::Tensor& p : params) numels.push_back(p.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_perturb_list_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t c = static_cast<acc_t>(coef), eta = static_cast<acc_t>(eta_d);
+    for_list_elems(numels, [&](size_t t, int64_t i0, int64_t i1) {
+      scalar_t* p = params[t].data_ptr<scalar_t>();
+      scalar_t* bk = backups[t].data_ptr<scalar_t>();
+      const scalar_t* g = grads[t].data_ptr<scalar_t>();
+      if (adaptive) perturb_range<scalar_t, true>(p, g, bk, i0, i1, c, eta);
+      else perturb_range<scalar_t, false>(p, g, bk, i0, i1, c, eta);
+    });
+  });
+}
+
+void sam_restore_and_step_list_cpu(at::TensorList params, at::TensorList backups,
+                                   at::TensorList grads_in, at::TensorList moms,
+                                   const c10::optional<at::Tensor>& grad_scale,
+                                   const c10::optional<at::Tensor>& found_inf, double lr,
+                                   double weight_decay, double momentum, double dampening,
+                                   bool nesterov, bool momentum_init, double grad_mult,
+                                   bool stochastic_rounding, int64_t seed, int64_t bucket_id,
+                                   int64_t step, at::IntArrayRef offsets,
+                                   const c10::optional<at::Tensor>& layout) {
+  const char* op = "sam_restore_and_step_list_";
+  const std::vector<at::Tensor> grads = sam_list_args(
+      params, grads_in, {{backups, "backup"}, {moms, "momentum_buffer"}}, layout, op);
+  TORCH_CHECK(backups.size() == params.size(), "fused_flat.", op, ": ", params.size(),
+              " params but ", backups.size(), " backups");
+  if (params.empty()) return;
+  check_scalar_tensor(grad_scale, params[0], "grad_scale");
+  check_scalar_tensor(found_inf, params[0], "found_inf");
+  if (stochastic_rounding) {
+    TORCH_CHECK(offsets.size() == params.size(), "fused_flat.", op, ": ", params.size(),
+                " params but ", offsets.size(), " offsets (stochastic rounding needs them)");
+    for (int64_t off : offsets) check_noise_args(seed, bucket_id, off, 0);
+  }
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
+    for (size_t t = 0; t < params.size(); ++t) {
+      at::Tensor p = params[t];
+      p.copy_(backups[t]);  // skipped step: exact restore only, momentum untouched
+    }
+    return;
+  }
+  double mult = grad_mult;
+  if (grad_scale.has_value()) mult /= static_cast<double>(grad_scale->item<float>());
+  std::vector<int64_t> numels;
+  for (const at::Tensor& p : params) numels.push_back(p.numel());
+  const PhiloxKey key = make_key(seed, bucket_id);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_restore_and_step_list_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const SamStepArgs<acc_t> a = make_sam_step_args<acc_t>(lr, weight_decay, momentum, dampening,
+                                                          mult, nesterov, momentum_init);
+    for_list_elems(numels, [&](size_t t, int64_t i0, int64_t i1) {
+      restore_step_piece<scalar_t>(params[t].data_ptr<scalar_t>(), backups[t].data_ptr<scalar_t>(),
+                                   grads[t].data_ptr<scalar_t>(),
+                                   moms.empty() ? nullptr : moms[t].data_ptr<scalar_t>(), i0, i1, a,
+                                   stochastic_rounding, key, step,
+                                   stochastic_rounding ? offsets[t] : 0);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
@@ -228,6 +423,9 @@ TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
   m.impl("sam_perturb_", &sam_perturb_cpu);
   m.impl("sam_restore_and_step_", &sam_restore_and_step_cpu);
   m.impl("sam_probe_", &sam_probe_cpu);
+  m.impl("sam_grad_sq_norm_list", &sam_grad_sq_norm_list_cpu);
+  m.impl("sam_perturb_list_", &sam_perturb_list_cpu);
+  m.impl("sam_restore_and_step_list_", &sam_restore_and_step_list_cpu);
 }
 
 }  // namespace fused_flat
