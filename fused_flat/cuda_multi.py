@@ -15,8 +15,9 @@ offset). ``grad_scale`` / ``found_inf`` are read by the kernels; no call synchro
 the host. all_finite keeps a persistent zeroed int32 [2] scratch per (device, stream) (see
 the .cu).
 
-Each pass is ONE registered torch op (torch.library.custom_op, opaque; namespace
-``fused_flat_cuda``: ``perturb_list_``, ``restore_and_step_list_``, ``all_finite_list``),
+Each pass is ONE registered torch op (opaque; namespace ``fused_flat_cuda``:
+``perturb_list_``, ``restore_and_step_list_``, ``all_finite_list``;
+fused_flat.multi_tensor.register_list_op: Library.define + impl + register_fake),
 called by these Python entry points after the argument checks (metadata only). Its real
 implementation builds the launch tables for the call frame
 (fused_flat.multi_tensor.launch_tables, frame=True: pinned staging buffer, non-blocking
@@ -107,7 +108,13 @@ def _host(value, tensor, cast):
 # ------------------------------------------------------------------ the registered ops
 # The real implementations build one launch's tables (fused_flat.multi_tensor) and call the
 # compiled op; the fakes touch nothing on the host (module docstring).
-@torch.library.custom_op("fused_flat_cuda::perturb_list_", mutates_args=("params",))
+_LIB = torch.library.Library("fused_flat_cuda", "FRAGMENT")   # shared with cuda_sam.py
+
+
+def _no_output(*args):
+    return None
+
+
 def _perturb_list(params: List[torch.Tensor], offsets: List[int], seed: int, bucket_id: int,
                   step: int, step_t: Optional[torch.Tensor], tag: int, sigma: float) -> None:
     device = params[0].device
@@ -118,13 +125,12 @@ def _perturb_list(params: List[torch.Tensor], offsets: List[int], seed: int, buc
                               step, tag, sigma, step_t)
 
 
-@_perturb_list.register_fake
-def _(params, offsets, seed, bucket_id, step, step_t, tag, sigma):
-    return None
+PERTURB_LIST = mt.register_list_op(
+    _LIB, "perturb_list_(Tensor(a0!)[] params, SymInt[] offsets, SymInt seed, SymInt bucket_id, "
+          "SymInt step, Tensor? step_t, SymInt tag, float sigma) -> ()",
+    _perturb_list, _no_output)
 
 
-@torch.library.custom_op("fused_flat_cuda::restore_and_step_list_",
-                         mutates_args=("params", "moms"))
 def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor],
                            moms: List[torch.Tensor], offsets: List[int],
                            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -147,11 +153,14 @@ def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor]
             noise_std_t)
 
 
-@_restore_and_step_list.register_fake
-def _(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id, step, step_t,
-      restore_tag, sigma, lr, lr_t, weight_decay, momentum, dampening, nesterov, momentum_init,
-      noise_std, noise_std_t, grad_mult, stochastic_rounding):
-    return None
+RESTORE_AND_STEP_LIST = mt.register_list_op(
+    _LIB, "restore_and_step_list_(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] moms, "
+          "SymInt[] offsets, Tensor? grad_scale, Tensor? found_inf, SymInt seed, "
+          "SymInt bucket_id, SymInt step, Tensor? step_t, SymInt restore_tag, float sigma, "
+          "float lr, Tensor? lr_t, float weight_decay, float momentum, float dampening, "
+          "bool nesterov, bool momentum_init, float noise_std, Tensor? noise_std_t, "
+          "float grad_mult, bool stochastic_rounding) -> ()",
+    _restore_and_step_list, _no_output)
 
 
 _scratch: dict = {}
@@ -167,7 +176,6 @@ def _scratch_for(device: torch.device) -> torch.Tensor:
     return s
 
 
-@torch.library.custom_op("fused_flat_cuda::all_finite_list", mutates_args=())
 def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     cuda_arch.check_device(device)
@@ -179,9 +187,12 @@ def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
                                        _scratch_for(device))
 
 
-@_all_finite_list.register_fake
-def _(tensors):
+def _all_finite_list_fake(tensors):
     return tensors[0].new_empty(1, dtype=torch.float32)
+
+
+ALL_FINITE_LIST = mt.register_list_op(
+    _LIB, "all_finite_list(Tensor[] tensors) -> Tensor", _all_finite_list, _all_finite_list_fake)
 
 
 # ------------------------------------------------------------------ entry points
@@ -199,7 +210,7 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
     if sigma == 0.0:
         return
     _ops()
-    torch.ops.fused_flat_cuda.perturb_list_(
+    PERTURB_LIST(
         list(params), [int(o) for o in offsets], int(seed), int(bucket_id),
         _host(step, step_t, int), step_t, int(tag), float(sigma))
 
@@ -227,7 +238,7 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                                 _FLOAT_DTYPES)
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     _ops()
-    torch.ops.fused_flat_cuda.restore_and_step_list_(
+    RESTORE_AND_STEP_LIST(
         list(params), list(grads), list(moms) if moms is not None else [],
         [int(o) for o in offsets], grad_scale, found_inf, int(seed), int(bucket_id),
         _host(step, step_t, int), step_t, int(restore_tag), float(sigma),
@@ -242,14 +253,15 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(1, dtype=torch.float32)
-    if not all(t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
-               and t.device == tensors[0].device for t in tensors):
+    if not (mt.lists_ok(tensors, (tensors,)) or all(
+            t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
+            and t.device == tensors[0].device for t in tensors)):
         from fused_flat import reference
 
         return reference.all_finite(tensors)
     _device(tensors[0])
     _ops()
-    return torch.ops.fused_flat_cuda.all_finite_list(tensors)
+    return ALL_FINITE_LIST(tensors)
 
 
 if available():

@@ -14,12 +14,12 @@ csrc/include/fused_flat/sam_elementwise.h). ``coef`` may be a Python float or a 
 device tensor (read by the kernel, so the global norm never leaves the GPU); ``grad_scale`` /
 ``found_inf`` are read by the kernel. No call synchronises with the host.
 
-Each pass is ONE registered torch op (torch.library.custom_op, opaque; namespace
-``fused_flat_cuda``: ``sam_grad_sq_norm_list``, ``sam_perturb_list_``,
-``sam_restore_and_step_list_``, ``sam_probe_list_``), called by these Python entry points
-after the argument checks (metadata only): its real implementation builds one launch's tables
-(fused_flat.multi_tensor.launch_tables: pinned staging, non-blocking copy, capture-owned
-while a CUDA graph is captured) and calls the compiled op once; its fake implementation
+Each pass is ONE registered torch op (opaque; namespace ``fused_flat_cuda``:
+``sam_grad_sq_norm_list``, ``sam_perturb_list_``, ``sam_restore_and_step_list_``,
+``sam_probe_list_``; fused_flat.multi_tensor.register_list_op), called by these Python entry
+points after the argument checks (metadata only): its real implementation builds one
+launch's tables (fused_flat.multi_tensor.launch_tables: pinned staging, non-blocking copy,
+capture-owned while a CUDA graph is captured) and calls the compiled op once; its fake implementation
 touches nothing on the host (no host read on fake tensors, one node per pass under
 torch.compile). The table building runs only in the real implementation, which fake tensors
 cannot reach: tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
@@ -72,7 +72,13 @@ def _tables(lists, offsets=None):
 
 
 # ------------------------------------------------------------------ the registered ops
-@torch.library.custom_op("fused_flat_cuda::sam_grad_sq_norm_list", mutates_args=())
+_LIB = torch.library.Library("fused_flat_cuda", "FRAGMENT")   # shared with cuda_multi.py
+
+
+def _no_output(*args):
+    return None
+
+
 def _sq_norm_list(grads: List[torch.Tensor], params: List[torch.Tensor],
                   eta: float) -> torch.Tensor:
     """``params`` empty: plain SAM; else ASAM's (|theta| + eta) g."""
@@ -82,12 +88,15 @@ def _sq_norm_list(grads: List[torch.Tensor], params: List[torch.Tensor],
                                              tb.chunk, eta)
 
 
-@_sq_norm_list.register_fake
-def _(grads, params, eta):
+def _sq_norm_list_fake(grads, params, eta):
     return grads[0].new_empty((), dtype=torch.float64)
 
 
-@torch.library.custom_op("fused_flat_cuda::sam_perturb_list_", mutates_args=("params", "backups"))
+SQ_NORM_LIST = mt.register_list_op(
+    _LIB, "sam_grad_sq_norm_list(Tensor[] grads, Tensor[] params, float eta) -> Tensor",
+    _sq_norm_list, _sq_norm_list_fake)
+
+
 def _perturb_list(params: List[torch.Tensor], grads: List[torch.Tensor],
                   backups: List[torch.Tensor], adaptive: bool, coef: float,
                   coef_t: Optional[torch.Tensor], eta: float) -> None:
@@ -97,13 +106,12 @@ def _perturb_list(params: List[torch.Tensor], grads: List[torch.Tensor],
                                   adaptive, coef, coef_t, eta)
 
 
-@_perturb_list.register_fake
-def _(params, grads, backups, adaptive, coef, coef_t, eta):
-    return None
+PERTURB_LIST = mt.register_list_op(
+    _LIB, "sam_perturb_list_(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] backups, "
+          "bool adaptive, float coef, Tensor? coef_t, float eta) -> ()",
+    _perturb_list, _no_output)
 
 
-@torch.library.custom_op("fused_flat_cuda::sam_restore_and_step_list_",
-                         mutates_args=("params", "moms"))
 def _restore_and_step_list(params: List[torch.Tensor], backups: List[torch.Tensor],
                            grads: List[torch.Tensor], moms: List[torch.Tensor],
                            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -122,14 +130,15 @@ def _restore_and_step_list(params: List[torch.Tensor], backups: List[torch.Tenso
             stochastic_rounding, seed, bucket_id, step, lr_t, step_t)
 
 
-@_restore_and_step_list.register_fake
-def _(params, backups, grads, moms, grad_scale, found_inf, lr, lr_t, weight_decay, momentum,
-      dampening, nesterov, momentum_init, grad_mult, stochastic_rounding, seed, bucket_id, step,
-      step_t, offsets):
-    return None
+RESTORE_AND_STEP_LIST = mt.register_list_op(
+    _LIB, "sam_restore_and_step_list_(Tensor(a0!)[] params, Tensor[] backups, Tensor[] grads, "
+          "Tensor(a3!)[] moms, Tensor? grad_scale, Tensor? found_inf, float lr, Tensor? lr_t, "
+          "float weight_decay, float momentum, float dampening, bool nesterov, "
+          "bool momentum_init, float grad_mult, bool stochastic_rounding, SymInt seed, "
+          "SymInt bucket_id, SymInt step, Tensor? step_t, SymInt[]? offsets) -> ()",
+    _restore_and_step_list, _no_output)
 
 
-@torch.library.custom_op("fused_flat_cuda::sam_probe_list_", mutates_args=("params", "backups"))
 def _probe_list(params: List[torch.Tensor], backups: List[torch.Tensor], offsets: List[int],
                 seed: int, bucket_id: int, step: int, step_t: Optional[torch.Tensor],
                 delta: float) -> None:
@@ -139,9 +148,10 @@ def _probe_list(params: List[torch.Tensor], backups: List[torch.Tensor], offsets
                                 bucket_id, step, delta, step_t)
 
 
-@_probe_list.register_fake
-def _(params, backups, offsets, seed, bucket_id, step, step_t, delta):
-    return None
+PROBE_LIST = mt.register_list_op(
+    _LIB, "sam_probe_list_(Tensor(a0!)[] params, Tensor(a1!)[] backups, SymInt[] offsets, "
+          "SymInt seed, SymInt bucket_id, SymInt step, Tensor? step_t, float delta) -> ()",
+    _probe_list, _no_output)
 
 
 # ------------------------------------------------------------------ entry points
@@ -154,7 +164,7 @@ def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tenso
         return torch.zeros((), dtype=torch.float64)
     _check_device(grads[0])
     _ops()
-    return torch.ops.fused_flat_cuda.sam_grad_sq_norm_list(
+    return SQ_NORM_LIST(
         list(grads), list(params) if params is not None else [], float(eta))
 
 
@@ -172,8 +182,8 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         coef_t = coef.reshape(()).to(torch.float64)   # device op (no-op for float64): no sync
         coef = 0.0
     _ops()
-    torch.ops.fused_flat_cuda.sam_perturb_list_(list(params), list(grads), list(backups),
-                                                bool(adaptive), float(coef), coef_t, float(eta))
+    PERTURB_LIST(list(params), list(grads), list(backups), bool(adaptive), float(coef), coef_t,
+                 float(eta))
 
 
 def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
@@ -200,7 +210,7 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     lr_t = device_scalar("cuda_sam.sam_restore_and_step_", "lr", lr, dev, _FLOAT_DTYPES)
     step_t = device_scalar("cuda_sam.sam_restore_and_step_", "step", step, dev, _STEP_DTYPES)
     _ops()
-    torch.ops.fused_flat_cuda.sam_restore_and_step_list_(
+    RESTORE_AND_STEP_LIST(
         list(params), list(backups), list(grads), list(moms) if moms is not None else [],
         grad_scale, found_inf, _host(lr, lr_t, float), lr_t, float(weight_decay),
         float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
@@ -222,10 +232,8 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
     _check_device(params[0])
     step_t = device_scalar("cuda_sam.sam_probe_", "step", step, params[0].device, _STEP_DTYPES)
     _ops()
-    torch.ops.fused_flat_cuda.sam_probe_list_(list(params), list(backups),
-                                              [int(o) for o in offsets], int(seed),
-                                              int(bucket_id), _host(step, step_t, int), step_t,
-                                              float(delta))
+    PROBE_LIST(list(params), list(backups), [int(o) for o in offsets], int(seed), int(bucket_id),
+               _host(step, step_t, int), step_t, float(delta))
 
 
 if available():

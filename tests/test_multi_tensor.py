@@ -14,6 +14,7 @@ a kernel program reads its row: t, s = chunks[b]; elements [s, min(s + chunk, nu
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -245,3 +246,106 @@ def test_check_lists():
         mt.check_lists("op", "params", [a, b], grads=[a.double(), b])
     with pytest.raises(ValueError, match="1-D"):
         mt.check_lists("op", "params", [torch.zeros(2, 2)])
+
+
+def test_lists_ok_agrees_with_the_loop():
+    """The list-at-a-time fast path of check_lists accepts exactly what the per-tensor loop
+    accepts (each kind of bad tensor, in any position and any list)."""
+    def loop_ok(ref, others):
+        try:
+            with mock.patch.object(mt, "lists_ok", lambda *a: False):
+                mt.check_lists("op", "params", ref, **others)
+            return True
+        except ValueError:
+            return False
+
+    good = [torch.zeros(3), torch.zeros(1), torch.zeros(0), torch.zeros(8)]
+    bad = [torch.zeros(2, 2).reshape(-1)[:3], torch.zeros(6)[::2], torch.zeros(3, 1),
+           torch.zeros(()), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int32),
+           torch.zeros(4), torch.zeros(3, device="meta"), torch.zeros(3, dtype=torch.bfloat16)]
+    for i in range(len(good)):
+        for x in bad:
+            for where in ("params", "grads", "moms"):
+                ref = [t.clone() for t in good]
+                grads, moms = [t.clone() for t in good], [t.clone() for t in good]
+                {"params": ref, "grads": grads, "moms": moms}[where][i] = x
+                others = {"grads": grads, "moms": moms}
+                want = loop_ok(ref, others)
+                assert mt.lists_ok(ref, (ref, grads, moms)) == want, (i, x.shape, x.dtype, where)
+    ref = [t.clone() for t in good]
+    assert mt.lists_ok(ref, (ref, None, [t.clone() for t in good]))
+    assert not mt.lists_ok(ref, (ref, good[:2]))
+    assert not mt.lists_ok([torch.zeros(3, dtype=torch.int64)], ([torch.zeros(3)],))
+
+
+def test_aligned16_flag():
+    store = torch.zeros(64)
+    lists = [[store[0:4], store[8:12]], [store[16:20], store[24:28]]]
+    assert mt.launch_tables(lists, 16).aligned16 == (store.data_ptr() % 16 == 0)
+    lists[1][1] = store[25:29]                       # 4 bytes past a 16-byte boundary
+    assert not mt.launch_tables(lists, 16).aligned16
+
+
+def test_register_list_op_schema_fake_versions_and_opcheck():
+    """fused_flat.multi_tensor.register_list_op (what the Triton and CUDA list ops are
+    registered with): the schema as written, the real implementation on every device, the
+    fake one under FakeTensorMode, version counters bumped on the written lists only, and
+    torch.library.opcheck (schema annotations, fake, autograd fallback, AOT dispatch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    lib = torch.library.Library("fused_flat_test_mt", "FRAGMENT")
+    calls = []
+
+    def impl(xs, ys, alpha, scale_t):
+        calls.append("real")
+        for x, y in zip(xs, ys):
+            x.data.add_(y, alpha=alpha)               # .data: no version bump of its own
+        return torch.stack([y.sum() for y in ys]).sum() * (scale_t if scale_t is not None else 1)
+
+    def fake(xs, ys, alpha, scale_t):
+        calls.append("fake")
+        return ys[0].new_empty(())
+
+    op = mt.register_list_op(lib, "axpy_list_(Tensor(a0!)[] xs, Tensor[] ys, float alpha, "
+                                  "Tensor? scale_t) -> Tensor", impl, fake)
+    assert str(op._schema) == ("fused_flat_test_mt::axpy_list_(Tensor(a0!)[] xs, Tensor[] ys, "
+                               "float alpha, Tensor? scale_t) -> Tensor")
+    assert torch.Tag.pt2_compliant_tag in op.tags
+    xs, ys = [torch.zeros(3), torch.zeros(5)], [torch.ones(3), torch.ones(5)]
+    with torch.no_grad():
+        out = op(xs, ys, 2.0, None)
+    assert calls == ["real"] and out.item() == 8.0 and xs[1].tolist() == [2.0] * 5
+    assert [x._version for x in xs] == [1, 1] and [y._version for y in ys] == [0, 0]
+    with FakeTensorMode() as mode:
+        fx = [mode.from_tensor(x) for x in xs]
+        fy = [mode.from_tensor(y) for y in ys]
+        r = op(fx, fy, 1.0, None)
+    assert calls[-1] == "fake" and r.shape == () and calls.count("real") == 1
+    torch.library.opcheck(op, ([torch.randn(3), torch.randn(5)], [torch.randn(3), torch.randn(5)],
+                               0.5, torch.tensor(2.0)))
+    with pytest.raises(TypeError, match="lists"):
+        mt.register_list_op(lib, "bad_(Tensor(a0!) x) -> ()", impl, fake)
+    with pytest.raises(TypeError, match="defaults"):
+        mt.register_list_op(lib, "bad2_(Tensor(a0!)[] x, float alpha=1.0) -> ()", impl, fake)
+
+
+def test_list_op_schemas_mark_the_written_lists():
+    """Every registered list op, both backends: the lists it writes, and only those, are
+    Tensor(a!)[] in its schema (functionalization and compile rely on it)."""
+    from fused_flat import cuda_multi, cuda_sam  # noqa: F401  (registers fused_flat_cuda)
+
+    pytest.importorskip("triton")
+    from fused_flat.triton import multi, sam  # noqa: F401  (registers fused_flat_triton)
+
+    written = {"perturb_list_": ["params"], "restore_and_step_list_": ["params", "moms"],
+               "all_finite_list": [], "sam_grad_sq_norm_list": [],
+               "sam_perturb_list_": ["params", "backups"],
+               "sam_restore_and_step_list_": ["params", "moms"],
+               "sam_probe_list_": ["params", "backups"]}
+    for ns in ("fused_flat_triton", "fused_flat_cuda"):
+        for name, want in written.items():
+            schema = getattr(getattr(torch.ops, ns), name).default._schema
+            got = [a.name for a in schema.arguments
+                   if a.alias_info is not None and a.alias_info.is_write]
+            assert got == want, (ns, name, got)
+            assert all(str(a.type) == "List[Tensor]" for a in schema.arguments if a.name in got)

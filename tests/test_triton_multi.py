@@ -477,3 +477,77 @@ def test_compiled_step_holds_one_node_per_pass(kind):
     per_graph = len(graphs) // (1 if kind == "fsgld" else 2)   # SAM: first and second step
     for name in passes:
         assert ours.count(f"fused_flat_triton.{name}") == per_graph, (name, ours)
+
+
+# ------------------------------------------------------------------ the registered ops
+def _opcheck_cases():
+    """(op, args) per registered Triton list op: small CPU tensors (the interpreter), odd sizes
+    and offsets, every optional tensor given (a device scalar each), momentum lists given."""
+    from fused_flat.triton import sam as tsam
+
+    def lst(sizes, seed, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+                for n in sizes]
+
+    sizes, offsets = [5, 33, 1], [0, 7, (1 << 33) + 2]
+    p, g, m, b = lst(sizes, 1), lst(sizes, 2), lst(sizes, 3), lst(sizes, 4)
+    key, bw = tnoise.noise_key(SEED, BUCKET)
+    step = torch.tensor(STEP, dtype=torch.int64, device=DEVICE)
+    lr = torch.tensor(0.05, dtype=torch.float64, device=DEVICE)
+    ns = torch.tensor([1e-3], dtype=torch.float64, device=DEVICE)
+    gs = torch.tensor([2.0], device=DEVICE)
+    fi = torch.tensor([0.0], device=DEVICE)
+    coef = torch.tensor([0.25], device=DEVICE)
+    hp = lst(sizes, 5, torch.bfloat16)
+    return {
+        "perturb_list_": (tm.PERTURB_LIST, (p, offsets, key, bw, 0, step, 5, 0.3)),
+        "restore_and_step_list_": (tm.RESTORE_AND_STEP_LIST, (
+            p, g, m, offsets, gs, fi, key, bw, 0, step, 3, 0.05, 0.0, lr, 1e-3, 0.9, 0.1, True,
+            False, 0.0, ns, 0.5, False)),
+        "restore_and_step_list_ (sr)": (tm.RESTORE_AND_STEP_LIST, (
+            hp, lst(sizes, 6, torch.bfloat16), [], offsets, None, None, key, bw, STEP, None, 0,
+            0.05, 0.05, None, 0.0, 0.0, 0.0, False, False, 1e-3, None, 1.0, True)),
+        "all_finite_list": (tm.ALL_FINITE_LIST, (g,)),
+        "sam_grad_sq_norm_list": (tsam.SQ_NORM_LIST, (g, p, True, 0.01)),
+        "sam_perturb_list_": (tsam.PERTURB_LIST, (p, g, b, True, 0.0, coef, 0.01)),
+        "sam_restore_and_step_list_": (tsam.RESTORE_AND_STEP_LIST, (
+            hp, lst(sizes, 7, torch.bfloat16), lst(sizes, 8, torch.bfloat16),
+            lst(sizes, 9, torch.bfloat16), gs, fi, 0.0, lr, 1e-3, 0.9, 0.1, False, False, 1.0,
+            True, key, bw, 0, step, offsets)),
+        "sam_probe_list_": (tsam.PROBE_LIST, (p, b, offsets, key, bw, 0, step, 1e-3)),
+    }
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors under the interpreter")
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_registered_op_passes_opcheck(name, monkeypatch):
+    """torch.library.opcheck of each registered list op (schema: the Tensor(a!)[] annotations
+    name exactly the lists written; fake implementation; autograd registration; AOT dispatch
+    with functionalization, i.e. what torch.compile does to the op)."""
+    from fused_flat.triton import sam as tsam
+
+    monkeypatch.setattr(tsam, "BLOCK", 32)
+    monkeypatch.setattr(tsam, "CHUNK", 64)
+    op, args = _opcheck_cases()[name]
+    assert op.namespace == "fused_flat_triton"
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors under the interpreter")
+def test_registered_ops_bump_the_versions_of_the_lists_they_write():
+    """Autograd sees the in-place writes: every tensor of a mutated list gets its version
+    counter bumped (as torch's in-place ops), the read-only lists do not."""
+    cases = _opcheck_cases()
+    for name in ("perturb_list_", "restore_and_step_list_", "sam_perturb_list_",
+                 "sam_probe_list_"):
+        op, args = cases[name]
+        schema = op._schema.arguments
+        before = {i: [t._version for t in a] for i, a in enumerate(args)
+                  if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)}
+        with torch.no_grad():
+            op(*args)
+        for i, versions in before.items():
+            bumped = [t._version > v for t, v in zip(args[i], versions)]
+            written = schema[i].alias_info is not None and schema[i].alias_info.is_write
+            assert bumped == [written] * len(bumped), (name, schema[i].name, bumped)

@@ -11,12 +11,14 @@ contiguous tensors of one dtype and device, and the lists of one call have equal
                       stochastic_rounding=False)
     all_finite(tensors) -> float32 [1] on the device, 1.0 if any element is inf or NaN
 
-Each is ONE registered torch op (torch.library.custom_op, opaque; namespace
-``fused_flat_triton``: ``perturb_list_``, ``restore_and_step_list_``, ``all_finite_list``)
-called by these Python entry points after the argument checks (metadata only). The op's
-real implementation builds the launch tables (fused_flat.multi_tensor.launch_tables: pinned
-staging buffer, non-blocking copy, tables owned by the call or, while a CUDA graph is being
-captured, by the process) and launches the kernel once; its fake implementation touches
+Each is ONE registered torch op (opaque; namespace ``fused_flat_triton``: ``perturb_list_``,
+``restore_and_step_list_``, ``all_finite_list``; defined by
+fused_flat.multi_tensor.register_list_op: Library.define + impl + register_fake, whose
+dispatch costs less than half of torch.library.custom_op's per tensor) called by these Python
+entry points after the argument checks (metadata only). The op's real implementation builds
+the launch tables (fused_flat.multi_tensor.launch_tables: pinned staging buffer, non-blocking
+copy, tables owned by the call or, while a CUDA graph is being captured, by the process) and
+launches the kernel once; its fake implementation touches
 nothing on the host. So on fake tensors (FakeTensorMode, torch.compile's tracing) a step
 makes no host read and a compiled step holds one node per pass -- and, for the same reason,
 fake tensors never run the table-building code: tests/test_gpu_sync.py checks it on a GPU
@@ -79,6 +81,8 @@ finish writes the output and resets the pair to zero for the next call. One scra
 """
 from __future__ import annotations
 
+import functools
+import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -313,21 +317,32 @@ def _frame_tables(lists, offsets):
     the ops' real implementations only (it reads data pointers)."""
     ref = lists[0]
     tb = mt.launch_tables(lists, CHUNK, offsets, frame=True)
-    es = ref[0].element_size()
-    aligned = all((t.data_ptr() - (int(o) & 3) * es) % 16 == 0
-                  for lst in lists for t, o in zip(lst, offsets) if t.numel())
+    # the usual bucket (every pointer aligned, every offset a multiple of 4: no frame shift)
+    # is decided without a per-tensor loop; otherwise the exact rule, tensor by tensor
+    aligned = tb.aligned16 and not functools.reduce(operator.or_, offsets, 0) & 3
+    if not aligned:
+        es = ref[0].element_size()
+        aligned = all((t.data_ptr() - (int(o) & 3) * es) % 16 == 0
+                      for lst in lists for t, o in zip(lst, offsets) if t.numel())
     return tb, dict(ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # ------------------------------------------------------------------ the registered ops
-# One torch op per pass (torch.library.custom_op, opaque): the real implementation builds
-# the launch tables (pinned staging, non-blocking copy: fused_flat.multi_tensor) and
+# One torch op per pass (fused_flat.multi_tensor.register_list_op: Library.define + impl +
+# register_fake; the schemas' Tensor(a!)[] mark the lists written): the real implementation
+# builds the launch tables (pinned staging, non-blocking copy: fused_flat.multi_tensor) and
 # launches the kernel once; the fake implementation touches nothing on the host, so a step
 # on fake tensors (FakeTensorMode, torch.compile's tracing) makes no host read and the
 # compiled graph holds one node per pass. The table building itself runs only in the real
 # implementation, which fake tensors cannot reach: tests/test_gpu_sync.py checks it on a
 # GPU (``make gpu-check``) under torch.cuda.set_sync_debug_mode("error").
-@torch.library.custom_op("fused_flat_triton::perturb_list_", mutates_args=("params",))
+_LIB = torch.library.Library("fused_flat_triton", "FRAGMENT")   # shared with triton/sam.py
+
+
+def _no_output(*args):
+    return None
+
+
 def _perturb_list(params: List[torch.Tensor], offsets: List[int], key: int, bw: int,
                   step_lo: int, step_t: Optional[torch.Tensor], tag: int, sigma: float) -> None:
     with mt.launching(params[0].device):
@@ -339,13 +354,12 @@ def _perturb_list(params: List[torch.Tensor], offsets: List[int], key: int, bw: 
                                        step_lo, tag, sigma, STEP_PTR=step_t is not None, **kw)
 
 
-@_perturb_list.register_fake
-def _(params, offsets, key, bw, step_lo, step_t, tag, sigma):
-    return None
+PERTURB_LIST = mt.register_list_op(
+    _LIB, "perturb_list_(Tensor(a0!)[] params, SymInt[] offsets, SymInt key, SymInt bw, "
+          "SymInt step_lo, Tensor? step_t, SymInt tag, float sigma) -> ()",
+    _perturb_list, _no_output)
 
 
-@torch.library.custom_op("fused_flat_triton::restore_and_step_list_",
-                         mutates_args=("params", "moms"))
 def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor],
                            moms: List[torch.Tensor], offsets: List[int],
                            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -381,14 +395,16 @@ def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor]
             IS_BF16=ref.dtype == torch.bfloat16, **kw)
 
 
-@_restore_and_step_list.register_fake
-def _(params, grads, moms, offsets, grad_scale, found_inf, key, bw, step_lo, step_t,
-      restore_tag, sigma, lr, lr_t, weight_decay, momentum, dampening, nesterov, momentum_init,
-      noise_std, noise_std_t, grad_mult, stochastic_rounding):
-    return None
+RESTORE_AND_STEP_LIST = mt.register_list_op(
+    _LIB, "restore_and_step_list_(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] moms, "
+          "SymInt[] offsets, Tensor? grad_scale, Tensor? found_inf, SymInt key, SymInt bw, "
+          "SymInt step_lo, Tensor? step_t, SymInt restore_tag, float sigma, float lr, "
+          "Tensor? lr_t, float weight_decay, float momentum, float dampening, bool nesterov, "
+          "bool momentum_init, float noise_std, Tensor? noise_std_t, float grad_mult, "
+          "bool stochastic_rounding) -> ()",
+    _restore_and_step_list, _no_output)
 
 
-@torch.library.custom_op("fused_flat_triton::all_finite_list", mutates_args=())
 def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
     """float32 [1]: 1.0 if any element is inf or NaN (one dtype and device, 1-D contiguous)."""
     device = tensors[0].device
@@ -397,7 +413,7 @@ def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
         if tb.n_chunks == 0:
             return torch.zeros(1, dtype=torch.float32, device=device)
         out = torch.empty(1, dtype=torch.float32, device=device)   # the last program writes it
-        aligned = all(t.data_ptr() % 16 == 0 for t in tensors if t.numel())
+        aligned = tb.aligned16 or all(t.data_ptr() % 16 == 0 for t in tensors if t.numel())
         all_finite_kernel[(tb.n_chunks,)](tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, tensors[0],
                                           _scratch_for(device), out, tb.n_chunks,
                                           ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK,
@@ -405,9 +421,12 @@ def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
         return out
 
 
-@_all_finite_list.register_fake
-def _(tensors):
+def _all_finite_list_fake(tensors):
     return tensors[0].new_empty(1, dtype=torch.float32)
+
+
+ALL_FINITE_LIST = mt.register_list_op(
+    _LIB, "all_finite_list(Tensor[] tensors) -> Tensor", _all_finite_list, _all_finite_list_fake)
 
 
 # ------------------------------------------------------------------ entry points
@@ -454,7 +473,7 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
         for p, off in zip(params, offsets):
             reference.perturb_(p, seed, bucket_id, _host_int(step), tag, sigma, int(off))
         return
-    torch.ops.fused_flat_triton.perturb_list_(
+    PERTURB_LIST(
         list(params), [int(o) for o in offsets], *noise_key(seed, bucket_id), step_lo,
         _opt(step_ptr, step_is_ptr), int(tag), float(sigma))
 
@@ -508,7 +527,7 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                                      momentum, dampening, nesterov, momentum_init, noise_std,
                                      grad_mult, stochastic_rounding=stochastic_rounding)
         return
-    torch.ops.fused_flat_triton.restore_and_step_list_(
+    RESTORE_AND_STEP_LIST(
         list(params), list(grads), list(moms) if moms is not None else [],
         [int(o) for o in offsets], grad_scale, found_inf, *noise_key(seed, bucket_id), step_lo,
         _opt(step_ptr, step_is_ptr), max(int(restore_tag), 0), float(sigma), lr_f,
@@ -538,8 +557,8 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     tensors = [t for t in tensors]
     if not tensors:
         return torch.zeros(1, dtype=torch.float32)
-    if tensors[0].dtype == torch.float64 or not all(
+    if tensors[0].dtype == torch.float64 or not (mt.lists_ok(tensors, (tensors,)) or all(
             t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
-            and t.device == tensors[0].device for t in tensors):
+            and t.device == tensors[0].device for t in tensors)):
         return reference.all_finite(tensors)   # fp64 (an fp32 cast would overflow) or mixed lists
-    return torch.ops.fused_flat_triton.all_finite_list(tensors)
+    return ALL_FINITE_LIST(tensors)

@@ -11,9 +11,9 @@ and fused_flat/sam_reference.py is the oracle:
                           stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None)
     sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
 
-Each is ONE registered torch op (torch.library.custom_op, opaque; namespace
-``fused_flat_triton``: ``sam_grad_sq_norm_list``, ``sam_perturb_list_``,
-``sam_restore_and_step_list_``, ``sam_probe_list_``), called by these Python entry points
+Each is ONE registered torch op (opaque; namespace ``fused_flat_triton``:
+``sam_grad_sq_norm_list``, ``sam_perturb_list_``, ``sam_restore_and_step_list_``,
+``sam_probe_list_``; fused_flat.multi_tensor.register_list_op), called by these Python entry points
 after the argument checks (metadata only); as in fused_flat/triton/multi.py the real
 implementation builds one launch's tables (fused_flat.multi_tensor.launch_tables: pinned
 staging, non-blocking copy, capture-owned while a CUDA graph is captured) and launches once,
@@ -303,24 +303,27 @@ def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, bw, 
 
 
 # ------------------------------------------------------------------ launch tables
-def _aligned(lists) -> bool:
-    return all(t.data_ptr() % 16 == 0 for lst in lists for t in lst)
-
-
 def _launch_args(lists, offsets=None):
-    """One launch's tables (fused_flat.multi_tensor.launch_tables) and the launch constexprs.
+    """One launch's tables (fused_flat.multi_tensor.launch_tables) and the launch constexprs
+    (ALIGNED: every data pointer 16-byte aligned, fused_flat.multi_tensor.Tables.aligned16).
     Runs inside the ops' real implementations only (it reads data pointers)."""
     tb = mt.launch_tables(lists, CHUNK, offsets)
-    return tb, dict(ALIGNED=_aligned(lists), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return tb, dict(ALIGNED=tb.aligned16, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # ------------------------------------------------------------------ the registered ops
-# One torch op per pass (torch.library.custom_op, opaque), as fused_flat/triton/multi.py:
+# One torch op per pass (fused_flat.multi_tensor.register_list_op), as fused_flat/triton/multi.py:
 # the real implementation builds the tables and launches once; the fake implementation
 # touches nothing on the host (no host read on fake tensors, one node per pass in a
 # compiled graph). The table building runs only in the real implementation:
 # tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
-@torch.library.custom_op("fused_flat_triton::sam_grad_sq_norm_list", mutates_args=())
+_LIB = torch.library.Library("fused_flat_triton", "FRAGMENT")   # shared with triton/multi.py
+
+
+def _no_output(*args):
+    return None
+
+
 def _sq_norm_list(grads: List[torch.Tensor], params: List[torch.Tensor], adaptive: bool,
                   eta: float) -> torch.Tensor:
     """``params`` is read only when ``adaptive`` (then as long as ``grads``)."""
@@ -335,13 +338,15 @@ def _sq_norm_list(grads: List[torch.Tensor], params: List[torch.Tensor], adaptiv
         return partial.sum()
 
 
-@_sq_norm_list.register_fake
-def _(grads, params, adaptive, eta):
+def _sq_norm_list_fake(grads, params, adaptive, eta):
     return grads[0].new_empty((), dtype=torch.float64)
 
 
-@torch.library.custom_op("fused_flat_triton::sam_perturb_list_",
-                         mutates_args=("params", "backups"))
+SQ_NORM_LIST = mt.register_list_op(
+    _LIB, "sam_grad_sq_norm_list(Tensor[] grads, Tensor[] params, bool adaptive, float eta) "
+          "-> Tensor", _sq_norm_list, _sq_norm_list_fake)
+
+
 def _perturb_list(params: List[torch.Tensor], grads: List[torch.Tensor],
                   backups: List[torch.Tensor], adaptive: bool, coef: float,
                   coef_t: Optional[torch.Tensor], eta: float) -> None:
@@ -354,13 +359,12 @@ def _perturb_list(params: List[torch.Tensor], grads: List[torch.Tensor],
                                        ADAPTIVE=adaptive, COEF_PTR=coef_t is not None, **kw)
 
 
-@_perturb_list.register_fake
-def _(params, grads, backups, adaptive, coef, coef_t, eta):
-    return None
+PERTURB_LIST = mt.register_list_op(
+    _LIB, "sam_perturb_list_(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] backups, "
+          "bool adaptive, float coef, Tensor? coef_t, float eta) -> ()",
+    _perturb_list, _no_output)
 
 
-@torch.library.custom_op("fused_flat_triton::sam_restore_and_step_list_",
-                         mutates_args=("params", "moms"))
 def _restore_and_step_list(params: List[torch.Tensor], backups: List[torch.Tensor],
                            grads: List[torch.Tensor], moms: List[torch.Tensor],
                            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -392,14 +396,15 @@ def _restore_and_step_list(params: List[torch.Tensor], backups: List[torch.Tenso
             STEP_PTR=sr and step_t is not None, **kw)
 
 
-@_restore_and_step_list.register_fake
-def _(params, backups, grads, moms, grad_scale, found_inf, lr, lr_t, weight_decay, momentum,
-      dampening, nesterov, momentum_init, grad_mult, sr, key, bw, step_lo, step_t, offsets):
-    return None
+RESTORE_AND_STEP_LIST = mt.register_list_op(
+    _LIB, "sam_restore_and_step_list_(Tensor(a0!)[] params, Tensor[] backups, Tensor[] grads, "
+          "Tensor(a3!)[] moms, Tensor? grad_scale, Tensor? found_inf, float lr, Tensor? lr_t, "
+          "float weight_decay, float momentum, float dampening, bool nesterov, "
+          "bool momentum_init, float grad_mult, bool sr, SymInt key, SymInt bw, "
+          "SymInt step_lo, Tensor? step_t, SymInt[]? offsets) -> ()",
+    _restore_and_step_list, _no_output)
 
 
-@torch.library.custom_op("fused_flat_triton::sam_probe_list_",
-                         mutates_args=("params", "backups"))
 def _probe_list(params: List[torch.Tensor], backups: List[torch.Tensor], offsets: List[int],
                 key: int, bw: int, step_lo: int, step_t: Optional[torch.Tensor],
                 delta: float) -> None:
@@ -412,9 +417,10 @@ def _probe_list(params: List[torch.Tensor], backups: List[torch.Tensor], offsets
                                      step_lo, delta, STEP_PTR=step_t is not None, **kw)
 
 
-@_probe_list.register_fake
-def _(params, backups, offsets, key, bw, step_lo, step_t, delta):
-    return None
+PROBE_LIST = mt.register_list_op(
+    _LIB, "sam_probe_list_(Tensor(a0!)[] params, Tensor(a1!)[] backups, SymInt[] offsets, "
+          "SymInt key, SymInt bw, SymInt step_lo, Tensor? step_t, float delta) -> ()",
+    _probe_list, _no_output)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -478,7 +484,7 @@ def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tenso
         for i, g in enumerate(grads):
             total += sam_reference.sam_grad_sq_norm(g, None if params is None else params[i], eta)
         return total
-    return torch.ops.fused_flat_triton.sam_grad_sq_norm_list(
+    return SQ_NORM_LIST(
         list(grads), list(params) if params is not None else [], params is not None, float(eta))
 
 
@@ -502,7 +508,7 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             c = float(coef_t) if coef_t is not None else coef   # fp64 fallback: host read
             sam_reference.sam_perturb_(p, g, b, adaptive, c, eta)
         return
-    torch.ops.fused_flat_triton.sam_perturb_list_(
+    PERTURB_LIST(
         list(params), list(grads), list(backups), bool(adaptive),
         0.0 if coef_t is not None else float(coef), coef_t, float(eta))
 
@@ -552,7 +558,7 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
         for t in params:
             offsets.append(acc)
             acc += t.numel()
-    torch.ops.fused_flat_triton.sam_restore_and_step_list_(
+    RESTORE_AND_STEP_LIST(
         list(params), list(backups), list(grads), list(moms) if moms is not None else [],
         grad_scale, found_inf, lr_f, lr_ptr if lr_is_ptr else None, float(weight_decay),
         float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
@@ -580,6 +586,6 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
     if params[0].dtype == torch.float64:
         raise NotImplementedError("sam_probe_: float64 lists are not supported by the Triton "
                                   "backend (use the reference)")
-    torch.ops.fused_flat_triton.sam_probe_list_(
+    PROBE_LIST(
         list(params), list(backups), [int(o) for o in offsets], *noise_key(seed, bucket_id),
         step_lo, step_ptr if step_is_ptr else None, float(delta))
