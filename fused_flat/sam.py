@@ -538,6 +538,16 @@ class SAM(FlatOptimizer):
         self._grads_left = _GradMarks(self.param_groups)   # no g1 for the next step(closure)
         return loss if first_loss is None else first_loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's. Gradients it zeroes in place (``set_to_none=False``) hold no
+        backward's result, so they are no g1 for ``step(closure)``'s choice of form: after
+        ``opt.zero_grad(set_to_none=False)``, ``opt.step(closure)`` is torch.optim's form.
+        (``model.zero_grad(set_to_none=False)`` cannot be told from a backward: there, zero
+        with ``set_to_none=True`` or through the optimizer.)"""
+        super().zero_grad(set_to_none)
+        if not set_to_none:
+            self._grads_left = _GradMarks(self.param_groups)
+
     def _new_gradients(self) -> bool:
         """Whether some parameter has a gradient that a backward wrote (or accumulated
         into) after the last ``step(closure)``, i.e. a g1 computed by the caller."""

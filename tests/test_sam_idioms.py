@@ -262,6 +262,21 @@ def test_davda54_form_unchanged(zero):
         assert torch.equal(a, b)
 
 
+def test_torch_form_after_zeroing_in_place_is_still_torch_form():
+    """``opt.zero_grad(set_to_none=False)`` then ``opt.step(closure)``: zeroed gradients are
+    no g1 (a g1 of zeros would make e = 0 and the step plain SGD, silently): the closure
+    computes g1, bitwise the two-call form."""
+    data = batches(4)
+    net, twin = make_net(), make_net()
+    opt, ref = (SAM(n.parameters(), rho=0.1, seed=1, **SGD_CFG) for n in (net, twin))
+    for x, y in data:
+        opt.zero_grad(set_to_none=False)
+        opt.step(torch_closure(net, opt, x, y))
+    two_call_form(twin, ref, data)
+    for a, b in zip(net.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_closure_without_backward_is_an_error_and_changes_nothing():
     net = make_net(bn=False)
     opt = SAM(net.parameters(), lr=0.1)
