@@ -92,14 +92,6 @@ def _signature(model: nn.Module):
             [(n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers(remove_duplicate=False)])
 
 
-def _set_tensor(root: nn.Module, name: str, value, kind: str) -> None:
-    *path, leaf = name.split(".")
-    mod = root
-    for part in path:
-        mod = getattr(mod, part)
-    getattr(mod, "_parameters" if kind == "param" else "_buffers")[leaf] = value
-
-
 class Chains(nn.Module):
     """N chains of one architecture as one module (see the module docstring).
 
