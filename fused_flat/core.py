@@ -538,9 +538,8 @@ class FlatOptimizer(Optimizer):
         """found_inf as :meth:`_found_inf` gives it, from the first pass's per-bucket checks:
         GradScaler's when it drives the step, else (check_finite) the max over the buckets
         that have a non-empty gradient, else None."""
-        scaler_found = getattr(self, "found_inf", None)
-        if scaler_found is not None:
-            return self._reduce_max_sharded(scaler_found.float().reshape(1).clone())
+        if self._scaler_decides():
+            return self._scaler_found()
         if not self.check_finite:
             return None
         found = None
@@ -575,13 +574,20 @@ class FlatOptimizer(Optimizer):
     def _flat_grad(p: torch.Tensor) -> torch.Tensor:
         return flat_like(p.grad, p)
 
+    def _scaler_decides(self) -> bool:
+        """Whether torch.amp.GradScaler drives this step (it set ``found_inf``)."""
+        return getattr(self, "found_inf", None) is not None
+
+    def _scaler_found(self) -> torch.Tensor:
+        """GradScaler's ``found_inf`` as the step's verdict (MAX over sharded groups)."""
+        return self._reduce_max_sharded(self.found_inf.float().reshape(1).clone())
+
     def _found_inf(self, flat_grads: list[list[torch.Tensor]]) -> torch.Tensor | None:
         """1-element float32: 1 when the step must be skipped. GradScaler's ``found_inf``
         when it drives the step, else (``check_finite``) whether any gradient the update
         uses holds an inf or NaN."""
-        scaler_found = getattr(self, "found_inf", None)
-        if scaler_found is not None:
-            return self._reduce_max_sharded(scaler_found.float().reshape(1).clone())
+        if self._scaler_decides():
+            return self._scaler_found()
         if not self.check_finite:
             return None
         found = None

@@ -411,7 +411,7 @@ class LangevinOptimizer(FlatOptimizer):
         """Whether this step's restore and finiteness check can run as one pass per bucket
         (``Backend.restore_check_``): the eager C++ path for fp32 buckets restored by
         regeneration, with the check on and no GradScaler, sharding or device counter."""
-        if (not self.check_finite or getattr(self, "found_inf", None) is not None
+        if (not self.check_finite or self._scaler_decides()
                 or self._shard_keys or self._k_dev is not None
                 or torch.compiler.is_compiling()):
             return False
@@ -479,7 +479,7 @@ class LangevinOptimizer(FlatOptimizer):
             return False
         entries = made if made is not None else [None] * len(plans)
         use_rc = made is not None and self._checked_restore_applies(self._buckets, made)
-        finite = self.check_finite and getattr(self, "found_inf", None) is None
+        finite = self.check_finite and not self._scaler_decides()
         # found_inf in the first pass, except where the checked restore computes it (for the
         # gradients of parameters that were not perturbed, the first pass still does); a
         # checked restore over every parameter of the only bucket is itself the first pass

@@ -378,7 +378,7 @@ class SAM(FlatOptimizer):
         grads = self._planned_grads(plans)
         if grads is None:
             return False
-        finite = self.check_finite and getattr(self, "found_inf", None) is None
+        finite = self.check_finite and not self._scaler_decides()
         checks = self._planned_check(plans, grads, finite)
         if checks is None:
             return False
