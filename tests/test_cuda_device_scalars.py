@@ -26,33 +26,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_flat import _native
+from tests.helpers import RecordOps
 
 pytestmark = pytest.mark.skipif(not (_native.available() and _native.cuda_built()),
                                 reason="needs the extension built with its CUDA ops (fake kernels)")
 
 SIZES = [1, 5, 4097, 3]
 OFFSETS = [0, 7, 1 << 33, 4105]
-
-
-class _Record(TorchDispatchMode):
-    """Records the registered list ops (namespace fused_flat_cuda) that reach the
-    dispatcher, arguments by schema name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fused_flat_cuda":
-            named = {a.name: a.default_value for a in func._schema.arguments if a.has_default_value()}
-            named.update(zip([a.name for a in func._schema.arguments], args))
-            named.update(kwargs)
-            self.calls.append((func._schema.name.split("::")[1], named))
-        return func(*args, **kwargs)
 
 
 def _lists(dtype, k):
@@ -83,7 +65,7 @@ def test_cuda_multi_tensor_scalars_trace_without_host_read(dtype, sr_reaches_op)
     with FakeTensorMode():
         ps, gs, ms = _lists(dtype, 3)
         step_t, lr_t, ns_t = _scalars()
-        with _Record() as rec:
+        with RecordOps("fused_flat_cuda") as rec:
             cuda_multi.perturb_(ps, OFFSETS, 123, 2, step_t, 0, 0.01)
             cuda_multi.restore_and_step_(ps, gs, ms, OFFSETS, None, None, 123, 2, step_t, 0, 0.01,
                                          lr_t, 5e-4, 0.9, 0.0, False, False, ns_t, 1.0, True)
@@ -107,7 +89,7 @@ def test_cuda_multi_scalar_path_passes_no_tensors():
 
     with FakeTensorMode():
         ps, gs = _lists(torch.bfloat16, 2)
-        with _Record() as rec:
+        with RecordOps("fused_flat_cuda") as rec:
             cuda_multi.perturb_(ps, OFFSETS, 123, 2, 7, 0, 0.01)
             cuda_multi.restore_and_step_(ps, gs, None, OFFSETS, None, None, 123, 2, 7, 0, 0.01,
                                          0.1, 0.0, 0.0, 0.0, False, False, 1e-3, 1.0, True)
@@ -124,7 +106,7 @@ def test_cuda_multi_accepts_float32_scalars():
     with FakeTensorMode():
         ps, gs = _lists(torch.float32, 2)
         lr32 = torch.empty(1, dtype=torch.float32, device="cuda")
-        with _Record() as rec:
+        with RecordOps("fused_flat_cuda") as rec:
             cuda_multi.restore_and_step_(ps, gs, None, OFFSETS, None, None, 1, 0, 3, 0, 0.0, lr32,
                                          0.0, 0.0, 0.0, False, False, lr32, 1.0)
     assert rec.calls[0][1]["lr_t"] is lr32 and rec.calls[0][1]["noise_std_t"] is lr32
@@ -137,7 +119,7 @@ def test_cuda_sam_tensor_scalars_trace_without_host_read(dtype):
     with FakeTensorMode():
         ps, bs, gs, ms = _lists(dtype, 4)
         step_t, lr_t, _ = _scalars()
-        with _Record() as rec:
+        with RecordOps("fused_flat_cuda") as rec:
             cuda_sam.sam_restore_and_step_(ps, bs, gs, ms, None, None, lr_t, 5e-4, 0.9, 0.0, False,
                                            False, 1.0, True, 123, 2, step_t, OFFSETS)
             cuda_sam.sam_probe_(ps, bs, OFFSETS, 123, 2, step_t, 1e-3)

@@ -31,6 +31,7 @@ pytest.importorskip("triton")
 
 from fused_flat.triton import multi as tm  # noqa: E402
 from fused_flat.triton import sam as tsam  # noqa: E402
+from tests.helpers import RecordOps  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED, BUCKET = 0x2545F4914F6CDD1D, 3
@@ -340,23 +341,6 @@ class _Record:
         return launch
 
 
-class _RecordOps(TorchDispatchMode):
-    """Records the registered Triton list ops (namespace fused_flat_triton) that reach the
-    dispatcher, arguments by schema name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fused_flat_triton":
-            named = dict(zip([a.name for a in func._schema.arguments], args))
-            named.update(kwargs)
-            self.calls.append((func._schema.name.split("::")[1], named))
-        return func(*args, **kwargs)
-
-
 def test_wrappers_make_no_host_read_under_fake_tensor_mode():
     """The wrappers on fake CUDA tensors (FakeTensorMode raises on any host read of a
     tensor's value): argument checks on metadata only, then ONE registered op per pass, whose
@@ -379,7 +363,7 @@ def test_wrappers_make_no_host_read_under_fake_tensor_mode():
         fi = torch.zeros(1, dtype=torch.float32, device=dev)
         with pytest.raises(Exception):   # the mode does catch host reads
             int(step)
-        with _RecordOps() as rec:
+        with RecordOps("fused_flat_triton") as rec:
             tm.perturb_(p, [0, 5], SEED, BUCKET, step, 0, 0.1)
             tm.restore_and_step_(p, g, m, [0, 5], None, fi, SEED, BUCKET, step, 0, 0.1, lr, 0.0,
                                  0.9, 0.0, True, False, ns, 1.0, stochastic_rounding=True)
