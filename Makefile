@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # CUDA sources are compiled whenever nvcc is found (SASS for sm_80 and sm_90 plus PTX for
-# newer GPUs, no GPU needed); fused_flat.cuda_arch refuses GPUs this list cannot serve.
+# newer GPUs, no GPU needed); fused_flat.backends.cuda_arch refuses GPUs this list cannot serve.
 # nvcc may be a wrapper script (here: /usr/local/bin/nvcc), so ask for the toolkit dir.
 CUDA_HOME ?= $(shell for d in "$$CUDA_PATH" /usr/local/cuda; do [ -n "$$d" ] && [ -x "$$d/bin/nvcc" ] && [ -f "$$d/include/cuda.h" ] && { echo $$d; exit; }; done; n=$$(command -v nvcc) && d=$$(dirname $$(dirname $$(readlink -f $$n))) && [ -f "$$d/include/cuda.h" ] && echo $$d)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
@@ -26,7 +26,7 @@ venv: $(VENV)/.installed
 
 build: venv
 	CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=$(if $(CUDA_HOME),1,0) $(VPY) setup.py -q build_ext --inplace
-	$(VPY) -c "import fused_flat, fused_flat._native as n; print('fused_flat extension:', n.build_info() or n.load_error)"
+	$(VPY) -c "import fused_flat, fused_flat.backends._native as n; print('fused_flat extension:', n.build_info() or n.load_error)"
 
 test: build
 	$(VPY) -m pytest -q tests

@@ -48,7 +48,8 @@ def resolve_device(name: str) -> torch.device:
 def machine_info(device: torch.device | None = None) -> dict:
     """Where and with what a result was measured (goes into every result file)."""
     import fused_flat
-    from fused_flat import _native, backends
+    from fused_flat import backends
+    from fused_flat.backends import _native
 
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

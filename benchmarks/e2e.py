@@ -8,7 +8,7 @@ speed is measured, never accuracy.
 Optimizers (same lr / weight decay / momentum for all; the paper's fSGLD setting is momentum 0):
 SGD (torch.optim.SGD, foreach), SGLD, FSGLD (fused, backend auto), RWP, fSGLD paper-style
 (benchmarks.baselines.PaperFSGLD), SAM davda54-style (benchmarks.baselines.DavdaSAM), and
-SAM / ASAM / RW-SAM from fused_flat.sam when it is importable (skipped with a note if not).
+SAM / ASAM / RW-SAM from fused_flat.optim.sam when it is importable (skipped with a note if not).
 
 Protocol: every optimizer gets its own copy of the same initial model, all in one process;
 warm-up rounds, then timed rounds in which the optimizers take turns (the order rotates
@@ -147,9 +147,9 @@ class Entry:
 
 def _sam_module():
     try:
-        import fused_flat.sam as sam
+        import fused_flat.optim as sam
     except ImportError as exc:
-        return None, f"fused_flat.sam is not importable ({exc})"
+        return None, f"fused_flat.optim.sam is not importable ({exc})"
     return sam, None
 
 
@@ -218,7 +218,7 @@ def build_entry(name: str, model: nn.Module, wl: Workload, args) -> Entry:
 
 
 def _build_fused_sam(name, model, params, wl, args, hp) -> Entry:
-    """Adapter to fused_flat.sam: SAM / ASAM (SAM(adaptive=True), rho 2.0) take the caller's
+    """Adapter to fused_flat.optim.sam: SAM / ASAM (SAM(adaptive=True), rho 2.0) take the caller's
     first forward/backward and a closure for the second (davda54's convention); RWSAM's
     closure returns the per-sample losses and the optimizer runs every pass itself."""
     sam, why = _sam_module()
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, notes = [], []
     sam, why = _sam_module()
     if sam is None:
-        notes.append(f"SAM/ASAM/RW-SAM (fused_flat.sam) skipped: {why}")
+        notes.append(f"SAM/ASAM/RW-SAM (fused_flat.optim.sam) skipped: {why}")
         names = [n for n in names if n not in ("SAM", "ASAM", "RW-SAM")]
     with warnings.catch_warnings():
         warnings.simplefilter("once")

@@ -9,10 +9,10 @@ For each size (elements; 1M .. 1B as device memory allows) and dtype, on one CUD
     flat Langevin passes (backend 'cuda' and 'triton', one bucket):
       perturb_            theta read + write                       2 n s
       restore_and_step_   theta, g read; theta write (no momentum) 3 n s
-    multi-tensor Langevin passes (fused_flat.cuda_multi and fused_flat.triton.multi, one
+    multi-tensor Langevin passes (fused_flat.backends.cuda and fused_flat.backends.triton.multi, one
     launch for a list of ``--tensors`` tensors of mixed sizes summing to n, packed offsets):
       perturb_ (list), restore_and_step_ (list): bytes as the flat passes
-    multi-tensor SAM passes (fused_flat.cuda_sam and fused_flat.triton.sam, the same list):
+    multi-tensor SAM passes (fused_flat.backends.cuda_sam and fused_flat.backends.triton.sam, the same list):
       sam_grad_sq_norm    g read                                   1 n s
       sam_perturb_        theta, g read; theta, backup write       4 n s
       sam_restore_and_step_ backup, g read; theta write            3 n s
@@ -23,7 +23,7 @@ Target (issue 12): every fused pass >= 85% of copy bandwidth at >= 64M elements.
 
 Launch overhead (issue 12, "one launch per bucket"): the Langevin passes over the 62
 parameter tensors of a ResNet-18 (10 classes, 11.2M elements, fp32), one multi-tensor launch
-vs one per-tensor launch per tensor (fused_flat.ops / fused_flat.triton per-tensor ops),
+vs one per-tensor launch per tensor (fused_flat.backends.cpp / fused_flat.backends.triton per-tensor ops),
 reported separately (``launch`` in the JSON, its own table; no bandwidth verdict).
 A pass that cannot run (backend missing, API changed) is listed with the reason, never
 silently dropped. Usage: python benchmarks/gpu_micro.py [--sizes 1M,64M] [--out results]
@@ -123,10 +123,10 @@ def _passes(n: int, dtype: torch.dtype, n_tensors: int, dev):
         ]
 
     for label, make in (("cuda", lambda: flat("cuda")), ("triton", lambda: flat("triton")),
-                        ("cuda-multi", lambda: multi(_mod("fused_flat.cuda_sam"),
-                                                     _mod("fused_flat.cuda_multi"))),
-                        ("triton-multi", lambda: multi(_mod("fused_flat.triton.sam"),
-                                                       _mod("fused_flat.triton.multi")))):
+                        ("cuda-multi", lambda: multi(_mod("fused_flat.backends.cuda_sam"),
+                                                     _mod("fused_flat.backends.cuda"))),
+                        ("triton-multi", lambda: multi(_mod("fused_flat.backends.triton.sam"),
+                                                       _mod("fused_flat.backends.triton.multi")))):
         try:
             for name, mult, fn in make():
                 out.append((f"{name} [{label}]", mult * s, fn))
@@ -164,10 +164,10 @@ def launch_overhead(reps: int) -> tuple[list[dict], list[str]]:
     hyper = (1234, 0, 1, 0, 1e-3, 1e-6, 5e-4, 0.9, 0.0, False, False, 1e-4, 1.0)
 
     def cases():
-        yield "cuda", "one launch", _mod("fused_flat.cuda_multi"), True
-        yield "cuda", "per tensor", _mod("fused_flat.ops"), False
-        yield "triton", "one launch", _mod("fused_flat.triton.multi"), True
-        yield "triton", "per tensor", _mod("fused_flat.triton"), False
+        yield "cuda", "one launch", _mod("fused_flat.backends.cuda"), True
+        yield "cuda", "per tensor", _mod("fused_flat.backends.cpp"), False
+        yield "triton", "one launch", _mod("fused_flat.backends.triton.multi"), True
+        yield "triton", "per tensor", _mod("fused_flat.backends.triton"), False
 
     for label, how, mod, is_list in cases():
         try:

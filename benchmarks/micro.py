@@ -14,7 +14,7 @@ What it measures, side by side in one process:
 * torch.optim.SGD (for-loop, foreach, fused) over the same number of elements (split into
   ``--sgd-tensors`` tensors, as a model's parameters are), and torch's own Gaussian
   generators (``normal_`` in place, ``randn_like``) as the noise-rate yardstick;
-* SAM passes / steps when ``fused_flat.sam`` is importable (skipped with a note otherwise);
+* SAM passes / steps when ``fused_flat.optim.sam`` is importable (skipped with a note otherwise);
 * host overhead (always, CPU, one thread): 500 parameters of 64 fp32 elements with their
   gradients set, where a step's time is its host work (Python, dispatch: what a GPU waits
   for): SGLD step, FSGLD perturb + step and SAM first + second step, each timed call by call
@@ -164,7 +164,7 @@ def bench_passes(n: int, dtype: torch.dtype, device: torch.device, names: list[s
     # update two (eps and xi). Each pass reports its fraction of it ("of noise limit").
     roof = {}
     if device.type == "cpu" and "cpp" in names:
-        from fused_flat import ops
+        from fused_flat.backends import cpp as ops
         isa = ops.cpu_isa()
         for op, tags in (("perturb", [0]), ("restore_step", [0, 32])):
             times = common.time_fn(lambda: ops.noise_roofline(SEED, 0, 0, tags, n), device, **tkw)
@@ -315,7 +315,7 @@ def _step_cases(dtype, device, args, sam_mod) -> list[tuple[str, callable, dict]
                 opt.step(closure)
 
             return step, (ps, opt, grads)
-        cases.append(("SAM fused_flat.sam", fused_sam, {}))
+        cases.append(("SAM fused_flat.optim.sam", fused_sam, {}))
     return cases
 
 
@@ -587,10 +587,10 @@ def main(argv: list[str] | None = None) -> dict:
         (256 << 20) if dev.type == "cuda" else (64 << 20))
     names, notes = _backend_names(dev, args.backends.split(",") if args.backends else None)
     try:
-        import fused_flat.sam as sam_mod  # noqa: F401
+        import fused_flat.optim.sam as sam_mod  # noqa: F401
     except ImportError as exc:
         sam_mod = None
-        notes.append({"backend": "fused_flat.sam", "skipped": f"not importable ({exc}); SAM passes skipped"})
+        notes.append({"backend": "fused_flat.optim.sam", "skipped": f"not importable ({exc}); SAM passes skipped"})
 
     meta = common.machine_info(dev)
     print(common.meta_line(meta))

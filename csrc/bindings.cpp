@@ -20,7 +20,7 @@ TORCH_LIBRARY(fused_flat, m) {
   // element 0 is bucket index offsets[t]; one dtype per call; moms empty = no momentum.
   // Values identical to the per-tensor ops at those offsets. Without `layout` every tensor is
   // a contiguous 1-D view (a flat bucket); with it (plan_layout's record of params: a step
-  // plan, fused_flat.core.StepPlan) the tensors are the user's own, of any shape, dense,
+  // plan, fused_flat.optim.core.StepPlan) the tensors are the user's own, of any shape, dense,
   // walked in memory order: params must match the record, each gradient its parameter
   // (strided, same shape, dtype and device; one laid out otherwise is read through a copy in
   // the parameter's order), each momentum buffer its parameter's shape, dtype and layout.

@@ -1,8 +1,8 @@
 // Op schemas of the multi-tensor (tensor-list) ops: one launch per bucket per pass.
 // A fragment of the fused_flat library. Kernels: csrc/cuda/sam_cuda.cu and
 // csrc/cuda/multi_langevin.cu (CUDA dispatch key only); Python entry points with list
-// signatures: fused_flat/cuda_sam.py and fused_flat/cuda_multi.py, which build the launch
-// tables with fused_flat.multi_tensor:
+// signatures: fused_flat/backends/cuda_sam.py and fused_flat/backends/cuda.py, which build the launch
+// tables with fused_flat.backends.multi_tensor:
 //   chunks  int64 [n_chunks, 2]  rows (tensor index, first element); one block per row
 //   meta    int64 [T, 2]         rows (numel, bucket offset of element 0)
 //   ptrs    int64 [K, T]         data_ptr() of each tensor of each of the K list arguments
@@ -45,12 +45,12 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
         "Tensor? step_t=None) -> ()");
 
   // ---- Langevin passes (issue 12). Their tables are built for the call frame
-  // (fused_flat.multi_tensor.frame_plan): meta row t = (numel_t + (offset_t & 3), offset_t),
+  // (fused_flat.backends.multi_tensor.frame_plan): meta row t = (numel_t + (offset_t & 3), offset_t),
   // chunk rows over those frame sizes (csrc/cuda/multi_langevin.cuh). Noise layout 3.
   // theta <- theta + sigma * eps(tag) at bucket indices offset_t + e.
   m.def("perturb_multi_(Tensor(a!)[] params, Tensor chunks, Tensor meta, Tensor ptrs, int chunk, "
         "int seed, int bucket_id, int step, int tag, float sigma, Tensor? step_t=None) -> ()");
-  // The fused restore + decay + momentum + Langevin + update pass (fused_flat.reference's
+  // The fused restore + decay + momentum + Langevin + update pass (fused_flat.backends.reference's
   // restore_and_step_ per tensor); an empty moms list: no momentum. grad_scale / found_inf
   // are read on the device; a set found_inf only restores (momentum untouched).
   // stochastic_rounding (bf16/fp16; ignored otherwise): theta stored as SR(theta) with the

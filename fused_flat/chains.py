@@ -64,7 +64,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fused_flat.diagnostics import RunningAverage
-from fused_flat.sam import NORM_EPS, SAM
+from fused_flat.optim.sam import NORM_EPS, SAM
 
 __all__ = ["Chains", "chain_loss", "ChainSAM", "chain_predict_proba", "bma_probs",
            "per_chain_metrics", "ChainAverager", "split_rhat", "per_chain_hessian_trace",

@@ -54,7 +54,8 @@ def collect_info() -> dict:
     import torch
 
     import fused_flat
-    from fused_flat import _native, backends
+    from fused_flat import backends
+    from fused_flat.backends import _native
 
     avail = backends.available_backends()
     cuda_ok = torch.cuda.is_available()

@@ -138,7 +138,7 @@ class HessianOperator:
         if self._cache is not None:
             yield from self._cache
             return
-        from fused_flat.bn import running_stats_frozen
+        from fused_flat.nn.bn import running_stats_frozen
 
         keep = [] if self.cache_graph else None
         with _mode(self.model, self.train_mode), running_stats_frozen(self.model):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fused_flat import FSGLD, MSAM, RWP, RWSAM, SAM, SGLD
-from fused_flat.buckets import flat_like
+from fused_flat.optim.buckets import flat_like
 
 WORLD = 2
 BATCH = 8          # global batch; each rank takes BATCH // WORLD rows

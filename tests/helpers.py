@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_flat import noise
-from fused_flat.buckets import flat, round_up4
+from fused_flat.optim.buckets import flat, round_up4
 
 
 def bucket_noise(params, seed: int, bucket_id: int, step: int, tag: int = 0):

@@ -9,7 +9,7 @@
 // kernels' device-scalar loads (load_step_scalars).
 // Prints "cases=N unit_blocks=U failures=F", eps of two index ranges (checked in Python
 // against fused_flat.noise) and "srref ..." lines: inputs and outputs (bit patterns) of a
-// fixed SR list, which Python replays through fused_flat.reference.
+// fixed SR list, which Python replays through fused_flat.backends.reference.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -42,7 +42,7 @@ struct Tabs {
   std::vector<int64_t> chunks, meta;
 };
 
-// fused_flat.multi_tensor.frame_plan: frame sizes numel + (offset & 3) (0 if empty).
+// fused_flat.backends.multi_tensor.frame_plan: frame sizes numel + (offset & 3) (0 if empty).
 static Tabs build_frame(const std::vector<int64_t>& sizes, const std::vector<int64_t>& offs, int64_t chunk) {
   Tabs tb;
   for (size_t t = 0; t < sizes.size(); ++t) {

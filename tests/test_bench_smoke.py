@@ -101,9 +101,9 @@ def test_bench_e2e_quick(tmp_path):
     names = {r["optimizer"] for r in data["rows"]}
     assert {"SGD", "SGLD", "FSGLD", "FSGLD-paper", "RWP", "SAM-davda54"} <= names
     try:
-        import fused_flat.sam  # noqa: F401
+        import fused_flat.optim.sam  # noqa: F401
     except ImportError:
-        assert any("fused_flat.sam" in n for n in data["notes"])
+        assert any("fused_flat.optim.sam" in n for n in data["notes"])
     for r in data["rows"]:
         assert r["median_s"] > 0 and r["x_sgd"] > 0 and r["state_MiB"] > 0
     with open(tmp_path / "e2e.csv") as f:

@@ -1,10 +1,10 @@
-"""fused_flat.bn: a frozen pass changes no BatchNorm buffer and computes the same outputs."""
+"""fused_flat.nn.bn: a frozen pass changes no BatchNorm buffer and computes the same outputs."""
 import copy
 
 import pytest
 import torch
 
-from fused_flat.bn import disable_running_stats, enable_running_stats, running_stats_frozen
+from fused_flat.nn.bn import disable_running_stats, enable_running_stats, running_stats_frozen
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fused_flat
-from fused_flat import _native
+from fused_flat.backends import _native
 from tests.conftest import cpu_backends
 from tests.test_no_host_sync import _backward   # what backward leaves, on fake CUDA tensors
 

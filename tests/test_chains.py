@@ -22,7 +22,7 @@ from torch import nn
 import fused_flat
 from fused_flat import diagnostics as D
 from fused_flat import noise
-from fused_flat.buckets import round_up4
+from fused_flat.optim.buckets import round_up4
 from fused_flat.chains import (ChainAverager, Chains, ChainSAM, bma_probs, chain_loss,
                                chain_predict_proba, per_chain_hessian_lambda_max,
                                per_chain_hessian_trace, per_chain_metrics, split_rhat)

@@ -6,7 +6,8 @@ import torch
 import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounter
 
-from fused_flat import FSGLD, SAM, _native
+from fused_flat import FSGLD, SAM
+from fused_flat.backends import _native
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="needs the compiled CPU ops")
 STEPS = 20

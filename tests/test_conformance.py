@@ -47,8 +47,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import fused_flat
 from fused_flat import FSGLD, RWP, SAM, SGLD
-from fused_flat.langevin import LangevinOptimizer
-from fused_flat.sam import MSAM, RWSAM
+from fused_flat.optim.langevin import LangevinOptimizer
+from fused_flat.optim import MSAM, RWSAM
 from tests import conformance_spec as spec
 from tests.conftest import cpu_backends
 

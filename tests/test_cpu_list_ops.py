@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from fused_flat import ops
+from fused_flat.backends import cpp as ops
 
 pytestmark = pytest.mark.skipif(not ops.has_list_ops(), reason="needs the compiled CPU list ops")
 ISAS = ("baseline", "avx2", "avx512")

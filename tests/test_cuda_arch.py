@@ -1,7 +1,7 @@
-"""The GPU / build compatibility check (fused_flat/cuda_arch.py), as a pure function."""
+"""The GPU / build compatibility check (fused_flat/backends/cuda_arch.py), as a pure function."""
 import pytest
 
-from fused_flat.cuda_arch import check_capability, parse_arch_list
+from fused_flat.backends.cuda_arch import check_capability, parse_arch_list
 
 DEFAULT = "8.0;9.0+PTX"
 
@@ -45,7 +45,7 @@ def test_empty_list():
 
 
 def test_cuda_sam_refuses_cpu_tensors():
-    from fused_flat import cuda_sam
+    from fused_flat.backends import cuda_sam
     a = [torch_zeros(3)]
     with pytest.raises(ValueError, match="CUDA tensors only"):
         cuda_sam.sam_perturb_(a, [torch_zeros(3)], [torch_zeros(3)], False, 0.1, 0.0)

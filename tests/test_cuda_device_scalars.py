@@ -1,7 +1,7 @@
 """Device-resident per-step scalars of the CUDA list ops (CUDA-graph capture, the optimizers'
 ``capturable=True``), checked without a GPU.
 
-fused_flat.cuda_multi.perturb_ / restore_and_step_ and fused_flat.cuda_sam.sam_restore_and_step_ /
+fused_flat.backends.cuda.perturb_ / restore_and_step_ and fused_flat.backends.cuda_sam.sam_restore_and_step_ /
 sam_probe_ take ``step`` as a one-element int64 device tensor and ``lr`` / ``noise_std`` as a
 one-element float64 (or float32) device tensor; the kernels read them from device memory.
 Each pass is one registered op (``torch.ops.fused_flat_cuda.*_list_``, whose real
@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from fused_flat import _native
+from fused_flat.backends import _native
 from tests.helpers import RecordOps
 
 pytestmark = pytest.mark.skipif(not (_native.available() and _native.cuda_built()),
@@ -60,7 +60,7 @@ def test_host_read_of_a_scalar_raises_under_the_mode():
 @pytest.mark.parametrize("dtype,sr_reaches_op", [(torch.bfloat16, True), (torch.float16, True),
                                                  (torch.float32, False)])
 def test_cuda_multi_tensor_scalars_trace_without_host_read(dtype, sr_reaches_op):
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     with FakeTensorMode():
         ps, gs, ms = _lists(dtype, 3)
@@ -85,7 +85,7 @@ def test_cuda_multi_tensor_scalars_trace_without_host_read(dtype, sr_reaches_op)
 
 
 def test_cuda_multi_scalar_path_passes_no_tensors():
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     with FakeTensorMode():
         ps, gs = _lists(torch.bfloat16, 2)
@@ -101,7 +101,7 @@ def test_cuda_multi_scalar_path_passes_no_tensors():
 
 
 def test_cuda_multi_accepts_float32_scalars():
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     with FakeTensorMode():
         ps, gs = _lists(torch.float32, 2)
@@ -114,7 +114,7 @@ def test_cuda_multi_accepts_float32_scalars():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_sam_tensor_scalars_trace_without_host_read(dtype):
-    from fused_flat import cuda_sam
+    from fused_flat.backends import cuda_sam
 
     with FakeTensorMode():
         ps, bs, gs, ms = _lists(dtype, 4)
@@ -145,7 +145,7 @@ def _bad_scalars():
 
 @pytest.mark.parametrize("arg,make,msg", _bad_scalars())
 def test_cuda_multi_rejects_bad_scalars(arg, make, msg):
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     with FakeTensorMode():
         ps, gs = _lists(torch.float32, 2)
@@ -162,7 +162,7 @@ def test_cuda_multi_rejects_bad_scalars(arg, make, msg):
 
 @pytest.mark.parametrize("arg,make,msg", [b for b in _bad_scalars() if b[0] != "noise_std"])
 def test_cuda_sam_rejects_bad_scalars(arg, make, msg):
-    from fused_flat import cuda_sam
+    from fused_flat.backends import cuda_sam
 
     with FakeTensorMode():
         ps, bs, gs = _lists(torch.bfloat16, 3)
@@ -181,7 +181,8 @@ def test_make_fx_graph_takes_the_scalars_as_inputs():
     """What torch.compile's AOT stage sees: the ops in the graph, the scalars graph inputs."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from fused_flat import cuda_multi, cuda_sam
+    from fused_flat.backends import cuda as cuda_multi
+    from fused_flat.backends import cuda_sam
 
     def step(p, g, m, b, step_t, lr_t, ns_t):
         cuda_multi.perturb_([p], [5], 123, 0, step_t, 0, 0.1)
@@ -230,7 +231,9 @@ def test_registered_ops_forward_the_scalars_to_the_compiled_ops(monkeypatch):
     calls, the device-capability check and the compiled kernels, are stubbed / recorded: no
     GPU here): the device scalars reach the compiled ops in their Tensor? arguments, with the
     tables of this very call (chunk rows of the call frame, this call's data pointers)."""
-    from fused_flat import cuda_arch, cuda_multi, cuda_sam
+    from fused_flat.backends import cuda_arch
+    from fused_flat.backends import cuda as cuda_multi
+    from fused_flat.backends import cuda_sam
 
     calls = []
 

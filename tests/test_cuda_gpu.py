@@ -40,7 +40,7 @@ def cuda_be():
     # the per-tensor kernels of kernels_cuda.cu (the 'cuda' backend's list ops are the
     # multi-tensor kernels, tested at the end of this file)
     backends.get("cuda")   # raises (test error) if the extension lacks CUDA kernels
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
 
     return ops
 
@@ -342,7 +342,7 @@ def _multi_step_inputs(ps, sizes, dtype, mom, fi, seed, shifts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_multi_perturb_matches_cpu(cpp_be, dtype):
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     sizes, offsets, ps = _multi_case(dtype, 1)
     cpu = [_cpu_copy(p) for p in ps]
@@ -357,7 +357,7 @@ def test_multi_perturb_matches_cpu(cpp_be, dtype):
 @pytest.mark.parametrize("noise", list(NOISE))
 @pytest.mark.parametrize("fi", [None, 0.0, 1.0])
 def test_multi_restore_and_step_matches_cpu(cpp_be, dtype, mom, noise, fi):
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     sizes, offsets, ps = _multi_case(dtype, 2)
     gs, ms, gs_t, fi_t, cpu = _multi_step_inputs(ps, sizes, dtype, mom, fi, 3, (0, 1))
@@ -376,7 +376,7 @@ def test_multi_restore_and_step_matches_cpu(cpp_be, dtype, mom, noise, fi):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_multi_all_finite(dtype):
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     ts = [torch.randn(n, device="cuda").to(dtype) for n in (1, 70000, 0, 33)]
     for _ in range(3):
@@ -390,7 +390,7 @@ def test_multi_all_finite(dtype):
 
 
 def test_multi_no_host_sync_and_graph_capture():
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     sizes, offsets, ps = _multi_case(torch.float32, 4)
     gs = [torch.randn_like(p) for p in ps]
@@ -434,7 +434,8 @@ def test_multi_no_host_sync_and_graph_capture():
 def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_tag):
     """restore_and_step_multi_ with stochastic_rounding: one launch, bit for bit the per-tensor
     SR kernel (kernels_cuda.cu restore_and_step_sr_kernel) and the C++ CPU op."""
-    from fused_flat import cuda_multi, ops
+    from fused_flat.backends import cuda as cuda_multi
+    from fused_flat.backends import cpp as ops
 
     sizes, offsets, ps = _multi_case(dtype, 5)
     gs, ms, gs_t, fi_t, cpu = _multi_step_inputs(ps, sizes, dtype, mom, fi, 6, (2, 3))
@@ -459,7 +460,7 @@ def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_t
 
 
 def test_multi_sr_is_ignored_for_fp32():
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     sizes, offsets, ps = _multi_case(torch.float32, 8)
     gs = [torch.randn_like(p) for p in ps]
@@ -478,7 +479,8 @@ def test_multi_sr_is_ignored_for_fp32():
 def test_multi_device_scalars_equal_scalar_path(dtype, sr, sdtype, noise):
     """step (int64), lr and noise_std (float64 / float32) as one-element device tensors give
     the scalar path's results bit for bit (and the C++ CPU op's), step's high bits included."""
-    from fused_flat import cuda_multi, ops
+    from fused_flat.backends import cuda as cuda_multi
+    from fused_flat.backends import cpp as ops
 
     sizes, offsets, ps = _multi_case(dtype, 6)
     gen = torch.Generator().manual_seed(9)
@@ -513,7 +515,7 @@ def test_multi_graph_replay_reads_device_scalars():
     written into the device tensors equals eager calls with those values."""
     import math
 
-    from fused_flat import cuda_multi
+    from fused_flat.backends import cuda as cuda_multi
 
     sizes, offsets, ps = _multi_case(torch.float32, 7)
     gs = [torch.randn_like(p) for p in ps]

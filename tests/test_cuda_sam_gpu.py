@@ -1,8 +1,8 @@
-"""GPU tests of the multi-tensor SAM CUDA ops (fused_flat/cuda_sam.py) and the compiled
-Triton ones (fused_flat/triton/sam.py); skipped without a CUDA GPU (the host emulation
+"""GPU tests of the multi-tensor SAM CUDA ops (fused_flat/backends/cuda_sam.py) and the compiled
+Triton ones (fused_flat/backends/triton/sam.py); skipped without a CUDA GPU (the host emulation
 tests/test_sam_cuda_emulation.py and the static SASS checks run instead).
 
-Oracles: fused_flat/sam_reference.py tensor by tensor on the GPU (1 ulp: fp32 1e-6
+Oracles: fused_flat/backends/sam_reference.py tensor by tensor on the GPU (1 ulp: fp32 1e-6
 relative, bf16 2^-7; the compiled Triton kernels may contract to FMA), the layout-3
 probe oracle, and torch.cuda.set_sync_debug_mode("error") around warm calls: no host sync.
 """
@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from fused_flat import sam_reference
+from fused_flat.backends import sam_reference
 from tests.noise_v3_oracle import rademacher_v3_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,10 +23,10 @@ RTOL = {torch.float32: 2e-6, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -1
 
 
 def _impls():
-    from fused_flat import cuda_sam
+    from fused_flat.backends import cuda_sam
     out = [cuda_sam]
     try:
-        from fused_flat.triton import sam as tsam
+        from fused_flat.backends.triton import sam as tsam
         out.append(tsam)
     except ImportError:
         pass
@@ -125,7 +125,7 @@ def test_no_host_sync(impl):
 
 
 def test_capability_check_passes_here():
-    from fused_flat import cuda_arch
+    from fused_flat.backends import cuda_arch
     assert cuda_arch.check_device("cuda") in ("sass", "ptx")
 
 
@@ -137,7 +137,7 @@ def test_cuda_sam_device_scalars_equal_scalar_path(dtype, sr, lr_dtype):
     """cuda_sam: lr (float64 / float32) and the SR step (int64) of sam_restore_and_step_, and
     the step of sam_probe_, as one-element device tensors: the scalar path's results bit for
     bit (step's high bits included)."""
-    from fused_flat import cuda_sam
+    from fused_flat.backends import cuda_sam
 
     gen = torch.Generator().manual_seed(11)
     sizes = _sizes(2)
@@ -164,7 +164,7 @@ def test_cuda_sam_device_scalars_equal_scalar_path(dtype, sr, lr_dtype):
 def test_cuda_sam_graph_replay_reads_device_scalars():
     """A captured SAM restore + step (bf16, stochastic rounding) and probe, replayed with new
     lr / step values written into the device tensors, equals eager calls with those values."""
-    from fused_flat import cuda_sam
+    from fused_flat.backends import cuda_sam
 
     gen = torch.Generator().manual_seed(12)
     sizes = _sizes(3)

@@ -24,7 +24,7 @@ from functools import lru_cache
 import pytest
 import torch  # noqa: F401  (libc10 before the extension)
 
-from fused_flat import _native
+from fused_flat.backends import _native
 
 ARCHS = ("sm_80", "sm_90")
 

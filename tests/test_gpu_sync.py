@@ -1,9 +1,9 @@
 """No host round trip, ever, in a step on CUDA tensors -- on a real GPU (run by
 `make gpu-check`; skipped without CUDA).
 
-The registered multi-tensor ops (fused_flat/triton/multi.py, triton/sam.py, cuda_multi.py,
+The registered multi-tensor ops (fused_flat/backends/triton/multi.py, triton/sam.py, cuda_multi.py,
 cuda_sam.py) build their launch tables inside their real implementations
-(fused_flat/multi_tensor.py: pinned staging buffer, non-blocking copy, tables owned by the
+(fused_flat/backends/multi_tensor.py: pinned staging buffer, non-blocking copy, tables owned by the
 call or, during a CUDA-graph capture, by the process). Fake tensors never run that code
 (tests/test_no_host_sync.py checks the fakes); this file runs it:
 
@@ -34,7 +34,7 @@ from torch import nn
 
 import fused_flat
 from fused_flat import backends
-from fused_flat import multi_tensor as mt
+from fused_flat.backends import multi_tensor as mt
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -181,7 +181,7 @@ def test_graph_captured_on_the_first_step_replays_as_eager(name, backend):
             chain.append(str(e))
             e = e.__cause__ or e.__context__
         if name == "RWSAM" and any("CUDAGeneratorImpl" in c for c in chain):
-            pytest.xfail("RWSAM.step saves and restores the CUDA RNG state (fused_flat/rwsam.py),"
+            pytest.xfail("RWSAM.step saves and restores the CUDA RNG state (fused_flat/optim/rwsam.py),"
                          f" which torch refuses during a capture: {chain[-1][:300]}")
         raise
     assert len(mt.CAPTURED) > held          # the captured tables are held for the graph

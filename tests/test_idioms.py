@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fused_flat import FSGLD, MSAM, RWP, RWSAM, SAM, SGLD, noise
-from fused_flat.core import FlatOptimizer
+from fused_flat.optim.core import FlatOptimizer
 from tests import dist_cases as dc
 from tests.conftest import cpu_backends
 

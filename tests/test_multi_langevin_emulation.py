@@ -13,7 +13,7 @@ per-element oracles from elementwise.h; and the kernels' device-scalar loads (fl
 float32 lr and noise_std, int64 step: the host path's values). The eps values it prints are
 compared here with fused_flat.noise (layout 3), and a fixed SR list it runs through the
 kernels' index logic (5 tensors, odd offsets up to 2^33 + 3, momentum; once without noise,
-once with eps and xi) is replayed through fused_flat.reference.restore_and_step_
+once with eps and xi) is replayed through fused_flat.backends.reference.restore_and_step_
 (stochastic_rounding=True), tensor by tensor at its offset.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from fused_flat import noise, reference
+from fused_flat import noise
+from fused_flat.backends import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def _bits(text: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_sr_reference(stdout: str) -> None:
-    """The SR multi-tensor step (emulated) against fused_flat.reference: bit for bit without
+    """The SR multi-tensor step (emulated) against fused_flat.backends.reference: bit for bit without
     noise; with eps and xi the reference's libm-style noise differs from elementwise.h's by
     ~1e-7, which can move an fp32 result across a rounding threshold, so there at most one
     element in 256 may differ, by one 16-bit ulp."""

@@ -1,4 +1,4 @@
-"""Host emulation of the multi-tensor launch tables (fused_flat/multi_tensor.py), on CPU.
+"""Host emulation of the multi-tensor launch tables (fused_flat/backends/multi_tensor.py), on CPU.
 
 The tables of one launch (launch_tables): rows and pointers; nothing cached by address (a
 changed address is in the next call's tables); on CUDA (the same code, with the allocation
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fused_flat import multi_tensor as mt
+from fused_flat.backends import multi_tensor as mt
 
 
 def _emulate_coverage(numels, chunk):
@@ -287,7 +287,7 @@ def test_aligned16_flag():
 
 
 def test_register_list_op_schema_fake_versions_and_opcheck():
-    """fused_flat.multi_tensor.register_list_op (what the Triton and CUDA list ops are
+    """fused_flat.backends.multi_tensor.register_list_op (what the Triton and CUDA list ops are
     registered with): the schema as written, the real implementation on every device, the
     fake one under FakeTensorMode, version counters bumped on the written lists only, and
     torch.library.opcheck (schema annotations, fake, autograd fallback, AOT dispatch)."""
@@ -332,10 +332,11 @@ def test_register_list_op_schema_fake_versions_and_opcheck():
 def test_list_op_schemas_mark_the_written_lists():
     """Every registered list op, both backends: the lists it writes, and only those, are
     Tensor(a!)[] in its schema (functionalization and compile rely on it)."""
-    from fused_flat import cuda_multi, cuda_sam  # noqa: F401  (registers fused_flat_cuda)
+    from fused_flat.backends import cuda as cuda_multi  # noqa: F401  (registers fused_flat_cuda)
+    from fused_flat.backends import cuda_sam  # noqa: F401
 
     pytest.importorskip("triton")
-    from fused_flat.triton import multi, sam  # noqa: F401  (registers fused_flat_triton)
+    from fused_flat.backends.triton import multi, sam  # noqa: F401  (registers fused_flat_triton)
 
     written = {"perturb_list_": ["params"], "restore_and_step_list_": ["params", "moms"],
                "all_finite_list": [], "sam_grad_sq_norm_list": [],

@@ -10,7 +10,7 @@ registered op whose fake implementation runs here, and the test checks that the 
 through the list ops of the backend it names (no silent fallback to another path).
 
 What fake tensors cannot cover: the ops' real implementations (launch tables built on the
-host, copied from pinned memory without a sync; fused_flat/multi_tensor.py). Those run on a
+host, copied from pinned memory without a sync; fused_flat/backends/multi_tensor.py). Those run on a
 GPU in tests/test_gpu_sync.py (``make gpu-check``) under torch.cuda.set_sync_debug_mode("error").
 
 Without a CUDA driver the autograd engine cannot run backward on fake CUDA tensors, so the
@@ -23,7 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_flat
-from fused_flat import _native, backends
+from fused_flat import backends
+from fused_flat.backends import _native
 
 
 def _available(name):
@@ -36,7 +37,7 @@ def _available(name):
 
 HAS_CUDA_OPS = _native.available() and _native.cuda_built()
 HAS_TRITON = _available("triton")
-# the registered ops a backend's passes go through (fused_flat/triton, cuda_multi, cuda_sam)
+# the registered ops a backend's passes go through (fused_flat/backends/triton, cuda_multi, cuda_sam)
 NAMESPACE = {"triton": "fused_flat_triton", "cuda": "fused_flat_cuda",
              "auto": "fused_flat_triton" if HAS_TRITON else "fused_flat_cuda"}
 BACKENDS = [

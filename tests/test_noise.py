@@ -40,7 +40,7 @@ def _isas():
     if not HAS_CPP:
         return []
     import os
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     out = []
     old = os.environ.get("FUSED_FLAT_CPU_ISA")
     try:
@@ -85,7 +85,7 @@ def test_reference_philox_known_answers(counter, key, expected):
 @needs_cpp
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_cpp_philox_known_answers(counter, key, expected):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     seed, bucket, step, tag, j = _as_args(counter, key)
     w = ops.philox_words(seed, bucket, step, tag, j - 2 ** 64 if j >= 2 ** 63 else j, 1)
     assert [int(x) for x in w[0]] == list(expected)
@@ -113,7 +113,7 @@ def test_layout_known_answers():
 
 @needs_cpp
 def test_cpp_layout_known_answers():
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     words = KAT[0][2]
     for isa in ISAS:
         with pytest.MonkeyPatch.context() as mp:
@@ -138,7 +138,7 @@ def test_tags_of_the_passes():
                                                   (0xDEADBEEF12345, 2 ** 24 - 1, 2 ** 32 + 9, 16),
                                                   (5, 1, 2, 32), (4, 5, 2, 255)])
 def test_cpp_words_bitwise_equal_reference(seed, bucket, step, tag):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     for f in (0, 2 ** 31 - 100, 2 ** 32 - 3):   # the last crosses the j_lo -> j_hi carry
         a = ops.philox_words(seed, bucket, step, tag, f, 257)
         b = noise.philox_words(seed, bucket, step, tag, f, 257)
@@ -152,7 +152,7 @@ def test_cpp_words_bitwise_equal_reference(seed, bucket, step, tag):
 @pytest.mark.parametrize("offset,n", [(0, 1), (1, 2), (3, 4097), (0, 100_003), (6, 3),
                                       (4 * (2 ** 32 - 20) + 2, 300)])
 def test_cpp_normals_match_reference_every_isa(offset, n):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     zr = noise.normal_noise(42, 3, 5, 0, offset, n)
     base = None
     for isa in ISAS:
@@ -267,7 +267,7 @@ def test_bucket_id_and_tag_ranges():
         with pytest.raises(ValueError, match="bucket_id|tag"):
             noise.philox_words(1, bucket, 0, tag, 0, 1)
     if HAS_CPP:
-        from fused_flat import ops
+        from fused_flat.backends import cpp as ops
         for bucket, tag in ((2 ** 24, 0), (-1, 0), (0, 256)):
             with pytest.raises(RuntimeError, match="bucket_id|tag"):
                 ops.philox_words(1, bucket, 0, tag, 0, 1)
@@ -279,7 +279,7 @@ def _triton_noise():
     if os.environ.get("TRITON_INTERPRET") != "1":
         return None   # with a GPU, tests/test_triton*.py cover the compiled kernels
     try:
-        from fused_flat.triton import noise as tnoise
+        from fused_flat.backends.triton import noise as tnoise
     except ImportError:
         return None
     return tnoise
@@ -298,7 +298,7 @@ def test_words_bitwise_equal_across_backends(seed, bucket, host_words):
         assert torch.equal(words_v3(seed, bucket, step, tag, 4 * first, 4 * n), want.reshape(-1))
         assert torch.equal(hw, want), "host-compiled elementwise.h"
         if HAS_CPP:
-            from fused_flat import ops
+            from fused_flat.backends import cpp as ops
             assert torch.equal(ops.philox_words(seed, bucket, step, tag, first, n), want)
             assert torch.equal(ops.element_words(seed, bucket, step, tag, 4 * first + 1, 4 * n - 1),
                                want.reshape(-1)[1:])
@@ -315,7 +315,8 @@ def test_cpp_simd_streams_every_isa(seed, bucket):
     forced ISA path gives the normals of the portable path bit for bit (within 1e-5 of the
     reference), and stochastic-rounding bits (the words' low bytes; no noise, so the result
     is exact) equal to the reference's."""
-    from fused_flat import ops, reference
+    from fused_flat.backends import cpp as ops
+    from fused_flat.backends import reference
     n, off = 4099, 6
     zr = noise.normal_noise(seed, bucket, 9, 32, off, n)
     gen = torch.Generator().manual_seed(2)
@@ -340,7 +341,7 @@ def test_cpp_simd_streams_every_isa(seed, bucket):
 
 @needs_cpp
 def test_cpu_isa_forcing():
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     assert "baseline" in ISAS
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FUSED_FLAT_CPU_ISA", "no-such-isa")
@@ -354,7 +355,7 @@ def test_cpu_isa_forcing():
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpp_noise_independent_of_thread_count(isa, monkeypatch):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     monkeypatch.setenv("FUSED_FLAT_CPU_ISA", isa)
     n = (1 << 20) + 7
     p0 = torch.randn(n)
@@ -442,7 +443,7 @@ def test_noise_is_a_pure_function_of_the_index():
 
 @needs_cpp
 def test_cpp_noise_sliced_equals_whole():
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     z_all = ops.normal_noise(77, 2, 3, 0, 0, 10001)
     for off, n in ((333, 1000), (1, 3), (4, 4), (6, 1), (5, 9000)):
         assert torch.equal(z_all[off:off + n], ops.normal_noise(77, 2, 3, 0, off, n))
@@ -475,7 +476,8 @@ def test_cpp_isa_paths_bitwise_equal(dtype, n, offset, momentum, nesterov, tag, 
     """Every ISA path of the CPU loops (forced with FUSED_FLAT_CPU_ISA) gives the bits of the
     portable baseline loop (-ffp-contract=off: no FMA contraction anywhere), and the pass is
     the reference's up to rounding."""
-    from fused_flat import ops, reference
+    from fused_flat.backends import cpp as ops
+    from fused_flat.backends import reference
     gen = torch.Generator().manual_seed(1)
     p0, g, m0 = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
     outs = []
@@ -504,7 +506,7 @@ def test_cpp_isa_paths_bitwise_equal(dtype, n, offset, momentum, nesterov, tag, 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpp_roofline_runs(isa, monkeypatch):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     monkeypatch.setenv("FUSED_FLAT_CPU_ISA", isa)
     c = ops.noise_roofline(1, 0, 0, [0, 32], 1 << 16)
     assert c.dtype == torch.float32 and c.numel() == 1

@@ -25,7 +25,8 @@ def test_opcheck_restore_and_step(with_momentum):
 
 
 def test_grad_scale_and_found_inf_tensors():
-    from fused_flat import ops, reference
+    from fused_flat.backends import cpp as ops
+    from fused_flat.backends import reference
     p0, g = torch.randn(1001), torch.randn(1001)
     for mod in (ops, reference):
         # grad_scale divides the gradient
@@ -58,7 +59,8 @@ def test_op_argument_errors(bad, match):
 
 def test_large_offset_uses_64bit_indices():
     """An element past 2^32 in a bucket gets the noise of its true index (j_hi word used)."""
-    from fused_flat import noise, ops
+    from fused_flat import noise
+    from fused_flat.backends import cpp as ops
     off = (1 << 34) + 3   # j = i >> 2 has a nonzero high word
     e = ops.normal_noise(5, 0, 1, 0, off, 64)
     er = noise.normal_noise(5, 0, 1, 0, off, 64)
@@ -81,7 +83,8 @@ def test_opcheck_noise_ops():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("bad", [None, float("inf"), float("-inf"), float("nan")])
 def test_all_finite(dtype, bad):
-    from fused_flat import ops, reference
+    from fused_flat.backends import cpp as ops
+    from fused_flat.backends import reference
     ts = [torch.randn(n).to(dtype) for n in (1, 100_003, 0, 257)]
     if bad is not None:
         ts[1][77_777] = bad
@@ -95,7 +98,7 @@ def test_all_finite(dtype, bad):
 
 
 def test_all_finite_every_isa_and_noncontiguous(monkeypatch):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     from tests.test_noise import ISAS
     t = torch.randn(300, 301)
     t[299, 3] = float("nan")

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import fused_flat
-from fused_flat import FSGLD, RWP, SGLD, noise, reference
+from fused_flat import FSGLD, RWP, SGLD, noise
+from fused_flat.backends import reference
 from tests.conftest import cpu_backends
 from tests.helpers import bucket_noise
 
@@ -107,7 +108,7 @@ SIZES = [1, 2, 3, 4097, 278011, (1 << 20) + 7]
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_cpp_passes_match_reference(n, momentum, nesterov):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     gen = torch.Generator().manual_seed(n)
     p0 = torch.randn(n, generator=gen)
     g = torch.randn(n, generator=gen)
@@ -128,7 +129,7 @@ def test_cpp_passes_match_reference(n, momentum, nesterov):
 @pytest.mark.parametrize("offset", [1, 2, 5])
 @pytest.mark.parametrize("tag", [0, 3])
 def test_cpp_slices_with_offsets_match_reference(offset, tag):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     n = 1001
     p0, g = torch.randn(n), torch.randn(n)
     out = []
@@ -359,7 +360,7 @@ def test_cpp_matches_reference_low_precision(dtype):
 def test_extra_memory_no_parameter_sized_buffer():
     """Default FSGLD holds no tensor of parameter size beyond what SGD with the same momentum
     holds: counted over the optimizer's state and buffers."""
-    from fused_flat.langevin import LangevinOptimizer
+    from fused_flat.optim.langevin import LangevinOptimizer
 
     def state_numel(opt):
         n = sum(t.numel() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor))

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fused_flat.sam as sam_mod
+import fused_flat.optim.sam as sam_mod
 from fused_flat import noise
-from fused_flat.sam import MSAM, RWSAM, SAM, choose_delta
-from fused_flat.bn import running_stats_frozen
+from fused_flat.optim import MSAM, RWSAM, SAM, choose_delta
+from fused_flat.nn.bn import running_stats_frozen
 from tests.conftest import cpu_backends
 
 STEPS = 10
@@ -77,7 +77,7 @@ class RefSAM:
 
 
 def frozen_ref(net):
-    """The reference's BN freezing: save and restore the buffers (independent of fused_flat.bn)."""
+    """The reference's BN freezing: save and restore the buffers (independent of fused_flat.nn.bn)."""
     class Ctx:
         def __enter__(self):
             self.saved = {k: v.clone() for k, v in net.named_buffers()}
@@ -557,7 +557,8 @@ def test_triton_backend_optimizer_matches_reference(variant):
 
 
 def test_explicit_backend_without_sam_kernels_raises(monkeypatch):
-    from fused_flat import backends, reference
+    from fused_flat import backends
+    from fused_flat.backends import reference
 
     nosam = backends.lift("cpp", ("cpu",), reference.perturb_, reference.restore_and_step_)
     monkeypatch.setitem(backends._cache, "cpp", nosam)

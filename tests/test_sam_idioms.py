@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import fused_flat
-from fused_flat.bn import running_stats_frozen
-from fused_flat.sam import MSAM, RWSAM, SAM
+from fused_flat.nn.bn import running_stats_frozen
+from fused_flat.optim import MSAM, RWSAM, SAM
 from tests.conftest import cpu_backends
 
 

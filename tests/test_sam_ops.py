@@ -1,9 +1,10 @@
 """The compiled SAM ops (csrc/cpu/sam_cpu.cpp) against the pure-torch reference
-(fused_flat/sam_reference.py) on odd sizes, plus torch.library.opcheck."""
+(fused_flat/backends/sam_reference.py) on odd sizes, plus torch.library.opcheck."""
 import pytest
 import torch
 
-from fused_flat import noise, sam_reference as ref
+from fused_flat import noise
+from fused_flat.backends import sam_reference as ref
 from tests.conftest import cpu_backends
 
 pytestmark = [pytest.mark.skipif("cpp" not in cpu_backends(), reason="compiled extension not built"),
@@ -15,7 +16,7 @@ TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-13
 
 
 def ops():
-    from fused_flat import sam_ops
+    from fused_flat.backends import cpp_sam as sam_ops
     return sam_ops
 
 

@@ -1,4 +1,4 @@
-"""Step plans (fused_flat.core.StepPlan): the eager 'cpp' step run from per-bucket plans gives
+"""Step plans (fused_flat.optim.core.StepPlan): the eager 'cpp' step run from per-bucket plans gives
 the bits of the general path.
 
 Each case trains twice from the same start: as built (the step runs its plans wherever it
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from fused_flat import FSGLD, RWP, SAM, SGLD, backends
-from fused_flat.msam import MSAM
+from fused_flat.optim.msam import MSAM
 
 pytestmark = pytest.mark.skipif(
     backends.available_backends().get("cpp") != "ok" or backends.get("cpp").check_step is None,
@@ -326,8 +326,8 @@ def test_a_refused_gradient_leaves_the_weights_as_the_general_path_does():
 
 
 # ----------------------------------------------------------------------------- the ops
-ops = pytest.importorskip("fused_flat.ops")
-sam_ops = pytest.importorskip("fused_flat.sam_ops")
+ops = pytest.importorskip("fused_flat.backends.cpp")
+sam_ops = pytest.importorskip("fused_flat.backends.cpp_sam")
 
 
 def _user_tensors(dtype=torch.float32, seed=0):

@@ -18,7 +18,9 @@ import subprocess
 import pytest
 import torch
 
-from fused_flat import noise, reference, sam_reference
+from fused_flat import noise
+from fused_flat.backends import reference
+from fused_flat.backends import sam_reference
 from tests.conftest import cpu_backends
 
 HAS_CPP = "cpp" in cpu_backends()
@@ -39,7 +41,7 @@ def _ulp(x: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _isa_supported(isa):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     old = os.environ.get("FUSED_FLAT_CPU_ISA")
     os.environ["FUSED_FLAT_CPU_ISA"] = isa
     try:
@@ -67,7 +69,7 @@ def _triton():
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
     pytest.importorskip("triton")
-    import fused_flat.triton as ft
+    import fused_flat.backends.triton as ft
     return ft
 
 
@@ -151,19 +153,19 @@ def test_sr_bits_definition():
 def test_sr_bits_across_backends():
     ref = noise.sr_bits(77, 2, 11, 5, 3001)
     if HAS_CPP:
-        from fused_flat import ops
+        from fused_flat.backends import cpp as ops
         w0 = ops.element_words(77, 2, 11, 0, 5, 3001)
         w32 = ops.element_words(77, 2, 11, 32, 5, 3001)
         assert torch.equal(ref, (w0 & 0xFF) | ((w32 & 0xFF) << 8))
     _triton()
-    from fused_flat.triton import noise as tn
+    from fused_flat.backends.triton import noise as tn
     assert torch.equal(tn.sr_bits(77, 2, 11, 5, 3001), ref)
 
 
 @pytest.mark.parametrize("dtype", DT16)
 def test_triton_sr_helper_is_bitwise_the_reference(dtype):
     _triton()
-    from fused_flat.triton import noise as tn
+    from fused_flat.backends.triton import noise as tn
     x = _values()
     r = torch.randint(0, 65536, x.shape, generator=torch.Generator().manual_seed(3))
     assert torch.equal(_bits(tn.stochastic_round(x, r, dtype)), _bits(noise.stochastic_round(x, r, dtype)))
@@ -199,7 +201,7 @@ def _run(fn, p0, g, m0, args):
 @pytest.mark.parametrize("dtype", DT16)
 @pytest.mark.parametrize("n,off", [(3000, 0), (1001, 5), (40003, 13)])
 def test_restore_and_step_sr_cpp_isas_and_triton_agree_bitwise(dtype, n, off, isa_env):
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     for sigma, nstd, tag, mom in CASES:
         p0, g, m0 = _inputs(dtype, n, mom)
         args = _rs_args(off, sigma, nstd, tag, mom)
@@ -216,7 +218,7 @@ def test_restore_and_step_sr_cpp_isas_and_triton_agree_bitwise(dtype, n, off, is
             pr, _ = _run(reference.restore_and_step_, p0, g, m0, args)
             assert torch.equal(_bits(pr), _bits(base[0]))
         if n <= 3000 and (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
-            import fused_flat.triton as ft
+            import fused_flat.backends.triton as ft
             pt, _ = _run(ft.restore_and_step_, p0, g, m0, args)
             assert torch.equal(_bits(pt), _bits(base[0])), ("triton", sigma, nstd, tag, mom)
 
@@ -241,10 +243,10 @@ def test_restore_and_step_sr_reference_vs_triton(dtype):
 def test_sr_with_zero_update_leaves_params_unchanged(dtype):
     backends_ = [reference.restore_and_step_]
     if HAS_CPP:
-        from fused_flat import ops
+        from fused_flat.backends import cpp as ops
         backends_.append(ops.restore_and_step_)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        import fused_flat.triton as ft
+        import fused_flat.backends.triton as ft
         backends_.append(ft.restore_and_step_)
     p0, g, m0 = _inputs(dtype, 2001, True)
     for fn in backends_:
@@ -257,7 +259,7 @@ def test_sr_flag_ignored_for_fp32():
     p0, g, _ = _inputs(torch.float32, 1001, False)
     fns = [reference.restore_and_step_]
     if HAS_CPP:
-        from fused_flat import ops
+        from fused_flat.backends import cpp as ops
         fns.append(ops.restore_and_step_)
     for fn in fns:
         a, _ = _run(fn, p0, g, None, _rs_args(5, 0.01, 1e-3, 0, False, sr=True))
@@ -271,7 +273,7 @@ def test_sr_keeps_the_mean_of_small_updates(dtype):
     trajectory on average (mean over many elements and steps)."""
     fns = [reference.restore_and_step_]
     if HAS_CPP:
-        from fused_flat import ops
+        from fused_flat.backends import cpp as ops
         fns = [ops.restore_and_step_]
     n, steps, lr = 4096, 50, 1e-4   # ulp(1-) = 2^-8 (bf16), 2^-11 (fp16)
     g = torch.ones(n, dtype=dtype)
@@ -306,7 +308,7 @@ def test_perturb_from(dtype, n, off, isa_env):
             assert ((pr.double() - exp).abs() <= _ulp(exp, dtype) * 0.5000001 + 1e-6 * sigma).all()
         outs = []
         if HAS_CPP:
-            from fused_flat import ops
+            from fused_flat.backends import cpp as ops
             for isa in ISAS:
                 if not _isa_supported(isa):
                     continue
@@ -315,7 +317,7 @@ def test_perturb_from(dtype, n, off, isa_env):
                 ops.perturb_from_(pc, master, 5, 1, 9, 2, sigma, off)
                 outs.append(pc)
         if n <= 3000 and os.environ.get("TRITON_INTERPRET") == "1":
-            import fused_flat.triton as ft
+            import fused_flat.backends.triton as ft
             pt = torch.empty(n, dtype=dtype)
             ft.perturb_from_(pt, master, 5, 1, 9, 2, sigma, off)
             outs.append(pt)
@@ -352,14 +354,14 @@ def test_sam_restore_and_step_sr_backends_agree(dtype, offsets, mom, monkeypatch
         exp = noise.stochastic_round(bk[t].float() - g[t].float(), noise.sr_bits(9, 2, 5, offs[t], sizes[t]), dtype)
         assert torch.equal(_bits(p), _bits(exp))
     if HAS_CPP:
-        from fused_flat import sam_ops
+        from fused_flat.backends import cpp_sam as sam_ops
         for t in range(3):
             p = torch.empty_like(bk[t])
             sam_ops.sam_restore_and_step_(p, bk[t], g[t], m0[t].clone() if mom else None, None, None,
                                           *args, True, 9, 2, 5, offs[t])
             assert torch.equal(_bits(p), _bits(ref[t]))
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from fused_flat.triton import sam as tsam
+        from fused_flat.backends.triton import sam as tsam
         monkeypatch.setattr(tsam, "BLOCK", 256)
         monkeypatch.setattr(tsam, "CHUNK", 1024)
         ps = [torch.empty_like(b) for b in bk]
@@ -374,7 +376,7 @@ def test_sam_sr_zero_update_and_found_inf(dtype):
     bk, g, _ = _sam_case(dtype, [1001], False)
     fns = [sam_reference.sam_restore_and_step_]
     if HAS_CPP:
-        from fused_flat import sam_ops
+        from fused_flat.backends import cpp_sam as sam_ops
         fns.append(sam_ops.sam_restore_and_step_)
     for fn in fns:
         p = torch.empty_like(bk[0])

@@ -1,5 +1,5 @@
 """Tests of the Triton backend under Triton's CPU interpreter (TRITON_INTERPRET=1, set by
-conftest.py): the noise stream, the two ops and the optimizers against fused_flat.reference
+conftest.py): the noise stream, the two ops and the optimizers against fused_flat.backends.reference
 and the C++ backend ('cpp', when the extension is built).
 
 Sizes stay small (the interpreter costs ~10 ms per program that calls Philox).
@@ -14,9 +14,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from fused_flat import FSGLD, RWP, SGLD, backends, noise, reference  # noqa: E402
-from fused_flat import triton as ft  # noqa: E402
-from fused_flat.triton import noise as tnoise  # noqa: E402
+from fused_flat import FSGLD, RWP, SGLD, backends, noise  # noqa: E402
+from fused_flat.backends import reference
+from fused_flat.backends import triton as ft  # noqa: E402
+from fused_flat.backends.triton import noise as tnoise  # noqa: E402
 
 SEED = 0x2545F4914F6CDD1D  # < 2^63, both 32-bit halves non-zero
 BUCKET = 3
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 def _cpp():
     try:
-        from fused_flat import ops
+        from fused_flat.backends import cpp as ops
 
         return ops   # the per-tensor ops
     except RuntimeError as exc:
@@ -95,7 +96,7 @@ def test_philox_words_match_reference_and_cpp(first_pair, n_pairs, tag, step):
     want = noise.philox_words(SEED, BUCKET, step, tag, first_pair, n_pairs)
     assert torch.equal(got, want)
     _cpp()
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     signed_first = first_pair - 2 ** 64 if first_pair >= 2 ** 63 else first_pair  # int64 schema
     assert torch.equal(got, ops.philox_words(SEED, BUCKET, step, tag, signed_first, n_pairs))
 
@@ -108,7 +109,7 @@ def test_gaussian_noise_matches_reference_and_cpp(n, offset, tag):
     assert (eps - r_eps).abs().max().item() <= 1e-5
     assert (xi - r_xi).abs().max().item() <= 1e-5
     _cpp()
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     c_eps, c_xi = ops.gaussian_noise(SEED, BUCKET, STEP, tag, offset, n)
     assert (eps - c_eps).abs().max().item() <= 1e-6
     assert (xi - c_xi).abs().max().item() <= 1e-6
@@ -122,7 +123,7 @@ def test_element_words_and_normals_layout(offset, n, tag):
     assert torch.equal(w, noise.element_words(SEED, BUCKET, STEP, tag, offset, n))
     assert (z - noise.normal_noise(SEED, BUCKET, STEP, tag, offset, n)).abs().max().item() <= 1e-5
     _cpp()
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     assert torch.equal(w, ops.element_words(SEED, BUCKET, STEP, tag, offset, n))
     assert torch.equal(z, ops.normal_noise(SEED, BUCKET, STEP, tag, offset, n))
 
@@ -131,7 +132,7 @@ def test_noise_bitwise_equal_to_cpp():
     # Same polynomials, same operation order, no FMA contraction on either side (the C++
     # build uses -ffp-contract=off, the interpreter evaluates op by op): identical floats.
     _cpp()
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
     eps, xi = tnoise.gaussian_noise(SEED, BUCKET, STEP, 0, 3, 4097, block=4096)
     c_eps, c_xi = ops.gaussian_noise(SEED, BUCKET, STEP, 0, 3, 4097)
     assert torch.equal(eps, c_eps) and torch.equal(xi, c_xi)

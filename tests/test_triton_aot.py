@@ -58,7 +58,7 @@ def _compile_report() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_flat.triton import perturb, restore_and_step
+    from fused_flat.backends.triton import perturb, restore_and_step
 
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
 
@@ -118,7 +118,7 @@ def _trace_report() -> str:
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    import fused_flat.triton as ft
+    import fused_flat.backends.triton as ft
 
     def step(p, g, m, found_inf):
         ft.perturb_(p, 123, 0, 1, 0, 0.1, 0)

@@ -1,6 +1,6 @@
 """Device-resident per-step scalars of the Triton list ops (the contract that the
-optimizers' ``capturable=True`` builds on; module docstrings of fused_flat/triton/multi.py
-and fused_flat/triton/sam.py):
+optimizers' ``capturable=True`` builds on; module docstrings of fused_flat/backends/triton/multi.py
+and fused_flat/backends/triton/sam.py):
 
 * ``step``: an int or a one-element int64 tensor on the params' device (low 32 bits used);
 * ``lr`` / ``noise_std``: a float or a one-element float64 / float32 tensor (rounded to fp32
@@ -29,8 +29,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest) or a GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from fused_flat.triton import multi as tm  # noqa: E402
-from fused_flat.triton import sam as tsam  # noqa: E402
+from fused_flat.backends.triton import multi as tm  # noqa: E402
+from fused_flat.backends.triton import sam as tsam  # noqa: E402
 from tests.helpers import RecordOps  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,7 +211,7 @@ def test_noise_std_tensor_zero_draws_xi_and_adds_nothing():
 
 
 def test_fp64_lists_accept_tensors_read_on_the_host():
-    """fp64 lists go to fused_flat.reference (host values): tensors work there, read on the
+    """fp64 lists go to fused_flat.backends.reference (host values): tensors work there, read on the
     host (documented; fp64 is not capturable)."""
     params, grads = _lists([5, 9], torch.float64, 10), _lists([5, 9], torch.float64, 11)
     want, got = _clone(params), _clone(params)

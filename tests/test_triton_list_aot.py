@@ -1,5 +1,5 @@
 """Static GPU checks of the multi-tensor (list) Triton kernels without a GPU
-(fused_flat/triton/multi.py, fused_flat/triton/sam.py), as tests/test_triton_aot.py does for
+(fused_flat/backends/triton/multi.py, fused_flat/backends/triton/sam.py), as tests/test_triton_aot.py does for
 the per-tensor kernels: ahead-of-time compile for sm_80 and sm_90 of the variants that
 stochastic rounding and the device-resident step / lr / noise_std (STEP_PTR, LR_PTR,
 NOISE_STD_PTR) add, and assert no register spills, a register bound and 128-bit accesses
@@ -57,7 +57,7 @@ def _compile_report() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_flat.triton import multi, sam
+    from fused_flat.backends.triton import multi, sam
 
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
 
@@ -127,7 +127,7 @@ def _specialization_report() -> dict:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from fused_flat.triton import multi, sam
+    from fused_flat.backends.triton import multi, sam
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     p = torch.zeros(64)

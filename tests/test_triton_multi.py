@@ -1,5 +1,5 @@
-"""The multi-tensor Langevin Triton kernels (fused_flat/triton/multi.py) under the interpreter:
-one launch per list, against fused_flat.reference applied tensor by tensor at each tensor's
+"""The multi-tensor Langevin Triton kernels (fused_flat/backends/triton/multi.py) under the interpreter:
+one launch per list, against fused_flat.backends.reference applied tensor by tensor at each tensor's
 bucket offset, and bit for bit against the per-tensor Triton kernels (same noise helpers,
 same operation order: equal eps/xi bits mean equal Philox words, which
 tests/test_triton.py checks against the reference and the C++ ops). Stochastic rounding
@@ -23,10 +23,11 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest) or a GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from fused_flat import FSGLD, SAM, backends, reference  # noqa: E402
-from fused_flat import triton as ft  # noqa: E402
-from fused_flat.triton import multi as tm  # noqa: E402
-from fused_flat.triton import noise as tnoise  # noqa: E402
+from fused_flat import FSGLD, SAM, backends  # noqa: E402
+from fused_flat.backends import reference
+from fused_flat.backends import triton as ft  # noqa: E402
+from fused_flat.backends.triton import multi as tm  # noqa: E402
+from fused_flat.backends.triton import noise as tnoise  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = 0x2545F4914F6CDD1D
@@ -483,7 +484,7 @@ def test_compiled_step_holds_one_node_per_pass(kind):
 def _opcheck_cases():
     """(op, args) per registered Triton list op: small CPU tensors (the interpreter), odd sizes
     and offsets, every optional tensor given (a device scalar each), momentum lists given."""
-    from fused_flat.triton import sam as tsam
+    from fused_flat.backends.triton import sam as tsam
 
     def lst(sizes, seed, dtype=torch.float32):
         g = torch.Generator().manual_seed(seed)
@@ -525,7 +526,7 @@ def test_registered_op_passes_opcheck(name, monkeypatch):
     """torch.library.opcheck of each registered list op (schema: the Tensor(a!)[] annotations
     name exactly the lists written; fake implementation; autograd registration; AOT dispatch
     with functionalization, i.e. what torch.compile does to the op)."""
-    from fused_flat.triton import sam as tsam
+    from fused_flat.backends.triton import sam as tsam
 
     monkeypatch.setattr(tsam, "BLOCK", 32)
     monkeypatch.setattr(tsam, "CHUNK", 64)

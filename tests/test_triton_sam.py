@@ -1,5 +1,5 @@
-"""The multi-tensor SAM Triton kernels (fused_flat/triton/sam.py) under the interpreter,
-against fused_flat/sam_reference.py applied tensor by tensor.
+"""The multi-tensor SAM Triton kernels (fused_flat/backends/triton/sam.py) under the interpreter,
+against fused_flat/backends/sam_reference.py applied tensor by tensor.
 
 Random lists of tensor sizes (1-element tensors, empty tensors, sizes that are not a
 multiple of the block, several chunks per tensor), fp32 and bf16. The interpreter runs
@@ -19,8 +19,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest) or a GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from fused_flat import sam_reference  # noqa: E402
-from fused_flat.triton import sam as tsam  # noqa: E402
+from fused_flat.backends import sam_reference  # noqa: E402
+from fused_flat.backends.triton import sam as tsam  # noqa: E402
 from tests.noise_v3_oracle import rademacher_v3_oracle  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "build", "dist")
 
 STEP = r"""
-import sys, torch, fused_flat, fused_flat._native as n
+import sys, torch, fused_flat, fused_flat.backends._native as n
 assert fused_flat.__file__.startswith(sys.prefix), fused_flat.__file__
 info = n.build_info()
 assert info, f"the wheel's extension did not load: {n.load_error}"

@@ -656,7 +656,7 @@ at::Tensor all_finite_cpu(at::TensorList tensors) {
   return found;
 }
 
-// ---- step plans (fused_flat.core.StepPlan; checks: plan_args.h)
+// ---- step plans (fused_flat.optim.core.StepPlan; checks: plan_args.h)
 // The record of a list that a plan hands to the ops (their `layout` argument).
 at::Tensor plan_layout_cpu(at::TensorList tensors) { return plan::make_layout(tensors); }
 

@@ -1,5 +1,5 @@
 // csrc/cpu/plan_args.h -- the argument checks of the CPU list ops when they run a step plan
-// (fused_flat.core.StepPlan) over the user's own tensors: any shape, dense (non-overlapping,
+// (fused_flat.optim.core.StepPlan) over the user's own tensors: any shape, dense (non-overlapping,
 // any memory format), each element taken in memory order.
 //
 // A plan records every list it hands to an op once, with plan_layout (the record below);
@@ -8,7 +8,7 @@
 // plan: the optimizer then runs its general path, which rebuilds the buckets). Gradients
 // are checked against their parameter (strided, same shape, dtype and device: the meaning of
 // the optimizer's own messages); one laid out otherwise is copied into the parameter's
-// memory order, as fused_flat.buckets.flat_like does. State tensors (momentum buffers,
+// memory order, as fused_flat.optim.buckets.flat_like does. State tensors (momentum buffers,
 // backups) must already share the parameter's layout.
 //
 // Only the CPU translation units include this header (no CUDA TU depends on it).
@@ -67,7 +67,7 @@ inline std::string layout_str(c10::Layout l) {
 }
 
 // Whether element e in memory order is the same logical element of a and b (same shape):
-// fused_flat.buckets.same_layout.
+// fused_flat.optim.buckets.same_layout.
 inline bool same_order(const at::Tensor& a, const at::Tensor& b) {
   if (a.is_contiguous() && b.is_contiguous()) return true;
   const auto sa = a.strides(), sb = b.strides(), n = a.sizes();
@@ -147,7 +147,7 @@ inline void check_layout(at::TensorList ts, const at::Tensor& layout, const char
   TORCH_CHECK_VALUE(pos == n, "fused_flat.", op, ": stale step plan: the record does not match the list");
 }
 
-// The checks the optimizers make of p.grad (fused_flat.core.FlatOptimizer._grads): strided,
+// The checks the optimizers make of p.grad (fused_flat.optim.core.FlatOptimizer._grads): strided,
 // same shape, dtype and device as its parameter. ValueError, as there.
 inline void check_grad(const at::Tensor& p, const at::Tensor& g) {
   TORCH_CHECK_VALUE(g.layout() == c10::kStrided, "fused_flat: a gradient with layout ",
@@ -163,7 +163,7 @@ inline void check_grad(const at::Tensor& p, const at::Tensor& g) {
 }
 
 // g (checked) as the kernels read it: in p's memory order; a gradient laid out otherwise
-// (or not dense) is copied into p's layout (fused_flat.buckets.flat_like).
+// (or not dense) is copied into p's layout (fused_flat.optim.buckets.flat_like).
 inline at::Tensor grad_in_order(const at::Tensor& p, const at::Tensor& g) {
   check_grad(p, g);
   if (g.is_non_overlapping_and_dense() && same_order(g, p)) return g;

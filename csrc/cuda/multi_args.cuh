@@ -25,7 +25,7 @@ struct Tables {
 
 // The lists: same length, 1-D contiguous, one floating dtype, one CUDA device, equal numels
 // across lists. The tables: int64 on that device, shapes [n_chunks, 2], [T, 2], [K, T].
-// Their contents are trusted (fused_flat.multi_tensor builds them from these very lists).
+// Their contents are trusted (fused_flat.backends.multi_tensor builds them from these very lists).
 inline Tables check_args(const char* op, const std::vector<const at::TensorList*>& lists,
                   const at::Tensor& chunks, const at::Tensor& meta, const at::Tensor& ptrs,
                   int64_t chunk) {
@@ -52,7 +52,7 @@ inline Tables check_args(const char* op, const std::vector<const at::TensorList*
                     x.dim() == 2 && (rows < 0 || x.size(0) == rows) && x.size(1) == cols,
                 "fused_flat.", op, ": ", name, " must be a contiguous int64 [", rows, ", ", cols,
                 "] tensor on ", t0.device(), ", got ", x.scalar_type(), " ", x.sizes(), " on ",
-                x.device(), " (build it with fused_flat.multi_tensor)");
+                x.device(), " (build it with fused_flat.backends.multi_tensor)");
   };
   table_ok(chunks, -1, 2, "chunks");
   table_ok(meta, T, 2, "meta");

@@ -1,5 +1,5 @@
 // CUDA kernels of the multi-tensor Langevin ops (schemas: csrc/multi_ops.cpp; Python:
-// fused_flat/cuda_multi.py): perturb, restore + update, and the finiteness check, one launch
+// fused_flat/backends/cuda.py): perturb, restore + update, and the finiteness check, one launch
 // per bucket per pass (issue 12). One block per row of the chunk table; the index logic
 // (call frame, 16-byte unit path, call path) and the per-element bodies live in
 // multi_langevin.cuh (host-emulated by tests/test_multi_langevin_emulation.py), the
@@ -16,7 +16,7 @@
 // the rbits of ALGORITHMS.md §1 (visit_frame's kSR, the per-tensor SR kernel's math); the
 // skipped step's restore and the momentum buffer stay round-to-nearest, as there.
 //
-// Device-resident per-step scalars (CUDA-graph capture, fused_flat/cuda_multi.py): the
+// Device-resident per-step scalars (CUDA-graph capture, fused_flat/backends/cuda.py): the
 // optional step_t (int64), lr_t and noise_std_t (float64 or float32) one-element tensors are
 // passed as pointers (nullptr when absent) and read once per thread at kernel start
 // (load_step_scalars), converted as the host path converts its doubles: bit-identical

@@ -7,7 +7,7 @@
 // Call frame (noise layout 3, ALGORITHMS.md §1). Tensor t with bucket offset off_t and
 // numel n_t is visited in frame positions f = e + mis_t, mis_t = off_t & 3: position f has
 // bucket index 4 * (off_t >> 2) + f, so 4 consecutive positions starting at a multiple of 4
-// are exactly one Philox call. The launch tables (fused_flat.multi_tensor.frame_plan) are
+// are exactly one Philox call. The launch tables (fused_flat.backends.multi_tensor.frame_plan) are
 // built for frame sizes: meta row t = (n_t + mis_t, off_t), chunk rows (t, s) cover frame
 // positions [s, min(s + chunk, n_t + mis_t)); chunk is a multiple of 16, so no Philox call
 // straddles two blocks. Positions f < mis_t (before element 0) are never touched.

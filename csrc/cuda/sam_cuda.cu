@@ -1,6 +1,6 @@
 // CUDA kernels of the multi-tensor SAM-family ops (schemas: csrc/multi_ops.cpp; Python:
-// fused_flat/cuda_sam.py). One launch per bucket per pass: one block per row of the chunk
-// table (fused_flat/multi_tensor.py); the index logic and the per-element bodies live in
+// fused_flat/backends/cuda_sam.py). One launch per bucket per pass: one block per row of the chunk
+// table (fused_flat/backends/multi_tensor.py); the index logic and the per-element bodies live in
 // sam_multi.cuh (host-emulated by tests/test_cuda_emulation.py), the arithmetic in
 // fused_flat/sam_elementwise.h (shared with the CPU kernels). Compiled with -fmad=false.
 //

@@ -2,7 +2,7 @@
 // (csrc/cuda/sam_cuda.cu), __host__ __device__ so that tests/sam_multi_emulation.cpp runs
 // them on the host, thread by thread, against a per-element oracle. No CUDA API here.
 //
-// Launch tables (fused_flat/multi_tensor.py): block b reads row b = (t, start) of the chunk
+// Launch tables (fused_flat/backends/multi_tensor.py): block b reads row b = (t, start) of the chunk
 // table, (numel_t, offset_t) of the tensor table and the K data pointers of tensor t from
 // the pointer table (row k = k-th tensor-list argument), then visits elements
 // [start, min(start + chunk, numel_t)) of tensor t: in 16-byte vectors (LDG.E.128 /

@@ -20,7 +20,7 @@ def unwrap_optimizer(optimizer):
     """The fused_flat optimizer inside framework wrappers (Lightning's LightningOptimizer
     keeps it in ``_optimizer``, accelerate's AcceleratedOptimizer in ``optimizer``);
     anything else is returned as it is."""
-    from fused_flat.core import FlatOptimizer
+    from fused_flat.optim.core import FlatOptimizer
 
     seen = 0
     while optimizer is not None and not isinstance(optimizer, FlatOptimizer) and seen < 8:
@@ -34,13 +34,13 @@ def unwrap_optimizer(optimizer):
 
 
 def is_langevin(optimizer) -> bool:
-    from fused_flat.langevin import LangevinOptimizer
+    from fused_flat.optim.langevin import LangevinOptimizer
 
     return isinstance(optimizer, LangevinOptimizer)
 
 
 def is_sam(optimizer) -> bool:
-    from fused_flat.sam import SAM
+    from fused_flat.optim.sam import SAM
 
     return isinstance(optimizer, SAM)
 
@@ -55,8 +55,8 @@ def perturbs(optimizer) -> bool:
 def sam_variant_error(optimizer, framework: str, alternative: str) -> str | None:
     """The reason a SAM-family optimizer cannot run in ``framework``'s generic training step
     (MSAM and RWSAM have their own ``step`` contracts), or None."""
-    from fused_flat.msam import MSAM
-    from fused_flat.rwsam import RWSAM
+    from fused_flat.optim.msam import MSAM
+    from fused_flat.optim.rwsam import RWSAM
 
     name = type(optimizer).__name__
     if isinstance(optimizer, MSAM):

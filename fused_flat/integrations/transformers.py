@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 
-from fused_flat.bn import running_stats_frozen
+from fused_flat.nn.bn import running_stats_frozen
 from fused_flat.integrations import (is_langevin, is_sam, perturbs, restore_all,
                                      sam_variant_error, unwrap_optimizer)
 

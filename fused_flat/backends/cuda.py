@@ -9,18 +9,18 @@ list signatures: one kernel launch per bucket per pass (issue 12).
     all_finite(tensors) -> float32 [1] on the device (1.0 if any inf/NaN), one launch
 
 Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math and the
-noise are the per-tensor ops' (fused_flat.ops; kernels csrc/cuda/multi_langevin.cu on
-csrc/include/fused_flat/elementwise.h; oracle fused_flat.reference per tensor at its
+noise are the per-tensor ops' (fused_flat.backends.cpp; kernels csrc/cuda/multi_langevin.cu on
+csrc/include/fused_flat/elementwise.h; oracle fused_flat.backends.reference per tensor at its
 offset). ``grad_scale`` / ``found_inf`` are read by the kernels; no call synchronises with
 the host. all_finite keeps a persistent zeroed int32 [2] scratch per (device, stream) (see
 the .cu).
 
 Each pass is ONE registered torch op (opaque; namespace ``fused_flat_cuda``:
 ``perturb_list_``, ``restore_and_step_list_``, ``all_finite_list``;
-fused_flat.multi_tensor.register_list_op: Library.define + impl + register_fake),
+fused_flat.backends.multi_tensor.register_list_op: Library.define + impl + register_fake),
 called by these Python entry points after the argument checks (metadata only). Its real
 implementation builds the launch tables for the call frame
-(fused_flat.multi_tensor.launch_tables, frame=True: pinned staging buffer, non-blocking
+(fused_flat.backends.multi_tensor.launch_tables, frame=True: pinned staging buffer, non-blocking
 copy, owned by the call or, while a CUDA graph is captured, by the process) and calls the
 compiled op (``torch.ops.fused_flat.*_multi``) once; its fake implementation touches nothing
 on the host. So a step on fake CUDA tensors makes no host read and a compiled step holds one
@@ -48,8 +48,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from fused_flat import _native, cuda_arch
-from fused_flat import multi_tensor as mt
+from fused_flat.backends import _native
+from fused_flat.backends import cuda_arch
+from fused_flat.backends import multi_tensor as mt
 
 CHUNK = 1 << 14   # frame positions per CUDA block: 16 x (256 threads x 4 fp32) or 8 x (x 8 bf16)
 
@@ -68,8 +69,8 @@ def _ops():
 def _device(ref: torch.Tensor) -> torch.device:
     device = ref.device
     if device.type != "cuda":
-        raise ValueError(f"fused_flat.cuda_multi: CUDA tensors only, got {device}; use "
-                         f"fused_flat.triton.multi, fused_flat.ops or fused_flat.reference")
+        raise ValueError(f"fused_flat.backends.cuda: CUDA tensors only, got {device}; use "
+                         f"fused_flat.backends.triton.multi, fused_flat.backends.cpp or fused_flat.backends.reference")
     return device
 
 
@@ -106,7 +107,7 @@ def _host(value, tensor, cast):
 
 
 # ------------------------------------------------------------------ the registered ops
-# The real implementations build one launch's tables (fused_flat.multi_tensor) and call the
+# The real implementations build one launch's tables (fused_flat.backends.multi_tensor) and call the
 # compiled op; the fakes touch nothing on the host (module docstring).
 _LIB = torch.library.Library("fused_flat_cuda", "FRAGMENT")   # shared with cuda_sam.py
 
@@ -256,7 +257,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not (mt.lists_ok(tensors, (tensors,)) or all(
             t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
             and t.device == tensors[0].device for t in tensors)):
-        from fused_flat import reference
+        from fused_flat.backends import reference
 
         return reference.all_finite(tensors)
     _device(tensors[0])

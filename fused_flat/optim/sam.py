@@ -1,5 +1,5 @@
-r"""SAM, ASAM and USAM on tensor-list buckets (ALGORITHMS.md §3); m-SAM: fused_flat.msam,
-RW-SAM: fused_flat.rwsam.
+r"""SAM, ASAM and USAM on tensor-list buckets (ALGORITHMS.md §3); m-SAM: fused_flat.optim.msam,
+RW-SAM: fused_flat.optim.rwsam.
 
 With :math:`g_1` the gradient at :math:`\theta` and :math:`g_2` the gradient at the
 perturbed point:
@@ -16,8 +16,8 @@ The norm is ONE global norm over every parameter of the optimizer (as davda54/sa
 The API is davda54/sam's (``first_step``, ``second_step``, ``step(closure)``,
 ``adaptive=True``), with its known gaps closed: the base optimizer's state (momentum) is in
 ``state_dict`` (#73), ``torch.amp.GradScaler`` works (#97), parameters, gradients and state stay
-torch's own tensors (a bucket is an index space over them, fused_flat.buckets), BatchNorm statistics are updated once per
-step (#17, #80; fused_flat.bn), and the SAM object *is* the optimizer whose param_groups the
+torch's own tensors (a bucket is an index space over them, fused_flat.optim.buckets), BatchNorm statistics are updated once per
+step (#17, #80; fused_flat.nn.bn), and the SAM object *is* the optimizer whose param_groups the
 base optimizer uses, so LR schedulers attach to it directly.
 
 Passes per step when the base optimizer is ``torch.optim.SGD`` (the fused path):
@@ -37,9 +37,9 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import flat, local_copy_
-from fused_flat.core import FlatOptimizer, _runtime_attr, number, refuse_dcp_state_init
+from fused_flat.nn.bn import running_stats_frozen
+from fused_flat.optim.buckets import flat, local_copy_
+from fused_flat.optim.core import FlatOptimizer, _runtime_attr, number, refuse_dcp_state_init
 
 NORM_EPS = 1e-12
 RHO_DEFAULT = 0.05
@@ -81,7 +81,7 @@ class SAM(FlatOptimizer):
             through the arithmetic as in davda54/sam. ``skipped_steps`` counts skips.
         freeze_bn (bool): ``step(closure)`` runs the closure (the perturbed pass) with the
             running statistics of every BatchNorm that runs in it frozen
-            (fused_flat.bn.running_stats_frozen), so they are updated once per step, by the
+            (fused_flat.nn.bn.running_stats_frozen), so they are updated once per step, by the
             first pass, exactly as with the base optimizer alone. In the two-call form use
             ``with running_stats_frozen(model):`` around the second forward yourself.
         seed (int | None): the noise seed (RW-SAM's probe, the stochastic-rounding bits);
@@ -585,7 +585,5 @@ class _GradMarks:
 
 
 # Kept importable from here (the families now live in their own modules).
-from fused_flat.msam import MSAM  # noqa: E402
-from fused_flat.rwsam import RWSAM, choose_delta  # noqa: E402
 
-__all__ = ["SAM", "MSAM", "RWSAM", "choose_delta"]
+__all__ = ["SAM"]

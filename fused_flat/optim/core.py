@@ -1,5 +1,5 @@
-"""The optimizer core shared by the Langevin family (fused_flat.langevin) and the SAM
-family (fused_flat.sam, msam, rwsam).
+"""The optimizer core shared by the Langevin family (fused_flat.optim.langevin) and the SAM
+family (fused_flat.optim.sam, msam, rwsam).
 
 One place for: the buckets (index spaces over the user's own tensors, rebuilt when a
 parameter changes dtype, device or shape), the backend of each bucket, the seed (rank 0's
@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.optim import Optimizer
 
 from fused_flat import backends, noise
-from fused_flat.buckets import (Bucket, build_buckets, check_param, flat, flat_like, is_dtensor,
+from fused_flat.optim.buckets import (Bucket, build_buckets, check_param, flat, flat_like, is_dtensor,
                                 layout_key, same_layout)
 
 # 1: flat physical buffers, noise stream layout 1. 2: tensor-list buckets (offsets rounded
@@ -197,7 +197,7 @@ class FlatOptimizer(Optimizer):
         """What torch.optim's ``add_param_group`` does to ``param_group["params"]`` (a
         tensor becomes [tensor], a set is refused, anything else is listed), done first and
         once, so that a generator (``model.parameters()``) is not exhausted by the checks;
-        then every parameter is checked (:func:`fused_flat.buckets.check_param`)."""
+        then every parameter is checked (:func:`fused_flat.optim.buckets.check_param`)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         params = param_group["params"]

@@ -6,10 +6,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from fused_flat.bn import running_stats_frozen
-from fused_flat.buckets import flat, local_copy_, round_up4
-from fused_flat.core import number, refuse_dcp_state_init
-from fused_flat.sam import SAM
+from fused_flat.nn.bn import running_stats_frozen
+from fused_flat.optim.buckets import flat, local_copy_, round_up4
+from fused_flat.optim.core import number, refuse_dcp_state_init
+from fused_flat.optim.sam import SAM
 
 
 class RWSAM(SAM):
@@ -43,7 +43,7 @@ class RWSAM(SAM):
         delta = number("delta", delta, "RWSAM")
         if not 0.0 < delta < math.inf:
             raise ValueError(f"RWSAM: invalid delta={delta} (the probe size must be finite and > 0; "
-                             f"fused_flat.sam.choose_delta picks one)")
+                             f"fused_flat.optim.sam.choose_delta picks one)")
         lam = number("lam", lam, "RWSAM")
         if not math.isfinite(lam):
             raise ValueError(f"RWSAM: invalid lam={lam} (must be finite; 0 gives SAM)")

@@ -1,6 +1,6 @@
 """Can the built CUDA kernels run on this GPU? A clear error instead of "no kernel image".
 
-The extension records its ``TORCH_CUDA_ARCH_LIST`` (``fused_flat._native.build_info()
+The extension records its ``TORCH_CUDA_ARCH_LIST`` (``fused_flat.backends._native.build_info()
 ["cuda_archs"]``, default "8.0;9.0+PTX"). CUDA's rules:
 
 * SASS built for ``sm_XY`` runs on devices of the same major version X with minor >= Y
@@ -84,7 +84,7 @@ def check_device(device) -> str:
     """check_capability for a live CUDA device against the built extension (cached)."""
     import torch
 
-    from fused_flat import _native
+    from fused_flat.backends import _native
 
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx

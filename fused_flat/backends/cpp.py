@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_flat import _native
+from fused_flat.backends import _native
 
 
 def _ops():
@@ -113,7 +113,7 @@ def restore_check_list_(params: list[torch.Tensor], grads: list[torch.Tensor], o
 def plan_layout(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The record (int64) of a list of dense CPU tensors of one floating dtype -- each one's
     requires_grad, shape and strides -- that the list ops take as ``layout`` (a step plan,
-    fused_flat.core.StepPlan). The ops refuse a list that no longer matches it."""
+    fused_flat.optim.core.StepPlan). The ops refuse a list that no longer matches it."""
     return _ops().plan_layout(tensors)
 
 

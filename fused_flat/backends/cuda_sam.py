@@ -9,16 +9,16 @@ signatures: one kernel launch per bucket per pass.
     sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
 
 Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math is
-fused_flat/sam_reference.py's (kernels: csrc/cuda/sam_cuda.cu on
+fused_flat/backends/sam_reference.py's (kernels: csrc/cuda/sam_cuda.cu on
 csrc/include/fused_flat/sam_elementwise.h). ``coef`` may be a Python float or a 1-element
 device tensor (read by the kernel, so the global norm never leaves the GPU); ``grad_scale`` /
 ``found_inf`` are read by the kernel. No call synchronises with the host.
 
 Each pass is ONE registered torch op (opaque; namespace ``fused_flat_cuda``:
 ``sam_grad_sq_norm_list``, ``sam_perturb_list_``, ``sam_restore_and_step_list_``,
-``sam_probe_list_``; fused_flat.multi_tensor.register_list_op), called by these Python entry
+``sam_probe_list_``; fused_flat.backends.multi_tensor.register_list_op), called by these Python entry
 points after the argument checks (metadata only): its real implementation builds one
-launch's tables (fused_flat.multi_tensor.launch_tables: pinned staging, non-blocking copy,
+launch's tables (fused_flat.backends.multi_tensor.launch_tables: pinned staging, non-blocking copy,
 capture-owned while a CUDA graph is captured) and calls the compiled op once; its fake implementation
 touches nothing on the host (no host read on fake tensors, one node per pass under
 torch.compile). The table building runs only in the real implementation, which fake tensors
@@ -28,7 +28,7 @@ Device-resident per-step scalars (CUDA-graph capture, ``capturable=True``): the 
 ``sam_restore_and_step_`` may be a one-element float64 (or float32) tensor, and the ``step``
 of its stochastic rounding and of ``sam_probe_`` a one-element int64 tensor, on the params'
 device: read by the kernel when it runs, never on the host, converted as the scalar path
-converts ``float(t)`` / ``int(t)`` (bit-identical results; fused_flat.cuda_multi).
+converts ``float(t)`` / ``int(t)`` (bit-identical results; fused_flat.backends.cuda).
 """
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from fused_flat import _native, cuda_arch
-from fused_flat import multi_tensor as mt
-from fused_flat.cuda_multi import _FLOAT_DTYPES, _STEP_DTYPES, _host, device_scalar
+from fused_flat.backends import _native
+from fused_flat.backends import cuda_arch
+from fused_flat.backends import multi_tensor as mt
+from fused_flat.backends.cuda import _FLOAT_DTYPES, _STEP_DTYPES, _host, device_scalar
 
 CHUNK = 1 << 14   # elements per CUDA block: 16 x (256 threads x 4 fp32) or 8 x (x 8 bf16)
 
@@ -60,8 +61,8 @@ def _ops():
 def _check_device(ref: torch.Tensor) -> torch.device:
     device = ref.device
     if device.type != "cuda":
-        raise ValueError(f"fused_flat.cuda_sam: CUDA tensors only, got {device}; use "
-                         f"fused_flat.triton.sam, fused_flat.sam_ops or fused_flat.sam_reference")
+        raise ValueError(f"fused_flat.backends.cuda_sam: CUDA tensors only, got {device}; use "
+                         f"fused_flat.backends.triton.sam, fused_flat.backends.cpp_sam or fused_flat.backends.sam_reference")
     return device
 
 

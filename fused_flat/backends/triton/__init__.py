@@ -11,9 +11,9 @@ launched through ``torch.library.wrap_triton``, so ``torch.compile`` traces into
 ops run eagerly on CPU tensors; no fallback is needed.)
 
 The Python entry points ``perturb_`` / ``restore_and_step_`` have the signatures of
-fused_flat.reference. They compute the Philox key and the bucket word on the host
+fused_flat.backends.reference. They compute the Philox key and the bucket word on the host
 (noise.noise_key), pick the constexpr switches, and hand fp64 buckets to
-fused_flat.reference (the kernels compute in fp32; an fp64 bucket keeps fp64 arithmetic,
+fused_flat.backends.reference (the kernels compute in fp32; an fp64 bucket keeps fp64 arithmetic,
 as the C++ backend does, through the reference).
 
 Devices: CUDA; also CPU when ``TRITON_INTERPRET=1`` (so the test-suite can run the
@@ -29,17 +29,18 @@ try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
 except Exception as exc:  # pragma: no cover - depends on the install
-    raise ImportError(f"fused_flat.triton needs Triton ({type(exc).__name__}: {exc}); it ships with "
+    raise ImportError(f"fused_flat.backends.triton needs Triton ({type(exc).__name__}: {exc}); it ships with "
                       f"CUDA builds of torch, or `pip install triton`") from exc
 
 import torch
 from torch.library import triton_op, wrap_triton
 
-from fused_flat import backends, reference
+from fused_flat import backends
+from fused_flat.backends import reference
 from fused_flat.noise import TAG_LIMIT, check_bucket_id
-from fused_flat.triton import perturb as _perturb
-from fused_flat.triton import restore_and_step as _rs
-from fused_flat.triton.noise import MASK32, noise_key
+from fused_flat.backends.triton import perturb as _perturb
+from fused_flat.backends.triton import restore_and_step as _rs
+from fused_flat.backends.triton.noise import MASK32, noise_key
 
 __all__ = ["backend", "perturb_", "restore_and_step_", "perturb_from_", "interpreted"]
 
@@ -96,34 +97,34 @@ def _perturb_from_op(param: torch.Tensor, master: torch.Tensor, key: int, bw: in
 # ------------------------------------------------------------------ argument checks
 def _check_bucket(t: torch.Tensor, name: str) -> None:
     if t.dim() != 1 or not t.is_contiguous():
-        raise ValueError(f"fused_flat.triton: {name} must be a contiguous 1-D bucket, got shape "
+        raise ValueError(f"fused_flat.backends.triton: {name} must be a contiguous 1-D bucket, got shape "
                          f"{tuple(t.shape)} strides {t.stride()}")
     if not t.is_floating_point():
-        raise ValueError(f"fused_flat.triton: {name} must be floating point, got {t.dtype}")
+        raise ValueError(f"fused_flat.backends.triton: {name} must be floating point, got {t.dtype}")
 
 
 def _check_like(param: torch.Tensor, other: torch.Tensor, name: str) -> None:
     _check_bucket(other, name)
     if other.numel() != param.numel() or other.dtype != param.dtype or other.device != param.device:
-        raise ValueError(f"fused_flat.triton: {name} must match the parameter bucket (numel "
+        raise ValueError(f"fused_flat.backends.triton: {name} must match the parameter bucket (numel "
                          f"{param.numel()}, {param.dtype}, {param.device}); got numel {other.numel()}, "
                          f"{other.dtype}, {other.device}")
 
 
 def _check_scalar(t: Optional[torch.Tensor], param: torch.Tensor, name: str) -> None:
     if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != param.device):
-        raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
+        raise ValueError(f"fused_flat.backends.triton: {name} must be a one-element float32 tensor on "
                          f"{param.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
 
 
 def _check_noise_args(seed: int, bucket_id: int, offset: int, tag: int) -> None:
     if not 0 <= seed < 2 ** 63:
-        raise ValueError(f"fused_flat.triton: seed must be in [0, 2^63), got {seed}")
+        raise ValueError(f"fused_flat.backends.triton: seed must be in [0, 2^63), got {seed}")
     if offset < 0:
-        raise ValueError(f"fused_flat.triton: offset must be >= 0, got {offset}")
+        raise ValueError(f"fused_flat.backends.triton: offset must be >= 0, got {offset}")
     check_bucket_id(bucket_id)
     if not -1 <= tag < TAG_LIMIT:
-        raise ValueError(f"fused_flat.triton: tag must be in [-1, 256), got {tag}")
+        raise ValueError(f"fused_flat.backends.triton: tag must be in [-1, 256), got {tag}")
 
 
 # ------------------------------------------------------------------ entry points
@@ -133,7 +134,7 @@ def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int
     _check_bucket(param, "param")
     _check_noise_args(seed, bucket_id, offset, tag)
     if tag < 0:
-        raise ValueError(f"fused_flat.triton.perturb_: tag must be >= 0, got {tag}")
+        raise ValueError(f"fused_flat.backends.triton.perturb_: tag must be >= 0, got {tag}")
     if sigma == 0.0 or param.numel() == 0:
         return
     if param.dtype == torch.float64:   # fp64 keeps fp64 arithmetic: the reference does it
@@ -149,7 +150,7 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
                       lr: float, weight_decay: float, momentum: float, dampening: float,
                       nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float,
                       stochastic_rounding: bool = False) -> None:
-    """The fused restore + decay + momentum + Langevin + update pass (see fused_flat.reference);
+    """The fused restore + decay + momentum + Langevin + update pass (see fused_flat.backends.reference);
     ``stochastic_rounding``: bf16/fp16 params get the SR of the fp32 result (ignored for
     fp32/fp64)."""
     _check_bucket(param, "param")
@@ -160,7 +161,7 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
     _check_scalar(found_inf, param, "found_inf")
     _check_noise_args(seed, bucket_id, offset, restore_tag)
     if restore_tag < 0 and sigma != 0.0:
-        raise ValueError("fused_flat.triton.restore_and_step_: restore_tag must be >= 0 when sigma != 0")
+        raise ValueError("fused_flat.backends.triton.restore_and_step_: restore_tag must be >= 0 when sigma != 0")
     if param.numel() == 0:
         return
     if param.dtype == torch.float64:
@@ -179,18 +180,18 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
 def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,
                   tag: int, sigma: float, offset: int = 0) -> None:
     """param <- round-to-nearest(master + sigma * eps(tag)): fp32 master, bf16/fp16/fp32
-    param, fp32 math (fused_flat.reference.perturb_from_)."""
+    param, fp32 math (fused_flat.backends.reference.perturb_from_)."""
     _check_bucket(param, "param")
     _check_bucket(master, "master")
     if master.dtype != torch.float32 or master.numel() != param.numel() or master.device != param.device:
-        raise ValueError(f"fused_flat.triton.perturb_from_: master must be float32 with the param's "
+        raise ValueError(f"fused_flat.backends.triton.perturb_from_: master must be float32 with the param's "
                          f"numel ({param.numel()}) on {param.device}, got {master.dtype} numel "
                          f"{master.numel()} on {master.device}")
     if param.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"fused_flat.triton.perturb_from_: param must be bf16, fp16 or fp32, got {param.dtype}")
+        raise ValueError(f"fused_flat.backends.triton.perturb_from_: param must be bf16, fp16 or fp32, got {param.dtype}")
     _check_noise_args(seed, bucket_id, offset, tag)
     if tag < 0:
-        raise ValueError(f"fused_flat.triton.perturb_from_: tag must be >= 0, got {tag}")
+        raise ValueError(f"fused_flat.backends.triton.perturb_from_: tag must be >= 0, got {tag}")
     if param.numel() == 0:
         return
     torch.ops.fused_flat_triton.perturb_from_(param, master, *noise_key(seed, bucket_id),
@@ -200,7 +201,7 @@ def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_i
 def backend() -> backends.Backend:
     """The 'triton' Backend: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
     devices = ("cuda", "cpu") if interpreted() else ("cuda",)
-    from fused_flat.triton import multi, sam
+    from fused_flat.backends.triton import multi, sam
 
     b = backends.with_sam_lists(backends.lift("triton", devices, perturb_, restore_and_step_,
                                               perturb_from_=perturb_from_), sam)

@@ -1,7 +1,7 @@
 """Typed Python entry points of the compiled SAM-family ops (``torch.ops.fused_flat.sam_*``).
 
 Schemas: csrc/sam_ops.cpp; CPU kernels: csrc/cpu/sam_cpu.cpp; the math they implement:
-fused_flat/sam_reference.py. Fake implementations are registered so the ops trace under
+fused_flat/backends/sam_reference.py. Fake implementations are registered so the ops trace under
 ``torch.compile``. Importing never fails; calling an op without the extension raises with
 the reason and the fix.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_flat import _native
+from fused_flat.backends import _native
 
 
 def _ops():
@@ -79,7 +79,7 @@ def sam_grad_sq_norm_list(grads: list[torch.Tensor], params: list[torch.Tensor],
                           eta: float = 0.0, layout: torch.Tensor | None = None) -> torch.Tensor:
     """float64 [T]: entry t = sam_grad_sq_norm(grads[t], params[t] if adaptive, eta), every
     tensor in one parallel loop. Without ``layout`` the tensors are 1-D contiguous (``params``
-    may be empty when not adaptive); with it (fused_flat.ops.plan_layout of ``params``) they
+    may be empty when not adaptive); with it (fused_flat.backends.cpp.plan_layout of ``params``) they
     are the user's own tensors, the gradients read in their parameter's memory order."""
     return _ops().sam_grad_sq_norm_list(grads, params, adaptive, eta, layout)
 
@@ -144,7 +144,7 @@ if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
             return None
 
 
-    # Tensor-argument forms (torch.compile; see fused_flat.ops): the per-step coefficient,
+    # Tensor-argument forms (torch.compile; see fused_flat.backends.cpp): the per-step coefficient,
     # the learning rate and the step counter as 0-dim CPU tensors, read when the op runs.
     @torch.library.custom_op("fused_flat::sam_perturb_t_", mutates_args=("param", "backup"))
     def _sam_perturb_t(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor,

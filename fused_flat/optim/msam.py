@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from fused_flat.core import refuse_dcp_state_init
-from fused_flat.sam import SAM
+from fused_flat.optim.core import refuse_dcp_state_init
+from fused_flat.optim.sam import SAM
 
 def _split_batch(batch, m: int) -> list[tuple[object, int]]:
     if isinstance(batch, torch.Tensor):

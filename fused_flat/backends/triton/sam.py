@@ -2,7 +2,7 @@
 
 List ops (each list: 1-D contiguous tensors of one dtype and device, same numels across
 the lists of one call); the per-element math is csrc/include/fused_flat/sam_elementwise.h,
-and fused_flat/sam_reference.py is the oracle:
+and fused_flat/backends/sam_reference.py is the oracle:
 
     sam_grad_sq_norm(grads, params|None, eta) -> 0-dim float64 tensor on the device
     sam_perturb_(params, grads, backups, adaptive, coef, eta)
@@ -13,15 +13,15 @@ and fused_flat/sam_reference.py is the oracle:
 
 Each is ONE registered torch op (opaque; namespace ``fused_flat_triton``:
 ``sam_grad_sq_norm_list``, ``sam_perturb_list_``, ``sam_restore_and_step_list_``,
-``sam_probe_list_``; fused_flat.multi_tensor.register_list_op), called by these Python entry points
-after the argument checks (metadata only); as in fused_flat/triton/multi.py the real
-implementation builds one launch's tables (fused_flat.multi_tensor.launch_tables: pinned
+``sam_probe_list_``; fused_flat.backends.multi_tensor.register_list_op), called by these Python entry points
+after the argument checks (metadata only); as in fused_flat/backends/triton/multi.py the real
+implementation builds one launch's tables (fused_flat.backends.multi_tensor.launch_tables: pinned
 staging, non-blocking copy, capture-owned while a CUDA graph is captured) and launches once,
 and the fake implementation touches nothing on the host (no host read on fake tensors, one
 node per pass under torch.compile). Fake tensors therefore never run the table building:
 tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
 
-Launch: one launch's tables from fused_flat.multi_tensor. Program b reads its row (t, start) of the
+Launch: one launch's tables from fused_flat.backends.multi_tensor. Program b reads its row (t, start) of the
 chunk table, tensor t's numel / bucket offset from the tensor table and its data pointers
 from the pointer table (``int64 -> pointer`` casts), then walks ``CHUNK`` elements in
 ``BLOCK`` steps: whole blocks unmasked, the last one masked. ``coef`` may be a Python
@@ -30,19 +30,19 @@ device); ``grad_scale`` / ``found_inf`` are read in the kernel too. The squared 
 two-stage deterministic reduction: one float64 partial per chunk, then ``partials.sum()``
 on the device (no host sync, no atomics: the same bits on every run).
 
-Device-resident per-step scalars (CUDA-graph capture), as in fused_flat/triton/multi.py:
+Device-resident per-step scalars (CUDA-graph capture), as in fused_flat/backends/triton/multi.py:
 ``sam_restore_and_step_``'s ``lr`` may be a one-element float64 (or float32) tensor on the
 device (loaded, rounded to fp32 RNE: the bits of ``float(lr)``) and its ``step`` (the SR
 bits) a one-element int64 tensor (its low 32 bits, as ``step & MASK32``); ``sam_probe_``'s
 ``step`` likewise. Constexprs LR_PTR / STEP_PTR select the loads, a dummy pointer stands in
 when unused, so the Python-scalar path is unchanged; no host read of the tensors (a
-ValueError names what to pass). The fp64 fallbacks (fused_flat.sam_reference) read tensor
+ValueError names what to pass). The fp64 fallbacks (fused_flat.backends.sam_reference) read tensor
 ``lr`` / ``coef`` on the host.
 
 Math in fp32 for fp32/bf16/fp16; fp64 lists go to the reference (fp64 arithmetic), as the
 flat Triton ops do. Devices: CUDA, and CPU under TRITON_INTERPRET=1.
 
-RW-SAM's probe sign is fused_flat/triton/noise.py's ``rademacher``: the top bit of
+RW-SAM's probe sign is fused_flat/backends/triton/noise.py's ``rademacher``: the top bit of
 w(16, i) = x_(i & 3) of Philox call j = i >> 2 (noise-stream layout 3, ALGORITHMS.md §1);
 the stochastic-rounding bits are its ``sr_bits_of`` of the tag-0 and tag-32 words.
 """
@@ -54,10 +54,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_flat import multi_tensor as mt
-from fused_flat import sam_reference
+from fused_flat.backends import multi_tensor as mt
+from fused_flat.backends import sam_reference
 from fused_flat.noise import check_bucket_id
-from fused_flat.triton.noise import (MASK32, block_words, index_words, noise_key, rademacher,
+from fused_flat.backends.triton.noise import (MASK32, block_words, index_words, noise_key, rademacher,
                                      sr_bits_of, stochastic_round_bits)
 
 BLOCK = 1024
@@ -304,15 +304,15 @@ def probe_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, bw, 
 
 # ------------------------------------------------------------------ launch tables
 def _launch_args(lists, offsets=None):
-    """One launch's tables (fused_flat.multi_tensor.launch_tables) and the launch constexprs
-    (ALIGNED: every data pointer 16-byte aligned, fused_flat.multi_tensor.Tables.aligned16).
+    """One launch's tables (fused_flat.backends.multi_tensor.launch_tables) and the launch constexprs
+    (ALIGNED: every data pointer 16-byte aligned, fused_flat.backends.multi_tensor.Tables.aligned16).
     Runs inside the ops' real implementations only (it reads data pointers)."""
     tb = mt.launch_tables(lists, CHUNK, offsets)
     return tb, dict(ALIGNED=tb.aligned16, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # ------------------------------------------------------------------ the registered ops
-# One torch op per pass (fused_flat.multi_tensor.register_list_op), as fused_flat/triton/multi.py:
+# One torch op per pass (fused_flat.backends.multi_tensor.register_list_op), as fused_flat/backends/triton/multi.py:
 # the real implementation builds the tables and launches once; the fake implementation
 # touches nothing on the host (no host read on fake tensors, one node per pass in a
 # compiled graph). The table building runs only in the real implementation:
@@ -426,7 +426,7 @@ PROBE_LIST = mt.register_list_op(
 # ------------------------------------------------------------------ argument checks
 def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> None:
     if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != ref.device):
-        raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
+        raise ValueError(f"fused_flat.backends.triton: {name} must be a one-element float32 tensor on "
                          f"{ref.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
 
 
@@ -459,7 +459,7 @@ def _float_arg(what: str, name: str, x, ref: torch.Tensor):
 
 
 def _host_int(x):
-    """A step for the fp64 paths (fused_flat.reference needs host values): a tensor is read
+    """A step for the fp64 paths (fused_flat.backends.reference needs host values): a tensor is read
     on the host here, so fp64 lists are not capturable."""
     return int(x) if isinstance(x, torch.Tensor) else x
 
@@ -521,7 +521,7 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
                           grad_mult: float, stochastic_rounding: bool = False, seed: int = 0,
                           bucket_id: int = 0, step: int | torch.Tensor = 0,
                           offsets: Sequence[int] | None = None) -> None:
-    """theta <- backup, then torch.optim.SGD's update with g2 (fused_flat.sam_reference);
+    """theta <- backup, then torch.optim.SGD's update with g2 (fused_flat.backends.sam_reference);
     a set ``found_inf`` only restores (momentum untouched). No host sync: one call of the op
     ``fused_flat_triton::sam_restore_and_step_list_``.
 

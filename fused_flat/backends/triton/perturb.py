@@ -1,7 +1,7 @@
 """The Triton perturb pass: theta <- theta + sigma * eps(tag) over bucket elements [offset, offset + n).
 
 One read and one write of theta per element; eps = z(tag, i) is regenerated from the
-noise stream (fused_flat.triton.noise, layout 3), never stored. Program p covers Philox
+noise stream (fused_flat.backends.triton.noise, layout 3), never stored. Program p covers Philox
 calls (offset >> 2) + p * BLOCK/4 + k, i.e. the local elements p * BLOCK - MIS + [0, BLOCK)
 (MIS = offset & 3, a constexpr so that for an offset that is a multiple of 4 the compiler
 sees an aligned, contiguous block and emits 128-bit loads/stores). Math in fp32; fp32/bf16/fp16 buckets.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_flat.triton.noise import block_normals, rne_bf16
+from fused_flat.backends.triton.noise import block_normals, rne_bf16
 
 BLOCK = 1024
 NUM_WARPS = 4

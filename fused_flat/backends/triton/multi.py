@@ -1,7 +1,7 @@
 """The Langevin passes (perturb, restore + update) and the finiteness check as multi-tensor
 Triton kernels: one launch per bucket per pass (issue 12).
 
-List ops, with the Backend list signatures (fused_flat/backends.py); each list holds 1-D
+List ops, with the Backend list signatures (fused_flat/backends/__init__.py); each list holds 1-D
 contiguous tensors of one dtype and device, and the lists of one call have equal numels:
 
     perturb_(params, offsets, seed, bucket_id, step, tag, sigma)
@@ -13,10 +13,10 @@ contiguous tensors of one dtype and device, and the lists of one call have equal
 
 Each is ONE registered torch op (opaque; namespace ``fused_flat_triton``: ``perturb_list_``,
 ``restore_and_step_list_``, ``all_finite_list``; defined by
-fused_flat.multi_tensor.register_list_op: Library.define + impl + register_fake, whose
+fused_flat.backends.multi_tensor.register_list_op: Library.define + impl + register_fake, whose
 dispatch costs less than half of torch.library.custom_op's per tensor) called by these Python
 entry points after the argument checks (metadata only). The op's real implementation builds
-the launch tables (fused_flat.multi_tensor.launch_tables: pinned staging buffer, non-blocking
+the launch tables (fused_flat.backends.multi_tensor.launch_tables: pinned staging buffer, non-blocking
 copy, tables owned by the call or, while a CUDA graph is being captured, by the process) and
 launches the kernel once; its fake implementation touches
 nothing on the host. So on fake tensors (FakeTensorMode, torch.compile's tracing) a step
@@ -25,12 +25,12 @@ fake tensors never run the table-building code: tests/test_gpu_sync.py checks it
 (``make gpu-check``, torch.cuda.set_sync_debug_mode("error"), a CUDA graph captured on the
 first step).
 
-Math and noise: those of the per-tensor kernels (fused_flat/triton/perturb.py,
-restore_and_step.py), built on the same helpers of fused_flat/triton/noise.py (noise
+Math and noise: those of the per-tensor kernels (fused_flat/backends/triton/perturb.py,
+restore_and_step.py), built on the same helpers of fused_flat/backends/triton/noise.py (noise
 layout 3): element e of tensor t has bucket index i = offsets[t] + e; one Philox call
 j = i >> 2 serves 4 elements of one tag.
 
-Launch (one launch's tables from fused_flat.multi_tensor, as fused_flat/triton/sam.py): program b
+Launch (one launch's tables from fused_flat.backends.multi_tensor, as fused_flat/backends/triton/sam.py): program b
 reads row (t, s) of the chunk table and works in tensor t's *call frame*: frame position
 f = e + mis, mis = offsets[t] & 3, so that frame position f has bucket index
 4 * (offsets[t] >> 2) + f and a block of BLOCK frame positions starting at a multiple of
@@ -43,7 +43,7 @@ host; for the usual bucket, offsets are multiples of 4 and mis = 0); the tensor'
 block when mis > 0 and the chunk's last partial block are masked.
 
 ``grad_scale`` / ``found_inf`` are read in the kernel (no host sync). fp64 lists keep fp64
-arithmetic through the per-tensor entry points (which hand them to fused_flat.reference).
+arithmetic through the per-tensor entry points (which hand them to fused_flat.backends.reference).
 
 ``stochastic_rounding=True`` (bf16 / fp16 lists; ignored for fp32 / fp64): the same single
 launch with the constexpr SR (IS_BF16 picks the rounding, EPS_TAG0 = restore_tag == 0): theta
@@ -71,7 +71,7 @@ STEP_PTR / LR_PTR / NOISE_STD_PTR pick the loads, and an unused pointer argument
 dummy (the first param), as for grad_scale / found_inf. The per-step ints (step_lo, tags,
 momentum_init) are in ``do_not_specialize`` and floats never specialize, so a new step or
 lr never recompiles (tests/test_triton_list_aot.py checks the binding). fp64 lists go
-through fused_flat.reference, which needs host values: there the tensors are read on the
+through fused_flat.backends.reference, which needs host values: there the tensors are read on the
 host (fp64 is not capturable).
 
 ``all_finite`` is one launch and no host sync: each program folds its chunk's flag into a
@@ -89,13 +89,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_flat import multi_tensor as mt
-from fused_flat import reference
+from fused_flat.backends import multi_tensor as mt
+from fused_flat.backends import reference
 from fused_flat.noise import TAG_LIMIT, check_bucket_id
-from fused_flat.triton.noise import (block_normals, noise_key, step_noise,
+from fused_flat.backends.triton.noise import (block_normals, noise_key, step_noise,
                                      stochastic_round_bits)
 # the masked / unmasked block load and store; the device-scalar loads and host checks
-from fused_flat.triton.sam import (_f32, _float_arg, _host_float, _host_int, _ld, _st,
+from fused_flat.backends.triton.sam import (_f32, _float_arg, _host_float, _host_int, _ld, _st,
                                    _step_arg, _step_lo)
 
 BLOCK = 1024
@@ -186,7 +186,7 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, bw, step_lo, restore_ta
                 NEED_XI: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
                 EPS_TAG0: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):
-    # the per-element math of fused_flat/triton/restore_and_step.py, operation for operation
+    # the per-element math of fused_flat/backends/triton/restore_and_step.py, operation for operation
     o = _fofs(f, BLOCK)
     mask = _frame_mask(o, mis, n)
     theta = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
@@ -313,7 +313,7 @@ def all_finite_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, scratch_ptr, o
 # ------------------------------------------------------------------ launch tables
 def _frame_tables(lists, offsets):
     """One launch's tables for the call frame (numel + (offset & 3) per tensor, 0 for empty
-    tensors; fused_flat.multi_tensor.launch_tables) and the launch constexprs. Runs inside
+    tensors; fused_flat.backends.multi_tensor.launch_tables) and the launch constexprs. Runs inside
     the ops' real implementations only (it reads data pointers)."""
     ref = lists[0]
     tb = mt.launch_tables(lists, CHUNK, offsets, frame=True)
@@ -328,9 +328,9 @@ def _frame_tables(lists, offsets):
 
 
 # ------------------------------------------------------------------ the registered ops
-# One torch op per pass (fused_flat.multi_tensor.register_list_op: Library.define + impl +
+# One torch op per pass (fused_flat.backends.multi_tensor.register_list_op: Library.define + impl +
 # register_fake; the schemas' Tensor(a!)[] mark the lists written): the real implementation
-# builds the launch tables (pinned staging, non-blocking copy: fused_flat.multi_tensor) and
+# builds the launch tables (pinned staging, non-blocking copy: fused_flat.backends.multi_tensor) and
 # launches the kernel once; the fake implementation touches nothing on the host, so a step
 # on fake tensors (FakeTensorMode, torch.compile's tracing) makes no host read and the
 # compiled graph holds one node per pass. The table building itself runs only in the real
@@ -447,7 +447,7 @@ def _check_noise(what, seed, bucket_id, tag):
 
 def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> None:
     if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != ref.device):
-        raise ValueError(f"fused_flat.triton: {name} must be a one-element float32 tensor on "
+        raise ValueError(f"fused_flat.backends.triton: {name} must be a one-element float32 tensor on "
                          f"{ref.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
 
 
@@ -465,10 +465,10 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
     _check_offsets("perturb_", params, offsets)
     _check_noise("perturb_", seed, bucket_id, tag)
     if tag < 0:
-        raise ValueError(f"fused_flat.triton.perturb_: tag must be >= 0, got {tag}")
+        raise ValueError(f"fused_flat.backends.triton.perturb_: tag must be >= 0, got {tag}")
     if sigma == 0.0 or not params:
         return
-    step_ptr, step_lo, step_is_ptr = _step_arg("fused_flat.triton.perturb_", step, params[0])
+    step_ptr, step_lo, step_is_ptr = _step_arg("fused_flat.backends.triton.perturb_", step, params[0])
     if params[0].dtype == torch.float64:   # fp64 keeps fp64 arithmetic (the reference)
         for p, off in zip(params, offsets):
             reference.perturb_(p, seed, bucket_id, _host_int(step), tag, sigma, int(off))
@@ -480,8 +480,8 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
 
 def _per_tensor_restore_and_step(params, grads, moms, offsets, *args, stochastic_rounding):
     """One per-tensor Triton launch per tensor: the fp64 path (the per-tensor entry point
-    hands fp64 to fused_flat.reference; device scalars are read on the host here)."""
-    from fused_flat import triton as per_tensor
+    hands fp64 to fused_flat.backends.reference; device scalars are read on the host here)."""
+    from fused_flat.backends import triton as per_tensor
 
     (grad_scale, found_inf, seed, bucket_id, step, restore_tag, sigma, lr, weight_decay,
      momentum, dampening, nesterov, momentum_init, noise_std, grad_mult) = args
@@ -503,15 +503,15 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                       noise_std: float | torch.Tensor, grad_mult: float,
                       stochastic_rounding: bool = False) -> None:
     """The fused restore + decay + momentum + Langevin + update pass over a tensor list (the
-    math of fused_flat.reference.restore_and_step_, tensor t at bucket offset offsets[t]).
+    math of fused_flat.backends.reference.restore_and_step_, tensor t at bucket offset offsets[t]).
     ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors (module docstring).
     One call of the op ``fused_flat_triton::restore_and_step_list_`` (one launch)."""
-    what = "fused_flat.triton.restore_and_step_"
+    what = "fused_flat.backends.triton.restore_and_step_"
     mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
     _check_offsets("restore_and_step_", params, offsets)
     _check_noise("restore_and_step_", seed, bucket_id, restore_tag)
     if restore_tag < 0 and sigma != 0.0:
-        raise ValueError("fused_flat.triton.restore_and_step_: restore_tag must be >= 0 when "
+        raise ValueError("fused_flat.backends.triton.restore_and_step_: restore_tag must be >= 0 when "
                          "sigma != 0")
     if not params:
         return

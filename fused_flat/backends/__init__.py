@@ -1,7 +1,7 @@
 """The one place that decides which backend runs a bucket, for both optimizer families.
 
 A backend runs the passes of a bucket over *lists* of 1-D tensors (the :func:`flat` views
-of the user's parameters, gradients and momentum buffers, fused_flat.buckets) with each
+of the user's parameters, gradients and momentum buffers, fused_flat.optim.buckets) with each
 tensor's offset in the bucket's index space:
 
 * ``perturb_(params, offsets, seed, bucket_id, step, tag, sigma)``
@@ -18,10 +18,10 @@ tensor's offset in the bucket's index space:
   grad_scale, found_inf, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
   grad_mult)``, ``sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)``
 
-(the per-element math: fused_flat.reference and fused_flat.sam_reference). Backends whose
+(the per-element math: fused_flat.backends.reference and fused_flat.backends.sam_reference). Backends whose
 kernels take one tensor at a time (the reference, the C++ CPU ops) are lifted to lists here;
-the GPU backends launch once per list ('triton': fused_flat.triton.multi / .sam, 'cuda':
-fused_flat.cuda_multi / cuda_sam). Their ``restore_and_step_`` also takes
+the GPU backends launch once per list ('triton': fused_flat.backends.triton.multi / .sam, 'cuda':
+fused_flat.backends.cuda / cuda_sam). Their ``restore_and_step_`` also takes
 ``stochastic_rounding=False``.
 
 'auto' rule: CUDA tensors -> 'triton' when Triton is importable, else 'cuda' (the compiled
@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from fused_flat import _native
+from fused_flat.backends import _native
 
 NAMES = ("auto", "reference", "cpp", "cuda", "triton")
 SAM_OPS = ("sam_grad_sq_norm", "sam_perturb_", "sam_restore_and_step_", "sam_probe_")
@@ -65,7 +65,7 @@ class Backend:
     # (params, grads, offsets, seed, bucket, step, tag, sigma) -> float32 [1] found_inf: the
     # restore half of a checked fp32 step with the finiteness check in the same pass (cpp)
     restore_check_: Callable | None = None
-    # Step plans (fused_flat.core.StepPlan; cpp): plan_layout(tensors) -> the record the list
+    # Step plans (fused_flat.optim.core.StepPlan; cpp): plan_layout(tensors) -> the record the list
     # passes take as ``layout=`` (the user's tensors as they are, any dense shape);
     # check_step(params, layout, grads, has_grad, finite) -> found_inf, the first pass of a
     # planned step (writes nothing). None: this backend runs no plans.
@@ -84,7 +84,7 @@ class Backend:
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
          all_finite=None, perturb_from_=None, perturb_list_=None,
          restore_and_step_list_=None, sam_lists=None) -> Backend:
-    """A list Backend from per-tensor ops (signatures of fused_flat.reference /
+    """A list Backend from per-tensor ops (signatures of fused_flat.backends.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
 
     Per-step values (step, lr, noise_std) may come as CPU tensors (``capturable=True`` or
@@ -94,11 +94,11 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     ``perturb_list_`` / ``restore_and_step_list_`` (the C++ CPU list ops): one parallel loop
     per bucket instead of one per tensor, used when the per-step values are numbers
     (eager); tensors (torch.compile, capturable) go through the per-tensor forms. ``sam_lists``
-    (fused_flat.sam_ops with the C++ SAM list ops) does the same for the SAM passes.
+    (fused_flat.backends.cpp_sam with the C++ SAM list ops) does the same for the SAM passes.
 
-    ``layout=`` (a step plan's record, fused_flat.ops.plan_layout): the tensors are the user's
+    ``layout=`` (a step plan's record, fused_flat.backends.cpp.plan_layout): the tensors are the user's
     own, any dense shape, and only the list ops take them (eager, number values)."""
-    native_t = name == "cpp"   # fused_flat.ops / sam_ops: the tensor-argument (*_t_) op forms
+    native_t = name == "cpp"   # fused_flat.backends.cpp / sam_ops: the tensor-argument (*_t_) op forms
 
     def _numbers(*vals) -> bool:
         return not any(isinstance(v, torch.Tensor) for v in vals) and not torch.compiler.is_compiling()
@@ -197,7 +197,7 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
         kw = dict(sam_grad_sq_norm=sq_norm_list, sam_perturb_=sam_perturb_list,
                   sam_restore_and_step_=sam_restore_list, sam_probe_=sam_probe_list)
     if all_finite is None:
-        from fused_flat.reference import all_finite
+        from fused_flat.backends.reference import all_finite
     import inspect
 
     sr = "stochastic_rounding" in inspect.signature(restore_and_step_).parameters and (
@@ -221,7 +221,7 @@ def _host(v):
 
 def with_sam_lists(b: Backend, mod) -> Backend:
     """``b`` with the SAM-family list ops of ``mod`` (functions already taking lists: one
-    launch per bucket, fused_flat.triton.sam and fused_flat.cuda_sam)."""
+    launch per bucket, fused_flat.backends.triton.sam and fused_flat.backends.cuda_sam)."""
     import inspect
 
     sr = b.stochastic_rounding and "stochastic_rounding" in inspect.signature(
@@ -232,13 +232,14 @@ def with_sam_lists(b: Backend, mod) -> Backend:
 
 def with_langevin_lists(b: Backend, mod) -> Backend:
     """``b`` with the Langevin list ops and ``all_finite`` of ``mod`` (functions already
-    taking lists: one launch per bucket, fused_flat.triton.multi and fused_flat.cuda_multi)."""
+    taking lists: one launch per bucket, fused_flat.backends.triton.multi and fused_flat.backends.cuda)."""
     return dataclasses.replace(b, **{name: getattr(mod, name) for name in LANGEVIN_OPS})
 
 
 # --------------------------------------------------------------------------- factories
 def _reference() -> Backend:
-    from fused_flat import reference, sam_reference
+    from fused_flat.backends import reference
+    from fused_flat.backends import sam_reference
 
     return lift("reference", ("cpu", "cuda", "meta"), reference.perturb_,
                 reference.restore_and_step_, sam_reference, perturb_from_=reference.perturb_from_)
@@ -251,12 +252,12 @@ def _compiled(name: str, device: str) -> Backend:
     if device == "cuda" and not _native.cuda_built():
         raise RuntimeError("the extension was built without CUDA kernels; rebuild with nvcc on "
                            "PATH (or CUDA_HOME set) and FORCE_CUDA=1")
-    from fused_flat import ops
+    from fused_flat.backends import cpp as ops
 
     sam = sam_lists = None
     if device == "cpu":
         if hasattr(torch.ops.fused_flat, "sam_perturb_"):
-            from fused_flat import sam_ops as sam
+            from fused_flat.backends import cpp_sam as sam
 
             sam_lists = sam if sam.has_list_ops() else None
         else:
@@ -273,11 +274,11 @@ def _compiled(name: str, device: str) -> Backend:
     if lists and sam_lists is not None and ops.has_plan_ops():
         b = dataclasses.replace(b, plan_layout=ops.plan_layout, check_step=ops.check_step_list)
     if device == "cuda":
-        from fused_flat import cuda_sam
+        from fused_flat.backends import cuda_sam
 
         if cuda_sam.available():
             b = with_sam_lists(b, cuda_sam)
-        from fused_flat import cuda_multi
+        from fused_flat.backends import cuda as cuda_multi
 
         if cuda_multi.available():
             b = with_langevin_lists(b, cuda_multi)   # one launch per bucket per pass
@@ -288,7 +289,7 @@ def _compiled(name: str, device: str) -> Backend:
 
 def _triton() -> Backend:
     try:
-        mod = importlib.import_module("fused_flat.triton")
+        mod = importlib.import_module("fused_flat.backends.triton")
     except Exception as exc:
         raise RuntimeError(f"the Triton kernels are not available ({type(exc).__name__}: {exc}); "
                            f"`pip install triton` (it ships with CUDA builds of torch)") from exc
@@ -378,7 +379,7 @@ def resolve(name: str, t: torch.Tensor, sam: bool = False) -> Backend:
 
 
 def per_tensor(b: Backend):
-    """``b``'s Langevin passes with the per-tensor signatures of fused_flat.reference
+    """``b``'s Langevin passes with the per-tensor signatures of fused_flat.backends.reference
     (``perturb_(param, seed, bucket_id, step, tag, sigma, offset)``, ...), for tests and
     benchmarks that drive one tensor."""
     import types

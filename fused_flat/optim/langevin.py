@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 
 from fused_flat import backends
-from fused_flat.buckets import flat, local_copy_
-from fused_flat.core import (LOW_PRECISION, FlatOptimizer, default_seed, number,
+from fused_flat.optim.buckets import flat, local_copy_
+from fused_flat.optim.core import (LOW_PRECISION, FlatOptimizer, default_seed, number,
                              refuse_dcp_state_init)
 
 # Kept for code that imported them from here.
@@ -92,7 +92,7 @@ class LangevinOptimizer(FlatOptimizer):
     (whoever wrote it: autograd, DDP, user code); it is perturbed iff it ``requires_grad``
     when the perturbation is made, and the restore undoes exactly that. Parameters,
     gradients and state stay the user's own tensors: a bucket is an index space over them
-    (fused_flat.buckets); the noise index of an element follows its parameter's memory
+    (fused_flat.optim.buckets); the noise index of an element follows its parameter's memory
     order (a channels_last weight is perturbed in channels_last order).
 
     The two-call form, for code that cannot pass a closure::

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_flat.triton.noise import step_noise, stochastic_round_bits
+from fused_flat.backends.triton.noise import step_noise, stochastic_round_bits
 
 BLOCK = 1024
 NUM_WARPS = 4
