@@ -71,9 +71,14 @@ class Backend:
     # planned step (writes nothing). None: this backend runs no plans.
     plan_layout: Callable | None = None
     check_step: Callable | None = None
+    # The floating dtypes its kernels take (resolve() sends other buckets elsewhere).
+    dtypes: tuple = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    # Its ops take step / lr as one-element CPU tensors read in the op (cpp): under
+    # torch.compile the optimizer hands them over as tensors, so their values put no guard.
+    cpu_tensor_scalars: bool = False
 
     def supports(self, t: torch.Tensor) -> bool:
-        return t.device.type in self.devices
+        return t.device.type in self.devices and t.dtype in self.dtypes
 
     @property
     def has_sam(self) -> bool:
@@ -83,7 +88,7 @@ class Backend:
 # --------------------------------------------------------------------------- list lifting
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
          all_finite=None, perturb_from_=None, perturb_list_=None,
-         restore_and_step_list_=None, sam_lists=None) -> Backend:
+         restore_and_step_list_=None, sam_lists=None, cpu_tensor_scalars=False) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.backends.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
 
@@ -98,7 +103,7 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
 
     ``layout=`` (a step plan's record, fused_flat.backends.cpp.plan_layout): the tensors are the user's
     own, any dense shape, and only the list ops take them (eager, number values)."""
-    native_t = name == "cpp"   # fused_flat.backends.cpp / sam_ops: the tensor-argument (*_t_) op forms
+    native_t = cpu_tensor_scalars   # fused_flat.backends.cpp / cpp_sam: the tensor-argument (*_t_) op forms
 
     def _numbers(*vals) -> bool:
         return not any(isinstance(v, torch.Tensor) for v in vals) and not torch.compiler.is_compiling()
@@ -203,7 +208,8 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     sr = "stochastic_rounding" in inspect.signature(restore_and_step_).parameters and (
         sam is None or "stochastic_rounding" in inspect.signature(sam.sam_restore_and_step_).parameters)
     return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite,
-                   perturb_from_=perturb_from_list, stochastic_rounding=sr, **kw)
+                   perturb_from_=perturb_from_list, stochastic_rounding=sr,
+                   cpu_tensor_scalars=cpu_tensor_scalars, **kw)
 
 
 
@@ -268,7 +274,7 @@ def _compiled(name: str, device: str) -> Backend:
     b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
              ops.all_finite if device == "cpu" else None, ops.perturb_from_,
              ops.perturb_list_ if lists else None, ops.restore_and_step_list_ if lists else None,
-             sam_lists)
+             sam_lists, cpu_tensor_scalars=device == "cpu")
     if lists:
         b = dataclasses.replace(b, restore_check_=ops.restore_check_list_)
     if lists and sam_lists is not None and ops.has_plan_ops():

@@ -717,7 +717,7 @@ class FlatOptimizer(Optimizer):
         guard on its value); else the Python int."""
         if self._k_dev is not None:
             return self._k_dev
-        if torch.compiler.is_compiling() and backend.name == "cpp":
+        if torch.compiler.is_compiling() and backend.cpu_tensor_scalars:
             return self._k_t
         return self._k
 
@@ -739,7 +739,7 @@ class FlatOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__}: lr is a tensor on {lr.device}: reading "
                                  f"it every step is a host sync; pass capturable=True (the kernels "
                                  f"then read it on the device) or a CPU tensor / float lr")
-            if torch.compiler.is_compiling() and backend.name == "cpp":
+            if torch.compiler.is_compiling() and backend.cpu_tensor_scalars:
                 return lr
             return float(lr)
         return lr
