@@ -444,3 +444,29 @@ def test_per_tensor_view_of_a_list_backend():
     reference.restore_and_step_(b, g, None, None, None, 3, 1, 2, 8, 0, 0.5, 0.1, 0.0, 0.0, 0.0,
                                 False, False, 0.01, 1.0)
     assert torch.equal(a, b)
+
+
+def test_resolver_decides_by_dtype(monkeypatch):
+    """The resolver is the one place that picks a backend, by device AND dtype: 'auto' passes
+    over a backend that has no kernels for the bucket's dtype, an explicit name that cannot
+    run it raises a ValueError naming the dtype and what to use (here a stand-in 'cpp' that
+    takes only fp32, whatever the build)."""
+    import dataclasses
+
+    from fused_flat import backends
+
+    fp32_only = dataclasses.replace(backends.get("reference"), name="cpp", devices=("cpu",),
+                                    dtypes=(torch.float32,))
+    monkeypatch.setitem(backends._cache, "cpp", fp32_only)
+    assert backends.resolve("auto", torch.zeros(2)) is fp32_only
+    assert backends.resolve("cpp", torch.zeros(2)) is fp32_only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # "the reference runs them"
+        assert backends.resolve("auto", torch.zeros(2, dtype=torch.float64)).name == "reference"
+    for sam in (False, True):
+        with pytest.raises(ValueError, match=r"backend 'cpp' has no torch.float64 kernels \(it "
+                                             r"takes float32\).*backend='auto'.*"
+                                             r"backend='reference'"):
+            backends.resolve("cpp", torch.zeros(2, dtype=torch.float64), sam=sam)
+    with pytest.raises(ValueError, match="no torch.float64 kernels"):
+        SGLD([nn.Parameter(torch.zeros(3, dtype=torch.float64))], lr=0.1, backend="cpp")

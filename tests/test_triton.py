@@ -1,6 +1,8 @@
 """Tests of the Triton backend under Triton's CPU interpreter (TRITON_INTERPRET=1, set by
-conftest.py): the noise stream, the two ops and the optimizers against fused_flat.backends.reference
-and the C++ backend ('cpp', when the extension is built).
+conftest.py): the noise stream, the Langevin passes on one tensor (the list ops over a
+one-tensor list: fused_flat.backends.per_tensor) and the optimizers against
+fused_flat.backends.reference and the C++ backend ('cpp', when the extension is built);
+the resolver's handling of the dtypes Triton has no kernels for.
 
 Sizes stay small (the interpreter costs ~10 ms per program that calls Philox).
 """
@@ -16,7 +18,6 @@ pytest.importorskip("triton")
 
 from fused_flat import FSGLD, RWP, SGLD, backends, noise  # noqa: E402
 from fused_flat.backends import reference
-from fused_flat.backends import triton as ft  # noqa: E402
 from fused_flat.backends.triton import noise as tnoise  # noqa: E402
 
 SEED = 0x2545F4914F6CDD1D  # < 2^63, both 32-bit halves non-zero
@@ -30,6 +31,9 @@ RS_SHAPES = [(1, 1), (3, 5), (2100, 7)]
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="these tests run the kernels on CPU tensors (interpreter)")
+# the Triton list passes with reference.py's per-tensor signatures
+ft = backends.per_tensor(backends.get("triton")) if os.environ.get("TRITON_INTERPRET") == "1" \
+    else None
 
 
 def _cpp():
@@ -68,11 +72,17 @@ def test_backend_discovery():
     assert b.name == "triton" and b.devices == ("cuda", "cpu")
     assert backends.resolve("triton", torch.zeros(3)) is b
     assert backends.resolve("auto", torch.zeros(3)).name != "triton"   # CPU 'auto' never interprets
-    # the ops declare exactly which tensors they mutate (torch.compile relies on it)
+    # the ops declare exactly which lists they mutate (torch.compile relies on it)
     mutated = lambda op: {a.name for a in op.default._schema.arguments  # noqa: E731
                           if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated(torch.ops.fused_flat_triton.perturb_) == {"param"}
-    assert mutated(torch.ops.fused_flat_triton.restore_and_step_) == {"param", "momentum_buffer"}
+    ops = torch.ops.fused_flat_triton
+    assert mutated(ops.perturb_list_) == {"params"}
+    assert mutated(ops.perturb_from_list_) == {"params"}
+    assert mutated(ops.restore_and_step_list_) == {"params", "moms"}
+    assert mutated(ops.sam_perturb_list_) == {"params", "backups"}
+    assert mutated(ops.sam_restore_and_step_list_) == {"params", "moms"}
+    assert mutated(ops.sam_probe_list_) == {"params", "backups"}
+    assert mutated(ops.sam_grad_sq_norm_list) == mutated(ops.all_finite_list) == set()
 
 
 # ------------------------------------------------------------------ noise stream
@@ -181,18 +191,55 @@ def test_perturb_sigma_zero_and_empty_are_noops():
     ft.perturb_(torch.empty(0), SEED, BUCKET, STEP, 0, 1.0, 0)
 
 
-def test_fp64_falls_back_to_reference():
-    theta = torch.randn(101, dtype=torch.float64)
-    got, ref = theta.clone(), theta.clone()
-    ft.perturb_(got, SEED, BUCKET, STEP, 0, 0.1, 1)
-    reference.perturb_(ref, SEED, BUCKET, STEP, 0, 0.1, 1)
-    assert torch.equal(got, ref)
-    g, m = torch.randn(101, dtype=torch.float64), torch.randn(101, dtype=torch.float64)
-    args = (None, None, SEED, BUCKET, STEP, 1, 0, 0.1, 0.05, 1e-3, 0.9, 0.0, False, False, 1e-3, 1.0)
-    m1, m2 = m.clone(), m.clone()
-    ft.restore_and_step_(got, g, m1, *args)
-    reference.restore_and_step_(ref, g, m2, *args)
-    assert torch.equal(got, ref) and torch.equal(m1, m2)
+def test_fp64_is_resolved_elsewhere_and_refused_by_the_kernels():
+    """Triton has no fp64 kernels: the resolver gives fp64 buckets to a backend that has
+    ('auto'), refuses backend='triton' for them, and the list ops refuse fp64 lists (no
+    internal hand-over to another backend)."""
+    b = backends.get("triton")
+    d = torch.zeros(3, dtype=torch.float64)
+    assert not b.supports(d) and b.supports(d.float()) and b.supports(d.bfloat16())
+    auto = backends.resolve("auto", d)
+    assert auto.name != "triton" and auto.supports(d)
+    for sam in (False, True):
+        with pytest.raises(ValueError, match=f"no torch.float64 kernels.*backend='auto'.*"
+                                             f"backend='{auto.name}'"):
+            backends.resolve("triton", d, sam=sam)
+    g = torch.zeros(3, dtype=torch.float64)
+    calls = {
+        "perturb_": lambda: b.perturb_([d], [0], SEED, BUCKET, STEP, 0, 0.1),
+        "restore_and_step_": lambda: b.restore_and_step_(
+            [d], [g], None, [0], None, None, SEED, BUCKET, STEP, 0, 0.1, 0.1, 0.0, 0.0, 0.0,
+            False, False, 0.0, 1.0),
+        "all_finite": lambda: b.all_finite([d]),
+        "sam_grad_sq_norm": lambda: b.sam_grad_sq_norm([g], None, 0.0),
+        "sam_perturb_": lambda: b.sam_perturb_([d], [g], [d.clone()], False, 0.1, 0.0),
+        "sam_restore_and_step_": lambda: b.sam_restore_and_step_(
+            [d], [d.clone()], [g], None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, 1.0),
+        "sam_probe_": lambda: b.sam_probe_([d], [d.clone()], [0], SEED, BUCKET, STEP, 0.1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name}: torch.float64 tensors are not supported"):
+            call()
+    assert torch.equal(d, torch.zeros(3, dtype=torch.float64))
+
+
+def test_fp64_optimizer_on_triton_is_refused():
+    """Caught before anything runs (the buckets are resolved when the optimizer is made
+    or first steps)."""
+    model = torch.nn.Linear(3, 2).double()
+    x = torch.ones(4, 3, dtype=torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="backend 'triton' has no torch.float64 kernels"):
+        opt = FSGLD(model.parameters(), lr=0.1, backend="triton")
+
+        def closure():
+            opt.zero_grad()
+            loss = model(x).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 @pytest.mark.parametrize("bad", ["2d", "int", "seed", "offset", "mismatch", "scale"])

@@ -210,17 +210,18 @@ def test_noise_std_tensor_zero_draws_xi_and_adds_nothing():
     _bits_equal(got, want, "noise_std tensor 0.0")
 
 
-def test_fp64_lists_accept_tensors_read_on_the_host():
-    """fp64 lists go to fused_flat.backends.reference (host values): tensors work there, read on the
-    host (documented; fp64 is not capturable)."""
+def test_fp64_lists_are_refused_with_device_scalars_too():
+    """fp64 lists are not the kernels' (fused_flat.backends.resolve gives fp64 buckets to
+    another backend): refused with a ValueError, never read on the host nor handed on."""
     params, grads = _lists([5, 9], torch.float64, 10), _lists([5, 9], torch.float64, 11)
-    want, got = _clone(params), _clone(params)
+    before = _clone(params)
     k = 2 ** 32 + 3
-    for p, step, lr, ns in ((want, k, 0.1, 1e-3), (got, _i64(k), _f(0.1), _f(1e-3))):
-        tm.perturb_(p, [1, 6], SEED, BUCKET, step, 0, 0.05)
-        tm.restore_and_step_(p, grads, None, [1, 6], None, None, SEED, BUCKET, step, 0, 0.05,
-                             lr, 0.0, 0.0, 0.0, False, False, ns, 1.0)
-    _bits_equal(got, want, "fp64")
+    with pytest.raises(ValueError, match="float64 tensors are not supported"):
+        tm.perturb_(params, [1, 6], SEED, BUCKET, _i64(k), 0, 0.05)
+    with pytest.raises(ValueError, match="float64 tensors are not supported"):
+        tm.restore_and_step_(params, grads, None, [1, 6], None, None, SEED, BUCKET, _i64(k), 0,
+                             0.05, _f(0.1), 0.0, 0.0, 0.0, False, False, _f(1e-3), 1.0)
+    _bits_equal(params, before, "fp64 untouched")
 
 
 # ------------------------------------------------------------------ SAM
@@ -380,13 +381,13 @@ def test_wrappers_make_no_host_read_under_fake_tensor_mode():
         "perturb_list_", "restore_and_step_list_", "sam_restore_and_step_list_",
         "sam_probe_list_", "sam_perturb_list_", "sam_grad_sq_norm_list", "all_finite_list"]
     per = calls["perturb_list_"]
-    assert per["step_t"] is step and per["step_lo"] == 0 and per["offsets"] == [0, 5]
+    assert per["step_t"] is step and per["step"] == 0 and per["offsets"] == [0, 5]
     rs = calls["restore_and_step_list_"]
     assert rs["step_t"] is step and rs["lr_t"] is lr and rs["noise_std_t"] is ns
     assert rs["lr"] == 0.0 and rs["noise_std"] == 0.0 and rs["found_inf"] is fi
     assert rs["stochastic_rounding"] is True and rs["moms"][1] is m[1]
     srs = calls["sam_restore_and_step_list_"]
-    assert srs["lr_t"] is lr and srs["step_t"] is step and srs["sr"] is True
+    assert srs["lr_t"] is lr and srs["step_t"] is step and srs["stochastic_rounding"] is True
     assert srs["offsets"] == [0, 5]
     assert calls["sam_probe_list_"]["step_t"] is step
     sp = calls["sam_perturb_list_"]

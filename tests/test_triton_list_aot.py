@@ -1,9 +1,9 @@
-"""Static GPU checks of the multi-tensor (list) Triton kernels without a GPU
-(fused_flat/backends/triton/multi.py, fused_flat/backends/triton/sam.py), as tests/test_triton_aot.py does for
-the per-tensor kernels: ahead-of-time compile for sm_80 and sm_90 of the variants that
-stochastic rounding and the device-resident step / lr / noise_std (STEP_PTR, LR_PTR,
-NOISE_STD_PTR) add, and assert no register spills, a register bound and 128-bit accesses
-on whole blocks. Also: the per-step scalar arguments (step counter, lr, noise_std, tags,
+"""Static GPU checks of the Triton kernels without a GPU (every pass is a multi-tensor list
+kernel: fused_flat/backends/triton/multi.py, fused_flat/backends/triton/sam.py): ahead-of-time
+compile for sm_80 and sm_90 of the plain variants and of those that stochastic rounding, the
+perturbation from fp32 masters and the device-resident step / lr / noise_std (STEP_PTR,
+LR_PTR, NOISE_STD_PTR) add, and assert no register spills, a register bound and 128-bit
+accesses on whole blocks. Also: the per-step scalar arguments (step counter, lr, noise_std, tags,
 momentum_init) never change the kernel's specialization, i.e. a new step never recompiles
 (checked with Triton's own argument binder for the sm_90 target).
 
@@ -111,6 +111,13 @@ def _compile_report() -> dict:
                          **tables)
             out[f"sam.restore_and_step[{dt}]/sm{cc}"] = build(sam.restore_and_step_kernel, sig,
                                                               const, cc)
+        for dt in ("bf16", "fp16"):
+            sig = {"chunks_ptr": _I64, "meta_ptr": _I64, "ptrs_ptr": _I64, "T": "i32",
+                   "carrier": f"*{dt}", "master_carrier": "*fp32", "step_ptr": _I64,
+                   "key": "i64", "bw": "i32", "step_lo": "i64", "tag": "i32", "sigma": "fp32"}
+            out[f"multi.perturb_from[{dt}]/sm{cc}"] = build(
+                multi.perturb_from_kernel, sig,
+                dict(NEED_EPS=True, IS_BF16=dt == "bf16", STEP_PTR=False, **tables), cc)
         sig = {"chunks_ptr": _I64, "meta_ptr": _I64, "ptrs_ptr": _I64, "T": "i32",
                "carrier": "*bf16", "step_ptr": _I64, "key": "i64", "bw": "i32", "step_lo": "i64",
                "delta": "fp32"}
@@ -152,6 +159,11 @@ def _specialization_report() -> dict:
                                      (p, p, p, 3, p, p, 0x12345678, BW, s, tag, lr),
                                      dict(STEP_PTR=False, **tables))
                                 for s, lr, _, tag, _ in steps}) == 1
+    out["multi.perturb_from"] = len({spec(multi.perturb_from_kernel,
+                                          (p, p, p, 3, p, p, p, 0x12345678, BW, s, tag, lr),
+                                          dict(NEED_EPS=True, IS_BF16=False, STEP_PTR=False,
+                                               **tables))
+                                     for s, lr, _, tag, _ in steps}) == 1
     sam_kw = dict(HAS_MOM=True, NESTEROV=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
                   SR=True, IS_BF16=True, OFF4=True, LR_PTR=False, STEP_PTR=False, **tables)
     out["sam.restore_and_step"] = len({spec(
@@ -164,9 +176,23 @@ def _specialization_report() -> dict:
     return out
 
 
+def run_aot_script(script: str, timeout: int) -> dict:
+    """Run ``script`` (a test module whose __main__ compiles kernels ahead of time and prints
+    a JSON report as its last line) in a subprocess without TRITON_INTERPRET; the report."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton_cache"))
+    env["TRITON_CACHE_DIR"] = env["TRITON_CACHE_DIR"] + "_aot"
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, os.path.abspath(script)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def report() -> dict:
-    from tests.test_triton_aot import run_aot_script
     return run_aot_script(__file__, timeout=600)
 
 
@@ -175,6 +201,7 @@ def _names():
     for cc in ARCHS:
         names += [f"multi.restore_and_step[{v}]/sm{cc}" for v in ML_RS]
         names += [f"multi.perturb[step_ptr={s}]/sm{cc}" for s in (False, True)]
+        names += [f"multi.perturb_from[{dt}]/sm{cc}" for dt in ("bf16", "fp16")]
         names += [f"sam.restore_and_step[{dt}]/sm{cc}" for dt in ("fp32", "bf16", "fp16")]
         names.append(f"sam.probe[step_ptr]/sm{cc}")
     return names
@@ -194,7 +221,7 @@ def test_128_bit_accesses(report, name):
 
 
 @pytest.mark.parametrize("kernel", ["multi.restore_and_step", "multi.perturb",
-                                    "sam.restore_and_step", "sam.probe"])
+                                    "multi.perturb_from", "sam.restore_and_step", "sam.probe"])
 def test_per_step_scalars_do_not_recompile(report, kernel):
     assert report["specialization"][kernel], f"{kernel}: a per-step scalar changes the key"
 

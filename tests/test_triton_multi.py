@@ -1,9 +1,11 @@
 """The multi-tensor Langevin Triton kernels (fused_flat/backends/triton/multi.py) under the interpreter:
 one launch per list, against fused_flat.backends.reference applied tensor by tensor at each tensor's
-bucket offset, and bit for bit against the per-tensor Triton kernels (same noise helpers,
-same operation order: equal eps/xi bits mean equal Philox words, which
-tests/test_triton.py checks against the reference and the C++ ops). Stochastic rounding
-(bf16 / fp16) runs in the same single launch: bit for bit the per-tensor SR op.
+bucket offset, and bit for bit against the same ops on one-tensor lists (a tensor's result
+does not depend on the other tensors of its list: fused_flat.backends.per_tensor; equal
+eps/xi bits mean equal Philox words, which tests/test_triton.py checks against the
+reference and the C++ ops). Stochastic rounding (bf16 / fp16) runs in the same single
+launch: bit for bit on one-tensor lists. fp64 lists are refused (the resolver gives fp64
+buckets to another backend).
 
 Random lists of sizes (1-element and empty tensors, sizes not a multiple of the block,
 several chunks per tensor) with random bucket offsets, odd ones included (FSDP shards): a
@@ -25,11 +27,11 @@ pytest.importorskip("triton")
 
 from fused_flat import FSGLD, SAM, backends  # noqa: E402
 from fused_flat.backends import reference
-from fused_flat.backends import triton as ft  # noqa: E402
 from fused_flat.backends.triton import multi as tm  # noqa: E402
 from fused_flat.backends.triton import noise as tnoise  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ft = backends.per_tensor(backends.get("triton"))   # the list ops on one-tensor lists
 SEED = 0x2545F4914F6CDD1D
 BUCKET, STEP = 3, 11
 
@@ -110,7 +112,7 @@ def test_perturb_matches_reference_and_per_tensor(dtype, seed, monkeypatch):
         reference.perturb_(p, SEED, BUCKET, STEP, 5, 0.3, off)
         ft.perturb_(q, SEED, BUCKET, STEP, 5, 0.3, off)
     _close_ref(got, ref, dtype, "perturb vs reference")
-    _equal(got, per, "perturb vs per-tensor triton")
+    _equal(got, per, "perturb vs one-tensor lists")
 
 
 def test_perturb_noise_is_the_stream():
@@ -128,7 +130,7 @@ def test_perturb_noise_is_the_stream():
         assert (z - ref).abs().max().item() <= 1e-6
 
 
-def test_perturb_noops_and_fp64():
+def test_perturb_noops_and_fp64_refused():
     ps = [torch.randn(5, device=DEVICE), torch.randn(0, device=DEVICE)]
     before = _clone(ps)
     tm.perturb_(ps, [0, 5], SEED, BUCKET, STEP, 0, 0.0)      # sigma = 0
@@ -137,10 +139,48 @@ def test_perturb_noops_and_fp64():
     _equal(ps, before, "no-op")
     d = [torch.randn(n, dtype=torch.float64, device=DEVICE) for n in (3, 9)]
     want = _clone(d)
-    tm.perturb_(d, [1, 7], SEED, BUCKET, STEP, 2, 0.1)
-    for p, off in zip(want, [1, 7]):
-        reference.perturb_(p, SEED, BUCKET, STEP, 2, 0.1, off)
-    _equal(d, want, "fp64 = reference")
+    with pytest.raises(ValueError, match="float64 tensors are not supported"):
+        tm.perturb_(d, [1, 7], SEED, BUCKET, STEP, 2, 0.1)
+    _equal(d, want, "fp64 untouched")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("sigma", [0.3, 0.0])
+def test_perturb_from_matches_reference(dtype, sigma, monkeypatch):
+    """param <- round(master + sigma * eps) from fp32 masters (master_weights=True): one
+    launch, the reference's numbers (1 ulp for the 16-bit roundings of the interpreter),
+    the params' own values never read; sigma = 0 copies the masters, rounded."""
+    seed = 40 + (dtype == torch.float16) + 2 * (sigma == 0.0)
+    sizes, offsets = _case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    masters = _tensors(sizes, torch.float32, gen)
+    got = [torch.full((n,), 7.0, dtype=dtype, device=DEVICE) for n in sizes]
+    count = _Count(tm.perturb_from_kernel)
+    monkeypatch.setattr(tm, "perturb_from_kernel", count)
+    tm.perturb_from_(got, masters, offsets, SEED, BUCKET, STEP, 5, sigma)
+    assert count.n == (1 if sum(sizes) else 0), "one launch per list"
+    want = [torch.empty(n, dtype=dtype, device=DEVICE) for n in sizes]
+    for p, m, off in zip(want, masters, offsets):
+        reference.perturb_from_(p, m, SEED, BUCKET, STEP, 5, sigma, off)
+    _close_ref(got, want, dtype if dtype != torch.float16 else torch.bfloat16, "perturb_from")
+    if sigma == 0.0 and dtype == torch.float32:
+        _equal(got, masters, "sigma = 0: the masters")
+    per = [torch.zeros(n, dtype=dtype, device=DEVICE) for n in sizes]
+    for p, m, off in zip(per, masters, offsets):
+        ft.perturb_from_(p, m, SEED, BUCKET, STEP, 5, sigma, off)
+    _equal(got, per, "perturb_from vs one-tensor lists")
+
+
+def test_perturb_from_argument_checks():
+    p, m = [torch.zeros(4, dtype=torch.bfloat16, device=DEVICE)], [torch.zeros(4, device=DEVICE)]
+    with pytest.raises(ValueError, match="masters must be float32"):
+        tm.perturb_from_(p, [x.double() for x in m], [0], SEED, BUCKET, STEP, 0, 0.1)
+    with pytest.raises(ValueError, match="masters must match params"):
+        tm.perturb_from_(p, [torch.zeros(3, device=DEVICE)], [0], SEED, BUCKET, STEP, 0, 0.1)
+    with pytest.raises(ValueError, match="float64 tensors are not supported"):
+        tm.perturb_from_([x.double() for x in m], m, [0], SEED, BUCKET, STEP, 0, 0.1)
+    with pytest.raises(ValueError, match="tag must be in"):
+        tm.perturb_from_(p, m, [0], SEED, BUCKET, STEP, -1, 0.1)
 
 
 def test_misaligned_views_take_the_scalar_path():
@@ -212,23 +252,23 @@ def test_restore_and_step_matches_reference_and_per_tensor(dtype, name, monkeypa
     per = (_clone(params), _clone(moms))
     _run_rs(None, per[0], grads, per[1], offsets, cfg, ft.restore_and_step_)
     _close_ref(got[0], ref[0], dtype, f"{name} theta vs reference")
-    _equal(got[0], per[0], f"{name} theta vs per-tensor triton")
+    _equal(got[0], per[0], f"{name} theta vs one-tensor lists")
     if moms is not None:
         _close_ref(got[1], ref[1], dtype, f"{name} momentum vs reference")
-        _equal(got[1], per[1], f"{name} momentum vs per-tensor triton")
+        _equal(got[1], per[1], f"{name} momentum vs one-tensor lists")
         if cfg[6]:
             _equal(got[1], moms, f"{name}: a skipped step leaves the momentum")
 
 
-def test_restore_and_step_fp64_and_empty():
+def test_restore_and_step_fp64_refused_and_empty():
     sizes, offsets = [3, 0, 8], [1, 3, 5]
     p = [torch.randn(n, dtype=torch.float64, device=DEVICE) for n in sizes]
     g = [torch.randn(n, dtype=torch.float64, device=DEVICE) for n in sizes]
     want = _clone(p)
     cfg = CONFIGS["fsgld"]
-    _run_rs(tm.restore_and_step_, p, g, None, offsets, cfg)
-    _run_rs(None, want, g, None, offsets, cfg, reference.restore_and_step_)
-    _equal(p, want, "fp64 = reference")
+    with pytest.raises(ValueError, match="float64 tensors are not supported"):
+        _run_rs(tm.restore_and_step_, p, g, None, offsets, cfg)
+    _equal(p, want, "fp64 untouched")
     _run_rs(tm.restore_and_step_, [], [], None, [], cfg)
 
 
@@ -267,8 +307,8 @@ def _bits(ts):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(SR_CONFIGS))
 def test_stochastic_rounding_in_the_list_kernel(dtype, name, monkeypatch):
-    """SR inside the one launch: bit for bit the per-tensor Triton SR op (same words, same
-    rbits, same SR helper); bit for bit the reference where no noise float enters (the
+    """SR inside the one launch: bit for bit the same op on one-tensor lists (same words, same
+    rbits); bit for bit the reference where no noise float enters (the
     noise floats of the reference are torch's: rare 1-ulp flips otherwise)."""
     cfg = SR_CONFIGS[name]
     seed = 100 + list(SR_CONFIGS).index(name) + (20 if dtype == torch.float16 else 0)
@@ -283,9 +323,9 @@ def test_stochastic_rounding_in_the_list_kernel(dtype, name, monkeypatch):
     assert count.n == 1, "one launch per list, SR included"
     per = (_clone(params), _clone(moms))
     _run_sr(ft.restore_and_step_, per[0], grads, per[1], offsets, cfg, True)
-    _equal(_bits(got[0]), _bits(per[0]), f"{name} SR theta vs per-tensor triton")
+    _equal(_bits(got[0]), _bits(per[0]), f"{name} SR theta vs one-tensor lists")
     if moms is not None:
-        _equal(_bits(got[1]), _bits(per[1]), f"{name} momentum vs per-tensor triton")
+        _equal(_bits(got[1]), _bits(per[1]), f"{name} momentum vs one-tensor lists")
     ref = (_clone(params), _clone(moms))
     _run_sr(reference.restore_and_step_, ref[0], grads, ref[1], offsets, cfg, True)
     skipped = cfg[6] == 1.0
@@ -324,9 +364,9 @@ def test_stochastic_rounding_rounds_stochastically():
     assert 0 < moved < sum(sizes)
 
 
-def test_stochastic_rounding_fp64_and_fp32_ignore_the_flag():
+def test_stochastic_rounding_fp32_ignores_the_flag():
     sizes, offsets = [5, 9], [1, 6]
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32,):
         gen = torch.Generator().manual_seed(3)
         p, g = _tensors(sizes, dtype, gen), _tensors(sizes, dtype, gen)
         a, b = _clone(p), _clone(p)
@@ -364,16 +404,17 @@ def test_all_finite_edge_cases():
     assert tm.all_finite([]).item() == 0.0
     assert tm.all_finite([torch.zeros(0, device=DEVICE)]).item() == 0.0
     d = [torch.tensor([1e300, 2.0], dtype=torch.float64, device=DEVICE)]
-    assert tm.all_finite(d).item() == 0.0                 # fp64 never goes through fp32
-    d[0][1] = float("inf")
-    assert tm.all_finite(d).item() == 1.0
+    with pytest.raises(ValueError, match="float64 tensors are not supported"):
+        tm.all_finite(d)        # an fp32 cast would call 1e300 inf: fp64 is not taken
+    with pytest.raises(ValueError, match="must be floating point, torch.float32"):
+        tm.all_finite([torch.zeros(3, device=DEVICE), torch.zeros(2, device=DEVICE).half()])
 
 
 # ------------------------------------------------------------------ backend + optimizer
 def test_triton_backend_uses_the_list_ops():
     b = backends.get("triton")
     assert b.perturb_ is tm.perturb_ and b.restore_and_step_ is tm.restore_and_step_
-    assert b.all_finite is tm.all_finite
+    assert b.all_finite is tm.all_finite and b.perturb_from_ is tm.perturb_from_
 
 
 def _model():
@@ -493,7 +534,6 @@ def _opcheck_cases():
 
     sizes, offsets = [5, 33, 1], [0, 7, (1 << 33) + 2]
     p, g, m, b = lst(sizes, 1), lst(sizes, 2), lst(sizes, 3), lst(sizes, 4)
-    key, bw = tnoise.noise_key(SEED, BUCKET)
     step = torch.tensor(STEP, dtype=torch.int64, device=DEVICE)
     lr = torch.tensor(0.05, dtype=torch.float64, device=DEVICE)
     ns = torch.tensor([1e-3], dtype=torch.float64, device=DEVICE)
@@ -501,22 +541,25 @@ def _opcheck_cases():
     fi = torch.tensor([0.0], device=DEVICE)
     coef = torch.tensor([0.25], device=DEVICE)
     hp = lst(sizes, 5, torch.bfloat16)
+    noise = (SEED, BUCKET)
     return {
-        "perturb_list_": (tm.PERTURB_LIST, (p, offsets, key, bw, 0, step, 5, 0.3)),
+        "perturb_list_": (tm.PERTURB_LIST, (p, offsets, *noise, 0, step, 5, 0.3)),
+        "perturb_from_list_": (tm.PERTURB_FROM_LIST, (hp, p, offsets, *noise, STEP, None, 2,
+                                                      0.3)),
         "restore_and_step_list_": (tm.RESTORE_AND_STEP_LIST, (
-            p, g, m, offsets, gs, fi, key, bw, 0, step, 3, 0.05, 0.0, lr, 1e-3, 0.9, 0.1, True,
+            p, g, m, offsets, gs, fi, *noise, 0, step, 3, 0.05, 0.0, lr, 1e-3, 0.9, 0.1, True,
             False, 0.0, ns, 0.5, False)),
         "restore_and_step_list_ (sr)": (tm.RESTORE_AND_STEP_LIST, (
-            hp, lst(sizes, 6, torch.bfloat16), [], offsets, None, None, key, bw, STEP, None, 0,
+            hp, lst(sizes, 6, torch.bfloat16), [], offsets, None, None, *noise, STEP, None, 0,
             0.05, 0.05, None, 0.0, 0.0, 0.0, False, False, 1e-3, None, 1.0, True)),
         "all_finite_list": (tm.ALL_FINITE_LIST, (g,)),
-        "sam_grad_sq_norm_list": (tsam.SQ_NORM_LIST, (g, p, True, 0.01)),
+        "sam_grad_sq_norm_list": (tsam.SQ_NORM_LIST, (g, p, 0.01)),
         "sam_perturb_list_": (tsam.PERTURB_LIST, (p, g, b, True, 0.0, coef, 0.01)),
         "sam_restore_and_step_list_": (tsam.RESTORE_AND_STEP_LIST, (
             hp, lst(sizes, 7, torch.bfloat16), lst(sizes, 8, torch.bfloat16),
             lst(sizes, 9, torch.bfloat16), gs, fi, 0.0, lr, 1e-3, 0.9, 0.1, False, False, 1.0,
-            True, key, bw, 0, step, offsets)),
-        "sam_probe_list_": (tsam.PROBE_LIST, (p, b, offsets, key, bw, 0, step, 1e-3)),
+            True, *noise, 0, step, offsets)),
+        "sam_probe_list_": (tsam.PROBE_LIST, (p, b, offsets, *noise, 0, step, 1e-3)),
     }
 
 

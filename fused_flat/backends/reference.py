@@ -63,13 +63,8 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         if sigma != 0.0:
             eps = noise.normal_noise(seed, bucket_id, step, restore_tag, offset + s, n, p.device)
             theta = theta - sigma * eps.to(acc)
-        d = g.to(acc) * mult
-        d = d + weight_decay * theta
-        if momentum_buffer is not None:
-            m = momentum_buffer[s:s + CHUNK]
-            buf = d if momentum_init else momentum * m.to(acc) + (1.0 - dampening) * d
-            m.copy_(buf)
-            d = d + momentum * buf if nesterov else buf
+        d = sgd_direction(g, theta, momentum_buffer, s, acc, mult, weight_decay, momentum,
+                          dampening, nesterov, momentum_init)
         theta = theta - lr * d
         if noise_std != 0.0:
             xi = noise.normal_noise(seed, bucket_id, step, noise.TAG_XI, offset + s, n, p.device)
@@ -79,6 +74,26 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
             p.copy_(noise.stochastic_round(theta, rbits, p.dtype))
         else:
             p.copy_(theta)
+
+
+def sgd_direction(g: torch.Tensor, theta: torch.Tensor, momentum_buffer: torch.Tensor | None,
+                  s: int, acc: torch.dtype, mult: float, weight_decay: float, momentum: float,
+                  dampening: float, nesterov: bool, momentum_init: bool) -> torch.Tensor:
+    """torch.optim.SGD's step direction for the chunk at ``s`` (``g`` and ``theta`` that
+    chunk's gradient and weights, ``theta`` already in ``acc``):
+
+        d <- g * mult + wd * theta ;  m <- d (first step) or mu m + (1 - dampening) d
+        d <- m  (or d + mu m with nesterov)
+
+    writing the momentum buffer's chunk (both optimizer families: sam_reference too)."""
+    d = g.to(acc) * mult
+    d = d + weight_decay * theta
+    if momentum_buffer is not None:
+        m = momentum_buffer[s:s + theta.numel()]
+        buf = d if momentum_init else momentum * m.to(acc) + (1.0 - dampening) * d
+        m.copy_(buf)
+        d = d + momentum * buf if nesterov else buf
+    return d
 
 
 def perturb_from_(param: torch.Tensor, master: torch.Tensor, seed: int, bucket_id: int, step: int,

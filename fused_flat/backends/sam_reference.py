@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fused_flat import noise
+from fused_flat.backends.reference import sgd_direction
 
 CHUNK = 1 << 20
 
@@ -67,13 +68,8 @@ def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch
     acc = _acc(param)
     for s in range(0, param.numel(), CHUNK):
         th = backup[s:s + CHUNK].to(acc)
-        d = grad[s:s + CHUNK].to(acc) * mult
-        d = d + weight_decay * th
-        if momentum_buffer is not None:
-            m = momentum_buffer[s:s + CHUNK]
-            buf = d if momentum_init else momentum * m.to(acc) + (1.0 - dampening) * d
-            m.copy_(buf)
-            d = d + momentum * buf if nesterov else buf
+        d = sgd_direction(grad[s:s + CHUNK], th, momentum_buffer, s, acc, mult, weight_decay,
+                          momentum, dampening, nesterov, momentum_init)
         new = th - lr * d
         p = param[s:s + CHUNK]
         if stochastic_rounding and p.dtype in (torch.bfloat16, torch.float16):

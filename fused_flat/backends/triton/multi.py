@@ -1,21 +1,18 @@
-"""The Langevin passes (perturb, restore + update) and the finiteness check as multi-tensor
-Triton kernels: one launch per bucket per pass (issue 12).
+"""The Langevin passes (perturb, restore + update, the perturbation from fp32 masters) and the
+finiteness check as multi-tensor Triton kernels: one launch per bucket per pass (issue 12).
 
-List ops, with the Backend list signatures (fused_flat/backends/__init__.py); each list holds 1-D
-contiguous tensors of one dtype and device, and the lists of one call have equal numels:
-
-    perturb_(params, offsets, seed, bucket_id, step, tag, sigma)
-    restore_and_step_(params, grads, moms|None, offsets, grad_scale, found_inf, seed,
-                      bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
-                      dampening, nesterov, momentum_init, noise_std, grad_mult,
-                      stochastic_rounding=False)
-    all_finite(tensors) -> float32 [1] on the device, 1.0 if any element is inf or NaN
+List ops with the Backend list signatures of the Langevin family
+(fused_flat/backends/__init__.py: ``perturb_``, ``perturb_from_``, ``restore_and_step_`` with
+``stochastic_rounding=False``, ``all_finite(tensors) -> float32 [1]`` on the device, 1.0 if
+any element is inf or NaN); each list holds 1-D contiguous tensors of one dtype (fp32, bf16
+or fp16: common.DTYPES) and device, and the lists of one call have equal numels.
 
 Each is ONE registered torch op (opaque; namespace ``fused_flat_triton``: ``perturb_list_``,
-``restore_and_step_list_``, ``all_finite_list``; defined by
+``perturb_from_list_``, ``restore_and_step_list_``, ``all_finite_list``; its arguments are
+the fields of the pass's bundle in fused_flat.backends._args, defined by
 fused_flat.backends.multi_tensor.register_list_op: Library.define + impl + register_fake, whose
 dispatch costs less than half of torch.library.custom_op's per tensor) called by these Python
-entry points after the argument checks (metadata only). The op's real implementation builds
+entry points after the argument checks of fused_flat.backends._args (metadata only). The op's real implementation builds
 the launch tables (fused_flat.backends.multi_tensor.launch_tables: pinned staging buffer, non-blocking
 copy, tables owned by the call or, while a CUDA graph is being captured, by the process) and
 launches the kernel once; its fake implementation touches
@@ -25,8 +22,8 @@ fake tensors never run the table-building code: tests/test_gpu_sync.py checks it
 (``make gpu-check``, torch.cuda.set_sync_debug_mode("error"), a CUDA graph captured on the
 first step).
 
-Math and noise: those of the per-tensor kernels (fused_flat/backends/triton/perturb.py,
-restore_and_step.py), built on the same helpers of fused_flat/backends/triton/noise.py (noise
+Math and noise: fused_flat.backends.reference's per element (ALGORITHMS.md §2, elementwise.h's
+langevin_update, in fp32), on the helpers of fused_flat/backends/triton/noise.py (noise
 layout 3): element e of tensor t has bucket index i = offsets[t] + e; one Philox call
 j = i >> 2 serves 4 elements of one tag.
 
@@ -34,29 +31,28 @@ Launch (one launch's tables from fused_flat.backends.multi_tensor, as fused_flat
 reads row (t, s) of the chunk table and works in tensor t's *call frame*: frame position
 f = e + mis, mis = offsets[t] & 3, so that frame position f has bucket index
 4 * (offsets[t] >> 2) + f and a block of BLOCK frame positions starting at a multiple of
-BLOCK is exactly BLOCK / 4 whole Philox calls (the per-tensor kernels' MIS shift, but per
-tensor at run time). The chunk and tensor tables are therefore built for the frame sizes
+BLOCK is exactly BLOCK / 4 whole Philox calls (a shift by mis, per tensor at run time). The chunk and tensor tables are therefore built for the frame sizes
 ``numel_t + mis_t`` (meta row (numel_t + mis_t, offset_t)); the data pointers are shifted by
 -mis_t elements in the kernel. Blocks that lie wholly inside the tensor take an unmasked
 path (16-byte accesses when ALIGNED: every shifted pointer 16-byte aligned, checked on the
 host; for the usual bucket, offsets are multiples of 4 and mis = 0); the tensor's first
 block when mis > 0 and the chunk's last partial block are masked.
 
-``grad_scale`` / ``found_inf`` are read in the kernel (no host sync). fp64 lists keep fp64
-arithmetic through the per-tensor entry points (which hand them to fused_flat.backends.reference).
+``grad_scale`` / ``found_inf`` are read in the kernel (no host sync). fp64 lists are not
+taken (ValueError): fused_flat.backends.resolve gives fp64 buckets to a backend with fp64
+arithmetic.
 
 ``stochastic_rounding=True`` (bf16 / fp16 lists; ignored for fp32 / fp64): the same single
 launch with the constexpr SR (IS_BF16 picks the rounding, EPS_TAG0 = restore_tag == 0): theta
 is stored as the SR of its fp32 result with rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8)
-(ALGORITHMS.md §1; noise.stochastic_round_bits), operation for operation the per-tensor
-kernel (restore_and_step.py): the words of the eps call (when restore_tag == 0) and of the
-xi call come from the same Philox calls as eps / xi (block_normals_words), a missing tag-0
-or tag-32 call is made for the rbits alone. A skipped step (found_inf) stores the restored
+(ALGORITHMS.md §1; noise.stochastic_round_bits): the words of the eps call (when
+restore_tag == 0) and of the xi call come from the same Philox calls as eps / xi
+(noise.step_noise), a missing tag-0 or tag-32 call is made for the rbits alone. A skipped step (found_inf) stores the restored
 value round-to-nearest, and the momentum buffer is always round-to-nearest.
 
 Device-resident per-step scalars (CUDA-graph capture: the optimizers' ``capturable=True``):
 
-* ``step`` (both ops; the counter of the noise and of the SR bits) is an ``int`` or a
+* ``step`` (every op that draws noise; the counter of the noise and of the SR bits) is an ``int`` or a
   one-element (0-dim or [1]) ``torch.int64`` tensor on the params' device; the kernel loads
   it and uses its low 32 bits, exactly the host's ``step & MASK32``.
 * ``lr`` and ``noise_std`` (``restore_and_step_``) are Python floats or one-element
@@ -70,9 +66,12 @@ says what to pass). Python scalars keep the scalar arguments (no extra loads): c
 STEP_PTR / LR_PTR / NOISE_STD_PTR pick the loads, and an unused pointer argument gets a
 dummy (the first param), as for grad_scale / found_inf. The per-step ints (step_lo, tags,
 momentum_init) are in ``do_not_specialize`` and floats never specialize, so a new step or
-lr never recompiles (tests/test_triton_list_aot.py checks the binding). fp64 lists go
-through fused_flat.backends.reference, which needs host values: there the tensors are read on the
-host (fp64 is not capturable).
+lr never recompiles (tests/test_triton_list_aot.py checks the binding).
+
+``perturb_from_`` (``master_weights=True``): param <- round-to-nearest(master + sigma *
+eps(tag)) with fp32 masters (a second pointer list, ``master_carrier`` its type), in the
+frame layout of ``perturb_``; bf16 is rounded by bit manipulation (noise.rne_bf16), so the
+interpreter gives the GPU's bits; sigma = 0 copies the masters, rounded.
 
 ``all_finite`` is one launch and no host sync: each program folds its chunk's flag into a
 persistent int32 scratch pair (flag, programs done) with atomics; the last program to
@@ -83,20 +82,18 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from fused_flat.backends import _args
 from fused_flat.backends import multi_tensor as mt
-from fused_flat.backends import reference
-from fused_flat.noise import TAG_LIMIT, check_bucket_id
-from fused_flat.backends.triton.noise import (block_normals, noise_key, step_noise,
-                                     stochastic_round_bits)
-# the masked / unmasked block load and store; the device-scalar loads and host checks
-from fused_flat.backends.triton.sam import (_f32, _float_arg, _host_float, _host_int, _ld, _st,
-                                   _step_arg, _step_lo)
+from fused_flat.backends.triton.common import (DTYPES, grad_mult_and_skip, launch, ld,
+                                               load_f32, load_step_lo, st)
+from fused_flat.backends.triton.noise import (MASK32, block_normals, noise_key, rne_bf16,
+                                              step_noise, stochastic_round_bits)
 
 BLOCK = 1024
 CHUNK = 16 * BLOCK      # frame positions per program (a multiple of BLOCK); tests may lower it
@@ -154,10 +151,10 @@ def _perturb_block(p_ptr, f, mis, n, jb, key, bw, step_lo, tag, sigma, BLOCK: tl
                    MASKED: tl.constexpr):
     o = _fofs(f, BLOCK)
     mask = _frame_mask(o, mis, n)
-    theta = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
+    theta = ld(p_ptr, o, mask, MASKED).to(tl.float32)
     eps = block_normals(key, bw, _calls(jb, f, BLOCK), step_lo, tag)
     theta = (theta + sigma * eps).to(p_ptr.dtype.element_ty)
-    _st(p_ptr, o, theta, mask, MASKED)
+    st(p_ptr, o, theta, mask, MASKED)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["tag"])
@@ -166,7 +163,7 @@ def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, bw
                    BLOCK: tl.constexpr):
     t, s, end, n, mis, jb = _frame_row(chunks_ptr, meta_ptr, CHUNK)
     p_ptr = _fptr(ptrs_ptr, 0, T, t, mis, carrier, ALIGNED)
-    step_lo = _step_lo(step_ptr, step_lo, STEP_PTR)
+    step_lo = load_step_lo(step_ptr, step_lo, STEP_PTR)
     head = (s == 0) & (mis > 0)          # the tensor's first block starts before element 0
     nfull = (end // BLOCK) * BLOCK
     lo = head.to(tl.int64) * BLOCK
@@ -178,6 +175,48 @@ def perturb_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, step_ptr, key, bw
         _perturb_block(p_ptr, s + nfull, mis, n, jb, key, bw, step_lo, tag, sigma, BLOCK, True)
 
 
+# ------------------------------------------------------------------ perturb from masters
+@triton.jit
+def _perturb_from_block(p_ptr, m_ptr, f, mis, n, jb, key, bw, step_lo, tag, sigma,
+                        NEED_EPS: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr,
+                        MASKED: tl.constexpr):
+    o = _fofs(f, BLOCK)
+    mask = _frame_mask(o, mis, n)
+    theta = ld(m_ptr, o, mask, MASKED).to(tl.float32)
+    if NEED_EPS:
+        theta = theta + sigma * block_normals(key, bw, _calls(jb, f, BLOCK), step_lo, tag)
+    if IS_BF16:
+        out = rne_bf16(theta)
+    else:
+        out = theta.to(p_ptr.dtype.element_ty)
+    st(p_ptr, o, out, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["tag"])
+def perturb_from_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, master_carrier, step_ptr,
+                        key, bw, step_lo, tag, sigma, NEED_EPS: tl.constexpr,
+                        IS_BF16: tl.constexpr, STEP_PTR: tl.constexpr, ALIGNED: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """param <- round-to-nearest(master + sigma * eps(tag)): list 0 the params (``carrier``'s
+    dtype), list 1 the fp32 masters (``master_carrier``'s); perturb_kernel's frame layout."""
+    t, s, end, n, mis, jb = _frame_row(chunks_ptr, meta_ptr, CHUNK)
+    p_ptr = _fptr(ptrs_ptr, 0, T, t, mis, carrier, ALIGNED)
+    m_ptr = _fptr(ptrs_ptr, 1, T, t, mis, master_carrier, ALIGNED)
+    step_lo = load_step_lo(step_ptr, step_lo, STEP_PTR)
+    head = (s == 0) & (mis > 0)
+    nfull = (end // BLOCK) * BLOCK
+    lo = head.to(tl.int64) * BLOCK
+    for it in range(lo, nfull, BLOCK):
+        _perturb_from_block(p_ptr, m_ptr, s + it, mis, n, jb, key, bw, step_lo, tag, sigma,
+                            NEED_EPS, IS_BF16, BLOCK, False)
+    if head:
+        _perturb_from_block(p_ptr, m_ptr, s, mis, n, jb, key, bw, step_lo, tag, sigma,
+                            NEED_EPS, IS_BF16, BLOCK, True)
+    if (nfull < end) & ((nfull > 0) | (s > 0) | (mis == 0)):
+        _perturb_from_block(p_ptr, m_ptr, s + nfull, mis, n, jb, key, bw, step_lo, tag, sigma,
+                            NEED_EPS, IS_BF16, BLOCK, True)
+
+
 # ------------------------------------------------------------------ restore + update
 @triton.jit
 def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, bw, step_lo, restore_tag, skip, mult,
@@ -186,14 +225,14 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, bw, step_lo, restore_ta
                 NEED_XI: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
                 EPS_TAG0: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):
-    # the per-element math of fused_flat/backends/triton/restore_and_step.py, operation for operation
+    # the per-element math of fused_flat.backends.reference.restore_and_step_ in fp32
     o = _fofs(f, BLOCK)
     mask = _frame_mask(o, mis, n)
-    theta = _ld(p_ptr, o, mask, MASKED).to(tl.float32)
-    g = _ld(g_ptr, o, mask, MASKED).to(tl.float32)
+    theta = ld(p_ptr, o, mask, MASKED).to(tl.float32)
+    g = ld(g_ptr, o, mask, MASKED).to(tl.float32)
     m = tl.zeros([BLOCK], tl.float32)
     if HAS_MOM:
-        m = _ld(m_ptr, o, mask, MASKED).to(tl.float32)
+        m = ld(m_ptr, o, mask, MASKED).to(tl.float32)
     j = _calls(jb, f, BLOCK)
     eps, xi, rbits = step_noise(key, bw, j, step_lo, restore_tag, NEED_EPS, NEED_XI, SR,
                                  EPS_TAG0, BLOCK)
@@ -220,13 +259,13 @@ def _step_block(p_ptr, g_ptr, m_ptr, f, mis, n, jb, key, bw, step_lo, restore_ta
         theta_out = theta.to(p_ptr.dtype.element_ty)
     if HAS_FOUND_INF:
         # skipped step (non-finite gradient): only the restore, round-to-nearest (also
-        # under SR, as the per-tensor kernel), m untouched
+        # under SR), m untouched
         theta_out = tl.where(skip, restored.to(p_ptr.dtype.element_ty), theta_out)
         if HAS_MOM:
             buf = tl.where(skip, m, buf)
-    _st(p_ptr, o, theta_out, mask, MASKED)
+    st(p_ptr, o, theta_out, mask, MASKED)
     if HAS_MOM:
-        _st(m_ptr, o, buf.to(m_ptr.dtype.element_ty), mask, MASKED)
+        st(m_ptr, o, buf.to(m_ptr.dtype.element_ty), mask, MASKED)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["restore_tag", "momentum_init"])
@@ -247,15 +286,11 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
     m_ptr = p_ptr
     if HAS_MOM:
         m_ptr = _fptr(ptrs_ptr, 2, T, t, mis, carrier, ALIGNED)
-    step_lo = _step_lo(step_ptr, step_lo, STEP_PTR)
-    lr = _f32(lr_ptr, lr, LR_PTR)
-    noise_std = _f32(noise_std_ptr, noise_std, NOISE_STD_PTR)
-    mult = grad_mult
-    if HAS_GRAD_SCALE:
-        mult = tl.div_rn(mult, tl.load(grad_scale_ptr))
-    skip = False
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr) != 0.0
+    step_lo = load_step_lo(step_ptr, step_lo, STEP_PTR)
+    lr = load_f32(lr_ptr, lr, LR_PTR)
+    noise_std = load_f32(noise_std_ptr, noise_std, NOISE_STD_PTR)
+    mult, skip = grad_mult_and_skip(grad_mult, grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE,
+                                    HAS_FOUND_INF)
     head = (s == 0) & (mis > 0)
     nfull = (end // BLOCK) * BLOCK
     lo = head.to(tl.int64) * BLOCK
@@ -280,7 +315,7 @@ def restore_and_step_kernel(chunks_ptr, meta_ptr, ptrs_ptr, T, carrier, grad_sca
 @triton.jit
 def _bad_block(p_ptr, o, mask, MASKED: tl.constexpr):
     """1 where the element is inf or NaN (fp32 bits: exponent all ones), else 0."""
-    bits = _ld(p_ptr, o, mask, MASKED).to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = ld(p_ptr, o, mask, MASKED).to(tl.float32).to(tl.uint32, bitcast=True)
     return ((bits & 0x7FFFFFFF) >= 0x7F800000).to(tl.int32)
 
 
@@ -339,70 +374,58 @@ def _frame_tables(lists, offsets):
 _LIB = torch.library.Library("fused_flat_triton", "FRAGMENT")   # shared with triton/sam.py
 
 
-def _no_output(*args):
-    return None
+def _noise(a):
+    """(key, bw, step_lo) of a bundle's noise arguments (noise.noise_key: host arithmetic on
+    ints) and the step tensor's pointer (a dummy: the first param) when there is none."""
+    key, bw = noise_key(a.seed, a.bucket_id)
+    return key, bw, a.step & MASK32, a.step_t if a.step_t is not None else a.params[0]
 
 
-def _perturb_list(params: List[torch.Tensor], offsets: List[int], key: int, bw: int,
-                  step_lo: int, step_t: Optional[torch.Tensor], tag: int, sigma: float) -> None:
-    with mt.launching(params[0].device):
-        tb, kw = _frame_tables([params], offsets)
-        if tb.n_chunks == 0:
-            return
-        perturb_kernel[(tb.n_chunks,)](tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, params[0],
-                                       step_t if step_t is not None else params[0], key, bw,
-                                       step_lo, tag, sigma, STEP_PTR=step_t is not None, **kw)
+def _perturb_list(a: _args.Perturb) -> None:
+    key, bw, step_lo, step_ptr = _noise(a)
+    launch(perturb_kernel, _frame_tables, [a.params], a.offsets, step_ptr, key, bw, step_lo,
+           a.tag, a.sigma, STEP_PTR=a.step_t is not None)
 
 
-PERTURB_LIST = mt.register_list_op(
-    _LIB, "perturb_list_(Tensor(a0!)[] params, SymInt[] offsets, SymInt key, SymInt bw, "
-          "SymInt step_lo, Tensor? step_t, SymInt tag, float sigma) -> ()",
-    _perturb_list, _no_output)
+PERTURB_LIST = _args.register(_LIB, "perturb_list_", _args.Perturb, _perturb_list)
 
 
-def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor],
-                           moms: List[torch.Tensor], offsets: List[int],
-                           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                           key: int, bw: int, step_lo: int, step_t: Optional[torch.Tensor],
-                           restore_tag: int, sigma: float, lr: float,
-                           lr_t: Optional[torch.Tensor], weight_decay: float, momentum: float,
-                           dampening: float, nesterov: bool, momentum_init: bool,
-                           noise_std: float, noise_std_t: Optional[torch.Tensor],
-                           grad_mult: float, stochastic_rounding: bool) -> None:
-    """``moms`` empty: no momentum buffers."""
-    ref = params[0]
-    has_mom = len(moms) > 0
-    with mt.launching(ref.device):
-        tb, kw = _frame_tables([params, grads] + ([moms] if has_mom else []), offsets)
-        if tb.n_chunks == 0:
-            return
-        need_eps = sigma != 0.0
-        sr = bool(stochastic_rounding) and ref.dtype in (torch.bfloat16, torch.float16)
-        restore_and_step_kernel[(tb.n_chunks,)](
-            tb.chunks, tb.meta, tb.ptrs, tb.n_tensors, ref,
-            grad_scale if grad_scale is not None else ref,
-            found_inf if found_inf is not None else ref,
-            step_t if step_t is not None else ref, lr_t if lr_t is not None else ref,
-            noise_std_t if noise_std_t is not None else ref,
-            key, bw, step_lo, restore_tag, sigma, lr, weight_decay, momentum, dampening,
-            noise_std, grad_mult, int(bool(momentum_init)),
-            HAS_MOM=has_mom, NESTEROV=bool(nesterov) and has_mom,
-            NEED_EPS=need_eps, NEED_XI=noise_std_t is not None or noise_std != 0.0,
-            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            STEP_PTR=step_t is not None, LR_PTR=lr_t is not None,
-            NOISE_STD_PTR=noise_std_t is not None,
-            SR=sr, EPS_TAG0=sr and need_eps and restore_tag == 0,
-            IS_BF16=ref.dtype == torch.bfloat16, **kw)
+def _perturb_from_list(a: _args.PerturbFrom) -> None:
+    key, bw, step_lo, step_ptr = _noise(a)
+    launch(perturb_from_kernel, _frame_tables, [a.params, a.masters], a.offsets, a.masters[0],
+           step_ptr, key, bw, step_lo, a.tag, a.sigma, NEED_EPS=a.sigma != 0.0,
+           IS_BF16=a.params[0].dtype == torch.bfloat16, STEP_PTR=a.step_t is not None)
 
 
-RESTORE_AND_STEP_LIST = mt.register_list_op(
-    _LIB, "restore_and_step_list_(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] moms, "
-          "SymInt[] offsets, Tensor? grad_scale, Tensor? found_inf, SymInt key, SymInt bw, "
-          "SymInt step_lo, Tensor? step_t, SymInt restore_tag, float sigma, float lr, "
-          "Tensor? lr_t, float weight_decay, float momentum, float dampening, bool nesterov, "
-          "bool momentum_init, float noise_std, Tensor? noise_std_t, float grad_mult, "
-          "bool stochastic_rounding) -> ()",
-    _restore_and_step_list, _no_output)
+PERTURB_FROM_LIST = _args.register(_LIB, "perturb_from_list_", _args.PerturbFrom,
+                                   _perturb_from_list)
+
+
+def _restore_and_step_list(a: _args.RestoreAndStep) -> None:
+    ref = a.params[0]
+    has_mom = len(a.moms) > 0
+    key, bw, step_lo, step_ptr = _noise(a)
+    restore_tag = max(a.restore_tag, 0)   # -1 (no restore) only comes with sigma = 0
+    need_eps, sr = a.sigma != 0.0, a.stochastic_rounding
+    launch(restore_and_step_kernel, _frame_tables,
+           [a.params, a.grads] + ([a.moms] if has_mom else []), a.offsets,
+           a.grad_scale if a.grad_scale is not None else ref,
+           a.found_inf if a.found_inf is not None else ref, step_ptr,
+           a.lr_t if a.lr_t is not None else ref,
+           a.noise_std_t if a.noise_std_t is not None else ref,
+           key, bw, step_lo, restore_tag, a.sigma, a.lr, a.weight_decay, a.momentum,
+           a.dampening, a.noise_std, a.grad_mult, int(a.momentum_init),
+           HAS_MOM=has_mom, NESTEROV=a.nesterov and has_mom,
+           NEED_EPS=need_eps, NEED_XI=a.noise_std_t is not None or a.noise_std != 0.0,
+           HAS_GRAD_SCALE=a.grad_scale is not None, HAS_FOUND_INF=a.found_inf is not None,
+           STEP_PTR=a.step_t is not None, LR_PTR=a.lr_t is not None,
+           NOISE_STD_PTR=a.noise_std_t is not None,
+           SR=sr, EPS_TAG0=sr and need_eps and restore_tag == 0,
+           IS_BF16=ref.dtype == torch.bfloat16)
+
+
+RESTORE_AND_STEP_LIST = _args.register(_LIB, "restore_and_step_list_", _args.RestoreAndStep,
+                                       _restore_and_step_list)
 
 
 def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -430,68 +453,27 @@ ALL_FINITE_LIST = mt.register_list_op(
 
 
 # ------------------------------------------------------------------ entry points
-def _check_offsets(what, params, offsets):
-    if len(offsets) != len(params):
-        raise ValueError(f"{what}: {len(offsets)} offsets for {len(params)} tensors")
-    if any(int(o) < 0 for o in offsets):
-        raise ValueError(f"{what}: offsets must be >= 0, got {list(offsets)}")
-
-
-def _check_noise(what, seed, bucket_id, tag):
-    if not 0 <= seed < 2 ** 63:
-        raise ValueError(f"{what}: seed must be in [0, 2^63), got {seed}")
-    check_bucket_id(bucket_id)
-    if not -1 <= tag < TAG_LIMIT:
-        raise ValueError(f"{what}: tag must be in [-1, 256), got {tag}")
-
-
-def _check_scalar(t: Optional[torch.Tensor], ref: torch.Tensor, name: str) -> None:
-    if t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device != ref.device):
-        raise ValueError(f"fused_flat.backends.triton: {name} must be a one-element float32 tensor on "
-                         f"{ref.device}, got {t.numel()} elements of {t.dtype} on {t.device}")
-
-
-def _opt(x, is_ptr: bool):
-    """The tensor argument of a device scalar: the tensor itself, or None (scalar path)."""
-    return x if is_ptr else None
-
-
 def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, bucket_id: int,
              step: int | torch.Tensor, tag: int, sigma: float) -> None:
     """theta <- theta + sigma * eps(tag) for every tensor, eps at bucket indices offsets[t] + e.
     ``step``: an int or a one-element int64 tensor on the params' device (read by the kernel).
     One call of the op ``fused_flat_triton::perturb_list_`` (one launch)."""
-    mt.check_lists("perturb_", "params", params)
-    _check_offsets("perturb_", params, offsets)
-    _check_noise("perturb_", seed, bucket_id, tag)
-    if tag < 0:
-        raise ValueError(f"fused_flat.backends.triton.perturb_: tag must be >= 0, got {tag}")
-    if sigma == 0.0 or not params:
-        return
-    step_ptr, step_lo, step_is_ptr = _step_arg("fused_flat.backends.triton.perturb_", step, params[0])
-    if params[0].dtype == torch.float64:   # fp64 keeps fp64 arithmetic (the reference)
-        for p, off in zip(params, offsets):
-            reference.perturb_(p, seed, bucket_id, _host_int(step), tag, sigma, int(off))
-        return
-    PERTURB_LIST(
-        list(params), [int(o) for o in offsets], *noise_key(seed, bucket_id), step_lo,
-        _opt(step_ptr, step_is_ptr), int(tag), float(sigma))
+    a = _args.perturb("fused_flat.backends.triton.perturb_", params, offsets, seed, bucket_id,
+                      step, tag, sigma, DTYPES)
+    if a is not None:
+        PERTURB_LIST(*a)
 
 
-def _per_tensor_restore_and_step(params, grads, moms, offsets, *args, stochastic_rounding):
-    """One per-tensor Triton launch per tensor: the fp64 path (the per-tensor entry point
-    hands fp64 to fused_flat.backends.reference; device scalars are read on the host here)."""
-    from fused_flat.backends import triton as per_tensor
-
-    (grad_scale, found_inf, seed, bucket_id, step, restore_tag, sigma, lr, weight_decay,
-     momentum, dampening, nesterov, momentum_init, noise_std, grad_mult) = args
-    step, lr, noise_std = _host_int(step), _host_float(lr), _host_float(noise_std)
-    for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
-        per_tensor.restore_and_step_(p, g, None if moms is None else moms[t], grad_scale,
-                                     found_inf, seed, bucket_id, step, int(off), restore_tag,
-                                     sigma, lr, weight_decay, momentum, dampening, nesterov,
-                                     momentum_init, noise_std, grad_mult,
-                                     stochastic_rounding=stochastic_rounding)
+def perturb_from_(params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
+                  offsets: Sequence[int], seed: int, bucket_id: int, step: int | torch.Tensor,
+                  tag: int, sigma: float) -> None:
+    """param <- round-to-nearest(master + sigma * eps(tag)) for every tensor (fp32 masters;
+    fused_flat.backends.reference.perturb_from_), eps at bucket indices offsets[t] + e.
+    One call of the op ``fused_flat_triton::perturb_from_list_`` (one launch)."""
+    a = _args.perturb_from("fused_flat.backends.triton.perturb_from_", params, masters, offsets,
+                           seed, bucket_id, step, tag, sigma, DTYPES)
+    if a is not None:
+        PERTURB_FROM_LIST(*a)
 
 
 def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -506,34 +488,12 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     math of fused_flat.backends.reference.restore_and_step_, tensor t at bucket offset offsets[t]).
     ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors (module docstring).
     One call of the op ``fused_flat_triton::restore_and_step_list_`` (one launch)."""
-    what = "fused_flat.backends.triton.restore_and_step_"
-    mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
-    _check_offsets("restore_and_step_", params, offsets)
-    _check_noise("restore_and_step_", seed, bucket_id, restore_tag)
-    if restore_tag < 0 and sigma != 0.0:
-        raise ValueError("fused_flat.backends.triton.restore_and_step_: restore_tag must be >= 0 when "
-                         "sigma != 0")
-    if not params:
-        return
-    _check_scalar(grad_scale, params[0], "grad_scale")
-    _check_scalar(found_inf, params[0], "found_inf")
-    step_ptr, step_lo, step_is_ptr = _step_arg(what, step, params[0])
-    lr_ptr, lr_f, lr_is_ptr = _float_arg(what, "lr", lr, params[0])
-    ns_ptr, ns_f, ns_is_ptr = _float_arg(what, "noise_std", noise_std, params[0])
-    if params[0].dtype == torch.float64:
-        # fp64: the per-tensor entry point keeps fp64 arithmetic (the reference)
-        _per_tensor_restore_and_step(params, grads, moms, offsets, grad_scale, found_inf, seed,
-                                     bucket_id, step, restore_tag, sigma, lr, weight_decay,
-                                     momentum, dampening, nesterov, momentum_init, noise_std,
-                                     grad_mult, stochastic_rounding=stochastic_rounding)
-        return
-    RESTORE_AND_STEP_LIST(
-        list(params), list(grads), list(moms) if moms is not None else [],
-        [int(o) for o in offsets], grad_scale, found_inf, *noise_key(seed, bucket_id), step_lo,
-        _opt(step_ptr, step_is_ptr), max(int(restore_tag), 0), float(sigma), lr_f,
-        _opt(lr_ptr, lr_is_ptr), float(weight_decay), float(momentum), float(dampening),
-        bool(nesterov), bool(momentum_init), ns_f, _opt(ns_ptr, ns_is_ptr), float(grad_mult),
-        bool(stochastic_rounding))
+    a = _args.restore_and_step(
+        "fused_flat.backends.triton.restore_and_step_", params, grads, moms, offsets, grad_scale,
+        found_inf, seed, bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
+        dampening, nesterov, momentum_init, noise_std, grad_mult, stochastic_rounding, DTYPES)
+    if a is not None:
+        RESTORE_AND_STEP_LIST(*a)
 
 
 _scratch: dict = {}
@@ -552,13 +512,13 @@ def _scratch_for(device: torch.device) -> torch.Tensor:
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """found_inf: float32 [1] on the tensors' device, 1.0 if any element of any tensor is inf
-    or NaN, else 0.0. One launch, no host sync (see the module docstring): one call of the op
+    or NaN, else 0.0 (1-D contiguous tensors of one dtype of DTYPES and one device). One
+    launch, no host sync (see the module docstring): one call of the op
     ``fused_flat_triton::all_finite_list``."""
-    tensors = [t for t in tensors]
+    tensors = list(tensors)
     if not tensors:
         return torch.zeros(1, dtype=torch.float32)
-    if tensors[0].dtype == torch.float64 or not (mt.lists_ok(tensors, (tensors,)) or all(
-            t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
-            and t.device == tensors[0].device for t in tensors)):
-        return reference.all_finite(tensors)   # fp64 (an fp32 cast would overflow) or mixed lists
+    what = "fused_flat.backends.triton.all_finite"
+    mt.check_lists(what, "tensors", tensors)
+    _args.check_dtype(what, tensors[0], DTYPES)
     return ALL_FINITE_LIST(tensors)

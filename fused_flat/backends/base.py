@@ -1,0 +1,211 @@
+"""What a backend is, below the resolver: the Backend record (its list passes and what it
+takes: devices, dtypes, device-resident per-step values), ``lift`` (a list Backend from
+per-tensor ops: the reference, the C++ CPU ops) and ``with_*_lists`` (a Backend with the
+list ops of a module that already takes lists: Triton, CUDA).
+
+fused_flat.backends (the resolver) re-exports all of it; the backend modules
+(fused_flat.backends.triton, ...) import it from here, so that no import goes back up to
+the resolver.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SAM_OPS = ("sam_grad_sq_norm", "sam_perturb_", "sam_restore_and_step_", "sam_probe_")
+LANGEVIN_OPS = ("perturb_", "restore_and_step_", "all_finite")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    perturb_: Callable
+    restore_and_step_: Callable
+    devices: tuple  # device types it runs on
+    sam_grad_sq_norm: Callable | None = None
+    sam_perturb_: Callable | None = None
+    sam_restore_and_step_: Callable | None = None
+    sam_probe_: Callable | None = None
+    all_finite: Callable | None = None   # (tensors) -> float32 [1], 1.0 if any inf/nan
+    perturb_from_: Callable | None = None   # (params16, masters32, offsets, seed, bucket, step, tag, sigma)
+    stochastic_rounding: bool = False   # restore_and_step_ / sam_restore_and_step_ can round stochastically
+    # step / lr / noise_std may be one-element tensors on the bucket's device, read by the
+    # kernels (no host read: capturable=True on CUDA). Every backend takes CPU tensors.
+    device_scalars: bool = False
+    # (params, grads, offsets, seed, bucket, step, tag, sigma) -> float32 [1] found_inf: the
+    # restore half of a checked fp32 step with the finiteness check in the same pass (cpp)
+    restore_check_: Callable | None = None
+    # Step plans (fused_flat.optim.core.StepPlan; cpp): plan_layout(tensors) -> the record the list
+    # passes take as ``layout=`` (the user's tensors as they are, any dense shape);
+    # check_step(params, layout, grads, has_grad, finite) -> found_inf, the first pass of a
+    # planned step (writes nothing). None: this backend runs no plans.
+    plan_layout: Callable | None = None
+    check_step: Callable | None = None
+    # The floating dtypes its kernels take (resolve() sends other buckets elsewhere).
+    dtypes: tuple = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    # Its ops take step / lr as one-element CPU tensors read in the op (cpp): under
+    # torch.compile the optimizer hands them over as tensors, so their values put no guard.
+    cpu_tensor_scalars: bool = False
+
+    def supports(self, t: torch.Tensor) -> bool:
+        return t.device.type in self.devices and t.dtype in self.dtypes
+
+    @property
+    def has_sam(self) -> bool:
+        return self.sam_perturb_ is not None
+
+
+# --------------------------------------------------------------------------- list lifting
+def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
+         all_finite=None, perturb_from_=None, perturb_list_=None,
+         restore_and_step_list_=None, sam_lists=None, cpu_tensor_scalars=False) -> Backend:
+    """A list Backend from per-tensor ops (signatures of fused_flat.backends.reference /
+    sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
+
+    Per-step values (step, lr, noise_std) may come as CPU tensors (``capturable=True`` or
+    torch.compile on CPU): the C++ ops take them as they are; the others get their Python
+    value (a read of host memory, no device sync).
+
+    ``perturb_list_`` / ``restore_and_step_list_`` (the C++ CPU list ops): one parallel loop
+    per bucket instead of one per tensor, used when the per-step values are numbers
+    (eager); tensors (torch.compile, capturable) go through the per-tensor forms. ``sam_lists``
+    (fused_flat.backends.cpp_sam with the C++ SAM list ops) does the same for the SAM passes.
+
+    ``layout=`` (a step plan's record, fused_flat.backends.cpp.plan_layout): the tensors are the user's
+    own, any dense shape, and only the list ops take them (eager, number values)."""
+    native_t = cpu_tensor_scalars   # fused_flat.backends.cpp / cpp_sam: the tensor-argument (*_t_) op forms
+
+    def _numbers(*vals) -> bool:
+        return not any(isinstance(v, torch.Tensor) for v in vals) and not torch.compiler.is_compiling()
+
+    def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma, layout=None):
+        if not params:
+            return
+        if layout is not None or (perturb_list_ is not None and _numbers(step)):
+            perturb_list_(params, list(offsets), seed, bucket_id, step, tag, sigma, layout)
+            return
+        if not native_t:
+            step = _host(step)
+        for p, off in zip(params, offsets):
+            perturb_(p, seed, bucket_id, step, tag, sigma, off)
+
+    def restore_and_step_list(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
+                              step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
+                              nesterov, momentum_init, noise_std, grad_mult,
+                              stochastic_rounding=False, layout=None):
+        if not params:
+            return
+        if layout is not None or (restore_and_step_list_ is not None and _numbers(step, lr, noise_std)):
+            restore_and_step_list_(params, grads, moms, list(offsets), grad_scale, found_inf, seed,
+                                   bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
+                                   dampening, nesterov, momentum_init, noise_std, grad_mult,
+                                   stochastic_rounding, layout)
+            return
+        extra = (True,) if stochastic_rounding else ()
+        if not native_t:
+            step, lr, noise_std = _host(step), _host(lr), _host(noise_std)
+        for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
+            restore_and_step_(p, g, moms[t] if moms is not None else None, grad_scale, found_inf,
+                              seed, bucket_id, step, off, restore_tag, sigma, lr, weight_decay,
+                              momentum, dampening, nesterov, momentum_init, noise_std, grad_mult,
+                              *extra)
+
+    def perturb_from_list(params, masters, offsets, seed, bucket_id, step, tag, sigma):
+        if perturb_from_ is None:
+            raise NotImplementedError(f"fused_flat: backend '{name}' has no perturb_from_ kernel "
+                                      f"(master_weights=True); use backend='reference'")
+        step = _host(step)
+        for p, m, off in zip(params, masters, offsets):
+            perturb_from_(p, m, seed, bucket_id, step, tag, sigma, off)
+
+    kw = {}
+    if sam is not None:
+        def sq_norm_list(grads, params, eta, adaptive=None, layout=None):
+            """0-dim float64: the sum over the list (``adaptive`` None: iff params are given)."""
+            adaptive = params is not None if adaptive is None else adaptive
+            if not grads:
+                return torch.zeros((), dtype=torch.float64)
+            if layout is not None or (sam_lists is not None and not torch.compiler.is_compiling()):
+                parts = sam_lists.sam_grad_sq_norm_list(grads, params or [], adaptive, eta, layout)
+                return parts[0] if len(parts) == 1 else parts.sum()
+            parts = [sam.sam_grad_sq_norm(g, params[t] if adaptive else None, eta)
+                     for t, g in enumerate(grads)]
+            return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+        def sam_perturb_list(params, grads, backups, adaptive, coef, eta, layout=None):
+            if not params:
+                return
+            if layout is not None or (sam_lists is not None and _numbers(coef)):
+                sam_lists.sam_perturb_list_(params, grads, backups, adaptive, float(coef), eta, layout)
+                return
+            # a tensor coef (compiled first_step) stays one for ops that take tensors
+            c = coef if native_t and isinstance(coef, torch.Tensor) else float(coef)
+            for p, g, b in zip(params, grads, backups):
+                sam.sam_perturb_(p, g, b, adaptive, c, eta)
+
+        def sam_restore_list(params, backups, grads, moms, grad_scale, found_inf, lr, weight_decay,
+                             momentum, dampening, nesterov, momentum_init, grad_mult,
+                             stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None,
+                             layout=None):
+            if not params:
+                return
+            if layout is not None or (sam_lists is not None and _numbers(step, lr)):
+                sam_lists.sam_restore_and_step_list_(params, backups, grads, moms, grad_scale,
+                                                     found_inf, lr, weight_decay, momentum,
+                                                     dampening, nesterov, momentum_init, grad_mult,
+                                                     stochastic_rounding, seed, bucket_id, step,
+                                                     offsets, layout)
+                return
+            if not native_t:
+                step, lr = _host(step), _host(lr)
+            for t, (p, b, g) in enumerate(zip(params, backups, grads)):
+                extra = (True, seed, bucket_id, step, offsets[t]) if stochastic_rounding else ()
+                sam.sam_restore_and_step_(p, b, g, moms[t] if moms is not None else None,
+                                          grad_scale, found_inf, lr, weight_decay, momentum,
+                                          dampening, nesterov, momentum_init, grad_mult, *extra)
+
+        def sam_probe_list(params, backups, offsets, seed, bucket_id, step, delta):
+            step = _host(step)
+            for p, b, off in zip(params, backups, offsets):
+                sam.sam_probe_(p, b, seed, bucket_id, step, delta, off)
+
+        kw = dict(sam_grad_sq_norm=sq_norm_list, sam_perturb_=sam_perturb_list,
+                  sam_restore_and_step_=sam_restore_list, sam_probe_=sam_probe_list)
+    if all_finite is None:
+        from fused_flat.backends.reference import all_finite
+    sr = "stochastic_rounding" in inspect.signature(restore_and_step_).parameters and (
+        sam is None or "stochastic_rounding" in inspect.signature(sam.sam_restore_and_step_).parameters)
+    return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite,
+                   perturb_from_=perturb_from_list, stochastic_rounding=sr,
+                   cpu_tensor_scalars=cpu_tensor_scalars, **kw)
+
+
+def _host(v):
+    """The Python value of a one-element CPU tensor (a per-step value handed to an op that
+    takes numbers); anything else unchanged. Refuses a device tensor: that would be a sync."""
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu":
+            raise ValueError(f"fused_flat: this backend takes the per-step values (step, lr) as "
+                             f"numbers or CPU tensors, got a tensor on {v.device}; use "
+                             f"backend='triton' or 'cuda' with capturable=True")
+        return v.item()
+    return v
+
+
+def with_sam_lists(b: Backend, mod) -> Backend:
+    """``b`` with the SAM-family list ops of ``mod`` (functions already taking lists: one
+    launch per bucket, fused_flat.backends.triton.sam and fused_flat.backends.cuda_sam)."""
+    sr = b.stochastic_rounding and "stochastic_rounding" in inspect.signature(
+        mod.sam_restore_and_step_).parameters
+    return dataclasses.replace(b, stochastic_rounding=sr,
+                               **{name: getattr(mod, name) for name in SAM_OPS})
+
+
+def with_langevin_lists(b: Backend, mod) -> Backend:
+    """``b`` with the Langevin list ops and ``all_finite`` of ``mod`` (functions already
+    taking lists: one launch per bucket, fused_flat.backends.triton.multi and fused_flat.backends.cuda)."""
+    return dataclasses.replace(b, **{name: getattr(mod, name) for name in LANGEVIN_OPS})
