@@ -167,7 +167,6 @@ def launch_overhead(reps: int) -> tuple[list[dict], list[str]]:
         yield "cuda", "one launch", _mod("fused_flat.backends.cuda"), True
         yield "cuda", "per tensor", _mod("fused_flat.backends.cpp"), False
         yield "triton", "one launch", _mod("fused_flat.backends.triton.multi"), True
-        yield "triton", "per tensor", _mod("fused_flat.backends.triton"), False
 
     for label, how, mod, is_list in cases():
         try:
