@@ -12,8 +12,6 @@ compared with each other, the reference separately with lr-only updates).
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 
 import pytest
 import torch
@@ -408,40 +406,3 @@ def test_opcheck_new_signatures():
                            True, 3, 1, 2, 8), test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match="master"):
         torch.ops.fused_flat.perturb_from_(p, torch.randn(776), 1, 0, 3, 0, 0.1, 0)
-
-
-# ------------------------------------------------------------------ CUDA static checks
-_SR_NAME = re.compile(r"(restore_and_step_sr_kernel|perturb_from_kernel|sam_restore_step_sr_kernel)I"
-                      r"(f|N3c108BFloat16E|N3c104HalfE)")
-
-
-@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
-def test_cuda_sr_and_perturb_from_kernels_static(arch):
-    """The new kernels: present, no spills, <= 64 registers, 128-bit global accesses in the
-    vector variants (16-byte params; the master of perturb_from_ is read in 16-byte pieces)."""
-    from tests.test_cuda_static import _cuobjdump, _so_path
-    so, tool = _so_path(), _cuobjdump()
-    res = subprocess.run([tool, "-res-usage", "-arch", arch, so], capture_output=True, text=True,
-                         check=True, timeout=120).stdout
-    sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True,
-                          check=True, timeout=120).stdout
-    found = {}
-    for m in re.finditer(r"Function (\S+):\s*\n?\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res):
-        k = _SR_NAME.search(m.group(1))
-        if k:
-            found[m.group(1)] = (k.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)))
-    kinds = [v[0] for v in found.values()]
-    assert kinds.count("restore_and_step_sr_kernel") == 32     # bf16/fp16 x vec/pair x 8
-    assert kinds.count("perturb_from_kernel") == 12            # bf16/fp16/fp32 x vec/pair x eps
-    assert kinds.count("sam_restore_step_sr_kernel") == 4      # bf16/fp16 x momentum
-    chunks = {c.split(None, 1)[0]: c for c in sass.split("Function : ")[1:]}
-    bad = []
-    for name, (kind, regs, stack, local) in found.items():
-        code = chunks.get(name, "")
-        spills = re.findall(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\b", code)
-        if spills or stack or local or regs > 64:
-            bad.append(f"{name}: regs {regs} stack {stack} local {local} spills {len(spills)}")
-        vec = kind == "sam_restore_step_sr_kernel" or re.search(r"Li\d+ELb1E", name)
-        if vec and (not re.search(r"\bLDG\.E\.128\b", code) or not re.search(r"\bSTG\.E\.128\b", code)):
-            bad.append(f"{name}: no 128-bit accesses")
-    assert not bad, "\n".join(bad)

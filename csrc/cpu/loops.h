@@ -113,46 +113,53 @@ struct Prefetch {
   }
 };
 
-// The portable generator: out[4 (j - j0) + q] = z(tag, 4j + q) for j in [j0, j0 + n).
+// The portable generator: out[4 (j - j0) + q] = z(tag, 4j + q) for j in [j0, j0 + n)
+// (kNormals) and / or the words w[4 (j - j0) + q] = w(tag, 4j + q) = x_q of call j (kWords),
+// one call at a time.
 struct PortableNoise {
+  template <bool kNormals, bool kWords>
+  FF_HD void run(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
+                 float* __restrict__ out, uint32_t* __restrict__ w, const Prefetch* pf) {
+    if (pf) pf->issue(0, pf->lines);
+    for (int64_t k = 0; k < n; ++k) {
+      const Words4 x = noise_words(key, j0 + k, step, tag);
+      if (kNormals) call_normals(x, out[4 * k], out[4 * k + 1], out[4 * k + 2], out[4 * k + 3]);
+      if (kWords) memcpy(w + 4 * k, &x, sizeof(x));   // x0 .. x3 in order
+    }
+  }
   static inline __attribute__((always_inline)) void normals(PhiloxKey key, int64_t step,
                                                             uint32_t tag, int64_t j0, int64_t n,
                                                             float* __restrict__ out,
                                                             const Prefetch* pf = nullptr) {
-    if (pf) pf->issue(0, pf->lines);
-    for (int64_t k = 0; k < n; ++k) {
-      call_normals(noise_words(key, j0 + k, step, tag), out[4 * k], out[4 * k + 1],
-                   out[4 * k + 2], out[4 * k + 3]);
-    }
+    run<true, false>(key, step, tag, j0, n, out, nullptr, pf);
   }
-  // The normals and the words w(tag, 4j + q) = x_q of calls [j0, j0 + n), element order.
   static inline __attribute__((always_inline)) void normals_words(
       PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n, float* __restrict__ out,
       uint32_t* __restrict__ w, const Prefetch* pf = nullptr) {
-    if (pf) pf->issue(0, pf->lines);
-    for (int64_t k = 0; k < n; ++k) {
-      const Words4 x = noise_words(key, j0 + k, step, tag);
-      call_normals(x, out[4 * k], out[4 * k + 1], out[4 * k + 2], out[4 * k + 3]);
-      w[4 * k] = x.x0;
-      w[4 * k + 1] = x.x1;
-      w[4 * k + 2] = x.x2;
-      w[4 * k + 3] = x.x3;
-    }
+    run<true, true>(key, step, tag, j0, n, out, w, pf);
   }
   static inline __attribute__((always_inline)) void words(PhiloxKey key, int64_t step,
                                                           uint32_t tag, int64_t j0, int64_t n,
                                                           uint32_t* __restrict__ w,
                                                           const Prefetch* pf = nullptr) {
-    if (pf) pf->issue(0, pf->lines);
-    for (int64_t k = 0; k < n; ++k) {
-      const Words4 x = noise_words(key, j0 + k, step, tag);
-      w[4 * k] = x.x0;
-      w[4 * k + 1] = x.x1;
-      w[4 * k + 2] = x.x2;
-      w[4 * k + 3] = x.x3;
-    }
+    run<false, true>(key, step, tag, j0, n, nullptr, w, pf);
   }
 };
+
+// The walk of every loop below: the calls [j0, j1) of a slice in chunks of kChunkCalls.
+// Chunk at jc: calls [jc, jc + nc), slice elements [base, base + 4 nc); when another chunk
+// follows, it starts at slice element next (its lines are prefetched during this chunk's
+// noise generation).
+struct Chunk {
+  int64_t nc, base, next;
+  bool has_next;
+};
+static inline __attribute__((always_inline)) Chunk chunk_at(int64_t jc, int64_t j1,
+                                                            int64_t offset) {
+  const bool more = jc + kChunkCalls < j1;
+  return Chunk{more ? kChunkCalls : j1 - jc, 4 * jc - offset, 4 * (jc + kChunkCalls) - offset,
+               more};
+}
 
 // theta <- theta + sigma * z(tag) over the whole calls [j0, j1); p is element 0 of the
 // slice, whose bucket index is offset.
@@ -168,20 +175,16 @@ static bool perturb_calls(scalar_t* __restrict__ p, int64_t j0, int64_t j1, int6
   alignas(64) float z[kChunkElems];
   uint32_t bad = 0;
   for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
-    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    const Chunk c = chunk_at(jc, j1, offset);
     Prefetch pf;
-    if (jc + kChunkCalls < j1) {
-      const int64_t next = 4 * (jc + kChunkCalls) - offset;
-      pf.add_written(p + next);
-      if (kCheck) pf.add_read(gbits + next);
-    }
-    Gen::normals(key, step, tag, jc, nc, z, &pf);
-    const int64_t base = 4 * jc - offset;
-    scalar_t* __restrict__ q = p + base;
-    const int64_t ne = 4 * nc;
-    for (int64_t e = 0; e < ne; ++e) {
+    if (c.has_next) pf.add_written(p + c.next);
+    if (kCheck && c.has_next) pf.add_read(gbits + c.next);
+    Gen::normals(key, step, tag, jc, c.nc, z, &pf);
+    scalar_t* __restrict__ q = p + c.base;
+    const uint32_t* __restrict__ gb = kCheck ? gbits + c.base : gbits;
+    for (int64_t e = 0; e < 4 * c.nc; ++e) {
       q[e] = from_acc<scalar_t, acc_t>(to_acc<acc_t>(q[e]) + sigma * static_cast<acc_t>(z[e]));
-      if (kCheck) bad |= static_cast<uint32_t>((gbits[base + e] & 0x7F800000u) == 0x7F800000u);
+      if (kCheck) bad |= static_cast<uint32_t>((gb[e] & 0x7F800000u) == 0x7F800000u);
     }
   }
   return bad != 0;
@@ -216,13 +219,13 @@ static void update_calls_fixed(scalar_t* __restrict__ p, const scalar_t* __restr
   alignas(64) uint32_t w0[kSR ? kChunkElems : 1];
   alignas(64) uint32_t w32[kSR ? kChunkElems : 1];
   for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
-    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    const Chunk c = chunk_at(jc, j1, offset);
+    const int64_t nc = c.nc;
     Prefetch pf;
-    if (jc + kChunkCalls < j1) {
-      const int64_t next = 4 * (jc + kChunkCalls) - offset;
-      pf.add_written(p + next);
-      pf.add_read(g + next);
-      if (kMom) pf.add_written(m + next);
+    if (c.has_next) {
+      pf.add_written(p + c.next);
+      pf.add_read(g + c.next);
+      if (kMom) pf.add_written(m + c.next);
     }
     // the lines go with the chunk's first generator call
     if constexpr (kSR) {
@@ -239,7 +242,7 @@ static void update_calls_fixed(scalar_t* __restrict__ p, const scalar_t* __restr
       if (kXi) Gen::normals(key, step, kTagXi, jc, nc, x, kEps ? nullptr : &pf);
       if (!kEps && !kXi) pf.issue(0, pf.lines);
     }
-    const int64_t base = 4 * jc - offset;
+    const int64_t base = c.base;
     const int64_t ne = 4 * nc;
     for (int64_t k = 0; k < ne; ++k) {
       const uint32_t rb = kSR ? sr_bits_of(w0[kSR ? k : 0], w32[kSR ? k : 0]) : 0u;
@@ -314,7 +317,7 @@ static float noise_only_calls(int64_t j0, int64_t j1, PhiloxKey key, int64_t ste
   alignas(64) float z[kChunkElems];
   float acc = 0.0f;
   for (int64_t jc = j0; jc < j1; jc += kChunkCalls) {
-    const int64_t nc = j1 - jc < kChunkCalls ? j1 - jc : kChunkCalls;
+    const int64_t nc = chunk_at(jc, j1, 0).nc;
     for (int t = 0; t < n_tags; ++t) {
       Gen::normals(key, step, tags[t], jc, nc, z);
       acc += z[0];

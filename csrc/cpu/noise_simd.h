@@ -1,6 +1,7 @@
 // SIMD generator of the noise stream (layout version 3) for one ISA: W Philox calls per
 // vector (lane l = call j0 + l), then uniform24, the branch-free log and the
-// quadrant-reduced sincos of elementwise.h operation for operation on W lanes, and a
+// quadrant-reduced sincos of elementwise.h operation for operation on W lanes (their
+// polynomials are elementwise.h's log_poly / sincos_poly themselves), and a
 // 4 x W transpose so the 4W normals land in element order. kV vectors are generated
 // together (interleaved rounds) for instruction-level parallelism.
 //
@@ -68,6 +69,8 @@ struct SimdNoise {
     return (__builtin_convertvector(v, F) + 0.5f) * 5.9604644775390625e-08f;
   }
 
+  // elementwise.h log_unit / sincos_2pi lane-wise: the same reductions around the same
+  // polynomials (log_poly, sincos_poly, instantiated for the vector types).
   static inline __attribute__((always_inline)) F log_unit(F x) {
     const U bits = (U)x;
     I e = (I)((bits >> 23) & 0xffu) - 126;
@@ -75,43 +78,14 @@ struct SimdNoise {
     const I small = m < 0.707106781186547524f;   // -1 where true
     e = e + small;
     m = small ? (m + m) - 1.0f : m - 1.0f;
-    const F z = m * m;
-    F y = m * 7.0376836292e-2f;   // y * m with y the constant: same product
-    y = y - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z;
-    const F fe = __builtin_convertvector(e, F);
-    y = y + (-2.12194440e-4f) * fe;
-    y = y - 0.5f * z;
-    return (m + y) + 0.693359375f * fe;
+    return log_poly(m, __builtin_convertvector(e, F));
   }
 
   static inline __attribute__((always_inline)) void sincos_2pi(F u, F& c, F& s) {
     const F v = 4.0f * u;
-    const I qi = __builtin_convertvector(v + 0.5f, I);   // truncation, v + 0.5 >= 0
-    const F q = __builtin_convertvector(qi, F);
-    const F a = (v - q) * 1.57079632679489662f;
-    const F z = a * a;
-    F sp = z * -1.9515295891e-4f;
-    sp = sp + 8.3321608736e-3f;
-    sp = sp * z - 1.6666654611e-1f;
-    const F sa = (sp * z) * a + a;
-    F cp = z * 2.443315711809948e-5f;
-    cp = cp - 1.388731625493765e-3f;
-    cp = cp * z + 4.166664568298827e-2f;
-    const F ca = (cp * z) * z - 0.5f * z + 1.0f;
-    const I quadrant = qi & 3;
-    const I odd = (quadrant & 1) != 0;
-    const F c0 = odd ? sa : ca;
-    const F s0 = odd ? ca : sa;
-    c = ((quadrant == 1) | (quadrant == 2)) ? -c0 : c0;
-    s = (quadrant >= 2) ? -s0 : s0;
+    const I q = __builtin_convertvector(v + 0.5f, I);   // truncation, v + 0.5 >= 0
+    const F a = (v - __builtin_convertvector(q, F)) * 1.57079632679489662f;
+    sincos_poly(a, (I)(q & 3), c, s);
   }
 
   static inline __attribute__((always_inline)) void box_muller(U a, U b, F& c, F& s) {
@@ -162,11 +136,8 @@ struct SimdNoise {
   }
 
   template <bool kNormals, bool kWords>
-  static inline __attribute__((always_inline)) void run(PhiloxKey key, int64_t step,
-                                                        uint32_t tag, int64_t j0, int64_t n,
-                                                        float* __restrict__ out,
-                                                        uint32_t* __restrict__ w,
-                                                        const Prefetch* pf) {
+  FF_HD void run(PhiloxKey key, int64_t step, uint32_t tag, int64_t j0, int64_t n,
+                 float* __restrict__ out, uint32_t* __restrict__ w, const Prefetch* pf) {
     const uint32_t step_lo = static_cast<uint32_t>(static_cast<uint64_t>(step));
     // the prefetch lines, split evenly over the full blocks (the rest, if the loop below
     // ends early, are left to the hardware)
@@ -198,9 +169,8 @@ struct SimdNoise {
   static inline __attribute__((always_inline)) void tail(PhiloxKey key, int64_t step,
                                                          uint32_t tag, int64_t j, int64_t n,
                                                          float* out, uint32_t* w, int64_t k) {
-    if (kNormals && kWords) PortableNoise::normals_words(key, step, tag, j, n, out + 4 * k, w + 4 * k);
-    else if (kNormals) PortableNoise::normals(key, step, tag, j, n, out + 4 * k);
-    else PortableNoise::words(key, step, tag, j, n, w + 4 * k);
+    PortableNoise::run<kNormals, kWords>(key, step, tag, j, n, kNormals ? out + 4 * k : out,
+                                         kWords ? w + 4 * k : w, nullptr);
   }
 
   // out[4 (j - j0) + q] = z(tag, 4j + q), j in [j0, j0 + n).

@@ -12,7 +12,9 @@
 //   box_muller         r (cos t, sin t), r = sqrt(-2 ln u(a)), t = 2 pi u(b)
 //   call_normals       z(tag, 4j + 0..3) of one Philox call (layout version 3)
 //   element_normal     z(tag, i), element_word: w(tag, i) = x_(i & 3)
-//   langevin_update    restore + weight decay + momentum + Langevin noise + SGD update
+//   log_poly / sincos_poly  the polynomials of log and sincos (also the SIMD generator's)
+//   sgd_update         torch.optim.SGD's decay + momentum + step (Langevin and SAM passes)
+//   langevin_update    restore + sgd_update + Langevin noise
 //   sr_bf16_bits / sr_fp16_bits   stochastic rounding of an fp32 result (rbits of §1)
 //
 // Noise stream layout version 3 (ALGORITHMS.md §1): key (seed_lo32, seed_hi32), the whole
@@ -126,25 +128,14 @@ FF_HD Words4 noise_words(PhiloxKey key, int64_t j, int64_t step, uint32_t tag) {
   return philox4x32_10(c, key.k0, key.k1);
 }
 
-FF_HD uint32_t float_bits(float f) {
+// A float's IEEE bits and back (the intrinsics on the device, memcpy on the host).
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
+FF_HD uint32_t float_bits(float f) { return __float_as_uint(f); }
+FF_HD float bits_float(uint32_t u) { return __uint_as_float(u); }
 #else
-  uint32_t u;
-  memcpy(&u, &f, sizeof(u));
-  return u;
+FF_HD uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, sizeof(u)); return u; }
+FF_HD float bits_float(uint32_t u) { float f; memcpy(&f, &u, sizeof(f)); return f; }
 #endif
-}
-
-FF_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
 
 // u(x) = ((x >> 8) + 0.5) * 2^-24, evaluated as three fp32 operations (convert, add,
 // multiply) that round identically on every IEEE backend. In (0, 1]: the add rounds
@@ -153,17 +144,16 @@ FF_HD float uniform24(uint32_t x) {
   return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;
 }
 
-// Natural log for u in (0, 1] (Cephes logf, branch-free). Max rel. error ~1e-7.
-FF_HD float log_unit(float x) {
-  const uint32_t bits = float_bits(x);
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;   // x = m * 2^e, m in [0.5, 1)
-  float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? (m + m) - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
+// The polynomial parts of log_unit and sincos_2pi, written once for a float and (the SIMD
+// generator, csrc/cpu/noise_simd.h) a GCC vector of floats F with int32 vector I: the same
+// IEEE operations in the same order, so every lane gives the scalar's bits. A comparison is
+// a 0/1 bool on scalars and a 0/-1 mask on vectors; ?: selects with either.
+//
+// log(1 + m) + fe ln 2 (Cephes logf) for the reduced m in [sqrt(1/2) - 1, sqrt(2) - 1).
+template <typename F>
+FF_HD F log_poly(F m, F fe) {
+  const F z = m * m;
+  F y = m * 7.0376836292e-2f - 1.1514610310e-1f;
   y = y * m + 1.1676998740e-1f;
   y = y * m - 1.2420140846e-1f;
   y = y * m + 1.4249322787e-1f;
@@ -172,33 +162,47 @@ FF_HD float log_unit(float x) {
   y = y * m - 2.4999993993e-1f;
   y = y * m + 3.3333331174e-1f;
   y = y * m * z;
-  const float fe = static_cast<float>(e);
   y = y + (-2.12194440e-4f) * fe;
   y = y - 0.5f * z;
   return (m + y) + 0.693359375f * fe;
 }
 
-// cos(2 pi u), sin(2 pi u) for u in [0, 1]: exact quadrant reduction in u, then
-// Cephes minimax polynomials on [-pi/4, pi/4].
-FF_HD void sincos_2pi(float u, float& c, float& s) {
-  const float v = 4.0f * u;                       // exact
-  const float q = static_cast<float>(static_cast<int32_t>(v + 0.5f));  // nearest quadrant, v >= 0
-  const float a = (v - q) * 1.57079632679489662f; // in [-pi/4, pi/4]
-  const float z = a * a;
-  float sp = -1.9515295891e-4f;
-  sp = sp * z + 8.3321608736e-3f;
+// c = cos, s = sin of the angle quadrant * pi/2 + a, a in [-pi/4, pi/4], quadrant in 0..3
+// (Cephes minimax polynomials).
+template <typename F, typename I>
+FF_HD void sincos_poly(F a, I quadrant, F& c, F& s) {
+  const F z = a * a;
+  F sp = z * -1.9515295891e-4f + 8.3321608736e-3f;
   sp = sp * z - 1.6666654611e-1f;
-  const float sa = (sp * z) * a + a;
-  float cp = 2.443315711809948e-5f;
-  cp = cp * z - 1.388731625493765e-3f;
+  const F sa = (sp * z) * a + a;
+  F cp = z * 2.443315711809948e-5f - 1.388731625493765e-3f;
   cp = cp * z + 4.166664568298827e-2f;
-  const float ca = (cp * z) * z - 0.5f * z + 1.0f;
-  const int32_t quadrant = static_cast<int32_t>(q) & 3;
-  // angle = quadrant * pi/2 + a
-  const float c0 = (quadrant & 1) ? sa : ca;
-  const float s0 = (quadrant & 1) ? ca : sa;
-  c = (quadrant == 1 || quadrant == 2) ? -c0 : c0;
+  const F ca = (cp * z) * z - 0.5f * z + 1.0f;
+  const I odd = (quadrant & 1) != 0;
+  const F c0 = odd ? sa : ca;
+  const F s0 = odd ? ca : sa;
+  c = ((quadrant == 1) | (quadrant == 2)) ? -c0 : c0;
   s = (quadrant >= 2) ? -s0 : s0;
+}
+
+// Natural log for u in (0, 1] (branch-free). Max rel. error ~1e-7.
+FF_HD float log_unit(float x) {
+  const uint32_t bits = float_bits(x);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;   // x = m * 2^e, m in [0.5, 1)
+  float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? (m + m) - 1.0f : m - 1.0f;
+  return log_poly(m, static_cast<float>(e));
+}
+
+// cos(2 pi u), sin(2 pi u) for u in [0, 1]: exact quadrant reduction in u, then the
+// polynomials on [-pi/4, pi/4].
+FF_HD void sincos_2pi(float u, float& c, float& s) {
+  const float v = 4.0f * u;                                   // exact
+  const int32_t q = static_cast<int32_t>(v + 0.5f);           // nearest quadrant, v >= 0
+  const float a = (v - static_cast<float>(q)) * 1.57079632679489662f;  // in [-pi/4, pi/4]
+  sincos_poly(a, q & 3, c, s);
 }
 
 // One Box-Muller transform of the words (a, b): c = r cos t, s = r sin t.
@@ -390,33 +394,34 @@ template <typename acc_t>
 inline StepArgs<acc_t> make_step_args(double sigma, double lr, double weight_decay,
                                       double momentum, double dampening, double noise_std,
                                       double grad_mult, bool nesterov, bool momentum_init) {
-  StepArgs<acc_t> a;
-  a.sigma = static_cast<acc_t>(sigma);
-  a.lr = static_cast<acc_t>(lr);
-  a.weight_decay = static_cast<acc_t>(weight_decay);
-  a.momentum = static_cast<acc_t>(momentum);
-  a.dampening = static_cast<acc_t>(dampening);
-  a.noise_std = static_cast<acc_t>(noise_std);
-  a.grad_mult = static_cast<acc_t>(grad_mult);
-  a.nesterov = nesterov;
-  a.momentum_init = momentum_init;
-  return a;
+  const auto c = [](double v) { return static_cast<acc_t>(v); };
+  return StepArgs<acc_t>{c(sigma),     c(lr),        c(weight_decay), c(momentum), c(dampening),
+                         c(noise_std), c(grad_mult), nesterov,        momentum_init};
 }
 
-// One element of the fused restore + decay + momentum + Langevin + update pass.
-// has_momentum is a template parameter so the momentum-free loop carries no m.
-template <bool has_momentum, typename acc_t>
-FF_HD acc_t langevin_update(acc_t theta, acc_t g, acc_t* m, acc_t eps, acc_t xi,
-                            const StepArgs<acc_t>& a) {
-  theta = theta - a.sigma * eps;          // restore (eps regenerated, never stored)
+// torch.optim.SGD's update of theta with the gradient g (times a.grad_mult): L2 weight
+// decay, then momentum m (dampening, Nesterov; m <- d on the first step), then the step.
+// The one home of this arithmetic: langevin_update (StepArgs) and sam_sgd_update
+// (SamStepArgs, sam_elementwise.h) call it. kMom is a template parameter so the
+// momentum-free loop carries no m.
+template <bool kMom, typename acc_t, typename Args>
+FF_HD acc_t sgd_update(acc_t theta, acc_t g, acc_t* m, const Args& a) {
   acc_t d = g * a.grad_mult;
   d = d + a.weight_decay * theta;         // L2 decay as torch.optim.SGD
-  if (has_momentum) {
+  if (kMom) {
     const acc_t buf = a.momentum_init ? d : a.momentum * (*m) + (acc_t(1) - a.dampening) * d;
     *m = buf;
     d = a.nesterov ? d + a.momentum * buf : buf;
   }
-  return theta - a.lr * d + a.noise_std * xi;
+  return theta - a.lr * d;
+}
+
+// One element of the fused restore + decay + momentum + Langevin + update pass.
+template <bool has_momentum, typename acc_t>
+FF_HD acc_t langevin_update(acc_t theta, acc_t g, acc_t* m, acc_t eps, acc_t xi,
+                            const StepArgs<acc_t>& a) {
+  theta = theta - a.sigma * eps;          // restore (eps regenerated, never stored)
+  return sgd_update<has_momentum>(theta, g, m, a) + a.noise_std * xi;
 }
 
 }  // namespace fused_flat

@@ -6,6 +6,7 @@
 //                      T = |theta| + eta), always in double so the global norm never overflows
 //   sam_perturbed      theta + e, e = (coef * s) * g with s = T^2 (ASAM) or 1
 //   sam_sgd_update     restore from the backup, then torch.optim.SGD's update with g2
+//                      (elementwise.h sgd_update, shared with the Langevin passes)
 //   rademacher_sign    RW-SAM probe v_i (tag 16) from the element's Philox words
 #pragma once
 #include "fused_flat/elementwise.h"
@@ -51,28 +52,16 @@ template <typename acc_t>
 inline SamStepArgs<acc_t> make_sam_step_args(double lr, double weight_decay, double momentum,
                                              double dampening, double grad_mult, bool nesterov,
                                              bool momentum_init) {
-  SamStepArgs<acc_t> a;
-  a.lr = static_cast<acc_t>(lr);
-  a.weight_decay = static_cast<acc_t>(weight_decay);
-  a.momentum = static_cast<acc_t>(momentum);
-  a.dampening = static_cast<acc_t>(dampening);
-  a.grad_mult = static_cast<acc_t>(grad_mult);
-  a.nesterov = nesterov;
-  a.momentum_init = momentum_init;
-  return a;
+  const auto c = [](double v) { return static_cast<acc_t>(v); };
+  return SamStepArgs<acc_t>{c(lr),        c(weight_decay), c(momentum), c(dampening),
+                            c(grad_mult), nesterov,        momentum_init};
 }
 
-// theta is the backup (the unperturbed weights); g is g2, the gradient at theta + e.
+// theta is the backup (the unperturbed weights); g is g2, the gradient at theta + e:
+// torch.optim.SGD's update (elementwise.h sgd_update).
 template <bool kMom, typename acc_t>
 FF_HD acc_t sam_sgd_update(acc_t theta, acc_t g, acc_t* m, const SamStepArgs<acc_t>& a) {
-  acc_t d = g * a.grad_mult;
-  d = d + a.weight_decay * theta;
-  if (kMom) {
-    const acc_t buf = a.momentum_init ? d : a.momentum * (*m) + (acc_t(1) - a.dampening) * d;
-    *m = buf;
-    d = a.nesterov ? d + a.momentum * buf : buf;
-  }
-  return theta - a.lr * d;
+  return sgd_update<kMom>(theta, g, m, a);
 }
 
 // v_i in {+1, -1}: -1 where the top bit of w(16, i) is set (layout version 3).
