@@ -133,17 +133,45 @@ def refuse_dcp_state_init(cls_name: str) -> None:
 def _runtime_attr(name: str, default=None) -> property:
     """An attribute kept in the optimizer's ``_rt`` dict. torch.compile (dynamo, torch 2.14)
     drops plain attribute stores on a torch.optim.Optimizer made inside a compiled step, but
-    replays mutations of a dict it holds: the attributes a step writes live there."""
+    replays mutations of a dict or list it holds: the attributes a step writes live there.
+
+    Each attribute is a one-element list of its own (``_rt[name][0]``), present from the
+    first store on (:func:`_runtime_dict`): a compiled frame that stores one guards on what
+    it mutates and on nothing else, so another attribute that changes between steps (the
+    last step's found_inf, set by the step after a perturbation) recompiles nothing, and
+    no key is ever added to ``_rt`` (a new key would: dynamo guards on the dict's length)."""
 
     def get(self):
-        return self.__dict__.get("_rt", {}).get(name, default)
+        cell = self.__dict__.get("_rt", {}).get(name)
+        return default if cell is None else cell[0]
+
+    get.runtime_attr = (name, default)
 
     def set_(self, value):
-        if "_rt" not in self.__dict__:
-            self.__dict__["_rt"] = {}
-        self._rt[name] = value
+        rt = self.__dict__.get("_rt")
+        if rt is None or name not in rt:
+            rt = _runtime_dict(self)
+        rt[name][0] = value
 
     return property(get, set_)
+
+
+def _runtime_dict(obj) -> dict:
+    """``obj._rt``, made (or completed) with a cell holding the default of every
+    :func:`_runtime_attr` of its class; an object pickled when ``_rt`` held the values
+    themselves gets them in cells (none of them was a list)."""
+    rt = obj.__dict__.get("_rt")
+    if rt is None:
+        rt = obj.__dict__["_rt"] = {}
+    for name, v in rt.items():
+        if not isinstance(v, list):
+            rt[name] = [v]
+    for klass in type(obj).__mro__:
+        for v in vars(klass).values():
+            if isinstance(v, property) and hasattr(v.fget, "runtime_attr"):
+                name, default = v.fget.runtime_attr
+                rt.setdefault(name, [default])
+    return rt
 
 
 class FlatOptimizer(Optimizer):
@@ -250,6 +278,7 @@ class FlatOptimizer(Optimizer):
             self.defaults.pop("differentiable", None)
         for k, make in self._TRANSIENT.items():
             self.__dict__[k] = make() if callable(make) else make   # buckets(): on next use
+        _runtime_dict(self)
 
     # ----------------------------------------------------------------- buckets
     def buckets(self) -> list[Bucket]:
@@ -299,11 +328,6 @@ class FlatOptimizer(Optimizer):
                     f"from device memory; backend '{be.name}' reads them on the host (a sync per "
                     f"step, and a captured graph would replay stale values). Use backend='auto', "
                     f"'triton' or 'cuda' (built with FORCE_CUDA=1).")
-            if b.device.type != "cpu" and be.name == "triton" and b.dtype == torch.float64:
-                raise ValueError(f"{name}: capturable=True with float64 parameters on "
-                                 f"{b.device.type}: the Triton backend runs float64 through the "
-                                 f"reference, which reads the step on the host; use backend='cuda' "
-                                 f"or capturable=False")
             if b.device.type != "cpu" and self._masters(b):
                 raise ValueError(f"{name}: capturable=True with master_weights=True is not "
                                  f"supported yet on {b.device.type} (the master perturbation takes "
@@ -725,8 +749,17 @@ class FlatOptimizer(Optimizer):
         """The group's lr as the ops take it: a tensor lr (``lr=torch.tensor(...)``, what an
         LR scheduler then updates in place) stays a tensor with ``capturable=True`` (on the
         parameters' device: the kernels read it) and under torch.compile with the 'cpp'
-        backend (no guard on its value); else a Python float."""
+        backend (no guard on its value); else a Python float.
+
+        A float lr under torch.compile with the 'cpp' backend becomes a float64 CPU tensor
+        made in the graph (``param_groups`` keeps the user's float): the first compilation
+        takes its value as a constant, as torch.optim.SGD's does; once a scheduler has
+        changed it, dynamo makes it a graph input, and a tensor here keeps it one (a Python
+        float handed to the op would pin it again: a recompile per lr value)."""
         lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) and self._k_dev is None \
+                and torch.compiler.is_compiling() and backend.cpu_tensor_scalars:
+            return torch.full((), lr, dtype=torch.float64)
         if isinstance(lr, torch.Tensor):
             if self._k_dev is not None:
                 if lr.device != self._k_dev.device:
@@ -812,8 +845,7 @@ class FlatOptimizer(Optimizer):
                     create = False
                 if not create:
                     continue
-                buf = torch.zeros_like(p, dtype=torch.float32 if self._fp32_state(p) else p.dtype)
-                self.state[p]["momentum_buffer"] = buf
+                self.state[p]["momentum_buffer"] = self._new_momentum(p)
                 new.append(j)
             else:
                 old.append(j)
@@ -826,6 +858,49 @@ class FlatOptimizer(Optimizer):
             if rest:
                 out.append((rest, None, False))
         return out
+
+    def _new_momentum(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p, dtype=torch.float32 if self._fp32_state(p) else p.dtype)
+
+    # ----------------------------------------------------------------- torch.compile
+    def _compile_init(self, part: str) -> None:
+        """Under torch.compile, make the state that ``part`` of the step would create
+        (:meth:`_init_group`) before the step is traced; eager: nothing."""
+        if torch.compiler.is_compiling():
+            self._init_group(part)
+
+    def _init_group(self, part: str) -> None:
+        """The state a compiled step would create, made on the real optimizer: dynamo runs a
+        torch.optim.Optimizer's ``_init_group`` eagerly when it traces a call to it (as for
+        torch.optim.Adam's state), so the first compiled step already sees what every later
+        step sees and the step compiles once, where creating state in the graph would
+        recompile it on the second step (dynamo guards on the state's contents).
+
+        ``part``: 'update' (a step's update, SAM's second_step): the momentum buffers the
+        update would create, of the parameters with a gradient, in groups with dampening 0,
+        as zeros: the update then takes m = mu * 0 + d, which is d (SGD's first momentum)
+        bit for bit; with dampening != 0 the buffer is left to the step (m = d needs the
+        first-step flag: one recompile). The families add what their other passes make
+        (:meth:`_init_family`). A step that is then skipped on the device (non-finite
+        gradient) keeps these zero buffers where torch.optim.SGD would have none yet; the
+        next step's momentum is the same."""
+        if part == "update":
+            self._init_momentum()
+        self._init_family(part)
+
+    def _init_momentum(self) -> None:
+        """_init_group's momentum buffers (zeros) of the parameters with a gradient, in the
+        groups with momentum and dampening 0."""
+        state = self.state
+        for g in self.param_groups:
+            if g["momentum"] == 0 or g["dampening"] != 0:
+                continue
+            for p in g["params"]:
+                if p.grad is not None and state[p].get("momentum_buffer") is None:
+                    state[p]["momentum_buffer"] = self._new_momentum(p)
+
+    def _init_family(self, part: str) -> None:   # the families' own state (backups)
+        return None
 
     @property
     def step_count(self) -> int:

@@ -108,13 +108,19 @@ class LangevinOptimizer(FlatOptimizer):
     torch.compile (CPU, backend 'cpp'): ``torch.compile(opt.step)`` compiles once for every
     step counter and learning rate when ``lr`` is a CPU tensor (``lr=torch.tensor(0.1)``; an
     LR scheduler then updates it in place): the counter (a 0-dim int64 tensor) and the lr
-    are graph inputs, not guards. Compile ``opt.step`` before creating the scheduler (its
-    wrapper of ``opt.step`` is in a file dynamo skips) and call ``zero_grad`` outside the
-    compiled function; the two-call form (``perturb()`` eager, compiled ``step()``) and SAM's
-    ``first_step`` / ``second_step`` then trace with ``fullgraph=True``; a closure's
-    ``backward()`` splits the graph. One recompile follows the first step when it creates
-    state (momentum buffers). Under compile a non-finite gradient still skips the update
-    (on the device, as on CUDA), but ``skipped_steps`` is not counted and no warning is given.
+    are graph inputs, not guards, and the state the first step creates (momentum buffers,
+    backups) is made before that step is traced (``_init_group``, as for torch.optim.Adam),
+    so no later step recompiles. A float ``lr`` compiles as torch.optim.SGD's does: its
+    first value is a constant of the graph, the scheduler's first change recompiles once
+    with the lr as a graph input (``param_groups`` keeps the float). Compile ``opt.step``
+    before creating the scheduler (its wrapper of ``opt.step`` is in a file dynamo skips)
+    and call ``zero_grad`` outside the compiled function; the two-call form (``perturb()``
+    eager, compiled ``step()``) and SAM's ``first_step`` / ``second_step`` then trace with
+    ``fullgraph=True``; a closure's ``backward()`` splits the graph. Under compile a
+    non-finite gradient still skips the update (on the device, as on CUDA), but
+    ``skipped_steps`` is not counted and no warning is given; the momentum buffers (with
+    dampening 0) are made as zeros before the first step, so a skipped first step leaves
+    a zero buffer where torch.optim.SGD has none yet (the next momentum is the same).
 
     Skipped steps: a step whose gradients are not finite (``check_finite``, or a
     ``torch.amp.GradScaler``'s ``found_inf``) restores the weights and updates nothing: the
@@ -274,11 +280,27 @@ class LangevinOptimizer(FlatOptimizer):
     def _move(self, tag: int) -> None:
         """Restore the active perturbation (if any), then perturb with eps of ``tag`` every
         parameter that requires grad now."""
+        if torch.compiler.is_compiling() and any(self._restore_mode(b) == "backup"
+                                                 for b in self._buckets):
+            self._init_group("perturb")   # the backups, made before the trace
         self.restore()
         # (compiled: the general path, traced in this frame)
         if torch.compiler.is_compiling() or not self._move_planned(tag):
             self._move_general(tag)
             self._drop_plans()
+
+    def _init_family(self, part: str) -> None:
+        """Compiled perturbation ('perturb'): the backups of the buckets restored from one
+        (FlatOptimizer._init_group). A compiled step(closure) then compiles its perturbation
+        once more at the second step (dynamo's _init_group guards on which parameters have a
+        gradient, none before the first closure); the two-call form perturbs eagerly."""
+        if part != "perturb":
+            return
+        for b in self.buckets():
+            if self._sigma(b) != 0.0 and self._restore_mode(b) == "backup":
+                for p in b.params:
+                    if p.requires_grad and p.numel() > 0:
+                        self._backup_of(p)
 
     def _plan_family(self, P) -> None:
         """The perturbation's lists: the parameters that require grad (and are not empty),
@@ -457,6 +479,7 @@ class LangevinOptimizer(FlatOptimizer):
         return found
 
     def _update(self, grad_mult: float) -> None:
+        self._compile_init("update")   # compiled: the momentum buffers, made before the trace
         if torch.compiler.is_compiling() or not self._update_planned(grad_mult):
             self._update_general(grad_mult)
             self._drop_plans()

@@ -133,16 +133,11 @@ class SAM(FlatOptimizer):
     iff it has g1 and updated iff it has g2 (``p.grad is not None``); the momentum lives in
     ``state[p]["momentum_buffer"]``, torch.optim.SGD's own state.
 
-    torch.compile (CPU, backend 'cpp'): ``torch.compile(opt.step)`` compiles once for every
-    step counter and learning rate when ``lr`` is a CPU tensor (``lr=torch.tensor(0.1)``; an
-    LR scheduler then updates it in place): the counter (a 0-dim int64 tensor) and the lr
-    are graph inputs, not guards. Compile ``opt.step`` before creating the scheduler (its
-    wrapper of ``opt.step`` is in a file dynamo skips) and call ``zero_grad`` outside the
-    compiled function; the two-call form (see LangevinOptimizer) and SAM's
-    ``first_step`` / ``second_step`` then trace with ``fullgraph=True``; a closure's
-    ``backward()`` splits the graph. One recompile follows the first step when it creates
-    state (momentum buffers). Under compile a non-finite gradient still skips the update
-    (on the device, as on CUDA), but ``skipped_steps`` is not counted and no warning is given.
+    torch.compile (CPU, backend 'cpp'): as for the Langevin family (LangevinOptimizer):
+    compiled ``first_step`` and ``second_step`` compile once each for every step counter
+    and tensor ``lr`` (the backups and momentum buffers are made before the first
+    ``first_step`` is traced); a compiled ``step(closure)`` splits at the closure's
+    ``backward()``.
     """
 
     _sam_family = True
@@ -244,6 +239,7 @@ class SAM(FlatOptimizer):
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step(): the weights are already "
                                f"perturbed; call second_step() (or step()) first")
+        self._compile_init("first")   # compiled: backups, momentum buffers, made before the trace
         if torch.compiler.is_compiling() or not self._first_step_planned(grad_scaler):
             self._first_step_general(grad_scaler)
             self._drop_plans()
@@ -313,6 +309,24 @@ class SAM(FlatOptimizer):
         self._perturbed = made
         return True
 
+    def _init_group(self, part: str) -> None:
+        """FlatOptimizer._init_group, for a compiled first_step ('first') and second_step
+        ('update'): the backups of the parameters with a gradient and, with the fused SGD
+        update (another base optimizer makes its own state), their momentum buffers. Both
+        are made at first_step, from g1: a compiled first_step that saw the state before
+        second_step made the buffers would compile again (it guards on the state), so
+        second_step only adds those of parameters with g2 but no g1."""
+        if self._fused_sgd:
+            self._init_momentum()
+        self._init_family(part)
+
+    def _init_family(self, part: str) -> None:
+        """The backups of the parameters with a gradient (_init_group)."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    self._backup_of(p)
+
     def _plans_possible(self, buckets) -> bool:
         return self._fused_sgd and super()._plans_possible(buckets)   # the fused update only
 
@@ -358,6 +372,7 @@ class SAM(FlatOptimizer):
         if self._perturbed is None:
             raise RuntimeError(f"{type(self).__name__}.second_step(): no perturbation to undo; call "
                                f"first_step() after the first backward pass")
+        self._compile_init("update")   # compiled: the momentum buffers, made before the trace
         if torch.compiler.is_compiling() or not self._second_step_planned():
             self._second_step_general()
             self._drop_plans()
@@ -485,6 +500,7 @@ class SAM(FlatOptimizer):
         self._first_found = None
 
     # ----------------------------------------------------------------- step
+    @torch._disable_dynamo   # a host check (compiled step(closure): no guard on param_groups)
     def _has_gradients(self) -> bool:
         return any(p.grad is not None for g in self.param_groups for p in g["params"])
 
@@ -535,7 +551,7 @@ class SAM(FlatOptimizer):
             self.restore()
             raise
         self.second_step()
-        self._grads_left = _GradMarks(self.param_groups)   # no g1 for the next step(closure)
+        self._mark_grads_left()   # no g1 for the next step(closure)
         return loss if first_loss is None else first_loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -546,8 +562,19 @@ class SAM(FlatOptimizer):
         with ``set_to_none=True`` or through the optimizer.)"""
         super().zero_grad(set_to_none)
         if not set_to_none:
-            self._grads_left = _GradMarks(self.param_groups)
+            self._mark_grads_left()
 
+    # Host bookkeeping of weak references and version counters, which torch.compile cannot
+    # trace: run as they are under a compiled step(closure) (a graph break, no frame of
+    # their own compiled per parameter). torch._disable_dynamo is torch.compiler.disable
+    # that imports dynamo at the first call, not when this module is imported (as
+    # torch.optim.Optimizer.zero_grad uses it).
+    @torch._disable_dynamo
+    def _mark_grads_left(self) -> None:
+        """Remember the gradients now present as left by this step (no g1)."""
+        self._grads_left = _GradMarks(self.param_groups)
+
+    @torch._disable_dynamo
     def _new_gradients(self) -> bool:
         """Whether some parameter has a gradient that a backward wrote (or accumulated
         into) after the last ``step(closure)``, i.e. a g1 computed by the caller."""
