@@ -16,8 +16,6 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
-# Multi-tensor (tensor-list) ops: schemas and CUDA kernels, built only with CUDA.
-CUDA_ONLY_SOURCES = ["csrc/multi_ops.cpp"]
 
 
 def _cuda_home():
@@ -55,15 +53,15 @@ def _extensions():
     include = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off",
            "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
-    sources = [f for f in sorted(glob.glob("csrc/*.cpp")) if f not in CUDA_ONLY_SOURCES]
+    sources = sorted(glob.glob("csrc/*.cpp"))
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     macros = []
     extra = {"cxx": cxx}
     if with_cuda:
-        # csrc/cuda/*.cu: kernels_cuda.cu (flat passes), sam_cuda.cu (multi-tensor SAM),
-        # multi_langevin.cu (multi-tensor Langevin passes and all_finite)
+        # csrc/cuda/*.cu: the CUDA implementations of the list ops (multi_langevin.cu: the
+        # Langevin passes and all_finite; sam_cuda.cu: the SAM family) and perturb_from_
+        # (kernels_cuda.cu); the schemas are the CPU kernels' (csrc/*.cpp)
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        sources += CUDA_ONLY_SOURCES
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("FUSED_FLAT_WITH_CUDA", "1"), ("FUSED_FLAT_CUDA_ARCHS", '"%s"' % archs)]
         extra["nvcc"] = ["-O3", "-Xcompiler=-g0", "-lineinfo", "--expt-relaxed-constexpr",

@@ -24,13 +24,21 @@ TORCH_LIBRARY(fused_flat, m) {
   // walked in memory order: params must match the record, each gradient its parameter
   // (strided, same shape, dtype and device; one laid out otherwise is read through a copy in
   // the parameter's order), each momentum buffer its parameter's shape, dtype and layout.
+  // Both devices (CPU: csrc/cpu/kernels_cpu.cpp; CUDA: csrc/cuda/multi_langevin.cu, one
+  // launch per bucket and pass, its launch arguments passed by value: csrc/cuda/list_launch.h).
+  // `layout` is CPU-only. Per-step scalars as one-element tensors (torch.compile, CUDA-graph
+  // capture): step_t int64, lr_t / noise_std_t float64 or float32, on the lists' device;
+  // given, they replace the number of the same name (CUDA: read by the kernel, no host read;
+  // CPU: read when the op runs), converted as the number is (step: its low 32 bits enter the
+  // counter), so results are identical. On CUDA a noise_std_t always draws xi.
   m.def("perturb_list_(Tensor(a!)[] params, int[] offsets, int seed, int bucket_id, int step, "
-        "int tag, float sigma, Tensor? layout=None) -> ()");
+        "int tag, float sigma, Tensor? layout=None, Tensor? step_t=None) -> ()");
   m.def("restore_and_step_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, "
         "int[] offsets, Tensor? grad_scale, Tensor? found_inf, int seed, int bucket_id, "
         "int step, int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
         "float dampening, bool nesterov, bool momentum_init, float noise_std, float grad_mult, "
-        "bool stochastic_rounding=False, Tensor? layout=None) -> ()");
+        "bool stochastic_rounding=False, Tensor? layout=None, Tensor? step_t=None, "
+        "Tensor? lr_t=None, Tensor? noise_std_t=None) -> ()");
   // The restore half of a checked step (fp32, CPU): params[t] <- params[t] + sigma * eps(tag)
   // (sigma = minus the perturbation's) and, in the same loop, found_inf (float32 [1]) = 1.0
   // if any element of any grads[t] is inf/NaN. The update then runs with sigma 0. `layout`:

@@ -1,5 +1,6 @@
 // Op schemas of the SAM family (ALGORITHMS.md §3). A fragment of the fused_flat library:
-// the core ops are declared in bindings.cpp, kernels live in csrc/cpu/sam_cpu.cpp.
+// the core ops are declared in bindings.cpp. Kernels: csrc/cpu/sam_cpu.cpp (every op) and
+// csrc/cuda/sam_cuda.cu (the list ops: one launch per bucket and pass).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
@@ -22,7 +23,7 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
   // bucket elements [offset, offset + numel).
   m.def("sam_probe_(Tensor(a!) param, Tensor(b!) backup, int seed, int bucket_id, int step, "
         "float delta, int offset=0) -> ()");
-  // The same passes over a list of tensors in one parallel loop (CPU), one dtype per call,
+  // The same passes over a list of tensors in one parallel loop (CPU; CUDA: one launch), one dtype per call,
   // tensor by tensor the values of the ops above. Without `layout` every tensor is a
   // contiguous 1-D view (a flat bucket); with it (fused_flat::plan_layout's record of params:
   // a step plan) they are the user's own, of any shape, dense, walked in memory order:
@@ -33,11 +34,17 @@ TORCH_LIBRARY_FRAGMENT(fused_flat, m) {
   m.def("sam_grad_sq_norm_list(Tensor[] grads, Tensor[] params, bool adaptive, float eta, "
         "Tensor? layout=None) -> Tensor");
   m.def("sam_perturb_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
-        "bool adaptive, float coef, float eta, Tensor? layout=None) -> ()");
+        "bool adaptive, float coef, float eta, Tensor? layout=None, Tensor? coef_tensor=None) -> ()");
+  // coef_tensor: a one-element float64 tensor on the lists' device that replaces coef (on
+  // CUDA read by the kernel: the global norm never leaves the GPU). lr_t / step_t below: as
+  // the Langevin list ops' (bindings.cpp).
   // offsets: each tensor's bucket offset (needed with stochastic_rounding; may be empty else).
   m.def("sam_restore_and_step_list_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, "
         "Tensor(b!)[] moms, Tensor? grad_scale, Tensor? found_inf, float lr, float weight_decay, "
         "float momentum, float dampening, bool nesterov, bool momentum_init, float grad_mult, "
         "bool stochastic_rounding=False, int seed=0, int bucket_id=0, int step=0, "
-        "int[] offsets=[], Tensor? layout=None) -> ()");
+        "int[] offsets=[], Tensor? layout=None, Tensor? lr_t=None, Tensor? step_t=None) -> ()");
+  // RW-SAM probe over a list: sam_probe_(params[t], backups[t], ..., offsets[t]) for every t.
+  m.def("sam_probe_list_(Tensor(a!)[] params, Tensor(b!)[] backups, int[] offsets, int seed, "
+        "int bucket_id, int step, float delta, Tensor? step_t=None) -> ()");
 }

@@ -1,9 +1,9 @@
 // Host emulation of the multi-tensor Langevin kernels' index logic
-// (csrc/cuda/multi_langevin.cuh): every block (row of the call-frame chunk table) and every
-// thread of it runs sequentially, on random tensor lists (empty and 1-element tensors, odd
+// (csrc/cuda/multi_langevin.cuh): every block of every by-value launch (list_launch.h's
+// plan_launches, call-frame rows) and every thread of it runs sequentially, on random tensor lists (empty and 1-element tensors, odd
 // bucket offsets up to 2^33 + 8, random 16-byte misalignments), against per-element oracles
 // built from elementwise.h (element_noise, langevin_update): the same functions, so the
-// results must be bit-identical. Also the all_finite body over the plain tables, the
+// results must be bit-identical. Also the all_finite body over plain (element) rows, the
 // stochastic-rounding variant of the step (kSR, bf16/fp16: oracle element_sr_bits +
 // sr_bf16_bits / sr_fp16_bits, four noise combinations and restore tags 0..2) and the
 // kernels' device-scalar loads (load_step_scalars).
@@ -38,36 +38,19 @@ static long unit_blocks = 0;
     }                                                      \
   } while (0)
 
+// A list's launches (list_launch.h: plan_launches, by-value ListArgs): the tensors' sizes
+// and bucket offsets, units call-frame positions (frame) or elements.
 struct Tabs {
-  std::vector<int64_t> chunks, meta;
+  std::vector<int64_t> sizes, offs;
+  bool frame;
 };
 
-// fused_flat.backends.multi_tensor.frame_plan: frame sizes numel + (offset & 3) (0 if empty).
-static Tabs build_frame(const std::vector<int64_t>& sizes, const std::vector<int64_t>& offs, int64_t chunk) {
-  Tabs tb;
-  for (size_t t = 0; t < sizes.size(); ++t) {
-    const int64_t nf = sizes[t] ? sizes[t] + (offs[t] & 3) : 0;
-    for (int64_t s = 0; s < nf; s += chunk) {
-      tb.chunks.push_back(static_cast<int64_t>(t));
-      tb.chunks.push_back(s);
-    }
-    tb.meta.push_back(nf);
-    tb.meta.push_back(offs[t]);
-  }
-  return tb;
+static Tabs build_frame(const std::vector<int64_t>& sizes, const std::vector<int64_t>& offs, int64_t) {
+  return Tabs{sizes, offs, true};
 }
 
-static Tabs build_plain(const std::vector<int64_t>& sizes, int64_t chunk) {
-  Tabs tb;
-  for (size_t t = 0; t < sizes.size(); ++t) {
-    for (int64_t s = 0; s < sizes[t]; s += chunk) {
-      tb.chunks.push_back(static_cast<int64_t>(t));
-      tb.chunks.push_back(s);
-    }
-    tb.meta.push_back(sizes[t]);
-    tb.meta.push_back(0);
-  }
-  return tb;
+static Tabs build_plain(const std::vector<int64_t>& sizes, int64_t) {
+  return Tabs{sizes, std::vector<int64_t>(sizes.size(), 0), false};
 }
 
 // K streams per tensor, each a view `shift` elements into its own storage (+ guard zones).
@@ -102,20 +85,34 @@ Lists<T> make_lists(int K, const std::vector<int64_t>& sizes, const std::vector<
   return L;
 }
 
+// Every block of every launch of the list: visit(row, slot pointers of the K lists).
+template <int K, typename T, typename Visit>
+void for_blocks(Lists<T>& L, const Tabs& tb, int64_t chunk, const Visit& visit) {
+  const size_t Tn = tb.sizes.size();
+  launch::plan_launches<K>(
+      static_cast<int64_t>(Tn), [&](int64_t t) { return tb.sizes[t]; },
+      [&](int64_t t) { return tb.offs[t]; },
+      [&](int k, int64_t t) { return static_cast<void*>(L.at(k, static_cast<size_t>(t), Tn)); }, chunk,
+      tb.frame, [&](const launch::ListArgs<K>& a) {
+        for (int b = 0; b < a.n_blocks; ++b) {
+          const launch::LaunchRow lr = launch::row_of(a, b, chunk, tb.frame);
+          T* p[K];
+          multi::slot_ptrs(p, a, lr.t);
+          visit(lr, p);
+        }
+      });
+}
+
 template <int K, unsigned kR, unsigned kW, bool kEps, bool kXi, bool kSR = false, typename T,
           typename Body>
 void run(Lists<T>& L, const Tabs& tb, int64_t chunk, int nthreads, const Noise& na, Body body) {
-  const size_t Tn = tb.meta.size() / 2;
-  const int64_t nb = static_cast<int64_t>(tb.chunks.size() / 2);
-  for (int64_t b = 0; b < nb; ++b) {
-    const FrameRow r = load_frame_row(tb.chunks.data(), tb.meta.data(), b, chunk);
-    T* p[K];
-    for (int k = 0; k < K; ++k) p[k] = table_ptr<T>(L.ptrs.data(), k, static_cast<int64_t>(Tn), r.t);
+  for_blocks<K>(L, tb, chunk, [&](const launch::LaunchRow& lr, T* (&p)[K]) {
+    const FrameRow r = frame_row(lr);
     T* const(&pa)[K] = p;
     if (row_uses_units<T, K>(pa, r)) ++unit_blocks;
     for (int tid = 0; tid < nthreads; ++tid)
       visit_frame<T, K, kR, kW, kEps, kXi, kSR>(pa, r, na, tid, nthreads, body);
-  }
+  });
 }
 
 template <typename T>
@@ -270,15 +267,14 @@ void one_case(std::mt19937_64& rng, int nthreads) {
       }
     }
     int flag = 0;
-    for (int64_t b = 0; b < static_cast<int64_t>(pt.chunks.size() / 2); ++b) {
-      const multi::Row r = multi::load_row(pt.chunks.data(), pt.meta.data(), b, chunk);
-      T* const p[1] = {table_ptr<T>(L.ptrs.data(), 0, static_cast<int64_t>(Tn), r.t)};
+    for_blocks<1>(L, pt, chunk, [&](const launch::LaunchRow& lr, T* (&p)[1]) {
+      const multi::Row r = lr;
       for (int tid = 0; tid < nthreads; ++tid) {
         NonFiniteBody<acc_t> body{0};
         multi::visit_chunk<T, 1, 1u, 0u>(p, r.start, r.end, tid, nthreads, body);
         flag |= body.flag;
       }
-    }
+    });
     EXPECT(flag == (put ? 1 : 0), "all_finite: flag %d, expected %d\n", flag, (int)put);
   }
 }

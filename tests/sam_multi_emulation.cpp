@@ -1,5 +1,6 @@
 // Host emulation of the multi-tensor SAM kernels' index logic (csrc/cuda/sam_multi.cuh):
-// every block (row of the chunk table) and every thread of it runs sequentially, on random
+// every block of every by-value launch (list_launch.h's plan_launches) and every thread of
+// it runs sequentially, on random
 // tensor lists with random 16-byte misalignments, against per-element oracles.
 // Prints "cases=N vector_blocks=V failures=F" and the probe signs of two index ranges.
 #include <c10/util/BFloat16.h>
@@ -27,21 +28,13 @@ static long vector_blocks = 0;
     }                                                      \
   } while (0)
 
+// A list's launches (list_launch.h: plan_launches, by-value ListArgs, element units).
 struct Tabs {
-  std::vector<int64_t> chunks, meta;
+  std::vector<int64_t> sizes, offs;
 };
 
-static Tabs build(const std::vector<int64_t>& sizes, const std::vector<int64_t>& offs, int64_t chunk) {
-  Tabs tb;
-  for (size_t t = 0; t < sizes.size(); ++t) {
-    for (int64_t s = 0; s < sizes[t]; s += chunk) {
-      tb.chunks.push_back(static_cast<int64_t>(t));
-      tb.chunks.push_back(s);
-    }
-    tb.meta.push_back(sizes[t]);
-    tb.meta.push_back(offs[t]);
-  }
-  return tb;
+static Tabs build(const std::vector<int64_t>& sizes, const std::vector<int64_t>& offs, int64_t) {
+  return Tabs{sizes, offs};
 }
 
 // K streams per tensor, each a view `shift` elements into its own storage (+ guard zone).
@@ -78,16 +71,18 @@ Lists<T> make_lists(int K, const std::vector<int64_t>& sizes, std::mt19937_64& r
 template <int K, unsigned kR, unsigned kW, typename T, typename MakeBody, typename AfterThread>
 void run(Lists<T>& L, const Tabs& tb, int64_t chunk, int nthreads, MakeBody make_body,
          AfterThread after) {
-  const size_t Tn = tb.meta.size() / 2;
-  const int64_t nb = static_cast<int64_t>(tb.chunks.size() / 2);
-  for (int64_t b = 0; b < nb; ++b) {
-    const Row r = load_row(tb.chunks.data(), tb.meta.data(), b, chunk);
+  const size_t Tn = tb.sizes.size();
+  fused_flat::cuda_impl::launch::plan_launches<K>(
+      static_cast<int64_t>(Tn), [&](int64_t t) { return tb.sizes[t]; },
+      [&](int64_t t) { return tb.offs[t]; },
+      [&](int k, int64_t t) { return static_cast<void*>(L.at(k, static_cast<size_t>(t), Tn)); }, chunk,
+      false, [&](const fused_flat::cuda_impl::launch::ListArgs<K>& a) {
+  for (int b = 0; b < a.n_blocks; ++b) {
+    const Row r = fused_flat::cuda_impl::launch::row_of(a, b, chunk, false);
     T* p[K];
+    slot_ptrs(p, a, r.t);
     uintptr_t mis = 0;
-    for (int k = 0; k < K; ++k) {
-      p[k] = table_ptr<T>(L.ptrs.data(), k, static_cast<int64_t>(Tn), r.t);
-      mis |= reinterpret_cast<uintptr_t>(p[k] + r.start);
-    }
+    for (int k = 0; k < K; ++k) mis |= reinterpret_cast<uintptr_t>(p[k] + r.start);
     if ((mis & 15) == 0 && r.end - r.start >= static_cast<int64_t>(16 / sizeof(T))) ++vector_blocks;
     for (int tid = 0; tid < nthreads; ++tid) {
       auto body = make_body(r);
@@ -96,6 +91,7 @@ void run(Lists<T>& L, const Tabs& tb, int64_t chunk, int nthreads, MakeBody make
       after(body);
     }
   }
+      });
 }
 
 template <typename T>

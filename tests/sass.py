@@ -129,7 +129,7 @@ def resolve_int(expr: str) -> int | None:
 
 _KERNEL_DEF = re.compile(
     r"(?:template\s*<(?P<tparams>[^{};]*?)>\s*)?__global__\s+void\s+"
-    r"(?:__launch_bounds__\s*\((?P<lb>[^)]*)\)\s*)?(?P<name>\w+)\s*\(")
+    r"(?:__launch_bounds__\s*\((?P<lb>(?:[^()]|\([^()]*\))*)\)\s*)?(?P<name>\w+)\s*\(")
 
 
 @lru_cache(maxsize=None)

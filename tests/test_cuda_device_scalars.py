@@ -4,22 +4,22 @@
 fused_flat.backends.cuda.perturb_ / restore_and_step_ and fused_flat.backends.cuda_sam.sam_restore_and_step_ /
 sam_probe_ take ``step`` as a one-element int64 device tensor and ``lr`` / ``noise_std`` as a
 one-element float64 (or float32) device tensor; the kernels read them from device memory.
-Each pass is one registered op (``torch.ops.fused_flat_cuda.*_list_``, whose real
-implementation builds the launch tables and calls the compiled ``torch.ops.fused_flat.*_multi``
-op). Here, on fake CUDA tensors (FakeTensorMode: any host read of a device value raises
+Each pass is one call of a compiled list op (``torch.ops.fused_flat.*_list_``, the op set the
+CPU backend calls too, with a CUDA kernel that builds its launch arguments by value). Here,
+on fake CUDA tensors (FakeTensorMode: any host read of a device value raises
 DataDependentOutputException), the wrappers must
 
   * trace with no host read, and call the ops with the tensors in their Tensor? arguments
     (step_t / lr_t / noise_std_t) and 0 in the scalar ones; stochastic_rounding reaches the
-    multi-tensor op (no per-tensor fallback) for 16-bit lists only;
+    list op (no per-tensor fallback) for 16-bit lists only;
   * reject a wrong dtype, size or device with a ValueError that says what to pass;
   * trace under make_fx (what torch.compile's AOT stage does) with the tensors as graph inputs
     and one node per pass.
 
-The registered ops' real implementations are run on CPU tensors with the compiled ops
-recorded instead of run (they need a GPU): the device scalars are forwarded to them, with
-this call's launch tables. The compiled ops' schemas are checked too. Numerical equality with the scalar path (bit for bit) needs a
-GPU: tests/test_cuda_gpu.py and tests/test_cuda_sam_gpu.py.
+The ops' schemas are checked too, and their CPU kernels against the number path (the same
+schema takes the tensors on the CPU, read when the op runs). Numerical equality with the
+scalar path on CUDA (bit for bit) needs a GPU: tests/test_cuda_gpu.py and
+tests/test_cuda_sam_gpu.py.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_cuda_multi_tensor_scalars_trace_without_host_read(dtype, sr_reaches_op)
     with FakeTensorMode():
         ps, gs, ms = _lists(dtype, 3)
         step_t, lr_t, ns_t = _scalars()
-        with RecordOps("fused_flat_cuda") as rec:
+        with RecordOps("fused_flat") as rec:
             cuda_multi.perturb_(ps, OFFSETS, 123, 2, step_t, 0, 0.01)
             cuda_multi.restore_and_step_(ps, gs, ms, OFFSETS, None, None, 123, 2, step_t, 0, 0.01,
                                          lr_t, 5e-4, 0.9, 0.0, False, False, ns_t, 1.0, True)
@@ -89,7 +89,7 @@ def test_cuda_multi_scalar_path_passes_no_tensors():
 
     with FakeTensorMode():
         ps, gs = _lists(torch.bfloat16, 2)
-        with RecordOps("fused_flat_cuda") as rec:
+        with RecordOps("fused_flat") as rec:
             cuda_multi.perturb_(ps, OFFSETS, 123, 2, 7, 0, 0.01)
             cuda_multi.restore_and_step_(ps, gs, None, OFFSETS, None, None, 123, 2, 7, 0, 0.01,
                                          0.1, 0.0, 0.0, 0.0, False, False, 1e-3, 1.0, True)
@@ -106,7 +106,7 @@ def test_cuda_multi_accepts_float32_scalars():
     with FakeTensorMode():
         ps, gs = _lists(torch.float32, 2)
         lr32 = torch.empty(1, dtype=torch.float32, device="cuda")
-        with RecordOps("fused_flat_cuda") as rec:
+        with RecordOps("fused_flat") as rec:
             cuda_multi.restore_and_step_(ps, gs, None, OFFSETS, None, None, 1, 0, 3, 0, 0.0, lr32,
                                          0.0, 0.0, 0.0, False, False, lr32, 1.0)
     assert rec.calls[0][1]["lr_t"] is lr32 and rec.calls[0][1]["noise_std_t"] is lr32
@@ -119,7 +119,7 @@ def test_cuda_sam_tensor_scalars_trace_without_host_read(dtype):
     with FakeTensorMode():
         ps, bs, gs, ms = _lists(dtype, 4)
         step_t, lr_t, _ = _scalars()
-        with RecordOps("fused_flat_cuda") as rec:
+        with RecordOps("fused_flat") as rec:
             cuda_sam.sam_restore_and_step_(ps, bs, gs, ms, None, None, lr_t, 5e-4, 0.9, 0.0, False,
                                            False, 1.0, True, 123, 2, step_t, OFFSETS)
             cuda_sam.sam_probe_(ps, bs, OFFSETS, 123, 2, step_t, 1e-3)
@@ -200,8 +200,8 @@ def test_make_fx_graph_takes_the_scalars_as_inputs():
     code = gm.code
     for op in ("perturb_list_", "restore_and_step_list_", "sam_restore_and_step_list_",
                "sam_probe_list_"):
-        assert code.count(f"fused_flat_cuda.{op}.default(") == 1, code   # one node per pass
-    assert "fused_flat." not in code.replace("fused_flat_cuda.", ""), code   # nothing else
+        assert code.count(f"fused_flat.{op}.default(") == 1, code   # one node per pass
+    assert code.count("fused_flat.") == 4, code   # nothing else
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     users = {n.name: {u.target for u in n.users} for n in gm.graph.nodes if n.op == "placeholder"}
     step_in, lr_in, ns_in = placeholders[4:7]
@@ -214,65 +214,60 @@ def test_make_fx_graph_takes_the_scalars_as_inputs():
 def test_op_schemas():
     ops = torch.ops.fused_flat
     want = {
-        "perturb_multi_": "float sigma, Tensor? step_t=None) -> ()",
-        "restore_and_step_multi_": "float grad_mult, bool stochastic_rounding=False, "
-                                   "Tensor? step_t=None, Tensor? lr_t=None, "
-                                   "Tensor? noise_std_t=None) -> ()",
-        "sam_restore_and_step_multi_": "int step=0, Tensor? lr_t=None, Tensor? step_t=None) -> ()",
-        "sam_probe_multi_": "float delta, Tensor? step_t=None) -> ()",
+        "perturb_list_": "float sigma, Tensor? layout=None, Tensor? step_t=None) -> ()",
+        "restore_and_step_list_": "bool stochastic_rounding=False, Tensor? layout=None, "
+                                  "Tensor? step_t=None, Tensor? lr_t=None, "
+                                  "Tensor? noise_std_t=None) -> ()",
+        "sam_perturb_list_": "Tensor? layout=None, Tensor? coef_tensor=None) -> ()",
+        "sam_restore_and_step_list_": "Tensor? layout=None, Tensor? lr_t=None, "
+                                      "Tensor? step_t=None) -> ()",
+        "sam_probe_list_": "float delta, Tensor? step_t=None) -> ()",
     }
     for name, tail in want.items():
         schema = str(getattr(ops, name).default._schema)
         assert schema.endswith(tail), schema
+    for gone in ("perturb_multi_", "restore_and_step_multi_", "all_finite_multi",
+                 "sam_grad_sq_norm_multi", "sam_perturb_multi_", "sam_restore_and_step_multi_",
+                 "sam_probe_multi_"):
+        assert not hasattr(ops, gone), gone
 
 
-def test_registered_ops_forward_the_scalars_to_the_compiled_ops(monkeypatch):
-    """The registered ops' real implementations on CPU tensors (their only CUDA-specific
-    calls, the device-capability check and the compiled kernels, are stubbed / recorded: no
-    GPU here): the device scalars reach the compiled ops in their Tensor? arguments, with the
-    tables of this very call (chunk rows of the call frame, this call's data pointers)."""
-    from fused_flat.backends import cuda_arch
-    from fused_flat.backends import cuda as cuda_multi
-    from fused_flat.backends import cuda_sam
+def test_cpu_kernels_read_the_scalar_tensors():
+    """The same schemas on CPU tensors: a tensor step / lr / noise_std / coef gives the bits of
+    the number it holds (float32 tensors widened, as float() would)."""
+    ops = torch.ops.fused_flat
+    torch.manual_seed(0)
+    base = [torch.randn(n) for n in SIZES]
+    grads = [torch.randn(n) for n in SIZES]
+    moms = [torch.randn(n) for n in SIZES]
+    lr32 = torch.tensor([0.1], dtype=torch.float32)
 
-    calls = []
+    def run(tensors: bool):
+        ps, ms = [p.clone() for p in base], [m.clone() for m in moms]
+        bs = [torch.empty_like(p) for p in ps]
+        st = torch.tensor(7)
+        if tensors:
+            ops.perturb_list_(ps, OFFSETS, 123, 2, 0, 0, 0.01, None, st)
+            ops.restore_and_step_list_(ps, grads, ms, OFFSETS, None, None, 123, 2, 0, 0, 0.01,
+                                       0.0, 5e-4, 0.9, 0.0, False, False, 0.0, 1.0, False, None,
+                                       st, lr32, torch.tensor(1e-3, dtype=torch.float64))
+            ops.sam_perturb_list_(ps, grads, bs, True, 0.0, 0.01, None,
+                                  torch.tensor([0.05], dtype=torch.float64))
+            ops.sam_restore_and_step_list_(ps, bs, grads, ms, None, None, 0.0, 0.0, 0.9, 0.0,
+                                           False, False, 1.0, False, 1, 0, 0, OFFSETS, None,
+                                           lr32, st)
+            ops.sam_probe_list_(ps, bs, OFFSETS, 123, 2, 0, 1e-3, st)
+        else:
+            ops.perturb_list_(ps, OFFSETS, 123, 2, 7, 0, 0.01)
+            ops.restore_and_step_list_(ps, grads, ms, OFFSETS, None, None, 123, 2, 7, 0, 0.01,
+                                       float(lr32), 5e-4, 0.9, 0.0, False, False, 1e-3, 1.0)
+            ops.sam_perturb_list_(ps, grads, bs, True, 0.05, 0.01)
+            ops.sam_restore_and_step_list_(ps, bs, grads, ms, None, None, float(lr32), 0.0, 0.9,
+                                           0.0, False, False, 1.0, False, 1, 0, 7, OFFSETS)
+            ops.sam_probe_list_(ps, bs, OFFSETS, 123, 2, 7, 1e-3)
+        return ps + ms + bs
 
-    class _Compiled:
-        """Stands in for torch.ops.fused_flat: records each call, arguments by schema name."""
-
-        def __getattr__(self, name):
-            schema = getattr(torch.ops.fused_flat, name).default._schema
-
-            def op(*args):
-                calls.append((name, dict(zip([a.name for a in schema.arguments], args))))
-            return op
-
-    monkeypatch.setattr(cuda_arch, "check_device", lambda device: "ok")
-    monkeypatch.setattr(cuda_multi, "_ops", _Compiled)
-    monkeypatch.setattr(cuda_sam, "_ops", _Compiled)
-    ops = torch.ops.fused_flat_cuda
-    ps, gs, ms, bs = ([torch.randn(n).to(torch.bfloat16) for n in SIZES] for _ in range(4))
-    step_t = torch.tensor(7, dtype=torch.int64)
-    lr_t, ns_t = torch.tensor(0.1, dtype=torch.float64), torch.tensor([1e-3], dtype=torch.float64)
-    with torch.no_grad():
-        ops.perturb_list_(ps, OFFSETS, 123, 2, 0, step_t, 0, 0.01)
-        ops.restore_and_step_list_(ps, gs, ms, OFFSETS, None, None, 123, 2, 0, step_t, 0, 0.01,
-                                   0.0, lr_t, 5e-4, 0.9, 0.0, False, False, 0.0, ns_t, 1.0, True)
-        ops.sam_restore_and_step_list_(ps, bs, gs, [], None, None, 0.0, lr_t, 0.0, 0.0, 0.0,
-                                       False, False, 1.0, True, 123, 2, 0, step_t, OFFSETS)
-        ops.sam_probe_list_(ps, bs, OFFSETS, 123, 2, 0, step_t, 1e-3)
-    (n0, per), (n1, st), (n2, sst), (n3, pr) = calls
-    assert (n0, n1, n2, n3) == ("perturb_multi_", "restore_and_step_multi_",
-                                "sam_restore_and_step_multi_", "sam_probe_multi_")
-    assert per["step_t"] is step_t and per["step"] == 0 and per["sigma"] == 0.01
-    assert per["ptrs"].tolist() == [[t.data_ptr() for t in ps]]
-    frames = [n + (o & 3) for n, o in zip(SIZES, OFFSETS)]
-    assert per["meta"].tolist() == [[f, o] for f, o in zip(frames, OFFSETS)]
-    assert per["chunks"].tolist() == [[t, s] for t, f in enumerate(frames)
-                                      for s in range(0, f, per["chunk"])]
-    assert st["step_t"] is step_t and st["lr_t"] is lr_t and st["noise_std_t"] is ns_t
-    assert st["stochastic_rounding"] is True and len(st["moms"]) == len(ms)
-    assert st["ptrs"].tolist() == [[t.data_ptr() for t in lst] for lst in (ps, gs, ms)]
-    assert sst["lr_t"] is lr_t and sst["step_t"] is step_t and sst["moms"] == []
-    assert sst["meta"].tolist() == [[n, o] for n, o in zip(SIZES, OFFSETS)]   # SR offsets
-    assert pr["step_t"] is step_t and pr["meta"].tolist() == [[n, o] for n, o in zip(SIZES, OFFSETS)]
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="step_t must be a one-element Long tensor on cpu"):
+        ops.perturb_list_(base, OFFSETS, 1, 0, 0, 0, 0.1, None, torch.tensor(1.0))

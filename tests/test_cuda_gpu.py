@@ -1,5 +1,7 @@
-"""GPU tests of the compiled CUDA kernels (csrc/cuda/kernels_cuda.cu, and the multi-tensor
-Langevin kernels of csrc/cuda/multi_langevin.cu at the end).
+"""GPU tests of the compiled CUDA Langevin kernels: the CUDA implementations of the list ops
+(csrc/cuda/multi_langevin.cu, launch arguments by value: csrc/cuda/list_launch.h), first
+through one-tensor lists (fused_flat.backends.per_tensor of the 'cuda' backend), then over
+lists of many tensors at the end.
 
 They need an NVIDIA GPU and an extension built with CUDA; without a GPU the whole module
 is skipped (the static checks of tests/test_cuda_static.py run instead).
@@ -37,12 +39,9 @@ ULP_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -7
 
 @pytest.fixture(scope="module")
 def cuda_be():
-    # the per-tensor kernels of kernels_cuda.cu (the 'cuda' backend's list ops are the
-    # multi-tensor kernels, tested at the end of this file)
-    backends.get("cuda")   # raises (test error) if the extension lacks CUDA kernels
-    from fused_flat.backends import cpp as ops
-
-    return ops
+    # the 'cuda' backend's list ops on one-tensor lists (longer lists: the end of this file);
+    # raises (test error) if the extension lacks CUDA kernels
+    return backends.per_tensor(backends.get("cuda"))
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +278,7 @@ def test_empty_bucket_is_a_no_op(cuda_be):
 
 def test_rejects_cpu_grad(cuda_be):
     p = torch.zeros(8, device="cuda")
-    with pytest.raises(RuntimeError, match="grad must match"):
+    with pytest.raises(ValueError, match=r"grads\[0\] is torch.float32 on cpu"):
         _run_step(cuda_be, p, torch.zeros(8), None, None, None, 0, 0, "none", "fsgld")
 
 
@@ -349,7 +348,36 @@ def test_multi_perturb_matches_cpu(cpp_be, dtype):
     cuda_multi.perturb_(ps, offsets, SEED, 4, 9, 2, 0.05)
     for p, q, off in zip(ps, cpu, offsets):
         cpp_be.perturb_(q, SEED, 4, 9, 2, 0.05, off)
-        _assert_identical(p, q, f"perturb_multi_ {dtype} n={q.numel()} offset={off}")
+        _assert_identical(p, q, f"perturb_list_ {dtype} n={q.numel()} offset={off}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_lists_past_one_launch_match_cpu(cpp_be, dtype):
+    """More tensors than one launch's slots (200 > 80) and one tensor of more blocks than one
+    launch holds (320 x 2^14 elements): several by-value launches, the CPU op's bits, and
+    all_finite sees an inf in the last launch."""
+    from fused_flat.backends import cuda as cuda_multi
+
+    gen = torch.Generator().manual_seed(12)
+    sizes = [int(x) for x in torch.randint(0, 40, (200,), generator=gen)] + [320 * (1 << 14) + 9, 3]
+    offsets, acc = [], 5
+    for n in sizes:
+        offsets.append(acc)
+        acc += n + 1
+    ps = [_bucket(n, dtype, 0, gen, base=1.0) for n in sizes]
+    gs = [_bucket(n, dtype, 0, gen) for n in sizes]
+    cpu = [_cpu_copy(p) for p in ps]
+    cuda_multi.perturb_(ps, offsets, SEED, 4, 9, 2, 0.05)
+    cuda_multi.restore_and_step_(ps, gs, None, offsets, None, None, SEED, 4, 9, 2, 0.05, 0.1, 0.0,
+                                 0.0, 0.0, False, False, 1e-3, 1.0)
+    for t, (q, off) in enumerate(zip(cpu, offsets)):
+        cpp_be.perturb_(q, SEED, 4, 9, 2, 0.05, off)
+        cpp_be.restore_and_step_(q, _cpu_copy(gs[t]), None, None, None, SEED, 4, 9, off, 2, 0.05,
+                                 0.1, 0.0, 0.0, 0.0, False, False, 1e-3, 1.0)
+        _assert_identical(ps[t], q, f"long list t={t} n={q.numel()} {dtype}")
+    assert cuda_multi.all_finite(gs).item() == 0.0
+    gs[-1][2] = float("inf")
+    assert cuda_multi.all_finite(gs).item() == 1.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -369,9 +397,9 @@ def test_multi_restore_and_step_matches_cpu(cpp_be, dtype, mom, noise, fi):
         cpp_be.restore_and_step_(cpu[0][t], cpu[1][t], None if ms is None else cpu[2][t],
                                  gs_t.cpu(), None if fi is None else fi_t.cpu(), SEED, 2, 9, off, 1,
                                  sigma, 0.1, 5e-4, mu, damp, nest, init, noise_std, 0.5)
-        _assert_identical(ps[t], cpu[0][t], f"restore_and_step_multi_ theta t={t} {dtype}")
+        _assert_identical(ps[t], cpu[0][t], f"restore_and_step_list_ theta t={t} {dtype}")
         if ms is not None:
-            _assert_identical(ms[t], cpu[2][t], f"restore_and_step_multi_ m t={t} {dtype}")
+            _assert_identical(ms[t], cpu[2][t], f"restore_and_step_list_ m t={t} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -386,7 +414,6 @@ def test_multi_all_finite(dtype):
         bads[t_i][e] = bad
         assert cuda_multi.all_finite(bads).item() == 1.0
         assert cuda_multi.all_finite(ts).item() == 0.0
-    assert all(not s.any() for s in cuda_multi._scratch.values())
 
 
 def test_multi_no_host_sync_and_graph_capture():
@@ -394,7 +421,7 @@ def test_multi_no_host_sync_and_graph_capture():
 
     sizes, offsets, ps = _multi_case(torch.float32, 4)
     gs = [torch.randn_like(p) for p in ps]
-    fi = cuda_multi.all_finite(gs)        # warm the caches (tables, scratch)
+    fi = cuda_multi.all_finite(gs)        # load the kernels
     cuda_multi.perturb_(ps, offsets, SEED, 2, 9, 0, 0.03)
     cuda_multi.restore_and_step_(ps, gs, None, offsets, None, fi, SEED, 2, 9, 0, 0.03, 0.1, 0.0,
                                  0.0, 0.0, False, False, 1e-3, 1.0)
@@ -412,8 +439,7 @@ def test_multi_no_host_sync_and_graph_capture():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cuda_multi.all_finite(gs)     # the scratch of this stream, before capture
-        with torch.cuda.graph(g, stream=s):
+        with torch.cuda.graph(g, stream=s):   # by-value launch arguments: nothing to warm up
             fi2 = cuda_multi.all_finite(gs)
             cuda_multi.perturb_(ps, offsets, SEED, 2, 11, 0, 0.03)
     g.replay()
@@ -432,8 +458,8 @@ def test_multi_no_host_sync_and_graph_capture():
 @pytest.mark.parametrize("fi", [None, 0.0, 1.0])
 @pytest.mark.parametrize("restore_tag", [0, 1])
 def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_tag):
-    """restore_and_step_multi_ with stochastic_rounding: one launch, bit for bit the per-tensor
-    SR kernel (kernels_cuda.cu restore_and_step_sr_kernel) and the C++ CPU op."""
+    """restore_and_step_list_ with stochastic_rounding on CUDA: one launch, bit for bit the
+    same list op on one-tensor lists and the C++ CPU op."""
     from fused_flat.backends import cuda as cuda_multi
     from fused_flat.backends import cpp as ops
 
@@ -448,11 +474,12 @@ def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_t
                                  stochastic_rounding=True)
     for t, off in enumerate(offsets):
         m_t = None if ms is None else per[1][t]
-        ops.restore_and_step_(per[0][t], gs[t], m_t, gs_t, fi_t, *args, off, *hyper, True)
+        cuda_multi.restore_and_step_([per[0][t]], [gs[t]], None if m_t is None else [m_t], [off],
+                                     gs_t, fi_t, *args, *hyper, stochastic_rounding=True)
         ops.restore_and_step_(cpu[0][t], cpu[1][t], None if ms is None else cpu[2][t], gs_t.cpu(),
                               None if fi is None else fi_t.cpu(), *args, off, *hyper, True)
         what = f"SR multi t={t} {dtype} {mom} {noise} fi={fi} tag={restore_tag}"
-        _assert_identical(ps[t], per[0][t].cpu(), what + " vs per-tensor SR kernel")
+        _assert_identical(ps[t], per[0][t].cpu(), what + " vs a one-tensor list")
         _assert_identical(ps[t], cpu[0][t], what + " vs C++ CPU op")
         if ms is not None:
             _assert_identical(ms[t], per[1][t].cpu(), what + " (m) vs per-tensor")
@@ -548,3 +575,13 @@ def test_multi_graph_replay_reads_device_scalars():
         torch.cuda.synchronize()
         assert all(torch.equal(p, q) for p, q in zip(ps, qs)), k
         assert all(torch.equal(m, q) for m, q in zip(ms, ks)), k
+
+
+def test_list_ops_refuse_a_layout_on_cuda():
+    """layout= (a CPU step plan) is CPU-only: the CUDA kernels say so."""
+    p, g = torch.zeros(8, device="cuda"), torch.zeros(8, device="cuda")
+    layout = torch.ops.fused_flat.plan_layout([torch.zeros(8)])
+    with pytest.raises(ValueError, match="layout= .a step plan. is CPU-only"):
+        torch.ops.fused_flat.perturb_list_([p], [0], 1, 0, 0, 0, 0.1, layout)
+    with pytest.raises(ValueError, match="CPU-only"):
+        torch.ops.fused_flat.sam_perturb_list_([p], [g], [g.clone()], False, 0.1, 0.0, layout)

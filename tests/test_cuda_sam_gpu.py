@@ -1,4 +1,5 @@
-"""GPU tests of the multi-tensor SAM CUDA ops (fused_flat/backends/cuda_sam.py) and the compiled
+"""GPU tests of the SAM-family CUDA list ops (fused_flat/backends/cuda_sam.py: the compiled
+list ops' CUDA kernels, csrc/cuda/sam_cuda.cu) and the compiled
 Triton ones (fused_flat/backends/triton/sam.py); skipped without a CUDA GPU (the host emulation
 tests/test_sam_cuda_emulation.py and the static SASS checks run instead).
 
@@ -122,6 +123,27 @@ def test_no_host_sync(impl):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def test_cuda_sam_lists_past_one_launch():
+    """200 tensors (more than one launch's slots) and one of more blocks than a launch holds:
+    the per-tensor squared norms (one thread per tensor over its blocks' partials) and the
+    passes match the reference tensor by tensor."""
+    from fused_flat.backends import cuda_sam
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = [int(x) for x in torch.randint(0, 50, (200,), generator=gen)] + [320 * (1 << 14) + 5]
+    ps, gs, bs = (_list(sizes, torch.float32, gen) for _ in range(3))
+    parts = torch.ops.fused_flat.sam_grad_sq_norm_list(gs, ps, True, 0.01)
+    want = torch.stack([sam_reference.sam_grad_sq_norm(g, p, 0.01) for g, p in zip(gs, ps)])
+    torch.testing.assert_close(parts, want.to(parts.dtype), rtol=1e-10, atol=0.0)
+    qs = [p.clone() for p in ps]
+    orig = [p.clone() for p in ps]
+    cuda_sam.sam_perturb_(ps, gs, bs, True, 0.05, 0.01)
+    for p, q, g, b, o in zip(ps, qs, gs, bs, orig):
+        sam_reference.sam_perturb_(q, g, torch.empty_like(q), True, 0.05, 0.01)
+        _close([p], [q], torch.float32, "perturb, long list")
+        assert torch.equal(b, o)    # the backup is theta before the perturbation
 
 
 def test_capability_check_passes_here():

@@ -120,9 +120,12 @@ def test_registers_allow_the_launch(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_register_occupancy(arch):
-    need = sass.MAX_THREADS_PER_SM // 2
+    """Enough resident threads to keep HBM busy: half an SM; fp64 kernels 3/8 of one (a
+    double takes two registers: the fp64 restore+step kernels need ~74 and spill under a
+    64-register cap, measured)."""
     bad = []
     for k in _kernels(arch):
+        need = sass.MAX_THREADS_PER_SM // 2 if k.dtype != "double" else 3 * sass.MAX_THREADS_PER_SM // 8
         threads = sass.block_size(k)
         blocks = sass.resident_blocks_by_registers(k)
         if blocks * threads < need:

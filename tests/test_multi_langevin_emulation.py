@@ -1,7 +1,8 @@
 """Host emulation of the multi-tensor Langevin CUDA kernels (no GPU needed).
 
-csrc/cuda/multi_langevin.cuh holds the kernels' index logic (call-frame rows, the 16-byte
-unit path with its call-path head and tail, the call path for misaligned streams) and their
+csrc/cuda/multi_langevin.cuh holds the kernels' index logic (call-frame rows of the by-value
+launches of csrc/cuda/list_launch.h, planned here as the op plans them; the 16-byte unit
+path with its call-path head and tail, the call path for misaligned streams) and their
 per-element bodies as __host__ __device__ code. tests/multi_langevin_emulation.cpp compiles
 it with the host compiler and runs every block and every thread (256, 32 and 7 threads per
 block) sequentially over 1200 random tensor lists (fp32, bf16, fp16, fp64; empty and

@@ -9,9 +9,13 @@ tables on the host and copy them from pageable memory. Each multi-tensor pass is
 registered op whose fake implementation runs here, and the test checks that the step went
 through the list ops of the backend it names (no silent fallback to another path).
 
-What fake tensors cannot cover: the ops' real implementations (launch tables built on the
-host, copied from pinned memory without a sync; fused_flat/backends/multi_tensor.py). Those run on a
-GPU in tests/test_gpu_sync.py (``make gpu-check``) under torch.cuda.set_sync_debug_mode("error").
+What fake tensors cannot cover: the ops' real implementations -- Triton's launch tables
+(built on the host, copied from pinned memory without a sync;
+fused_flat/backends/multi_tensor.py), and the 'cuda' backend's launch arguments, which the
+compiled list ops' CUDA implementations build in C++ and pass by value in the kernels'
+argument blocks (csrc/cuda/list_launch.h): fake tensors replace those implementations. They
+run on a GPU in tests/test_gpu_sync.py (``make gpu-check``) under
+torch.cuda.set_sync_debug_mode("error").
 
 Without a CUDA driver the autograd engine cannot run backward on fake CUDA tensors, so the
 closures write gradients by hand (what backward would leave in ``p.grad``); RW-SAM's step
@@ -37,9 +41,10 @@ def _available(name):
 
 HAS_CUDA_OPS = _native.available() and _native.cuda_built()
 HAS_TRITON = _available("triton")
-# the registered ops a backend's passes go through (fused_flat/backends/triton, cuda_multi, cuda_sam)
-NAMESPACE = {"triton": "fused_flat_triton", "cuda": "fused_flat_cuda",
-             "auto": "fused_flat_triton" if HAS_TRITON else "fused_flat_cuda"}
+# the registered ops a backend's passes go through (fused_flat/backends/triton: its own; 'cuda':
+# the compiled list ops, the CPU backend's op set)
+NAMESPACE = {"triton": "fused_flat_triton", "cuda": "fused_flat",
+             "auto": "fused_flat_triton" if HAS_TRITON else "fused_flat"}
 BACKENDS = [
     pytest.param("auto", marks=pytest.mark.skipif(not (HAS_TRITON or HAS_CUDA_OPS),
                                                   reason="no GPU backend (Triton, CUDA ops)")),

@@ -1,7 +1,8 @@
 """Host emulation of the multi-tensor SAM CUDA kernels (no GPU needed).
 
-csrc/cuda/sam_multi.cuh holds the kernels' index logic (chunk-table row -> tensor, pointers
-from the pointer table, 16-byte vector path with scalar tail, or scalar path when a pointer
+csrc/cuda/sam_multi.cuh holds the kernels' index logic (a block's row -> tensor slot and
+pointers, from the by-value launch arguments of csrc/cuda/list_launch.h that the emulation
+plans as the op does; 16-byte vector path with scalar tail, or scalar path when a pointer
 is misaligned) and their per-element bodies as __host__ __device__ code.
 tests/sam_multi_emulation.cpp compiles it with the host compiler and runs every block and
 every thread (256, 32 and 7 threads per block) sequentially over 1600 random tensor lists

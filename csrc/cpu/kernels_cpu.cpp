@@ -25,6 +25,7 @@
 #include "fused_flat/elementwise.h"
 #include "fused_flat/op_args.h"
 #include "loops.h"
+#include "../list_args.h"
 #include "plan_args.h"
 
 namespace fused_flat {
@@ -341,8 +342,11 @@ std::vector<at::Tensor> list_grads(at::TensorList params, at::TensorList grads, 
 
 void perturb_list_cpu(at::TensorList params, at::IntArrayRef offsets, int64_t seed,
                       int64_t bucket_id, int64_t step, int64_t tag, double sigma,
-                      const c10::optional<at::Tensor>& layout) {
+                      const c10::optional<at::Tensor>& layout,
+                      const c10::optional<at::Tensor>& step_t) {
   check_list(params, offsets, "perturb_list_", layout);
+  check_step_arg(step_t, at::kCPU, "perturb_list_");
+  step = host_value(step, step_t);
   check_noise_args(seed, bucket_id, 0, tag);
   TORCH_CHECK(tag >= 0, "fused_flat.perturb_list_: tag must be >= 0, got ", tag);
   if (sigma == 0.0 || params.empty()) return;
@@ -368,8 +372,17 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads_in, a
                                int64_t bucket_id, int64_t step, int64_t restore_tag, double sigma,
                                double lr, double weight_decay, double momentum, double dampening,
                                bool nesterov, bool momentum_init, double noise_std, double grad_mult,
-                               bool stochastic_rounding, const c10::optional<at::Tensor>& layout) {
+                               bool stochastic_rounding, const c10::optional<at::Tensor>& layout,
+                               const c10::optional<at::Tensor>& step_t,
+                               const c10::optional<at::Tensor>& lr_t,
+                               const c10::optional<at::Tensor>& noise_std_t) {
   check_list(params, offsets, "restore_and_step_list_", layout);
+  check_step_arg(step_t, at::kCPU, "restore_and_step_list_");
+  check_float_arg(lr_t, at::kCPU, "restore_and_step_list_", "lr_t");
+  check_float_arg(noise_std_t, at::kCPU, "restore_and_step_list_", "noise_std_t");
+  step = host_value(step, step_t);
+  lr = host_value(lr, lr_t);
+  noise_std = host_value(noise_std, noise_std_t);
   TORCH_CHECK(grads_in.size() == params.size() && (moms.empty() || moms.size() == params.size()),
               "fused_flat.restore_and_step_list_: ", params.size(), " params, ", grads_in.size(),
               " grads, ", moms.size(), " moms (moms: one per param, or none)");
@@ -387,7 +400,8 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads_in, a
               "fused_flat.restore_and_step_list_: restore_tag must be >= 0 when sigma != 0");
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
     // Skipped step (non-finite gradient): undo the perturbation only; m untouched.
-    if (sigma != 0.0) perturb_list_cpu(params, offsets, seed, bucket_id, step, restore_tag, -sigma, layout);
+    if (sigma != 0.0)
+      perturb_list_cpu(params, offsets, seed, bucket_id, step, restore_tag, -sigma, layout, c10::nullopt);
     return;
   }
   double mult = grad_mult;
@@ -498,18 +512,7 @@ void perturb_from_typed(scalar_t* __restrict__ p, const float* __restrict__ ms, 
 
 void perturb_from_cpu(at::Tensor& param, const at::Tensor& master, int64_t seed, int64_t bucket_id,
                       int64_t step, int64_t tag, double sigma, int64_t offset) {
-  check_bucket(param, "param");
-  check_bucket(master, "master");
-  TORCH_CHECK(master.scalar_type() == at::kFloat && master.numel() == param.numel() &&
-                  master.device() == param.device(),
-              "fused_flat.perturb_from_: master must be float32 with the param's numel (",
-              param.numel(), ") on ", param.device(), ", got ", master.scalar_type(), " numel ",
-              master.numel(), " on ", master.device());
-  TORCH_CHECK(param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf ||
-                  param.scalar_type() == at::kFloat,
-              "fused_flat.perturb_from_: param must be bf16, fp16 or fp32, got ", param.scalar_type());
-  check_noise_args(seed, bucket_id, offset, tag);
-  TORCH_CHECK(tag >= 0, "fused_flat.perturb_from_: tag must be >= 0, got ", tag);
+  check_perturb_from_args(param, master, seed, bucket_id, tag, offset);
   const PhiloxKey key = make_key(seed, bucket_id);
   const float* ms = master.data_ptr<float>();
   const float s = static_cast<float>(sigma);

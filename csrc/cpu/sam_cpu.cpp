@@ -15,6 +15,7 @@
 
 #include "fused_flat/op_args.h"
 #include "fused_flat/sam_elementwise.h"
+#include "../list_args.h"
 #include "plan_args.h"
 
 namespace fused_flat {
@@ -206,6 +207,25 @@ void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const
   });
 }
 
+// backup <- theta ; theta <- theta + d * v over elements [i0, i1) of a tensor whose element 0
+// is bucket index offset: one Philox call per 4 elements (layout 3: v_i from w(16, i) = x_(i & 3)).
+template <typename scalar_t, typename acc_t>
+void probe_range(scalar_t* p, scalar_t* bk, int64_t i0, int64_t i1, PhiloxKey key, int64_t step,
+                 int64_t offset, acc_t d) {
+  int64_t i = i0;
+  while (i < i1) {
+    const int64_t gi = offset + i;
+    const Words4 w = noise_words(key, gi >> 2, step, kTagRademacher);
+    const int64_t stop = std::min(i1, i + (4 - (gi & 3)));
+    for (; i < stop; ++i) {
+      const scalar_t th = p[i];
+      bk[i] = th;
+      const acc_t v = static_cast<acc_t>(rademacher(select_word(w, offset + i)));
+      p[i] = static_cast<scalar_t>(static_cast<acc_t>(th) + d * v);
+    }
+  }
+}
+
 void sam_probe_cpu(at::Tensor& param, at::Tensor& backup, int64_t seed, int64_t bucket_id,
                    int64_t step, double delta, int64_t offset) {
   check_bucket(param, "param");
@@ -217,20 +237,8 @@ void sam_probe_cpu(at::Tensor& param, at::Tensor& backup, int64_t seed, int64_t 
     scalar_t* p = param.data_ptr<scalar_t>();
     scalar_t* bk = backup.data_ptr<scalar_t>();
     const acc_t d = static_cast<acc_t>(delta);
-    // One Philox call per 4 elements (layout 3: v_i from w(16, i) = x_(i & 3)).
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      int64_t i = i0;
-      while (i < i1) {
-        const int64_t gi = offset + i;
-        const Words4 w = noise_words(key, gi >> 2, step, kTagRademacher);
-        const int64_t stop = std::min(i1, i + (4 - (gi & 3)));
-        for (; i < stop; ++i) {
-          const scalar_t th = p[i];
-          bk[i] = th;
-          const acc_t v = static_cast<acc_t>(rademacher(select_word(w, offset + i)));
-          p[i] = static_cast<scalar_t>(static_cast<acc_t>(th) + d * v);
-        }
-      }
+      probe_range(p, bk, i0, i1, key, step, offset, d);
     });
   });
 }
@@ -347,9 +355,12 @@ at::Tensor sam_grad_sq_norm_list_cpu(at::TensorList grads_in, at::TensorList par
 
 void sam_perturb_list_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList backups,
                           bool adaptive, double coef, double eta_d,
-                          const c10::optional<at::Tensor>& layout) {
+                          const c10::optional<at::Tensor>& layout,
+                          const c10::optional<at::Tensor>& coef_tensor) {
   const std::vector<at::Tensor> grads =
       sam_list_args(params, grads_in, {{backups, "backup"}}, layout, "sam_perturb_list_");
+  check_scalar_arg(coef_tensor, at::kCPU, "sam_perturb_list_", "coef_tensor", at::kDouble);
+  coef = host_value(coef, coef_tensor);
   TORCH_CHECK(backups.size() == params.size(), "fused_flat.sam_perturb_list_: ", params.size(),
               " params but ", backups.size(), " backups");
   if (params.empty()) return;
@@ -376,8 +387,14 @@ void sam_restore_and_step_list_cpu(at::TensorList params, at::TensorList backups
                                    bool nesterov, bool momentum_init, double grad_mult,
                                    bool stochastic_rounding, int64_t seed, int64_t bucket_id,
                                    int64_t step, at::IntArrayRef offsets,
-                                   const c10::optional<at::Tensor>& layout) {
+                                   const c10::optional<at::Tensor>& layout,
+                                   const c10::optional<at::Tensor>& lr_t,
+                                   const c10::optional<at::Tensor>& step_t) {
   const char* op = "sam_restore_and_step_list_";
+  check_float_arg(lr_t, at::kCPU, op, "lr_t");
+  check_step_arg(step_t, at::kCPU, op);
+  lr = host_value(lr, lr_t);
+  step = host_value(step, step_t);
   const std::vector<at::Tensor> grads = sam_list_args(
       params, grads_in, {{backups, "backup"}, {moms, "momentum_buffer"}}, layout, op);
   TORCH_CHECK(backups.size() == params.size(), "fused_flat.", op, ": ", params.size(),
@@ -416,6 +433,38 @@ void sam_restore_and_step_list_cpu(at::TensorList params, at::TensorList backups
   });
 }
 
+// sam_probe_ over a list (1-D buckets of one dtype), every tensor in one parallel loop.
+void sam_probe_list_cpu(at::TensorList params, at::TensorList backups, at::IntArrayRef offsets,
+                        int64_t seed, int64_t bucket_id, int64_t step, double delta,
+                        const c10::optional<at::Tensor>& step_t) {
+  const char* op = "sam_probe_list_";
+  TORCH_CHECK(backups.size() == params.size() && offsets.size() == params.size(), "fused_flat.",
+              op, ": ", params.size(), " params, ", backups.size(), " backups and ",
+              offsets.size(), " offsets (one of each per param)");
+  for (size_t t = 0; t < params.size(); ++t) {
+    check_bucket(params[t], "param");
+    TORCH_CHECK(params[t].scalar_type() == params[0].scalar_type() && params[t].device().is_cpu(),
+                "fused_flat.", op, ": every tensor of a list must be a CPU tensor of one dtype, got ",
+                params[0].scalar_type(), " and ", params[t].scalar_type(), " on ", params[t].device());
+    check_like(params[t], backups[t], "backup");
+    check_noise_args(seed, bucket_id, offsets[t], 0);
+  }
+  check_step_arg(step_t, at::kCPU, op);
+  step = host_value(step, step_t);
+  if (params.empty()) return;
+  std::vector<int64_t> numels;
+  for (const at::Tensor& p : params) numels.push_back(p.numel());
+  const PhiloxKey key = make_key(seed, bucket_id);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_probe_list_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t d = static_cast<acc_t>(delta);
+    for_list_elems(numels, [&](size_t t, int64_t i0, int64_t i1) {
+      probe_range(params[t].data_ptr<scalar_t>(), backups[t].data_ptr<scalar_t>(), i0, i1, key,
+                  step, offsets[t], d);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
@@ -426,6 +475,7 @@ TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
   m.impl("sam_grad_sq_norm_list", &sam_grad_sq_norm_list_cpu);
   m.impl("sam_perturb_list_", &sam_perturb_list_cpu);
   m.impl("sam_restore_and_step_list_", &sam_restore_and_step_list_cpu);
+  m.impl("sam_probe_list_", &sam_probe_list_cpu);
 }
 
 }  // namespace fused_flat

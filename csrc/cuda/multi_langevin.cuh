@@ -7,12 +7,12 @@
 // Call frame (noise layout 3, ALGORITHMS.md §1). Tensor t with bucket offset off_t and
 // numel n_t is visited in frame positions f = e + mis_t, mis_t = off_t & 3: position f has
 // bucket index 4 * (off_t >> 2) + f, so 4 consecutive positions starting at a multiple of 4
-// are exactly one Philox call. The launch tables (fused_flat.backends.multi_tensor.frame_plan) are
-// built for frame sizes: meta row t = (n_t + mis_t, off_t), chunk rows (t, s) cover frame
-// positions [s, min(s + chunk, n_t + mis_t)); chunk is a multiple of 16, so no Philox call
+// are exactly one Philox call. The launches (list_launch.h, by-value arguments, frame = true)
+// chunk the frame extents n_t + mis_t: block b covers frame positions [s, min(s + chunk,
+// n_t + mis_t)) of one tensor, s a multiple of the chunk, a multiple of 16, so no Philox call
 // straddles two blocks. Positions f < mis_t (before element 0) are never touched.
 //
-// Block b reads row b, then:
+// Block b takes its row (frame_row of list_launch.h's row_of), then:
 //   * unit path, when the frame-0 address of every stream (data - mis elements) is
 //     16-byte aligned: units of U = max(V, 4) positions (V = 16 / sizeof(T): fp32 4,
 //     16-bit 8, fp64 4 = two 16-byte vectors), each U / 4 whole Philox calls per tag, loaded
@@ -37,7 +37,8 @@
 #include <string.h>
 
 #include "fused_flat/elementwise.h"
-#include "sam_multi.cuh"   // table_ptr, MVec, load16, store16, DevScalar (the SAM multi kernels')
+#include "list_launch.h"   // LaunchRow: a block's tensor and units
+#include "sam_multi.cuh"   // MVec, load16, store16, DevScalar (the SAM multi kernels')
 #include "sweep.cuh"       // store_theta: the per-tensor kernels' (stochastic) store of theta
 
 namespace fused_flat {
@@ -47,13 +48,12 @@ namespace mlang {
 using multi::load16;
 using multi::MVec;
 using multi::store16;
-using multi::table_ptr;
 using multi::DevScalar;
 using multi::dev_step;
 using multi::dev_value;
 
 struct FrameRow {
-  int64_t t;     // tensor index
+  int32_t t;     // tensor (slot) index
   int64_t fs;    // first frame position of the row (a multiple of the chunk)
   int64_t fe;    // one past its last frame position
   int64_t n;     // numel of tensor t
@@ -61,17 +61,15 @@ struct FrameRow {
   int64_t jb;    // offset >> 2: Philox call of frame positions 0..3
 };
 
-FFM_HD FrameRow load_frame_row(const int64_t* chunks, const int64_t* meta, int64_t b,
-                               int64_t chunk) {
+// The frame row of a block (launch::row_of with frame = true: units are frame positions).
+FFM_HD FrameRow frame_row(const launch::LaunchRow& lr) {
   FrameRow r;
-  r.t = chunks[2 * b];
-  r.fs = chunks[2 * b + 1];
-  const int64_t nf = meta[2 * r.t];
-  const int64_t off = meta[2 * r.t + 1];
-  r.fe = r.fs + chunk < nf ? r.fs + chunk : nf;
-  r.mis = off & 3;
-  r.n = nf - r.mis;
-  r.jb = off >> 2;
+  r.t = lr.t;
+  r.fs = lr.start;
+  r.fe = lr.end;
+  r.n = lr.numel;
+  r.mis = lr.offset & 3;
+  r.jb = lr.offset >> 2;
   return r;
 }
 
@@ -254,7 +252,7 @@ FFM_HD bool nonfinite_bits(double x) {
   return (u & 0x7fffffffffffffffull) >= 0x7ff0000000000000ull;
 }
 
-// Streams: (t); read only (multi::visit_chunk over the plain element tables).
+// Streams: (t); read only (multi::visit_chunk over plain element rows).
 template <typename acc_t>
 struct NonFiniteBody {
   int flag;

@@ -1,17 +1,19 @@
-// CUDA kernels of the multi-tensor SAM-family ops (schemas: csrc/multi_ops.cpp; Python:
-// fused_flat/backends/cuda_sam.py). One launch per bucket per pass: one block per row of the chunk
-// table (fused_flat/backends/multi_tensor.py); the index logic and the per-element bodies live in
-// sam_multi.cuh (host-emulated by tests/test_cuda_emulation.py), the arithmetic in
+// CUDA implementations of the SAM-family list ops sam_grad_sq_norm_list, sam_perturb_list_,
+// sam_restore_and_step_list_ and sam_probe_list_ (schemas: csrc/sam_ops.cpp, the CPU
+// kernels' too; Python: fused_flat/backends/cuda_sam.py). One launch per bucket per pass
+// (more when a list exceeds one launch's capacity), its arguments -- pointers, sizes, bucket
+// offsets, which block takes which chunk -- by value in the kernel's argument block
+// (list_launch.h); the index logic inside a block and the per-element bodies live in
+// sam_multi.cuh (host-emulated by tests/test_sam_cuda_emulation.py), the arithmetic in
 // fused_flat/sam_elementwise.h (shared with the CPU kernels). Compiled with -fmad=false.
 //
-// No host synchronisation anywhere: coef (a 1-element float64 device tensor when the norm
-// was computed on the device), grad_scale and found_inf are read by the kernels; the
+// No host synchronisation anywhere: coef_tensor (a 1-element float64 device tensor when the
+// norm was computed on the device), grad_scale and found_inf are read by the kernels; the
 // squared norm is reduced per block (warp shuffles, fixed order) into one float64 partial
-// per chunk and summed on the device by at::sum: deterministic, capturable in a CUDA graph.
-// Device-resident per-step scalars (CUDA-graph capture): the optional lr_t (float64 or
-// float32) and step_t (int64) one-element tensors of sam_restore_and_step_multi_ /
-// sam_probe_multi_ are read by the kernels at start (nullptr: the scalar arguments),
-// converted as the host path converts its doubles, so the results are bit-identical.
+// per block, then summed per tensor in block order by one thread per tensor: deterministic,
+// capturable in a CUDA graph on the first call. Device-resident per-step scalars (lr_t
+// float64 or float32, step_t int64, one element) are read by the kernels at start (nullptr:
+// the scalar arguments), converted as the host path converts its doubles: bit-identical.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -25,17 +27,17 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "fused_flat/op_args.h"
+#include "list_launch.h"
 #include "multi_args.cuh"
 #include "sam_multi.cuh"
 
-namespace fused_flat {
-namespace cuda_impl {
-namespace multi {
+namespace fused_flat::cuda_impl::multi {
 
 constexpr int kThreads = 256;
 
@@ -58,253 +60,262 @@ __device__ __forceinline__ double block_sum(double v) {
   return s;  // valid in thread 0
 }
 
+// One float64 partial per block: partial[base + blockIdx.x] (base: the blocks of the earlier
+// launches), blocks in tensor order then chunk order (list_launch.h).
 template <typename scalar_t, bool kAdaptive>
 __global__ void __launch_bounds__(kThreads)
-sam_sq_norm_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
-                   const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
-                   double* __restrict__ partial, acc_of<scalar_t> eta) {
+sam_sq_norm_kernel(const launch::ListArgs<kAdaptive ? 2 : 1> L, double* __restrict__ partial,
+                   int64_t base, acc_of<scalar_t> eta) {
   using acc_t = acc_of<scalar_t>;
-  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  const Row r = launch::row_of(L, blockIdx.x, launch::kChunk, false);
   SqNormBody<kAdaptive, acc_t> body{eta, 0.0};
   if constexpr (kAdaptive) {
-    scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
-    visit_chunk<scalar_t, 2, 0b11u, 0u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+    visit_row<scalar_t, 2, 0b11u, 0u>(L, r, threadIdx.x, blockDim.x, body);
   } else {
-    scalar_t* const p[1] = {table_ptr<scalar_t>(ptrs, 0, T, r.t)};
-    visit_chunk<scalar_t, 1, 0b1u, 0u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+    visit_row<scalar_t, 1, 0b1u, 0u>(L, r, threadIdx.x, blockDim.x, body);
   }
   const double s = block_sum(body.sum);
-  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+  if (threadIdx.x == 0) partial[base + blockIdx.x] = s;
+}
+
+// out[s.out0 + i] = sum of partial[s.first[i], s.first[i + 1]) in order: one thread per tensor.
+__global__ void __launch_bounds__(kThreads)
+sam_sq_norm_segments_kernel(const launch::SegArgs s, const double* __restrict__ partial,
+                            double* __restrict__ out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= s.n) return;
+  double total = 0.0;
+  for (int64_t b = s.first[i]; b < s.first[i + 1]; ++b) total += partial[b];
+  out[s.out0 + i] = total;
 }
 
 template <typename scalar_t, bool kAdaptive>
 __global__ void __launch_bounds__(kThreads)
-sam_perturb_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
-                   const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
-                   acc_of<scalar_t> coef, const double* __restrict__ coef_ptr,
-                   acc_of<scalar_t> eta) {
+sam_perturb_kernel(const launch::ListArgs<3> L, acc_of<scalar_t> coef,
+                   const double* __restrict__ coef_ptr, acc_of<scalar_t> eta) {
   using acc_t = acc_of<scalar_t>;
-  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  const Row r = launch::row_of(L, blockIdx.x, launch::kChunk, false);
   PerturbBody<kAdaptive, acc_t> body{coef_ptr != nullptr ? static_cast<acc_t>(*coef_ptr) : coef, eta};
-  scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
-                          table_ptr<scalar_t>(ptrs, 2, T, r.t)};
-  visit_chunk<scalar_t, 3, 0b011u, 0b101u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  visit_row<scalar_t, 3, 0b011u, 0b101u>(L, r, threadIdx.x, blockDim.x, body);
 }
 
-template <typename scalar_t, bool kMom>
-__global__ void __launch_bounds__(kThreads)
-sam_restore_step_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
-                        const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
-                        SamStepArgs<acc_of<scalar_t>> a, double grad_mult,
-                        const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
-                        DevScalar lr_s) {
+// Lists (theta, backup, g[, m]). kSR: theta stochastically rounded (16-bit scalar_t only)
+// with the rbits of bucket index offset + e (StepSrBody); then min 4 blocks per SM, which caps
+// the registers at 64 (the Philox state and the cached rbits pushed the momentum variant to
+// 72 on sm_90) without spills.
+template <typename scalar_t, bool kMom, bool kSR>
+__global__ void __launch_bounds__(kThreads, kSR ? 4 : 1)
+sam_restore_step_kernel(const launch::ListArgs<kMom ? 4 : 3> L, SamStepArgs<acc_of<scalar_t>> a,
+                        double grad_mult, const float* __restrict__ grad_scale,
+                        const float* __restrict__ found_inf, PhiloxKey key, int64_t step,
+                        DevScalar lr_s, const int64_t* __restrict__ step_p) {
   using acc_t = acc_of<scalar_t>;
+  static_assert(!kSR || sizeof(scalar_t) == 2, "stochastic rounding: 16-bit parameters only");
   if (lr_s.p != nullptr) a.lr = static_cast<acc_t>(dev_value(lr_s, 0.0));
-  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  const Row r = launch::row_of(L, blockIdx.x, launch::kChunk, false);
   if (found_inf != nullptr && *found_inf != 0.0f) {
     // skipped step (non-finite gradient): exact restore only, momentum untouched
     RestoreBody<acc_t> body;
-    scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
-    visit_chunk<scalar_t, 2, 0b10u, 0b01u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+    visit_row<scalar_t, 2, 0b10u, 0b01u>(L, r, threadIdx.x, blockDim.x, body);
     return;
   }
   if (grad_scale != nullptr) a.grad_mult = static_cast<acc_t>(grad_mult / static_cast<double>(*grad_scale));
-  StepBody<kMom, acc_t> body{a};
-  if constexpr (kMom) {
-    scalar_t* const p[4] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
-                            table_ptr<scalar_t>(ptrs, 2, T, r.t), table_ptr<scalar_t>(ptrs, 3, T, r.t)};
-    visit_chunk<scalar_t, 4, 0b1110u, 0b1001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  auto visit = [&](auto& body) {
+    if constexpr (kMom) {
+      visit_row<scalar_t, 4, 0b1110u, 0b1001u>(L, r, threadIdx.x, blockDim.x, body);
+    } else {
+      visit_row<scalar_t, 3, 0b110u, 0b001u>(L, r, threadIdx.x, blockDim.x, body);
+    }
+  };
+  if constexpr (kSR) {
+    StepSrBody<kMom, std::is_same_v<scalar_t, c10::BFloat16>> body{a, key, dev_step(step_p, step),
+                                                                   r.offset};
+    visit(body);
   } else {
-    scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
-                            table_ptr<scalar_t>(ptrs, 2, T, r.t)};
-    visit_chunk<scalar_t, 3, 0b110u, 0b001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
-  }
-}
-
-// sam_restore_step_kernel with stochastic rounding of theta (16-bit scalar_t only): its own
-// name, so the static checks of the round-to-nearest kernels keep their counts.
-// Min 4 blocks per SM: caps the registers at 64 (the Philox state and the cached rbits
-// pushed the momentum variant to 72 on sm_90); no spills (tests/test_stochastic_rounding.py).
-template <typename scalar_t, bool kMom>
-__global__ void __launch_bounds__(kThreads, 4)
-sam_restore_step_sr_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
-                           const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk,
-                           SamStepArgs<float> a, double grad_mult,
-                           const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
-                           PhiloxKey key, int64_t step, DevScalar lr_s,
-                           const int64_t* __restrict__ step_p) {
-  static_assert(sizeof(scalar_t) == 2, "stochastic rounding: 16-bit parameters only");
-  if (lr_s.p != nullptr) a.lr = static_cast<float>(dev_value(lr_s, 0.0));
-  step = dev_step(step_p, step);
-  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
-  if (found_inf != nullptr && *found_inf != 0.0f) {
-    RestoreBody<float> body;
-    scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
-    visit_chunk<scalar_t, 2, 0b10u, 0b01u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
-    return;
-  }
-  if (grad_scale != nullptr) a.grad_mult = static_cast<float>(grad_mult / static_cast<double>(*grad_scale));
-  StepSrBody<kMom, std::is_same_v<scalar_t, c10::BFloat16>> body{a, key, step, r.offset};
-  if constexpr (kMom) {
-    scalar_t* const p[4] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
-                            table_ptr<scalar_t>(ptrs, 2, T, r.t), table_ptr<scalar_t>(ptrs, 3, T, r.t)};
-    visit_chunk<scalar_t, 4, 0b1110u, 0b1001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
-  } else {
-    scalar_t* const p[3] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t),
-                            table_ptr<scalar_t>(ptrs, 2, T, r.t)};
-    visit_chunk<scalar_t, 3, 0b110u, 0b001u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+    StepBody<kMom, acc_t> body{a};
+    visit(body);
   }
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-sam_probe_kernel(const int64_t* __restrict__ chunks, const int64_t* __restrict__ meta,
-                 const int64_t* __restrict__ ptrs, int64_t T, int64_t chunk, PhiloxKey key,
-                 int64_t step, acc_of<scalar_t> delta, const int64_t* __restrict__ step_p) {
+sam_probe_kernel(const launch::ListArgs<2> L, PhiloxKey key, int64_t step, acc_of<scalar_t> delta,
+                 const int64_t* __restrict__ step_p) {
   using acc_t = acc_of<scalar_t>;
   step = dev_step(step_p, step);
-  const Row r = load_row(chunks, meta, blockIdx.x, chunk);
+  const Row r = launch::row_of(L, blockIdx.x, launch::kChunk, false);
   ProbeBody<acc_t> body{key, step, r.offset, delta};
-  scalar_t* const p[2] = {table_ptr<scalar_t>(ptrs, 0, T, r.t), table_ptr<scalar_t>(ptrs, 1, T, r.t)};
-  visit_chunk<scalar_t, 2, 0b01u, 0b11u>(p, r.start, r.end, threadIdx.x, blockDim.x, body);
+  visit_row<scalar_t, 2, 0b01u, 0b11u>(L, r, threadIdx.x, blockDim.x, body);
 }
+
+// The argument blocks stay within the classic 4 KB limit (list_launch.h).
+static_assert(sizeof(launch::ListArgs<4>) + sizeof(SamStepArgs<double>) + sizeof(double) +
+                      2 * sizeof(void*) + sizeof(PhiloxKey) + sizeof(int64_t) +
+                      sizeof(DevScalar) + sizeof(void*) <= launch::kParamLimit,
+              "SAM step kernel arguments fit 4 KB");
 
 // ------------------------------------------------------------------- host side
-using multi_args::Tables;
-using multi_args::check_args;
-using multi_args::float_scalar;
-using multi_args::step_scalar;
-using multi_args::stream_of;
+using namespace multi_args;   // check_lists, check_offsets, the scalars, for_each_launch
 
-at::Tensor sam_grad_sq_norm_multi_cuda(at::TensorList grads, at::TensorList params,
-                                       const at::Tensor& chunks, const at::Tensor& meta,
-                                       const at::Tensor& ptrs, int64_t chunk, double eta) {
-  const bool adaptive = !params.empty();
+// float64 [T]: entry t = the squared norm of tensor t (sam_sq_term over its elements): one
+// partial per block, then one thread per tensor sums its blocks' partials in order
+// (deterministic), every launch's arguments by value.
+at::Tensor sam_grad_sq_norm_list_cuda(at::TensorList grads, at::TensorList params, bool adaptive,
+                                      double eta, const c10::optional<at::Tensor>& layout) {
+  const char* op = "sam_grad_sq_norm_list";
   std::vector<const at::TensorList*> lists{&grads};
   if (adaptive) lists.push_back(&params);
-  const Tables tb = check_args("sam_grad_sq_norm_multi", lists, chunks, meta, ptrs, chunk);
+  const int64_t T = check_lists(op, lists, layout);
+  TORCH_CHECK_VALUE(T > 0, "fused_flat.sam_grad_sq_norm_list: empty tensor list");
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const auto opts = grads[0].options().dtype(at::kDouble);
-  if (tb.n_chunks == 0) return at::zeros({}, opts);
-  at::Tensor partial = at::empty({tb.n_chunks}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "sam_grad_sq_norm_multi", [&] {
-    using acc_t = acc_of<scalar_t>;
-    auto k = adaptive ? sam_sq_norm_kernel<scalar_t, true> : sam_sq_norm_kernel<scalar_t, false>;
-    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(grads[0])>>>(
-        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, partial.data_ptr<double>(), static_cast<acc_t>(eta));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto numel_of = [&](int64_t t) { return grads[t].numel(); };
+  auto zero = [](int64_t) { return int64_t(0); };
+  const int64_t nblocks = launch::total_blocks(T, numel_of, zero, launch::kChunk, false);
+  if (nblocks == 0) return at::zeros({T}, opts);
+  at::Tensor partial = at::empty({nblocks}, opts);
+  at::Tensor out = at::empty({T}, opts);
+  const cudaStream_t stream = stream_of(grads[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "sam_grad_sq_norm_list", [&] {
+    const acc_of<scalar_t> e = static_cast<acc_of<scalar_t>>(eta);
+    int64_t base = 0;
+    auto go = [&](auto kernel, const auto& L) {
+      kernel<<<L.n_blocks, kThreads, 0, stream>>>(L, partial.data_ptr<double>(), base, e);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      base += L.n_blocks;
+    };
+    if (adaptive)
+      for_each_launch<2>(lists, {}, false, [&](const launch::ListArgs<2>& L) { go(sam_sq_norm_kernel<scalar_t, true>, L); });
+    else
+      for_each_launch<1>(lists, {}, false, [&](const launch::ListArgs<1>& L) { go(sam_sq_norm_kernel<scalar_t, false>, L); });
   });
-  return at::sum(partial);
+  launch::SegArgs seg;
+  int64_t first = 0;
+  for (int64_t t0 = 0; t0 < T; t0 += launch::SegArgs::kSegs) {
+    seg.out0 = t0;
+    seg.n = static_cast<int32_t>(std::min<int64_t>(launch::SegArgs::kSegs, T - t0));
+    for (int i = 0; i < seg.n; ++i) {
+      seg.first[i] = first;
+      first += launch::total_blocks(1, [&](int64_t) { return grads[t0 + i].numel(); }, zero,
+                                    launch::kChunk, false);
+    }
+    seg.first[seg.n] = first;
+    sam_sq_norm_segments_kernel<<<1, kThreads, 0, stream>>>(seg, partial.data_ptr<double>(),
+                                                             out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
 }
 
-void sam_perturb_multi_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups,
-                            const at::Tensor& chunks, const at::Tensor& meta, const at::Tensor& ptrs,
-                            int64_t chunk, bool adaptive, double coef,
-                            const c10::optional<at::Tensor>& coef_tensor, double eta) {
-  const Tables tb = check_args("sam_perturb_multi_", {&params, &grads, &backups}, chunks, meta, ptrs, chunk);
-  const double* coef_ptr = nullptr;
-  if (coef_tensor.has_value()) {
-    TORCH_CHECK(coef_tensor->numel() == 1 && coef_tensor->scalar_type() == at::kDouble &&
-                    coef_tensor->device() == params[0].device(),
-                "fused_flat.sam_perturb_multi_: coef_tensor must be a one-element float64 tensor on ",
-                params[0].device());
-    coef_ptr = coef_tensor->data_ptr<double>();
-  }
-  if (tb.n_chunks == 0) return;
+void sam_perturb_list_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                           bool adaptive, double coef, double eta,
+                           const c10::optional<at::Tensor>& layout,
+                           const c10::optional<at::Tensor>& coef_tensor) {
+  const char* op = "sam_perturb_list_";
+  const std::vector<const at::TensorList*> lists{&params, &grads, &backups};
+  const int64_t T = check_lists(op, lists, layout);
+  if (T == 0) return;
+  check_scalar_arg(coef_tensor, params[0].device(), op, "coef_tensor", at::kDouble);
+  const double* coef_ptr = coef_tensor.has_value() ? coef_tensor->data_ptr<double>() : nullptr;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_perturb_multi_", [&] {
+  const cudaStream_t stream = stream_of(params[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_perturb_list_", [&] {
     using acc_t = acc_of<scalar_t>;
     auto k = adaptive ? sam_perturb_kernel<scalar_t, true> : sam_perturb_kernel<scalar_t, false>;
-    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
-        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, static_cast<acc_t>(coef), coef_ptr,
-        static_cast<acc_t>(eta));
+    for_each_launch<3>(lists, {}, false, [&](const launch::ListArgs<3>& L) {
+      k<<<L.n_blocks, kThreads, 0, stream>>>(L, static_cast<acc_t>(coef), coef_ptr, static_cast<acc_t>(eta));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+template <int K, typename scalar_t>
+void launch_sam_step(const std::vector<const at::TensorList*>& lists, at::IntArrayRef offsets,
+                     bool sr, const SamStepArgs<acc_of<scalar_t>>& a, double grad_mult,
+                     const float* gs, const float* fi, PhiloxKey key, int64_t step,
+                     DevScalar lr_s, const int64_t* step_p, cudaStream_t stream) {
+  constexpr bool kMom = K == 4;
+  auto k = sam_restore_step_kernel<scalar_t, kMom, false>;
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (sr) k = sam_restore_step_kernel<scalar_t, kMom, true>;
+  }
+  for_each_launch<K>(lists, offsets, false, [&](const launch::ListArgs<K>& L) {
+    k<<<L.n_blocks, kThreads, 0, stream>>>(L, a, grad_mult, gs, fi, key, step, lr_s, step_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-// The SR launch for 16-bit scalar_t (returns false for other types: plain kernel then).
-template <typename scalar_t>
-bool launch_sam_step_sr(const Tables& tb, bool mom, const SamStepArgs<acc_of<scalar_t>>& a,
-                        double grad_mult, const float* gs, const float* fi, PhiloxKey key,
-                        int64_t step, DevScalar lr_s, const int64_t* step_p, cudaStream_t stream) {
-  if constexpr (sizeof(scalar_t) == 2) {
-    auto k = mom ? sam_restore_step_sr_kernel<scalar_t, true> : sam_restore_step_sr_kernel<scalar_t, false>;
-    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream>>>(tb.chunks, tb.meta, tb.ptrs, tb.T,
-                                                              tb.chunk, a, grad_mult, gs, fi, key, step,
-                                                              lr_s, step_p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
-  } else {
-    return false;
-  }
-}
-
-void sam_restore_and_step_multi_cuda(at::TensorList params, at::TensorList backups,
-                                     at::TensorList grads, at::TensorList moms,
-                                     const c10::optional<at::Tensor>& grad_scale,
-                                     const c10::optional<at::Tensor>& found_inf,
-                                     const at::Tensor& chunks, const at::Tensor& meta,
-                                     const at::Tensor& ptrs, int64_t chunk, double lr,
-                                     double weight_decay, double momentum, double dampening,
-                                     bool nesterov, bool momentum_init, double grad_mult,
-                                     bool stochastic_rounding, int64_t seed, int64_t bucket_id,
-                                     int64_t step, const c10::optional<at::Tensor>& lr_t,
-                                     const c10::optional<at::Tensor>& step_t) {
+void sam_restore_and_step_list_cuda(at::TensorList params, at::TensorList backups,
+                                    at::TensorList grads, at::TensorList moms,
+                                    const c10::optional<at::Tensor>& grad_scale,
+                                    const c10::optional<at::Tensor>& found_inf, double lr,
+                                    double weight_decay, double momentum, double dampening,
+                                    bool nesterov, bool momentum_init, double grad_mult,
+                                    bool stochastic_rounding, int64_t seed, int64_t bucket_id,
+                                    int64_t step, at::IntArrayRef offsets,
+                                    const c10::optional<at::Tensor>& layout,
+                                    const c10::optional<at::Tensor>& lr_t,
+                                    const c10::optional<at::Tensor>& step_t) {
+  const char* op = "sam_restore_and_step_list_";
   const bool mom = !moms.empty();
   std::vector<const at::TensorList*> lists{&params, &backups, &grads};
   if (mom) lists.push_back(&moms);
-  const Tables tb = check_args("sam_restore_and_step_multi_", lists, chunks, meta, ptrs, chunk);
+  const int64_t T = check_lists(op, lists, layout);
+  if (T == 0) return;
   check_scalar_tensor(grad_scale, params[0], "grad_scale");
   check_scalar_tensor(found_inf, params[0], "found_inf");
-  if (stochastic_rounding) check_noise_args(seed, bucket_id, 0, 0);
-  const DevScalar lr_s = float_scalar("sam_restore_and_step_multi_", lr_t, params[0], "lr_t");
-  const int64_t* step_p = step_scalar("sam_restore_and_step_multi_", step_t, params[0]);
-  if (tb.n_chunks == 0) return;
+  const bool sr = stochastic_rounding && (params[0].scalar_type() == at::kBFloat16 ||
+                                          params[0].scalar_type() == at::kHalf);
+  check_offsets(op, offsets, T, !sr);
+  if (sr) {
+    for (int64_t off : offsets) check_noise_args(seed, bucket_id, off, 0);
+  }
+  const DevScalar lr_s = float_scalar(op, lr_t, params[0], "lr_t");
+  const int64_t* step_p = step_scalar(op, step_t, params[0]);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_restore_and_step_multi_", [&] {
+  const PhiloxKey key = make_key(seed, bucket_id);
+  const cudaStream_t stream = stream_of(params[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_restore_and_step_list_", [&] {
     using acc_t = acc_of<scalar_t>;
     const SamStepArgs<acc_t> a = make_sam_step_args<acc_t>(lr, weight_decay, momentum, dampening,
                                                           grad_mult, nesterov, momentum_init);
-    if (stochastic_rounding && launch_sam_step_sr<scalar_t>(tb, mom, a, grad_mult, gs, fi,
-                                                           make_key(seed, bucket_id), step, lr_s,
-                                                           step_p, stream_of(params[0]))) {
-      return;
-    }
-    auto k = mom ? sam_restore_step_kernel<scalar_t, true> : sam_restore_step_kernel<scalar_t, false>;
-    k<<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
-        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, a, grad_mult, gs, fi, lr_s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (mom)
+      launch_sam_step<4, scalar_t>(lists, offsets, sr, a, grad_mult, gs, fi, key, step, lr_s, step_p, stream);
+    else
+      launch_sam_step<3, scalar_t>(lists, offsets, sr, a, grad_mult, gs, fi, key, step, lr_s, step_p, stream);
   });
 }
 
-void sam_probe_multi_cuda(at::TensorList params, at::TensorList backups, const at::Tensor& chunks,
-                          const at::Tensor& meta, const at::Tensor& ptrs, int64_t chunk,
-                          int64_t seed, int64_t bucket_id, int64_t step, double delta,
-                          const c10::optional<at::Tensor>& step_t) {
-  const Tables tb = check_args("sam_probe_multi_", {&params, &backups}, chunks, meta, ptrs, chunk);
+void sam_probe_list_cuda(at::TensorList params, at::TensorList backups, at::IntArrayRef offsets,
+                         int64_t seed, int64_t bucket_id, int64_t step, double delta,
+                         const c10::optional<at::Tensor>& step_t) {
+  const char* op = "sam_probe_list_";
+  const std::vector<const at::TensorList*> lists{&params, &backups};
+  const int64_t T = check_lists(op, lists);
+  check_offsets(op, offsets, T, false);
   check_noise_args(seed, bucket_id, 0, 0);
-  const int64_t* step_p = step_scalar("sam_probe_multi_", step_t, params[0]);
-  if (tb.n_chunks == 0) return;
+  if (T == 0) return;
+  const int64_t* step_p = step_scalar(op, step_t, params[0]);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const PhiloxKey key = make_key(seed, bucket_id);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_probe_multi_", [&] {
+  const cudaStream_t stream = stream_of(params[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_probe_list_", [&] {
     using acc_t = acc_of<scalar_t>;
-    sam_probe_kernel<scalar_t><<<static_cast<int>(tb.n_chunks), kThreads, 0, stream_of(params[0])>>>(
-        tb.chunks, tb.meta, tb.ptrs, tb.T, tb.chunk, key, step, static_cast<acc_t>(delta), step_p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for_each_launch<2>(lists, offsets, false, [&](const launch::ListArgs<2>& L) {
+      sam_probe_kernel<scalar_t><<<L.n_blocks, kThreads, 0, stream>>>(L, key, step, static_cast<acc_t>(delta), step_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
-}  // namespace multi
-}  // namespace cuda_impl
+}  // namespace fused_flat::cuda_impl::multi
 
 TORCH_LIBRARY_IMPL(fused_flat, CUDA, m) {
-  m.impl("sam_grad_sq_norm_multi", &cuda_impl::multi::sam_grad_sq_norm_multi_cuda);
-  m.impl("sam_perturb_multi_", &cuda_impl::multi::sam_perturb_multi_cuda);
-  m.impl("sam_restore_and_step_multi_", &cuda_impl::multi::sam_restore_and_step_multi_cuda);
-  m.impl("sam_probe_multi_", &cuda_impl::multi::sam_probe_multi_cuda);
+  using namespace fused_flat::cuda_impl::multi;
+  m.impl("sam_grad_sq_norm_list", &sam_grad_sq_norm_list_cuda);
+  m.impl("sam_perturb_list_", &sam_perturb_list_cuda);
+  m.impl("sam_restore_and_step_list_", &sam_restore_and_step_list_cuda);
+  m.impl("sam_probe_list_", &sam_probe_list_cuda);
 }
-
-}  // namespace fused_flat

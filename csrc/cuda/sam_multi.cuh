@@ -2,10 +2,9 @@
 // (csrc/cuda/sam_cuda.cu), __host__ __device__ so that tests/sam_multi_emulation.cpp runs
 // them on the host, thread by thread, against a per-element oracle. No CUDA API here.
 //
-// Launch tables (fused_flat/backends/multi_tensor.py): block b reads row b = (t, start) of the chunk
-// table, (numel_t, offset_t) of the tensor table and the K data pointers of tensor t from
-// the pointer table (row k = k-th tensor-list argument), then visits elements
-// [start, min(start + chunk, numel_t)) of tensor t: in 16-byte vectors (LDG.E.128 /
+// Launches (list_launch.h, arguments by value): block b takes its row (row_of: tensor
+// slot t, its bucket offset) and the K data pointers of slot t, then visits
+// elements [start, min(start + chunk, numel_t)) of tensor t: in 16-byte vectors (LDG.E.128 /
 // STG.E.128) when all K pointers are 16-byte aligned (start is a multiple of the chunk, a
 // multiple of every V), then the < V tail element by element; element by element when a
 // pointer is misaligned (a view into another storage). The choice is per block and
@@ -18,6 +17,7 @@
 #include <string.h>
 
 #include "fused_flat/sam_elementwise.h"
+#include "list_launch.h"
 
 #if defined(__CUDACC__)
 #define FFM_HD __host__ __device__ __forceinline__
@@ -29,26 +29,16 @@ namespace fused_flat {
 namespace cuda_impl {
 namespace multi {
 
-struct Row {
-  int64_t t;       // tensor index
-  int64_t start;   // first element (within tensor t)
-  int64_t end;     // one past the last element (within tensor t)
-  int64_t offset;  // bucket index of tensor t's element 0
-};
+// A block's row: tensor slot t, elements [start, end) of it, its bucket offset
+// (launch::row_of with frame = false).
+using Row = launch::LaunchRow;
 
-FFM_HD Row load_row(const int64_t* chunks, const int64_t* meta, int64_t b, int64_t chunk) {
-  Row r;
-  r.t = chunks[2 * b];
-  r.start = chunks[2 * b + 1];
-  const int64_t n = meta[2 * r.t];
-  r.end = r.start + chunk < n ? r.start + chunk : n;
-  r.offset = meta[2 * r.t + 1];
-  return r;
-}
-
-template <typename scalar_t>
-FFM_HD scalar_t* table_ptr(const int64_t* ptrs, int k, int64_t T, int64_t t) {
-  return reinterpret_cast<scalar_t*>(static_cast<uintptr_t>(ptrs[k * T + t]));
+// The data pointers of slot t in the first K of a launch's N lists.
+template <typename scalar_t, int K, int N>
+FFM_HD void slot_ptrs(scalar_t* (&p)[K], const launch::ListArgs<N>& a, int t) {
+  static_assert(K <= N, "streams of the launch's lists");
+#pragma unroll
+  for (int k = 0; k < K; ++k) p[k] = static_cast<scalar_t*>(a.ptr[k][t]);
 }
 
 template <typename scalar_t, int V>
@@ -56,8 +46,8 @@ struct alignas(16) MVec {
   scalar_t v[V];
 };
 
-// 16-byte global loads / stores. The pointers come from the pointer table (int64 in
-// memory), so the compiler cannot prove they are global and would emit generic
+// 16-byte global loads / stores. The pointers come from the kernel's argument block (untyped
+// void*), so the compiler cannot prove they are global and would emit generic
 // LD.E.128 / ST.E.128; explicit ld.global.v4 / st.global.v4 give LDG.E.128 / STG.E.128.
 template <typename VecT>
 FFM_HD VecT load16(const VecT* p) {
@@ -152,6 +142,15 @@ FFM_HD void visit_chunk(scalar_t* const (&p)[K], int64_t start, int64_t end, int
     for (int k = 0; k < K; ++k)
       if ((kWrite >> k) & 1u) p[k][i] = static_cast<scalar_t>(x[k]);
   }
+}
+
+// visit_chunk over a block's row of the first K lists of launch L (their slot r.t).
+template <typename scalar_t, int K, unsigned kRead, unsigned kWrite, int N, typename Body>
+FFM_HD void visit_row(const launch::ListArgs<N>& L, const Row& r, int64_t tid, int64_t nthreads,
+                      Body& body) {
+  scalar_t* p[K];
+  slot_ptrs(p, L, r.t);
+  visit_chunk<scalar_t, K, kRead, kWrite>(p, r.start, r.end, tid, nthreads, body);
 }
 
 // ------------------------------------------------------------------ bodies

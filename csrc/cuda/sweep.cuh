@@ -1,8 +1,14 @@
-// fused_flat CUDA: the index logic of the kernels (which thread handles which elements,
-// 16-byte vector path vs Philox-call path), separated from the launch so that it is
-// __host__ __device__: tests/test_cuda_emulation.py compiles it with the host compiler
+// fused_flat CUDA: the index logic of one-bucket kernels (which thread handles which
+// elements, 16-byte vector path vs Philox-call path), separated from the launch so that it
+// is __host__ __device__: tests/test_cuda_emulation.py compiles it with the host compiler
 // and runs every "thread" of several grid sizes sequentially against a per-element
 // oracle. No CUDA API is used here; tid / stride come from the caller.
+//
+// Users: perturb_from_kernel (kernels_cuda.cu: NoiseArgs, Geometry, Vec, plan_vec,
+// calls_touching) and the list kernels' stochastic store (multi_langevin.cuh: store_theta).
+// do_element / sweep_vec / sweep_calls / sweep were the per-tensor perturb_ and
+// restore_and_step_ kernels' loops; those kernels are gone (the 'cuda' backend runs the list
+// ops), so only tests/cuda_emulation.cpp reaches them now.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>

@@ -11,6 +11,26 @@ import torch
 from fused_flat.backends import _native
 
 
+# The ops the compiled backends' passes call, with the dispatch keys that have kernels for
+# them: the list ops (one op set for both devices, schemas csrc/bindings.cpp and
+# csrc/sam_ops.cpp) on CPU and CUDA, the step-plan and per-tensor ops on CPU only. Every one
+# has a fake implementation (below, cpp_sam.py). tests/test_op_registry.py checks both.
+LIST_OPS = ("perturb_list_", "restore_and_step_list_", "all_finite", "sam_grad_sq_norm_list",
+            "sam_perturb_list_", "sam_restore_and_step_list_", "sam_probe_list_")
+CPU_OPS = ("perturb_", "restore_and_step_", "perturb_from_", "restore_check_list_",
+           "plan_layout", "check_step_list", "sam_grad_sq_norm", "sam_perturb_",
+           "sam_restore_and_step_", "sam_probe_")
+
+
+def scalar_arg(value, cast):
+    """(number, tensor) for a per-step value handed to a list op: a Python number goes as the
+    number (tensor None); a one-element tensor as the tensor argument (``step_t``, ``lr_t``,
+    ...), the number then 0. The op reads the tensor (CPU: when it runs; CUDA: in the kernel)."""
+    if isinstance(value, torch.Tensor):
+        return cast(0), value
+    return cast(value), None
+
+
 def _ops():
     if not _native.available():
         raise RuntimeError(
@@ -72,30 +92,37 @@ def has_plan_ops() -> bool:
 
 
 def perturb_list_(params: list[torch.Tensor], offsets: list[int], seed: int, bucket_id: int,
-                  step: int, tag: int, sigma: float, layout: torch.Tensor | None = None) -> None:
+                  step: int | torch.Tensor, tag: int, sigma: float,
+                  layout: torch.Tensor | None = None) -> None:
     """perturb_ over a list of CPU tensors of one dtype (tensor t at bucket offset offsets[t])
     in one parallel loop: the per-tensor op's values. Without ``layout`` the tensors are
     1-D contiguous; with it (:func:`plan_layout` of ``params``) any dense shape, in memory
-    order."""
-    args = (params, offsets, seed, bucket_id, step, tag, sigma)
-    _ops().perturb_list_(*args, *(() if layout is None else (layout,)))
+    order. ``step`` may be a one-element int64 CPU tensor (read when the op runs)."""
+    step, step_t = scalar_arg(step, int)
+    _ops().perturb_list_(params, offsets, seed, bucket_id, step, tag, sigma, layout, step_t)
 
 
 def restore_and_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
                            moms: list[torch.Tensor] | None, offsets: list[int],
                            grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                           seed: int, bucket_id: int, step: int, restore_tag: int, sigma: float,
-                           lr: float, weight_decay: float, momentum: float, dampening: float,
-                           nesterov: bool, momentum_init: bool, noise_std: float,
+                           seed: int, bucket_id: int, step: int | torch.Tensor, restore_tag: int,
+                           sigma: float, lr: float | torch.Tensor, weight_decay: float,
+                           momentum: float, dampening: float, nesterov: bool,
+                           momentum_init: bool, noise_std: float | torch.Tensor,
                            grad_mult: float, stochastic_rounding: bool = False,
                            layout: torch.Tensor | None = None) -> None:
     """restore_and_step_ over a list of tensors in one parallel loop (``moms`` None: no
     momentum): the per-tensor op's values. ``layout``: as in :func:`perturb_list_` (the
-    gradients are then checked against their parameters, read in the parameter's order)."""
-    args = (params, grads, moms or [], offsets, grad_scale, found_inf, seed, bucket_id, step,
-            restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
-            noise_std, grad_mult, stochastic_rounding)
-    _ops().restore_and_step_list_(*args, *(() if layout is None else (layout,)))
+    gradients are then checked against their parameters, read in the parameter's order).
+    ``step`` / ``lr`` / ``noise_std`` may be one-element CPU tensors (int64; float64 or
+    float32), read when the op runs."""
+    step, step_t = scalar_arg(step, int)
+    lr, lr_t = scalar_arg(lr, float)
+    noise_std, noise_std_t = scalar_arg(noise_std, float)
+    _ops().restore_and_step_list_(params, grads, moms or [], offsets, grad_scale, found_inf, seed,
+                                  bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
+                                  dampening, nesterov, momentum_init, noise_std, grad_mult,
+                                  stochastic_rounding, layout, step_t, lr_t, noise_std_t)
 
 
 def restore_check_list_(params: list[torch.Tensor], grads: list[torch.Tensor], offsets: list[int],
@@ -196,7 +223,8 @@ if _native.available():
 
     if hasattr(torch.ops.fused_flat, "restore_check_list_"):
         @torch.library.register_fake("fused_flat::perturb_list_")
-        def _perturb_list_fake(params, offsets, seed, bucket_id, step, tag, sigma, layout=None):
+        def _perturb_list_fake(params, offsets, seed, bucket_id, step, tag, sigma, layout=None,
+                               step_t=None):
             return None
 
         @torch.library.register_fake("fused_flat::restore_check_list_")
@@ -208,7 +236,8 @@ if _native.available():
         def _restore_and_step_list_fake(params, grads, moms, offsets, grad_scale, found_inf, seed,
                                         bucket_id, step, restore_tag, sigma, lr, weight_decay,
                                         momentum, dampening, nesterov, momentum_init, noise_std,
-                                        grad_mult, stochastic_rounding=False, layout=None):
+                                        grad_mult, stochastic_rounding=False, layout=None,
+                                        step_t=None, lr_t=None, noise_std_t=None):
             return None
 
     if hasattr(torch.ops.fused_flat, "check_step_list"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fused_flat.backends import _native
+from fused_flat.backends.cpp import scalar_arg
 
 
 def _ops():
@@ -85,11 +86,13 @@ def sam_grad_sq_norm_list(grads: list[torch.Tensor], params: list[torch.Tensor],
 
 
 def sam_perturb_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
-                      backups: list[torch.Tensor], adaptive: bool, coef: float, eta: float = 0.0,
-                      layout: torch.Tensor | None = None) -> None:
+                      backups: list[torch.Tensor], adaptive: bool, coef: float | torch.Tensor,
+                      eta: float = 0.0, layout: torch.Tensor | None = None) -> None:
     """sam_perturb_ over a list in one parallel loop; ``layout`` as in sam_grad_sq_norm_list
-    (the backups then share their parameter's layout)."""
-    _ops().sam_perturb_list_(params, grads, backups, adaptive, coef, eta, layout)
+    (the backups then share their parameter's layout). ``coef`` may be a one-element float64
+    CPU tensor (read when the op runs)."""
+    coef, coef_t = scalar_arg(coef, float)
+    _ops().sam_perturb_list_(params, grads, backups, adaptive, coef, eta, layout, coef_t)
 
 
 def sam_restore_and_step_list_(params, backups, grads, moms, grad_scale, found_inf, lr: float,
@@ -99,11 +102,23 @@ def sam_restore_and_step_list_(params, backups, grads, moms, grad_scale, found_i
                                step: int = 0, offsets=None, layout: torch.Tensor | None = None) -> None:
     """sam_restore_and_step_ over a list in one parallel loop (``moms`` None: no momentum;
     ``offsets``: the bucket offsets, needed with stochastic rounding); ``layout`` as in
-    sam_grad_sq_norm_list."""
+    sam_grad_sq_norm_list. ``lr`` / ``step`` may be one-element CPU tensors (float64 or
+    float32; int64), read when the op runs."""
+    lr, lr_t = scalar_arg(lr, float)
+    step, step_t = scalar_arg(step, int)
     _ops().sam_restore_and_step_list_(params, backups, grads, moms or [], grad_scale, found_inf, lr,
                                       weight_decay, momentum, dampening, nesterov, momentum_init,
                                       grad_mult, stochastic_rounding, seed, bucket_id, step,
-                                      list(offsets) if offsets is not None else [], layout)
+                                      list(offsets) if offsets is not None else [], layout, lr_t,
+                                      step_t)
+
+
+def sam_probe_list_(params: list[torch.Tensor], backups: list[torch.Tensor], offsets: list[int],
+                    seed: int, bucket_id: int, step: int | torch.Tensor, delta: float) -> None:
+    """sam_probe_ over a list of 1-D tensors of one dtype in one parallel loop (tensor t at
+    bucket offset offsets[t]); ``step`` may be a one-element int64 CPU tensor."""
+    step, step_t = scalar_arg(step, int)
+    _ops().sam_probe_list_(params, backups, list(offsets), seed, bucket_id, step, delta, step_t)
 
 
 if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
@@ -130,17 +145,25 @@ if _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_"):
     if hasattr(torch.ops.fused_flat, "sam_perturb_list_"):
         @torch.library.register_fake("fused_flat::sam_grad_sq_norm_list")
         def _sq_norm_list_fake(grads, params, adaptive, eta, layout=None):
-            return torch.empty(len(grads), dtype=torch.float64)
+            if not grads:
+                return torch.empty(0, dtype=torch.float64)
+            return grads[0].new_empty(len(grads), dtype=torch.float64)
 
         @torch.library.register_fake("fused_flat::sam_perturb_list_")
-        def _perturb_list_fake(params, grads, backups, adaptive, coef, eta, layout=None):
+        def _perturb_list_fake(params, grads, backups, adaptive, coef, eta, layout=None,
+                               coef_tensor=None):
             return None
 
         @torch.library.register_fake("fused_flat::sam_restore_and_step_list_")
         def _restore_and_step_list_fake(params, backups, grads, moms, grad_scale, found_inf, lr,
                                         weight_decay, momentum, dampening, nesterov, momentum_init,
                                         grad_mult, stochastic_rounding=False, seed=0, bucket_id=0,
-                                        step=0, offsets=(), layout=None):
+                                        step=0, offsets=(), layout=None, lr_t=None, step_t=None):
+            return None
+
+    if hasattr(torch.ops.fused_flat, "sam_probe_list_"):
+        @torch.library.register_fake("fused_flat::sam_probe_list_")
+        def _probe_list_fake(params, backups, offsets, seed, bucket_id, step, delta, step_t=None):
             return None
 
 

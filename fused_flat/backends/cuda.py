@@ -1,77 +1,90 @@
-"""The multi-tensor Langevin ops on CUDA (``torch.ops.fused_flat.*_multi``), with the Backend
-list signatures: one kernel launch per bucket per pass (issue 12).
+"""The Langevin list ops on CUDA, with the Backend list signatures: thin wrappers of the
+compiled ops ``torch.ops.fused_flat.perturb_list_``, ``restore_and_step_list_`` and
+``all_finite`` -- the ops the CPU backend calls too, one op set with a CPU and a CUDA kernel
+each (schemas csrc/bindings.cpp; CUDA kernels csrc/cuda/multi_langevin.cu).
 
     perturb_(params, offsets, seed, bucket_id, step, tag, sigma)
     restore_and_step_(params, grads, moms|None, offsets, grad_scale, found_inf, seed,
                       bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
                       dampening, nesterov, momentum_init, noise_std, grad_mult,
                       stochastic_rounding=False)
-    all_finite(tensors) -> float32 [1] on the device (1.0 if any inf/NaN), one launch
+    all_finite(tensors) -> float32 [1] on the device (1.0 if any inf/NaN)
 
 Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math and the
-noise are the per-tensor ops' (fused_flat.backends.cpp; kernels csrc/cuda/multi_langevin.cu on
-csrc/include/fused_flat/elementwise.h; oracle fused_flat.backends.reference per tensor at its
-offset). ``grad_scale`` / ``found_inf`` are read by the kernels; no call synchronises with
-the host. all_finite keeps a persistent zeroed int32 [2] scratch per (device, stream) (see
-the .cu).
+noise are the CPU ops' (csrc/include/fused_flat/elementwise.h; oracle
+fused_flat.backends.reference per tensor at its offset). One pass is one launch per bucket
+(more when the list exceeds one launch's capacity): the compiled op builds the launch
+arguments itself and passes them BY VALUE in the kernel's argument block
+(csrc/cuda/list_launch.h) -- no launch tables, no host->device copy, no cache -- so a call
+never synchronises with the host and is capturable in a CUDA graph on its first call.
+``grad_scale`` / ``found_inf`` are read by the kernels.
 
-Each pass is ONE registered torch op (opaque; namespace ``fused_flat_cuda``:
-``perturb_list_``, ``restore_and_step_list_``, ``all_finite_list``;
-fused_flat.backends.multi_tensor.register_list_op: Library.define + impl + register_fake),
-called by these Python entry points after the argument checks (metadata only). Its real
-implementation builds the launch tables for the call frame
-(fused_flat.backends.multi_tensor.launch_tables, frame=True: pinned staging buffer, non-blocking
-copy, owned by the call or, while a CUDA graph is captured, by the process) and calls the
-compiled op (``torch.ops.fused_flat.*_multi``) once; its fake implementation touches nothing
-on the host. So a step on fake CUDA tensors makes no host read and a compiled step holds one
-node per pass; the table building runs only in the real implementation, which fake tensors
-cannot reach: tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
+These wrappers only check metadata and call the op once. Under FakeTensorMode or
+torch.compile's tracing the op runs its fake implementation (fused_flat.backends.cpp), so a
+step on fake CUDA tensors makes no host read and a compiled step holds one node per pass;
+the by-value argument building lives in the op's CUDA implementation, which fake tensors
+replace: tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
 
 ``stochastic_rounding=True`` (bf16/fp16 params; ignored for fp32/fp64): the same one launch,
 theta stored stochastically rounded with the rbits of ALGORITHMS.md §1 (tags 0 and 32 of
-(seed, bucket_id, step) at bucket index offsets[t] + e), the per-tensor SR kernel's and the
-CPU kernels' per-element math (elementwise.h): bit-identical results.
+(seed, bucket_id, step) at bucket index offsets[t] + e), the CPU kernels' per-element math:
+bit-identical results.
 
 Device-resident per-step scalars (CUDA-graph capture, ``capturable=True``): ``step`` may be a
 Python int or a one-element int64 tensor on the params' device; ``lr`` and ``noise_std`` (of
 ``restore_and_step_``) a Python float or a one-element float64 (or float32) tensor there.
-A tensor is read by the kernel from device memory when it runs (a captured graph replays
-with the tensor's current value); nothing is read on the host. The kernel converts it as
-the scalar path converts the Python number (``float(t)`` / ``int(t)``; the step's low 32 bits
-enter the Philox counter): bit-identical results. A tensor ``noise_std`` always draws xi:
-pass the float 0.0 for a pass without Langevin noise. (A result that is exactly zero may
-then differ in the sign of the zero from the scalar path's, -0.0 + 0 * xi.)
+A tensor goes to the op's ``step_t`` / ``lr_t`` / ``noise_std_t`` argument and is read by the
+kernel from device memory when it runs (a captured graph replays with the tensor's current
+value); nothing is read on the host. The kernel converts it as the scalar path converts the
+Python number (``float(t)`` / ``int(t)``; the step's low 32 bits enter the Philox counter):
+bit-identical results. A tensor ``noise_std`` always draws xi: pass the float 0.0 for a pass
+without Langevin noise. (A result that is exactly zero may then differ in the sign of the
+zero from the scalar path's, -0.0 + 0 * xi.)
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from fused_flat.backends import _native
+from fused_flat.backends import cpp as _cpp  # noqa: F401  (the list ops' fake implementations)
 from fused_flat.backends import cuda_arch
-from fused_flat.backends import multi_tensor as mt
-
-CHUNK = 1 << 14   # frame positions per CUDA block: 16 x (256 threads x 4 fp32) or 8 x (x 8 bf16)
+from fused_flat.backends import multi_tensor as mt   # check_lists: metadata checks only
 
 
 def available() -> bool:
-    return _native.available() and hasattr(torch.ops.fused_flat, "perturb_multi_")
+    """Whether the extension has the list ops' CUDA kernels (this module and cuda_sam)."""
+    return _native.available() and _native.cuda_built() and hasattr(torch.ops.fused_flat,
+                                                                     "sam_probe_list_")
 
 
 def _ops():
+    if not _native.available():
+        raise RuntimeError(f"fused_flat: the compiled extension is not available "
+                           f"({_native.load_error}); {_native.BUILD_HINT}")
     if not available():
-        raise RuntimeError("fused_flat: the extension was built without the CUDA multi-tensor "
-                           f"Langevin ops; {_native.BUILD_HINT} with CUDA_HOME set")
+        raise RuntimeError("fused_flat: the extension was built without the CUDA list ops "
+                           f"(no nvcc, or FORCE_CUDA=0); {_native.BUILD_HINT} with CUDA_HOME set")
     return torch.ops.fused_flat
 
 
-def _device(ref: torch.Tensor) -> torch.device:
+def _device(ref: torch.Tensor, module: str = "cuda", others: str = "triton.multi, cpp or "
+            "reference") -> torch.device:
+    """``ref``'s device, which must be a CUDA device (ValueError naming the alternatives)."""
     device = ref.device
     if device.type != "cuda":
-        raise ValueError(f"fused_flat.backends.cuda: CUDA tensors only, got {device}; use "
-                         f"fused_flat.backends.triton.multi, fused_flat.backends.cpp or fused_flat.backends.reference")
+        raise ValueError(f"fused_flat.backends.{module}: CUDA tensors only, got {device}; use "
+                         f"fused_flat.backends.{others}")
     return device
+
+
+def check_device(ref: torch.Tensor) -> None:
+    """A clear error when the build has no kernels for this GPU (cuda_arch.check_device; a
+    host query, no sync). Skipped for fake tensors and while torch.compile traces."""
+    if torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(ref):
+        return
+    cuda_arch.check_device(ref.device)
 
 
 def _check_offsets(what, params, offsets):
@@ -106,102 +119,12 @@ def _host(value, tensor, cast):
     return cast(0) if tensor is not None else cast(value)
 
 
-# ------------------------------------------------------------------ the registered ops
-# The real implementations build one launch's tables (fused_flat.backends.multi_tensor) and call the
-# compiled op; the fakes touch nothing on the host (module docstring).
-_LIB = torch.library.Library("fused_flat_cuda", "FRAGMENT")   # shared with cuda_sam.py
-
-
-def _no_output(*args):
-    return None
-
-
-def _perturb_list(params: List[torch.Tensor], offsets: List[int], seed: int, bucket_id: int,
-                  step: int, step_t: Optional[torch.Tensor], tag: int, sigma: float) -> None:
-    device = params[0].device
-    cuda_arch.check_device(device)   # a clear error if the build cannot run on this GPU
-    with mt.launching(device):
-        tb = mt.launch_tables([params], CHUNK, offsets, frame=True)
-        _ops().perturb_multi_(params, tb.chunks, tb.meta, tb.ptrs, tb.chunk, seed, bucket_id,
-                              step, tag, sigma, step_t)
-
-
-PERTURB_LIST = mt.register_list_op(
-    _LIB, "perturb_list_(Tensor(a0!)[] params, SymInt[] offsets, SymInt seed, SymInt bucket_id, "
-          "SymInt step, Tensor? step_t, SymInt tag, float sigma) -> ()",
-    _perturb_list, _no_output)
-
-
-def _restore_and_step_list(params: List[torch.Tensor], grads: List[torch.Tensor],
-                           moms: List[torch.Tensor], offsets: List[int],
-                           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                           seed: int, bucket_id: int, step: int, step_t: Optional[torch.Tensor],
-                           restore_tag: int, sigma: float, lr: float,
-                           lr_t: Optional[torch.Tensor], weight_decay: float, momentum: float,
-                           dampening: float, nesterov: bool, momentum_init: bool,
-                           noise_std: float, noise_std_t: Optional[torch.Tensor],
-                           grad_mult: float, stochastic_rounding: bool) -> None:
-    """``moms`` empty: no momentum buffers."""
-    device = params[0].device
-    cuda_arch.check_device(device)
-    with mt.launching(device):
-        lists = [params, grads] + ([moms] if moms else [])
-        tb = mt.launch_tables(lists, CHUNK, offsets, frame=True)
-        _ops().restore_and_step_multi_(
-            params, grads, moms, grad_scale, found_inf, tb.chunks, tb.meta, tb.ptrs, tb.chunk,
-            seed, bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
-            nesterov, momentum_init, noise_std, grad_mult, stochastic_rounding, step_t, lr_t,
-            noise_std_t)
-
-
-RESTORE_AND_STEP_LIST = mt.register_list_op(
-    _LIB, "restore_and_step_list_(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] moms, "
-          "SymInt[] offsets, Tensor? grad_scale, Tensor? found_inf, SymInt seed, "
-          "SymInt bucket_id, SymInt step, Tensor? step_t, SymInt restore_tag, float sigma, "
-          "float lr, Tensor? lr_t, float weight_decay, float momentum, float dampening, "
-          "bool nesterov, bool momentum_init, float noise_std, Tensor? noise_std_t, "
-          "float grad_mult, bool stochastic_rounding) -> ()",
-    _restore_and_step_list, _no_output)
-
-
-_scratch: dict = {}
-
-
-def _scratch_for(device: torch.device) -> torch.Tensor:
-    """all_finite's persistent zeroed int32 [2] per (device, stream), held for the process (a
-    graph captured with it keeps reading it)."""
-    key = (device.index, torch.cuda.current_stream(device).stream_id)
-    s = _scratch.get(key)
-    if s is None:
-        s = _scratch[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return s
-
-
-def _all_finite_list(tensors: List[torch.Tensor]) -> torch.Tensor:
-    device = tensors[0].device
-    cuda_arch.check_device(device)
-    with mt.launching(device):
-        tb = mt.launch_tables([tensors], CHUNK)
-        if tb.n_chunks == 0:
-            return torch.zeros(1, dtype=torch.float32, device=device)
-        return _ops().all_finite_multi(tensors, tb.chunks, tb.meta, tb.ptrs, tb.chunk,
-                                       _scratch_for(device))
-
-
-def _all_finite_list_fake(tensors):
-    return tensors[0].new_empty(1, dtype=torch.float32)
-
-
-ALL_FINITE_LIST = mt.register_list_op(
-    _LIB, "all_finite_list(Tensor[] tensors) -> Tensor", _all_finite_list, _all_finite_list_fake)
-
-
 # ------------------------------------------------------------------ entry points
 def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, bucket_id: int,
              step: int | torch.Tensor, tag: int, sigma: float) -> None:
     """theta <- theta + sigma * eps(tag), eps at bucket indices offsets[t] + e. ``step``: a
     Python int or a one-element int64 device tensor (module docstring). One call of the op
-    ``fused_flat_cuda::perturb_list_``."""
+    ``fused_flat::perturb_list_``."""
     mt.check_lists("perturb_", "params", params)
     _check_offsets("perturb_", params, offsets)
     if not params:
@@ -210,10 +133,9 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
     step_t = device_scalar("cuda_multi.perturb_", "step", step, device, _STEP_DTYPES)
     if sigma == 0.0:
         return
-    _ops()
-    PERTURB_LIST(
-        list(params), [int(o) for o in offsets], int(seed), int(bucket_id),
-        _host(step, step_t, int), step_t, int(tag), float(sigma))
+    check_device(params[0])
+    _ops().perturb_list_(list(params), [int(o) for o in offsets], int(seed), int(bucket_id),
+                         _host(step, step_t, int), int(tag), float(sigma), None, step_t)
 
 
 def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -227,7 +149,7 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     """The fused restore + decay + momentum + Langevin + update pass over a tensor list.
     ``step`` / ``lr`` / ``noise_std`` may be one-element device tensors, and
     ``stochastic_rounding`` rounds 16-bit params stochastically (module docstring). One call
-    of the op ``fused_flat_cuda::restore_and_step_list_``."""
+    of the op ``fused_flat::restore_and_step_list_``."""
     mt.check_lists("restore_and_step_", "params", params, grads=grads, moms=moms)
     _check_offsets("restore_and_step_", params, offsets)
     if not params:
@@ -238,47 +160,23 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     noise_std_t = device_scalar("cuda_multi.restore_and_step_", "noise_std", noise_std, device,
                                 _FLOAT_DTYPES)
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
-    _ops()
-    RESTORE_AND_STEP_LIST(
+    check_device(params[0])
+    _ops().restore_and_step_list_(
         list(params), list(grads), list(moms) if moms is not None else [],
         [int(o) for o in offsets], grad_scale, found_inf, int(seed), int(bucket_id),
-        _host(step, step_t, int), step_t, int(restore_tag), float(sigma),
-        _host(lr, lr_t, float), lr_t, float(weight_decay), float(momentum), float(dampening),
-        bool(nesterov), bool(momentum_init), _host(noise_std, noise_std_t, float), noise_std_t,
-        float(grad_mult), sr)
+        _host(step, step_t, int), int(restore_tag), float(sigma), _host(lr, lr_t, float),
+        float(weight_decay), float(momentum), float(dampening), bool(nesterov),
+        bool(momentum_init), _host(noise_std, noise_std_t, float), float(grad_mult), sr, None,
+        step_t, lr_t, noise_std_t)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """found_inf: float32 [1] on the device, 1.0 if any element is inf or NaN; one launch
-    (one call of the op ``fused_flat_cuda::all_finite_list``)."""
-    tensors = list(tensors)
+    """found_inf: float32 [1] on the device, 1.0 if any element is inf or NaN (any strided
+    floating tensors; one launch per dtype present). One call of the op
+    ``fused_flat::all_finite``."""
+    tensors = [t for t in tensors if t is not None]
     if not tensors:
         return torch.zeros(1, dtype=torch.float32)
-    if not (mt.lists_ok(tensors, (tensors,)) or all(
-            t.dim() == 1 and t.is_contiguous() and t.dtype == tensors[0].dtype
-            and t.device == tensors[0].device for t in tensors)):
-        from fused_flat.backends import reference
-
-        return reference.all_finite(tensors)
     _device(tensors[0])
-    _ops()
-    return ALL_FINITE_LIST(tensors)
-
-
-if available():
-
-    @torch.library.register_fake("fused_flat::perturb_multi_")
-    def _perturb_fake(params, chunks, meta, ptrs, chunk, seed, bucket_id, step, tag, sigma,
-                      step_t=None):
-        return None
-
-    @torch.library.register_fake("fused_flat::restore_and_step_multi_")
-    def _step_fake(params, grads, moms, grad_scale, found_inf, chunks, meta, ptrs, chunk, seed,
-                   bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
-                   nesterov, momentum_init, noise_std, grad_mult, stochastic_rounding=False,
-                   step_t=None, lr_t=None, noise_std_t=None):
-        return None
-
-    @torch.library.register_fake("fused_flat::all_finite_multi")
-    def _all_finite_fake(tensors, chunks, meta, ptrs, chunk, scratch):
-        return torch.empty(1, dtype=torch.float32, device=tensors[0].device)
+    check_device(tensors[0])
+    return _ops().all_finite(tensors)

@@ -1,28 +1,26 @@
-"""The multi-tensor SAM-family ops on CUDA (``torch.ops.fused_flat.sam_*_multi``), with list
-signatures: one kernel launch per bucket per pass.
+"""The SAM-family list ops on CUDA, with list signatures: thin wrappers of the compiled ops
+``torch.ops.fused_flat.sam_grad_sq_norm_list``, ``sam_perturb_list_``,
+``sam_restore_and_step_list_`` and ``sam_probe_list_`` -- the ops the CPU backend calls too,
+one op set with a CPU and a CUDA kernel each (schemas csrc/sam_ops.cpp; CUDA kernels
+csrc/cuda/sam_cuda.cu).
 
-    sam_grad_sq_norm(grads, params|None, eta) -> 0-dim float64 tensor on the device
-    sam_perturb_(params, grads, backups, adaptive, coef, eta)
-    sam_restore_and_step_(params, backups, grads, moms|None, grad_scale, found_inf, lr,
-                          weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult,
-                          stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None)
-    sam_probe_(params, backups, offsets, seed, bucket_id, step, delta)
+The entry points take the list signatures of fused_flat.backends' SAM_OPS (its module
+docstring): sam_grad_sq_norm returns the 0-dim float64 sum on the device; sam_restore_and_step_
+takes stochastic_rounding and its seed, bucket, step and offsets.
 
 Lists hold 1-D contiguous CUDA tensors of one dtype (fp32/bf16/fp16/fp64); the math is
-fused_flat/backends/sam_reference.py's (kernels: csrc/cuda/sam_cuda.cu on
-csrc/include/fused_flat/sam_elementwise.h). ``coef`` may be a Python float or a 1-element
-device tensor (read by the kernel, so the global norm never leaves the GPU); ``grad_scale`` /
-``found_inf`` are read by the kernel. No call synchronises with the host.
+fused_flat/backends/sam_reference.py's (csrc/include/fused_flat/sam_elementwise.h).
+``coef`` may be a Python float or a 1-element device tensor (the op's ``coef_tensor``, read by
+the kernel, so the global norm never leaves the GPU); ``grad_scale`` / ``found_inf`` are read
+by the kernel. One pass is one launch per bucket (more for lists past one launch's
+capacity), its arguments built by the op and passed by value (csrc/cuda/list_launch.h): no
+call synchronises with the host, and a first call can be captured in a CUDA graph. The
+squared norm is one float64 per tensor (summed here on the device, deterministic).
 
-Each pass is ONE registered torch op (opaque; namespace ``fused_flat_cuda``:
-``sam_grad_sq_norm_list``, ``sam_perturb_list_``, ``sam_restore_and_step_list_``,
-``sam_probe_list_``; fused_flat.backends.multi_tensor.register_list_op), called by these Python entry
-points after the argument checks (metadata only): its real implementation builds one
-launch's tables (fused_flat.backends.multi_tensor.launch_tables: pinned staging, non-blocking copy,
-capture-owned while a CUDA graph is captured) and calls the compiled op once; its fake implementation
-touches nothing on the host (no host read on fake tensors, one node per pass under
-torch.compile). The table building runs only in the real implementation, which fake tensors
-cannot reach: tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
+These wrappers check metadata and call the op once; under FakeTensorMode or torch.compile
+the op runs its fake implementation (fused_flat.backends.cpp_sam): no host read, one node per
+pass. The by-value argument building lives in the op's CUDA implementation, which fake
+tensors replace: tests/test_gpu_sync.py checks it on a GPU (``make gpu-check``).
 
 Device-resident per-step scalars (CUDA-graph capture, ``capturable=True``): the ``lr`` of
 ``sam_restore_and_step_`` may be a one-element float64 (or float32) tensor, and the ``step``
@@ -32,159 +30,53 @@ converts ``float(t)`` / ``int(t)`` (bit-identical results; fused_flat.backends.c
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from fused_flat.backends import _native
-from fused_flat.backends import cuda_arch
-from fused_flat.backends import multi_tensor as mt
-from fused_flat.backends.cuda import _FLOAT_DTYPES, _STEP_DTYPES, _host, device_scalar
+from fused_flat.backends import cpp_sam as _cpp_sam  # noqa: F401  (the ops' fake implementations)
+from fused_flat.backends import multi_tensor as mt   # check_lists: metadata checks only
+from fused_flat.backends.cuda import (_FLOAT_DTYPES, _STEP_DTYPES, _device, _host, _ops,
+                                      available, check_device, device_scalar)
 
-CHUNK = 1 << 14   # elements per CUDA block: 16 x (256 threads x 4 fp32) or 8 x (x 8 bf16)
-
-
-def available() -> bool:
-    return _native.available() and hasattr(torch.ops.fused_flat, "sam_perturb_multi_")
-
-
-def _ops():
-    if not _native.available():
-        raise RuntimeError(f"fused_flat: the compiled extension is not available "
-                           f"({_native.load_error}); {_native.BUILD_HINT}")
-    if not hasattr(torch.ops.fused_flat, "sam_perturb_multi_"):
-        raise RuntimeError("fused_flat: the extension was built without the CUDA multi-tensor ops "
-                           f"(no nvcc, or FORCE_CUDA=0); {_native.BUILD_HINT} with CUDA_HOME set")
-    return torch.ops.fused_flat
+__all__ = ["available", "sam_grad_sq_norm", "sam_perturb_", "sam_restore_and_step_", "sam_probe_"]
 
 
 def _check_device(ref: torch.Tensor) -> torch.device:
-    device = ref.device
-    if device.type != "cuda":
-        raise ValueError(f"fused_flat.backends.cuda_sam: CUDA tensors only, got {device}; use "
-                         f"fused_flat.backends.triton.sam, fused_flat.backends.cpp_sam or fused_flat.backends.sam_reference")
+    device = _device(ref, "cuda_sam", "triton.sam, cpp_sam or sam_reference")
+    check_device(ref)
     return device
-
-
-def _tables(lists, offsets=None):
-    """One launch's tables (inside the real implementations only: it reads data pointers)."""
-    cuda_arch.check_device(lists[0][0].device)   # a clear error if the build cannot run here
-    return mt.launch_tables(lists, CHUNK, offsets)
-
-
-# ------------------------------------------------------------------ the registered ops
-_LIB = torch.library.Library("fused_flat_cuda", "FRAGMENT")   # shared with cuda_multi.py
-
-
-def _no_output(*args):
-    return None
-
-
-def _sq_norm_list(grads: List[torch.Tensor], params: List[torch.Tensor],
-                  eta: float) -> torch.Tensor:
-    """``params`` empty: plain SAM; else ASAM's (|theta| + eta) g."""
-    with mt.launching(grads[0].device):
-        tb = _tables([grads] + ([params] if params else []))
-        return _ops().sam_grad_sq_norm_multi(grads, params, tb.chunks, tb.meta, tb.ptrs,
-                                             tb.chunk, eta)
-
-
-def _sq_norm_list_fake(grads, params, eta):
-    return grads[0].new_empty((), dtype=torch.float64)
-
-
-SQ_NORM_LIST = mt.register_list_op(
-    _LIB, "sam_grad_sq_norm_list(Tensor[] grads, Tensor[] params, float eta) -> Tensor",
-    _sq_norm_list, _sq_norm_list_fake)
-
-
-def _perturb_list(params: List[torch.Tensor], grads: List[torch.Tensor],
-                  backups: List[torch.Tensor], adaptive: bool, coef: float,
-                  coef_t: Optional[torch.Tensor], eta: float) -> None:
-    with mt.launching(params[0].device):
-        tb = _tables([params, grads, backups])
-        _ops().sam_perturb_multi_(params, grads, backups, tb.chunks, tb.meta, tb.ptrs, tb.chunk,
-                                  adaptive, coef, coef_t, eta)
-
-
-PERTURB_LIST = mt.register_list_op(
-    _LIB, "sam_perturb_list_(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] backups, "
-          "bool adaptive, float coef, Tensor? coef_t, float eta) -> ()",
-    _perturb_list, _no_output)
-
-
-def _restore_and_step_list(params: List[torch.Tensor], backups: List[torch.Tensor],
-                           grads: List[torch.Tensor], moms: List[torch.Tensor],
-                           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                           lr: float, lr_t: Optional[torch.Tensor], weight_decay: float,
-                           momentum: float, dampening: float, nesterov: bool,
-                           momentum_init: bool, grad_mult: float, stochastic_rounding: bool,
-                           seed: int, bucket_id: int, step: int, step_t: Optional[torch.Tensor],
-                           offsets: Optional[List[int]]) -> None:
-    """``moms`` empty: no momentum buffers; ``offsets``: those of the stochastic rounding."""
-    with mt.launching(params[0].device):
-        lists = [params, backups, grads] + ([moms] if moms else [])
-        tb = _tables(lists, offsets if stochastic_rounding else None)
-        _ops().sam_restore_and_step_multi_(
-            params, backups, grads, moms, grad_scale, found_inf, tb.chunks, tb.meta, tb.ptrs,
-            tb.chunk, lr, weight_decay, momentum, dampening, nesterov, momentum_init, grad_mult,
-            stochastic_rounding, seed, bucket_id, step, lr_t, step_t)
-
-
-RESTORE_AND_STEP_LIST = mt.register_list_op(
-    _LIB, "sam_restore_and_step_list_(Tensor(a0!)[] params, Tensor[] backups, Tensor[] grads, "
-          "Tensor(a3!)[] moms, Tensor? grad_scale, Tensor? found_inf, float lr, Tensor? lr_t, "
-          "float weight_decay, float momentum, float dampening, bool nesterov, "
-          "bool momentum_init, float grad_mult, bool stochastic_rounding, SymInt seed, "
-          "SymInt bucket_id, SymInt step, Tensor? step_t, SymInt[]? offsets) -> ()",
-    _restore_and_step_list, _no_output)
-
-
-def _probe_list(params: List[torch.Tensor], backups: List[torch.Tensor], offsets: List[int],
-                seed: int, bucket_id: int, step: int, step_t: Optional[torch.Tensor],
-                delta: float) -> None:
-    with mt.launching(params[0].device):
-        tb = _tables([params, backups], offsets)
-        _ops().sam_probe_multi_(params, backups, tb.chunks, tb.meta, tb.ptrs, tb.chunk, seed,
-                                bucket_id, step, delta, step_t)
-
-
-PROBE_LIST = mt.register_list_op(
-    _LIB, "sam_probe_list_(Tensor(a0!)[] params, Tensor(a1!)[] backups, SymInt[] offsets, "
-          "SymInt seed, SymInt bucket_id, SymInt step, Tensor? step_t, float delta) -> ()",
-    _probe_list, _no_output)
 
 
 # ------------------------------------------------------------------ entry points
 def sam_grad_sq_norm(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None,
                      eta: float) -> torch.Tensor:
     """sum_i t_i^2, float64 0-dim on the device; t = g, or (|theta| + eta) g (ASAM). One call
-    of the op ``fused_flat_cuda::sam_grad_sq_norm_list``."""
+    of the op ``fused_flat::sam_grad_sq_norm_list`` (per tensor), summed on the device."""
     mt.check_lists("sam_grad_sq_norm", "grads", grads, params=params)
     if not grads:
         return torch.zeros((), dtype=torch.float64)
     _check_device(grads[0])
-    _ops()
-    return SQ_NORM_LIST(
-        list(grads), list(params) if params is not None else [], float(eta))
+    parts = _ops().sam_grad_sq_norm_list(list(grads), list(params) if params is not None else [],
+                                         params is not None, float(eta))
+    return parts[0] if len(parts) == 1 else parts.sum()
 
 
 def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                  backups: Sequence[torch.Tensor], adaptive: bool, coef: float | torch.Tensor,
                  eta: float) -> None:
     """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 if adaptive.
-    One call of the op ``fused_flat_cuda::sam_perturb_list_``."""
+    One call of the op ``fused_flat::sam_perturb_list_``."""
     mt.check_lists("sam_perturb_", "params", params, grads=grads, backups=backups)
     if not params:
         return
     _check_device(params[0])
     coef_t = None
     if isinstance(coef, torch.Tensor):
-        coef_t = coef.reshape(()).to(torch.float64)   # device op (no-op for float64): no sync
+        coef_t = coef.reshape(1).to(torch.float64)   # device op (no-op for float64): no sync
         coef = 0.0
-    _ops()
-    PERTURB_LIST(list(params), list(grads), list(backups), bool(adaptive), float(coef), coef_t,
-                 float(eta))
+    _ops().sam_perturb_list_(list(params), list(grads), list(backups), bool(adaptive),
+                             float(coef), float(eta), None, coef_t)
 
 
 def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
@@ -199,7 +91,7 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     ``stochastic_rounding`` (bf16/fp16; ignored otherwise): theta stored as SR(theta) with
     the rbits of (seed, bucket_id, step) at bucket index offsets[t] + e (offsets default to
     the packed prefix sums of the numels). ``lr`` / ``step`` may be one-element device
-    tensors (module docstring). One call of the op ``fused_flat_cuda::sam_restore_and_step_list_``."""
+    tensors (module docstring). One call of the op ``fused_flat::sam_restore_and_step_list_``."""
     mt.check_lists("sam_restore_and_step_", "params", params, backups=backups, grads=grads,
                    moms=moms)
     if offsets is not None and len(offsets) != len(params):
@@ -210,13 +102,17 @@ def sam_restore_and_step_(params: Sequence[torch.Tensor], backups: Sequence[torc
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     lr_t = device_scalar("cuda_sam.sam_restore_and_step_", "lr", lr, dev, _FLOAT_DTYPES)
     step_t = device_scalar("cuda_sam.sam_restore_and_step_", "step", step, dev, _STEP_DTYPES)
-    _ops()
-    RESTORE_AND_STEP_LIST(
+    if sr and offsets is None:   # the packed prefix sums of the numels
+        offsets, acc = [], 0
+        for p in params:
+            offsets.append(acc)
+            acc += p.numel()
+    _ops().sam_restore_and_step_list_(
         list(params), list(backups), list(grads), list(moms) if moms is not None else [],
-        grad_scale, found_inf, _host(lr, lr_t, float), lr_t, float(weight_decay),
-        float(momentum), float(dampening), bool(nesterov), bool(momentum_init),
-        float(grad_mult), sr, int(seed), int(bucket_id), _host(step, step_t, int), step_t,
-        [int(o) for o in offsets] if offsets is not None else None)
+        grad_scale, found_inf, _host(lr, lr_t, float), float(weight_decay), float(momentum),
+        float(dampening), bool(nesterov), bool(momentum_init), float(grad_mult), sr, int(seed),
+        int(bucket_id), _host(step, step_t, int),
+        [int(o) for o in offsets] if offsets is not None else [], None, lr_t, step_t)
 
 
 def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
@@ -224,7 +120,7 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                delta: float) -> None:
     """backup <- theta ; theta <- theta + delta * v (Rademacher, tag 16, layout 3) at bucket
     index offsets[t] + e. ``step`` may be a one-element int64 device tensor. One call of the
-    op ``fused_flat_cuda::sam_probe_list_``."""
+    op ``fused_flat::sam_probe_list_``."""
     mt.check_lists("sam_probe_", "params", params, backups=backups)
     if len(offsets) != len(params):
         raise ValueError(f"sam_probe_: {len(offsets)} offsets for {len(params)} tensors")
@@ -232,30 +128,5 @@ def sam_probe_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
         return
     _check_device(params[0])
     step_t = device_scalar("cuda_sam.sam_probe_", "step", step, params[0].device, _STEP_DTYPES)
-    _ops()
-    PROBE_LIST(list(params), list(backups), [int(o) for o in offsets], int(seed), int(bucket_id),
-               _host(step, step_t, int), step_t, float(delta))
-
-
-if available():
-
-    @torch.library.register_fake("fused_flat::sam_grad_sq_norm_multi")
-    def _sq_norm_fake(grads, params, chunks, meta, ptrs, chunk, eta):
-        return torch.empty((), dtype=torch.float64, device=grads[0].device)
-
-    @torch.library.register_fake("fused_flat::sam_perturb_multi_")
-    def _perturb_fake(params, grads, backups, chunks, meta, ptrs, chunk, adaptive, coef,
-                      coef_tensor, eta):
-        return None
-
-    @torch.library.register_fake("fused_flat::sam_restore_and_step_multi_")
-    def _step_fake(params, backups, grads, moms, grad_scale, found_inf, chunks, meta, ptrs,
-                   chunk, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
-                   grad_mult, stochastic_rounding=False, seed=0, bucket_id=0, step=0, lr_t=None,
-                   step_t=None):
-        return None
-
-    @torch.library.register_fake("fused_flat::sam_probe_multi_")
-    def _probe_fake(params, backups, chunks, meta, ptrs, chunk, seed, bucket_id, step, delta,
-                    step_t=None):
-        return None
+    _ops().sam_probe_list_(list(params), list(backups), [int(o) for o in offsets], int(seed),
+                           int(bucket_id), _host(step, step_t, int), float(delta), step_t)
