@@ -27,7 +27,7 @@ def flat_cat(tensors) -> torch.Tensor:
 
 class RecordOps(TorchDispatchMode):
     """Records the registered ops of one namespace (``fused_flat_triton``,
-    ``fused_flat_cuda``) that reach the dispatcher: (op name, {argument: value}), schema
+    ``fused_flat``) that reach the dispatcher: (op name, {argument: value}), schema
     defaults filled in."""
 
     def __init__(self, namespace: str):

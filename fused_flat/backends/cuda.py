@@ -130,7 +130,7 @@ def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], seed: int, 
     if not params:
         return
     device = _device(params[0])
-    step_t = device_scalar("cuda_multi.perturb_", "step", step, device, _STEP_DTYPES)
+    step_t = device_scalar("fused_flat.backends.cuda.perturb_", "step", step, device, _STEP_DTYPES)
     if sigma == 0.0:
         return
     check_device(params[0])
@@ -155,9 +155,9 @@ def restore_and_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     if not params:
         return
     device = _device(params[0])
-    step_t = device_scalar("cuda_multi.restore_and_step_", "step", step, device, _STEP_DTYPES)
-    lr_t = device_scalar("cuda_multi.restore_and_step_", "lr", lr, device, _FLOAT_DTYPES)
-    noise_std_t = device_scalar("cuda_multi.restore_and_step_", "noise_std", noise_std, device,
+    step_t = device_scalar("fused_flat.backends.cuda.restore_and_step_", "step", step, device, _STEP_DTYPES)
+    lr_t = device_scalar("fused_flat.backends.cuda.restore_and_step_", "lr", lr, device, _FLOAT_DTYPES)
+    noise_std_t = device_scalar("fused_flat.backends.cuda.restore_and_step_", "noise_std", noise_std, device,
                                 _FLOAT_DTYPES)
     sr = bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
     check_device(params[0])

@@ -17,8 +17,10 @@ space, not a buffer). A multi-tensor kernel gets, instead of one flat pointer,
 Who builds them, when, and who owns them (no host round trip, ever):
 
 * :func:`launch_tables` builds all three for ONE launch, inside the real implementation of
-  the registered multi-tensor ops (fused_flat/backends/triton/multi.py, triton/sam.py, cuda_multi.py,
-  cuda_sam.py; registered by :func:`register_list_op`). Under FakeTensorMode or
+  the registered Triton list ops (fused_flat/backends/triton/multi.py, triton/sam.py;
+  registered by :func:`register_list_op`). The CUDA C++ list ops need no tables: their
+  kernels get pointers, sizes and offsets by value in the argument block
+  (csrc/cuda/list_launch.h). Under FakeTensorMode or
   torch.compile's tracing those ops run their fake implementations, which touch nothing on
   the host, so this code never runs on fake tensors and fake tensors cannot check it: on a
   GPU it is checked by tests/test_gpu_sync.py (``make gpu-check``, sync debug mode "error").
