@@ -7,14 +7,16 @@ run is bitwise equal to the eager one.
 
 One row per (optimizer, form, backend, momentum, lr kind): ``frames`` is
 CompileCounter.frame_count over all 20 steps (the first ones, which create state such as
-momentum buffers, included), ``eq`` whether the parameters equal those of the eager run
-bit for bit (``max|d|`` otherwise; ``err`` names an exception). ``--why`` prints dynamo's
-recompile reasons (TORCH_LOGS=recompiles) as they happen.
+momentum buffers, included; for SAM's first+second form also per compiled function,
+``total (first_step+second_step)``), ``eq`` whether the parameters equal those of the eager
+run bit for bit (``max|d|`` otherwise; ``err`` names an exception). ``--why`` prints
+dynamo's recompile reasons (TORCH_LOGS=recompiles) as they happen.
 """
 from __future__ import annotations
 
 import argparse
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch._dynamo as dynamo
@@ -57,17 +59,31 @@ def make(name: str, params, lr, momentum: float, backend: str, sgd_kind: str = "
     raise ValueError(name)
 
 
+class Run(NamedTuple):
+    params: list          # the parameters after the steps
+    frames: int           # frames compiled in all
+    opt: object           # the optimizer
+    per_fn: dict          # {compiled function's name: frames compiled for it}
+
+
 def run(name: str, form: str, backend: str, momentum: float, lr_kind: str, compiled: bool,
-        sgd_kind: str = "default", steps: int = STEPS):
-    """(parameters after ``steps`` steps, frames compiled, the optimizer); dynamo's caches
-    are reset first when ``compiled``, so the count is this run's alone."""
+        sgd_kind: str = "default", steps: int = STEPS) -> Run:
+    """The parameters after ``steps`` steps, the frames compiled (in all, and per compiled
+    function: each has its own CompileCounter), the optimizer; dynamo's caches are reset
+    first when ``compiled``, so the count is this run's alone."""
     if compiled:
         dynamo.reset()
     m, loss_fn = _model()
     lr = torch.tensor(0.05) if lr_kind == "tensor" else 0.05
     opt = make(name, m.parameters(), lr, momentum, backend, sgd_kind)
-    cc = CompileCounter()
-    comp = (lambda f: torch.compile(f, backend=cc)) if compiled else (lambda f: f)
+    counters: dict = {}
+
+    def comp(f):
+        if not compiled:
+            return f
+        cc = counters[f.__name__] = CompileCounter()
+        return torch.compile(f, backend=cc)
+
     # compiled before the scheduler wraps opt.step (its wrapper is in a file dynamo skips)
     if form == "first+second":
         first, second = comp(opt.first_step), comp(opt.second_step)
@@ -105,7 +121,8 @@ def run(name: str, form: str, backend: str, momentum: float, lr_kind: str, compi
         for _ in range(steps):
             one_step()
             sched.step()
-    return [p.detach().clone() for p in m.parameters()], cc.frame_count, opt
+    per_fn = {k: cc.frame_count for k, cc in counters.items()}
+    return Run([p.detach().clone() for p in m.parameters()], sum(per_fn.values()), opt, per_fn)
 
 
 def row(name, form, backend, momentum, lr_kind, sgd_kind="default") -> dict:
@@ -113,8 +130,8 @@ def row(name, form, backend, momentum, lr_kind, sgd_kind="default") -> dict:
     out = dict(opt=name if name != "SGD" else f"SGD[{sgd_kind}]", form=form,
                backend=backend if name != "SGD" else "-", momentum=momentum, lr=lr_kind)
     try:
-        eager, _, _ = run(name, form, backend, momentum, lr_kind, False, sgd_kind)
-        got, frames, _ = run(name, form, backend, momentum, lr_kind, True, sgd_kind)
+        eager = run(name, form, backend, momentum, lr_kind, False, sgd_kind).params
+        got, frames, _, per_fn = run(name, form, backend, momentum, lr_kind, True, sgd_kind)
     except Exception as exc:   # reported in the table
         out.update(frames="-", eq=f"err: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}")
         return out
@@ -122,6 +139,8 @@ def row(name, form, backend, momentum, lr_kind, sgd_kind="default") -> dict:
         dynamo.reset()
     d = max(float((a - b).abs().max()) for a, b in zip(eager, got))
     same = all(torch.equal(a, b) for a, b in zip(eager, got))
+    if len(per_fn) > 1:
+        frames = f"{frames} ({'+'.join(str(n) for n in per_fn.values())})"
     out.update(frames=frames, eq="yes" if same else f"max|d|={d:.2e}")
     return out
 

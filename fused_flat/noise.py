@@ -19,6 +19,9 @@ Layout 3 differs from layout 2 only in the key and counter word 3: layout 2 keye
 with (seed_lo32 ^ bucket_id, seed_hi32), so (seed s + 1, bucket 0) drew the numbers of
 (seed s, bucket 1). ``stream_words`` is the one place the key and word 3 are built.
 
+The step may be an int or a one-element integer tensor (``philox_words``): a step counter
+that torch.compile takes as a graph input is used in the computation, never read on the host.
+
 uint32 words are held in int64 tensors; the 32x32 -> 64 bit product is split in 16-bit
 halves so no intermediate leaves int64's range.
 """
@@ -83,14 +86,26 @@ def stream_words(seed: int, bucket_id: int, tag: int) -> tuple[int, int, int]:
     return seed & MASK32, (seed >> 32) & MASK32, tag | (bucket_id << 8)
 
 
-def philox_words(seed: int, bucket_id: int, step: int, tag: int, first_call: int, n_calls: int,
+def philox_words(seed: int, bucket_id: int, step, tag: int, first_call: int, n_calls: int,
                  device=None) -> torch.Tensor:
     """Words of Philox calls [first_call, first_call + n_calls) as int64 [n_calls, 4]
-    (first_call is read as a uint64 bit pattern). Call j serves elements 4j .. 4j+3."""
+    (first_call is read as a uint64 bit pattern). Call j serves elements 4j .. 4j+3.
+
+    ``step``: an int, or a one-element integer tensor (a step counter that torch.compile
+    takes as a graph input, or one on the device under ``capturable=True``), read in the
+    computation, never on the host; one on another device than ``device`` is copied there
+    (``non_blocking``: a CPU counter to a GPU needs no sync)."""
     k0, k1, w3 = stream_words(seed, bucket_id, tag)
     first = first_call - 2 ** 64 if first_call >= 2 ** 63 else first_call
     j = torch.arange(n_calls, dtype=torch.int64, device=device) + first
-    c2 = torch.full_like(j, step & MASK32)
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_floating_point or step.is_complex():
+            raise ValueError(f"fused_flat.noise: step must be an int or a one-element integer "
+                             f"tensor, got a {step.dtype} tensor of shape {tuple(step.shape)}")
+        s = step.to(device=j.device, dtype=torch.int64, non_blocking=True).reshape(())
+        c2 = (s & MASK32).expand_as(j)
+    else:
+        c2 = torch.full_like(j, step & MASK32)
     c3 = torch.full_like(j, w3)
     return torch.stack(philox4x32_10(j & MASK32, (j >> 32) & MASK32, c2, c3, k0, k1), dim=1)
 
@@ -108,8 +123,8 @@ def _calls(seed, bucket_id, step, tag, offset, n, device):
     return w, i, (i >> 2) - first
 
 
-def element_words(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
-                  device=None) -> torch.Tensor:
+def element_words(seed: int, bucket_id: int, step: int | torch.Tensor, tag: int, offset: int,
+                  n: int, device=None) -> torch.Tensor:
     """w(tag, i) = x_(i & 3) of elements [offset, offset + n), as int64 in [0, 2^32)."""
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
@@ -117,8 +132,8 @@ def element_words(seed: int, bucket_id: int, step: int, tag: int, offset: int, n
     return w[row, i & 3]
 
 
-def normal_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
-                 device=None) -> torch.Tensor:
+def normal_noise(seed: int, bucket_id: int, step: int | torch.Tensor, tag: int, offset: int,
+                 n: int, device=None) -> torch.Tensor:
     """z(tag, i) of elements [offset, offset + n) of a bucket, float32 (standard normal)."""
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
@@ -131,8 +146,8 @@ def normal_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n:
     return torch.where((i & 1).bool(), r * torch.sin(t), r * torch.cos(t))
 
 
-def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, n: int,
-                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian_noise(seed: int, bucket_id: int, step: int | torch.Tensor, tag: int, offset: int,
+                   n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, xi) of elements [offset, offset + n): eps = z(tag, i), xi = z(TAG_XI, i).
 
     Helper kept from layout 1's API: what a pass with restore tag ``tag`` uses."""
@@ -140,7 +155,8 @@ def gaussian_noise(seed: int, bucket_id: int, step: int, tag: int, offset: int, 
             normal_noise(seed, bucket_id, step, TAG_XI, offset, n, device))
 
 
-def rademacher(seed: int, bucket_id: int, step: int, offset: int, n: int, device=None) -> torch.Tensor:
+def rademacher(seed: int, bucket_id: int, step: int | torch.Tensor, offset: int, n: int,
+               device=None) -> torch.Tensor:
     """RW-SAM probe v in {+1, -1}: -1 where the top bit of w(16, i) is set."""
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
@@ -149,7 +165,8 @@ def rademacher(seed: int, bucket_id: int, step: int, offset: int, n: int, device
 
 
 # ------------------------------------------------------------------ stochastic rounding
-def sr_bits(seed: int, bucket_id: int, step: int, offset: int, n: int, device=None) -> torch.Tensor:
+def sr_bits(seed: int, bucket_id: int, step: int | torch.Tensor, offset: int, n: int,
+            device=None) -> torch.Tensor:
     """The stochastic-rounding bits of elements [offset, offset + n) at step ``step``, int64
     in [0, 2^16): rbits = (w(0, i) & 0xFF) | ((w(32, i) & 0xFF) << 8), the low bytes of the
     element's tag-0 and tag-32 Philox words (which u() discards)."""

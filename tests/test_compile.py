@@ -2,7 +2,8 @@
 every step counter and learning rate (lr as a CPU tensor, updated in place by the LR
 scheduler; a float lr: no more compilations than torch.optim.SGD's), the state of the first
 step (momentum buffers, backups) included, no host reads in the graph, results bitwise
-equal to eager on CPU."""
+equal to eager on CPU; with the 'cpp' backend and with the pure-torch 'reference' (which
+takes the step, lr and noise scale as tensors in its computation)."""
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -11,7 +12,8 @@ from torch._dynamo.testing import CompileCounter
 from fused_flat import FSGLD, SAM
 from fused_flat.backends import _native
 
-pytestmark = pytest.mark.skipif(not _native.available(), reason="needs the compiled CPU ops")
+needs_cpp = pytest.mark.skipif(not _native.available(), reason="needs the compiled CPU ops")
+BACKENDS = [pytest.param("cpp", marks=needs_cpp), "reference"]
 STEPS = 20
 
 
@@ -22,21 +24,21 @@ def _reset():
     dynamo.reset()
 
 
-def _setup(kind, momentum):
+def _setup(kind, momentum, backend="cpp"):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     x, y = torch.randn(32, 8), torch.randn(32, 1)
     lr = torch.tensor(0.05)
     if kind == "fsgld":
-        opt = FSGLD(m.parameters(), lr=lr, beta=1e4, momentum=momentum, seed=1, backend="cpp")
+        opt = FSGLD(m.parameters(), lr=lr, beta=1e4, momentum=momentum, seed=1, backend=backend)
     else:
-        opt = SAM(m.parameters(), lr=lr, momentum=momentum, rho=0.05, seed=1, backend="cpp")
+        opt = SAM(m.parameters(), lr=lr, momentum=momentum, rho=0.05, seed=1, backend=backend)
     return m, opt, lambda: torch.nn.functional.mse_loss(m(x), y)
 
 
-def _run(form, momentum, compiled, fullgraph=False):
+def _run(form, momentum, compiled, fullgraph=False, backend="cpp"):
     kind = "sam" if form.startswith("sam") else "fsgld"
-    m, opt, loss_fn = _setup(kind, momentum)
+    m, opt, loss_fn = _setup(kind, momentum, backend)
     cc = CompileCounter()
     comp = (lambda f: torch.compile(f, backend=cc, fullgraph=fullgraph)) if compiled else (lambda f: f)
     # compiled before the scheduler wraps opt.step (torch's wrapper lives in a file dynamo skips)
@@ -77,9 +79,10 @@ def _run(form, momentum, compiled, fullgraph=False):
 
 @pytest.mark.parametrize("form,fullgraph", [("fsgld2", True), ("sam2", True), ("fsgldc", False)])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_compiles_once_and_matches_eager(form, fullgraph, momentum):
-    eager, _, _ = _run(form, momentum, compiled=False)
-    got, cc, warm = _run(form, momentum, compiled=True, fullgraph=fullgraph)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_once_and_matches_eager(form, fullgraph, momentum, backend):
+    eager, _, _ = _run(form, momentum, compiled=False, backend=backend)
+    got, cc, warm = _run(form, momentum, compiled=True, fullgraph=fullgraph, backend=backend)
     for a, b in zip(eager, got):
         assert torch.equal(a, b)
     # the first step creates state (momentum buffers, SAM's backups) before it is traced
@@ -92,11 +95,13 @@ def test_compiles_once_and_matches_eager(form, fullgraph, momentum):
     assert cc.frame_count == warm
 
 
-def test_no_recompile_per_step_reason():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_recompile_per_step_reason(backend):
+    """No graph break (a host read such as ``.item()`` of the step or lr would be one)."""
     from torch._dynamo.utils import counters
     counters.clear()
-    _run("fsgld2", 0.9, compiled=True, fullgraph=True)
-    _run("sam2", 0.9, compiled=True, fullgraph=True)
+    _run("fsgld2", 0.9, compiled=True, fullgraph=True, backend=backend)
+    _run("sam2", 0.9, compiled=True, fullgraph=True, backend=backend)
     assert sum(counters["unimplemented"].values()) == 0
 
 
@@ -129,6 +134,7 @@ def _full_train_step_run(kind, compiled):
     return [p.detach().clone() for p in m.parameters()], frames
 
 
+@needs_cpp
 @pytest.mark.parametrize("kind", ["fsgld", "sam"])
 def test_compiled_full_train_step_compiles_once_and_matches_eager(kind):
     """A whole train step (forward, backward, optimizer) under torch.compile: backward splits
@@ -152,31 +158,36 @@ FORMS = [("SGLD", "step"), ("FSGLD", "perturb+step"), ("RWP", "perturb+step"),
 @pytest.mark.parametrize("name,form", FORMS)
 @pytest.mark.parametrize("lr_kind", ["tensor", "float"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_frames_against_sgd_and_equal_to_eager(name, form, lr_kind, momentum):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_against_sgd_and_equal_to_eager(name, form, lr_kind, momentum, backend):
     """Tensor lr: each compiled function compiles once over the 20 steps (2 frames at most
     in all: SAM's first_step and second_step), the steps that create the momentum buffers
-    and backups included. Float lr: no more frames than torch.optim.SGD compiled the same
-    way (its step, or step(closure) for the closure forms) per compiled function of ours;
-    the closure forms compile one frame more than SGD's, the half before the closure
-    (perturbation, first_step), which a float lr recompiles once when the scheduler first
-    changes it, as every frame that reads the param groups. Bitwise equal to eager."""
+    and backups included. Float lr: each compiled function of ours compiles no more frames
+    than torch.optim.SGD's compiled the same way (its step, or step(closure) for the closure
+    forms): SAM's first_step reads no lr and compiles once, its second_step and the other
+    steps recompile once when the scheduler first changes the lr, as SGD's step; a closure
+    form compiles at most one frame more than SGD's (the half before the closure: the
+    perturbation, first_step, which reads no lr). Bitwise equal to eager, the checkpoint
+    included. The same table for both backends."""
     from benchmarks.compile_frames import run
 
-    eager, _, opt_e = run(name, form, "cpp", momentum, lr_kind, compiled=False)
-    got, frames, opt_c = run(name, form, "cpp", momentum, lr_kind, compiled=True)
-    for a, b in zip(eager, got):
+    eager = run(name, form, backend, momentum, lr_kind, compiled=False)
+    got = run(name, form, backend, momentum, lr_kind, compiled=True)
+    for a, b in zip(eager.params, got.params):
         assert torch.equal(a, b)
     # the checkpoint is the eager one: torch.optim.SGD's format, same buffers, same counters
-    _assert_same(opt_c.state_dict(), opt_e.state_dict())
+    _assert_same(got.opt.state_dict(), eager.opt.state_dict())
     closure = form == "closure"
-    _, sgd, _ = run("SGD", "closure" if closure else "step", "-", momentum, lr_kind, compiled=True)
-    fns = 2 if form == "first+second" else 1
+    sgd = run("SGD", "closure" if closure else "step", "-", momentum, lr_kind, compiled=True).frames
+    frames, per_fn = got.frames, got.per_fn
     if closure:
-        assert frames <= sgd + (2 if lr_kind == "float" else 1), (frames, sgd)
+        assert frames <= sgd + 1, (frames, sgd)
     elif lr_kind == "tensor":
-        assert frames <= fns <= 2, frames
+        assert all(n == 1 for n in per_fn.values()) and frames <= 2, per_fn
     else:
-        assert frames <= fns * sgd, (frames, sgd)
+        assert all(n <= sgd for n in per_fn.values()), (per_fn, sgd)
+        if form == "first+second":
+            assert per_fn["first_step"] == 1, per_fn   # reads no lr: no recompile for it
 
 
 def _assert_same(a, b, where="state_dict"):
@@ -193,3 +204,78 @@ def _assert_same(a, b, where="state_dict"):
         assert a.dtype == b.dtype and torch.equal(a, b), where
     else:
         assert a == b, where
+
+
+# ------------------------------------------------------------------ the reference takes tensors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("found", [None, 0.0, 1.0])
+def test_reference_tensor_values_give_the_bits_of_numbers(dtype, found):
+    """The reference ops with step / lr / noise_std / SAM's coef as tensors (what a compiled
+    step hands them: no host read, no guard) write the bits they write with numbers, also
+    with a GradScaler's grad_scale and found_inf (a set one: the restore only, the
+    momentum untouched), with stochastic rounding, and for a -0.0 weight with noise_std 0."""
+    from fused_flat.backends import reference as R
+    from fused_flat.backends import sam_reference as S
+
+    torch.manual_seed(0)
+    p0 = torch.randn(1003, dtype=dtype)
+    p0[5] = -0.0
+    g = torch.randn_like(p0)
+    if found:
+        g[7] = float("inf")
+    m0 = torch.randn(1003, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    fi = None if found is None else torch.tensor([found])
+    gs = torch.tensor([3.0])   # not a power of 2: a reciprocal and a product would round twice
+
+    def bits(t):
+        return t.view(torch.int64 if t.dtype == torch.float64 else torch.int16
+                      if t.element_size() == 2 else torch.int32)
+
+    def go(tensors):
+        def as_t(v, dt=torch.float64):
+            return torch.tensor(v, dtype=dt) if tensors else v
+
+        step = as_t(2 ** 33 + 9, torch.int64)
+        out = []
+        for ns in (0.0, 0.013):
+            p, m = p0.clone(), m0.clone()
+            R.restore_and_step_(p, g, m, gs, fi, 7, 3, step, 17, 2, 0.01, as_t(0.037), 1e-3, 0.9,
+                                0.1, False, False, as_t(ns), 0.5, True)
+            out += [p, m]
+        p, m, bk = p0.clone(), m0.clone(), torch.empty_like(p0)
+        S.sam_perturb_(p, g, bk, True, as_t(0.05), 0.01)
+        S.sam_restore_and_step_(p, bk, g, m, gs, fi, as_t(0.037), 1e-3, 0.9, 0.1, True, False,
+                                0.5, True, 7, 3, step, 17)
+        S.sam_probe_(p, bk, 7, 3, step, 1e-3, 9)
+        return out + [p, m, bk]
+
+    for a, b in zip(go(False), go(True)):
+        assert torch.equal(bits(a), bits(b))
+
+
+def test_reference_tensor_values_on_cuda_make_no_host_read():
+    """On (fake) CUDA tensors the reference takes a CPU step / lr tensor (copied to the
+    device, non_blocking) and device found_inf / grad_scale / coef without reading any of
+    them on the host: the fake mode raises on a host read."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        FakeTensorMode,
+    )
+
+    from fused_flat.backends import reference as R
+    from fused_flat.backends import sam_reference as S
+
+    with FakeTensorMode():
+        step, lr = torch.tensor(5), torch.tensor(0.1, dtype=torch.float64)
+        p = torch.randn(100, device="cuda", dtype=torch.bfloat16)
+        g, m, bk = torch.randn_like(p), torch.zeros(100, device="cuda"), torch.empty_like(p)
+        fi, gs = torch.zeros(1, device="cuda"), torch.ones(1, device="cuda")
+        R.restore_and_step_(p, g, m, gs, fi, 1, 0, step, 0, 0, 0.01, lr, 0.0, 0.9, 0.0, False,
+                            False, (2 * lr / 1e4).sqrt(), 1.0, True)
+        R.perturb_(p, 1, 0, torch.tensor(3, device="cuda"), 3, 0.01, 8)
+        S.sam_perturb_(p, g, bk, True, torch.tensor(0.5, device="cuda", dtype=torch.float64), 0.01)
+        S.sam_restore_and_step_(p, bk, g, m, gs, fi, lr, 0.0, 0.9, 0.0, False, False, 1.0, True,
+                                1, 0, step, 0)
+        S.sam_probe_(p, bk, 1, 0, step, 1e-3, 4)
+        with pytest.raises(DataDependentOutputException):   # the mode does catch host reads
+            bool(p.float().sum() > 0)

@@ -275,6 +275,23 @@ def test_bucket_id_and_tag_ranges():
             ops.perturb_(torch.zeros(8), 1, 2 ** 24, 0, 0, 0.1, 0)
 
 
+@pytest.mark.parametrize("step", [0, 7, 2 ** 32 + 5, 2 ** 62 + 3])
+def test_tensor_step_draws_the_words_of_the_int_step(step):
+    """A step counter held in a tensor (0-dim or one element, what torch.compile takes as a
+    graph input) draws the words of the same int, bit for bit, its low 32 bits only; a
+    floating or many-element step is refused."""
+    for t in (torch.tensor(step), torch.tensor([step])):
+        assert torch.equal(noise.philox_words(3, 5, t, 32, 9, 40),
+                           noise.philox_words(3, 5, step, 32, 9, 40))
+        assert torch.equal(noise.normal_noise(3, 5, t, 0, 13, 101).view(torch.int32),
+                           noise.normal_noise(3, 5, step, 0, 13, 101).view(torch.int32))
+        assert torch.equal(noise.sr_bits(3, 5, t, 2, 50), noise.sr_bits(3, 5, step, 2, 50))
+        assert torch.equal(noise.rademacher(3, 5, t, 2, 50), noise.rademacher(3, 5, step, 2, 50))
+    for bad in (torch.tensor(1.0), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="step must be"):
+            noise.philox_words(3, 5, bad, 0, 0, 4)
+
+
 def _triton_noise():
     if os.environ.get("TRITON_INTERPRET") != "1":
         return None   # with a GPU, tests/test_triton*.py cover the compiled kernels

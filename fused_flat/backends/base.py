@@ -47,7 +47,7 @@ class Backend:
     check_step: Callable | None = None
     # The floating dtypes its kernels take (resolve() sends other buckets elsewhere).
     dtypes: tuple = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    # Its ops take step / lr as one-element CPU tensors read in the op (cpp): under
+    # Its ops take step / lr as one-element CPU tensors read in the op (cpp, reference): under
     # torch.compile the optimizer hands them over as tensors, so their values put no guard.
     cpu_tensor_scalars: bool = False
 
@@ -62,13 +62,16 @@ class Backend:
 # --------------------------------------------------------------------------- list lifting
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
          all_finite=None, perturb_from_=None, perturb_list_=None,
-         restore_and_step_list_=None, sam_lists=None, cpu_tensor_scalars=False) -> Backend:
+         restore_and_step_list_=None, sam_lists=None, cpu_tensor_scalars=False,
+         tensor_scalars_everywhere=False) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.backends.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
 
-    Per-step values (step, lr, noise_std) may come as CPU tensors (``capturable=True`` or
-    torch.compile on CPU): the C++ ops take them as they are; the others get their Python
-    value (a read of host memory, no device sync).
+    Per-step values (step, lr, noise_std, SAM's coef) may come as tensors (``capturable=True``
+    or torch.compile): with ``cpu_tensor_scalars`` the ops take them as they are (the C++
+    ops: the update and perturbation passes; the reference: every pass when
+    ``tensor_scalars_everywhere``, the probe and master perturbation included); otherwise
+    they get their Python value (:func:`_host`: a read of host memory, no device sync).
 
     ``perturb_list_`` / ``restore_and_step_list_`` (the C++ CPU list ops): one parallel loop
     per bucket instead of one per tensor, used when the per-step values are numbers
@@ -78,6 +81,7 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     ``layout=`` (a step plan's record, fused_flat.backends.cpp.plan_layout): the tensors are the user's
     own, any dense shape, and only the list ops take them (eager, number values)."""
     native_t = cpu_tensor_scalars   # fused_flat.backends.cpp / cpp_sam: the tensor-argument (*_t_) op forms
+    step_of = (lambda v: v) if tensor_scalars_everywhere else _host   # probe, perturb_from_
 
     def _numbers(*vals) -> bool:
         return not any(isinstance(v, torch.Tensor) for v in vals) and not torch.compiler.is_compiling()
@@ -118,7 +122,7 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
         if perturb_from_ is None:
             raise NotImplementedError(f"fused_flat: backend '{name}' has no perturb_from_ kernel "
                                       f"(master_weights=True); use backend='reference'")
-        step = _host(step)
+        step = step_of(step)
         for p, m, off in zip(params, masters, offsets):
             perturb_from_(p, m, seed, bucket_id, step, tag, sigma, off)
 
@@ -169,7 +173,7 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                                           dampening, nesterov, momentum_init, grad_mult, *extra)
 
         def sam_probe_list(params, backups, offsets, seed, bucket_id, step, delta):
-            step = _host(step)
+            step = step_of(step)
             for p, b, off in zip(params, backups, offsets):
                 sam.sam_probe_(p, b, seed, bucket_id, step, delta, off)
 

@@ -3,8 +3,17 @@
 Same signatures and same math as the compiled ops (csrc/), written the obvious way,
 one torch op at a time, with the noise stream of fused_flat.noise. Work is chunked so
 the temporaries stay bounded (CHUNK elements) whatever the bucket size.
+
+The per-step values (``step``, ``lr``, ``noise_std``) are numbers or one-element tensors
+(a 0-dim int64 step counter, float lr / noise_std): tensors are used in the computation,
+never read on the host, so torch.compile takes them as graph inputs (no guard on their
+values) and a CUDA tensor costs no sync; a CPU tensor used with tensors on another device
+is copied there (``non_blocking``). ``found_inf`` and ``grad_scale`` are read the same way.
+The results are the same bits either way.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -15,6 +24,41 @@ CHUNK = 1 << 20
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def on(v, device: torch.device):
+    """A per-step value as the computation takes it: a number as it is; a one-element tensor
+    as a 0-dim tensor on ``device`` (a copy when it is elsewhere, ``non_blocking``: no host
+    read, no sync). A 0-dim float64 lr multiplies a float32 tensor as the number does (the
+    value is rounded to the tensor's dtype first): the same bits."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, non_blocking=True).reshape(())
+    return v
+
+
+def skip_flag(found_inf: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``found_inf`` (one element, nonzero: skip the step) as a 0-dim bool tensor on
+    ``device``, for ``torch.where`` (no host read); None without one."""
+    return None if found_inf is None else on(found_inf, device) != 0
+
+
+def grad_multiplier(grad_mult: float, grad_scale: torch.Tensor | None, device: torch.device):
+    """grad_mult / grad_scale, in float64: a number without ``grad_scale``, else a 0-dim
+    float64 tensor on ``device`` (a true division: ``number / tensor`` would be a reciprocal
+    and a product, another rounding)."""
+    if grad_scale is None:
+        return grad_mult
+    gs = on(grad_scale, device).to(torch.float64)
+    return torch.full_like(gs, grad_mult).div(gs)
+
+
+def add_noise(theta: torch.Tensor, noise_std, xi) -> torch.Tensor:
+    """theta + noise_std * xi, where ``xi()`` makes the noise; theta itself when noise_std
+    is 0 (also a 0 held in a tensor: selected in the computation, so that theta = -0.0
+    stays -0.0 as with the number)."""
+    if not isinstance(noise_std, torch.Tensor):
+        return theta if noise_std == 0.0 else theta + noise_std * xi().to(theta.dtype)
+    return torch.where(noise_std != 0, theta + noise_std * xi().to(theta.dtype), theta)
 
 
 def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int, sigma: float,
@@ -42,7 +86,8 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
         m     <- d on the first step, else mu * m + (1 - dampening) * d ;  d <- m  (or d + mu * m)
         theta <- theta - lr * d + noise_std * xi(tag 32)
 
-    A set ``found_inf`` skips everything but the restore. eps(tag) = z(tag, i) and
+    A set ``found_inf`` skips everything but the restore (selected per element with
+    ``torch.where``: no host read). eps(tag) = z(tag, i) and
     xi = z(32, i) of the noise stream, layout version 3 (fused_flat.noise).
 
     ``stochastic_rounding``: a bf16 / fp16 ``param`` receives the stochastically rounded
@@ -51,47 +96,52 @@ def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: 
     skipped step's restore (found_inf) stay round-to-nearest; fp32 / fp64 params ignore
     the flag (nothing to round).
     """
-    if found_inf is not None and float(found_inf) != 0.0:
-        perturb_(param, seed, bucket_id, step, restore_tag, -sigma, offset)
-        return
-    mult = grad_mult / float(grad_scale) if grad_scale is not None else grad_mult
+    dev = param.device
+    skip = skip_flag(found_inf, dev)
+    mult = grad_multiplier(grad_mult, grad_scale, dev)
+    step, lr, noise_std = on(step, dev), on(lr, dev), on(noise_std, dev)
     acc = _acc_dtype(param)
     for s in range(0, param.numel(), CHUNK):
         p, g = param[s:s + CHUNK], grad[s:s + CHUNK]
         n = p.numel()
         theta = p.to(acc)
         if sigma != 0.0:
-            eps = noise.normal_noise(seed, bucket_id, step, restore_tag, offset + s, n, p.device)
+            eps = noise.normal_noise(seed, bucket_id, step, restore_tag, offset + s, n, dev)
             theta = theta - sigma * eps.to(acc)
+        restored = theta   # what a skipped step leaves (round-to-nearest)
         d = sgd_direction(g, theta, momentum_buffer, s, acc, mult, weight_decay, momentum,
-                          dampening, nesterov, momentum_init)
+                          dampening, nesterov, momentum_init, skip)
         theta = theta - lr * d
-        if noise_std != 0.0:
-            xi = noise.normal_noise(seed, bucket_id, step, noise.TAG_XI, offset + s, n, p.device)
-            theta = theta + noise_std * xi.to(acc)
+        theta = add_noise(theta, noise_std, functools.partial(
+            noise.normal_noise, seed, bucket_id, step, noise.TAG_XI, offset + s, n, dev))
         if stochastic_rounding and p.dtype in (torch.bfloat16, torch.float16):
-            rbits = noise.sr_bits(seed, bucket_id, step, offset + s, n, p.device)
-            p.copy_(noise.stochastic_round(theta, rbits, p.dtype))
+            rbits = noise.sr_bits(seed, bucket_id, step, offset + s, n, dev)
+            new = noise.stochastic_round(theta, rbits, p.dtype)
         else:
-            p.copy_(theta)
+            new = theta.to(p.dtype)
+        p.copy_(new if skip is None else torch.where(skip, restored.to(p.dtype), new))
 
 
 def sgd_direction(g: torch.Tensor, theta: torch.Tensor, momentum_buffer: torch.Tensor | None,
-                  s: int, acc: torch.dtype, mult: float, weight_decay: float, momentum: float,
-                  dampening: float, nesterov: bool, momentum_init: bool) -> torch.Tensor:
+                  s: int, acc: torch.dtype, mult, weight_decay: float, momentum: float,
+                  dampening: float, nesterov: bool, momentum_init: bool,
+                  skip: torch.Tensor | None = None) -> torch.Tensor:
     """torch.optim.SGD's step direction for the chunk at ``s`` (``g`` and ``theta`` that
-    chunk's gradient and weights, ``theta`` already in ``acc``):
+    chunk's gradient and weights, ``theta`` already in ``acc``; ``mult`` a number or a 0-dim
+    tensor, :func:`grad_multiplier`):
 
         d <- g * mult + wd * theta ;  m <- d (first step) or mu m + (1 - dampening) d
         d <- m  (or d + mu m with nesterov)
 
-    writing the momentum buffer's chunk (both optimizer families: sam_reference too)."""
+    writing the momentum buffer's chunk (both optimizer families: sam_reference too), unless
+    ``skip`` (a 0-dim bool tensor, :func:`skip_flag`) is set: the buffer then keeps its
+    values."""
     d = g.to(acc) * mult
     d = d + weight_decay * theta
     if momentum_buffer is not None:
         m = momentum_buffer[s:s + theta.numel()]
         buf = d if momentum_init else momentum * m.to(acc) + (1.0 - dampening) * d
-        m.copy_(buf)
+        m.copy_(buf if skip is None else torch.where(skip, m, buf.to(m.dtype)))
         d = d + momentum * buf if nesterov else buf
     return d
 

@@ -3,13 +3,15 @@ the fallback (CUDA tensors, or no compiled extension).
 
 Same signatures and same per-element math as csrc/cpu/sam_cpu.cpp
 (csrc/include/fused_flat/sam_elementwise.h); work is chunked so temporaries stay bounded.
+The per-step values (step, lr, coef) and found_inf / grad_scale may be tensors, used in the
+computation and never read on the host, as in fused_flat.backends.reference.
 """
 from __future__ import annotations
 
 import torch
 
 from fused_flat import noise
-from fused_flat.backends.reference import sgd_direction
+from fused_flat.backends.reference import grad_multiplier, on, sgd_direction, skip_flag
 
 CHUNK = 1 << 20
 
@@ -33,14 +35,17 @@ def sam_grad_sq_norm(grad: torch.Tensor, param: torch.Tensor | None = None,
 
 def sam_perturb_(param: torch.Tensor, grad: torch.Tensor, backup: torch.Tensor, adaptive: bool,
                  coef: float, eta: float = 0.0) -> None:
-    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 (ASAM) or 1."""
+    """backup <- theta ; theta <- theta + (coef * s) * g, s = (|theta| + eta)^2 (ASAM) or 1.
+    ``coef``: a number or a one-element tensor (a compiled first_step's)."""
     backup.copy_(param)
     acc = _acc(param)
+    coef = on(coef, param.device)
     for s in range(0, param.numel(), CHUNK):
         p = param[s:s + CHUNK]
         th = p.to(acc)
         t = th.abs() + eta
-        scale = coef * (t * t) if adaptive else torch.full_like(th, coef)
+        # coef rounded to acc first, as in the number form (full_like rounds it)
+        scale = coef * (t * t) if adaptive else torch.ones_like(th) * coef
         p.copy_(th + scale * grad[s:s + CHUNK].to(acc))
 
 
@@ -55,28 +60,31 @@ def sam_restore_and_step_(param: torch.Tensor, backup: torch.Tensor, grad: torch
         d <- d + wd * theta ;  m <- d (first step) or mu m + (1 - dampening) d
         d <- m (or d + mu m with nesterov) ;  theta <- theta - lr d
 
-    A set ``found_inf`` only restores (the momentum is left untouched).
+    A set ``found_inf`` only restores (the momentum is left untouched; selected per element
+    with ``torch.where``: no host read).
     ``stochastic_rounding``: a bf16/fp16 param gets the stochastically rounded theta
     (fused_flat.noise.stochastic_round) with the rbits of (seed, bucket_id, step) at bucket
     indices [offset, offset + numel): tags 0 and 32, as the Langevin passes. Ignored for
     fp32/fp64; the momentum buffer stays round-to-nearest.
     """
-    if found_inf is not None and float(found_inf) != 0.0:
-        param.copy_(backup)
-        return
-    mult = grad_mult / float(grad_scale) if grad_scale is not None else grad_mult
+    dev = param.device
+    skip = skip_flag(found_inf, dev)
+    mult = grad_multiplier(grad_mult, grad_scale, dev)
+    step, lr = on(step, dev), on(lr, dev)
     acc = _acc(param)
     for s in range(0, param.numel(), CHUNK):
-        th = backup[s:s + CHUNK].to(acc)
+        bk = backup[s:s + CHUNK]
+        th = bk.to(acc)
         d = sgd_direction(grad[s:s + CHUNK], th, momentum_buffer, s, acc, mult, weight_decay,
-                          momentum, dampening, nesterov, momentum_init)
+                          momentum, dampening, nesterov, momentum_init, skip)
         new = th - lr * d
         p = param[s:s + CHUNK]
         if stochastic_rounding and p.dtype in (torch.bfloat16, torch.float16):
-            rbits = noise.sr_bits(seed, bucket_id, step, offset + s, p.numel(), p.device)
-            p.copy_(noise.stochastic_round(new, rbits, p.dtype))
+            rbits = noise.sr_bits(seed, bucket_id, step, offset + s, p.numel(), dev)
+            new = noise.stochastic_round(new, rbits, p.dtype)
         else:
-            p.copy_(new)
+            new = new.to(p.dtype)
+        p.copy_(new if skip is None else torch.where(skip, bk.to(p.dtype), new))
 
 
 def sam_probe_(param: torch.Tensor, backup: torch.Tensor, seed: int, bucket_id: int, step: int,

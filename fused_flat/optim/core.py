@@ -14,6 +14,7 @@ import contextlib
 import math
 import operator
 import warnings
+import weakref
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -174,6 +175,29 @@ def _runtime_dict(obj) -> dict:
     return rt
 
 
+class _StateMaker(Optimizer):
+    """What a compiled step calls to make its optimizer's state before it is traced
+    (:meth:`FlatOptimizer._compile_init`). Dynamo runs a torch.optim.Optimizer's
+    ``_init_group`` eagerly when it traces a call to it, then guards on every value of that
+    optimizer's ``param_groups`` (torch 2.14, OptimizerVariable): called on the fused_flat
+    optimizer itself, a frame would guard on each group's lr, also one that reads no lr
+    (SAM's first_step), and recompile when a scheduler changes a float lr. This stand-in is
+    an Optimizer without param groups or state of its own (nothing to guard on) whose
+    ``_init_group`` makes the owner's state; the traced code then guards on the state it
+    reads, as always."""
+
+    def __init__(self, owner: FlatOptimizer) -> None:   # not Optimizer.__init__: no parameters
+        self.defaults: dict = {}
+        self.state: dict = {}
+        self.param_groups: list = []
+        self._owner = weakref.ref(owner)
+
+    def _init_group(self, part: str) -> None:
+        owner = self._owner()
+        if owner is not None:
+            owner._init_group(part)
+
+
 class FlatOptimizer(Optimizer):
     """Base of every fused_flat optimizer (use the subclasses). Subclasses call
     :meth:`_init_core` after ``Optimizer.__init__``."""
@@ -214,6 +238,7 @@ class FlatOptimizer(Optimizer):
         self._shard_keys: list[tuple] = []   # the process-group tuples of sharded parameters
         self._last_found_inf: torch.Tensor | None = None
         self._warned_warm_start = False
+        self._state_maker = _StateMaker(self)
         self.buckets()   # validate the parameters and resolve the backends now
 
     def add_param_group(self, param_group: dict) -> None:
@@ -251,7 +276,7 @@ class FlatOptimizer(Optimizer):
     # (closures, process groups; derived from param_groups by buckets()) and the scratch
     # copies of a perturbed step (none exists between steps).
     _TRANSIENT = {"_layout": None, "_buckets": list, "_backends": list, "_shard_keys": list,
-                  "_backups": dict, "_plans": None}
+                  "_backups": dict, "_plans": None, "_state_maker": None}
     _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -278,24 +303,35 @@ class FlatOptimizer(Optimizer):
             self.defaults.pop("differentiable", None)
         for k, make in self._TRANSIENT.items():
             self.__dict__[k] = make() if callable(make) else make   # buckets(): on next use
+        self._state_maker = _StateMaker(self)
         _runtime_dict(self)
+
+    @property
+    def _groups(self) -> list[dict]:
+        """``param_groups``, read from the instance dict. Under torch.compile, reading the
+        attribute ``param_groups`` of a torch.optim.Optimizer makes dynamo guard on every
+        value of every group (torch 2.14 realizes them all), the lr included; read this way,
+        a frame guards only on the values it reads (SAM's first_step: no lr, so no
+        recompile when a scheduler changes a float lr)."""
+        return self.__dict__["param_groups"]
 
     # ----------------------------------------------------------------- buckets
     def buckets(self) -> list[Bucket]:
         """The current buckets, rebuilt first when a parameter changed dtype, device or shape
         since the last call (``model.half()``, ``model.to(device)``): the momentum buffers
         follow their parameters."""
-        key = layout_key(self.param_groups)
+        groups = self._groups
+        key = layout_key(groups)
         if key != self._layout:
             if self._is_perturbed():
                 raise RuntimeError(f"{type(self).__name__}: a parameter changed dtype, device or "
                                    f"shape while the weights were perturbed; change the model "
                                    f"between steps")
             name = type(self).__name__
-            for g in self.param_groups:
+            for g in groups:
                 for p in g["params"]:
                     check_param(p, name)
-            self._buckets = build_buckets(self.param_groups)
+            self._buckets = build_buckets(groups)
             self._backends = [backends.resolve(self.backend, b.params[0], sam=self._sam_family)
                               for b in self._buckets]
             keys: dict = {}
@@ -737,7 +773,8 @@ class FlatOptimizer(Optimizer):
 
     def _step_arg(self, backend: backends.Backend):
         """k as the ops take it: with ``capturable=True``, the device counter (the kernels
-        read it); under torch.compile with the 'cpp' backend, the CPU counter tensor (no
+        read it); under torch.compile with a backend that takes it as a tensor
+        (``cpu_tensor_scalars``: 'cpp', 'reference'), the CPU counter tensor (no
         guard on its value); else the Python int."""
         if self._k_dev is not None:
             return self._k_dev
@@ -748,10 +785,11 @@ class FlatOptimizer(Optimizer):
     def _lr_arg(self, group: dict, backend: backends.Backend):
         """The group's lr as the ops take it: a tensor lr (``lr=torch.tensor(...)``, what an
         LR scheduler then updates in place) stays a tensor with ``capturable=True`` (on the
-        parameters' device: the kernels read it) and under torch.compile with the 'cpp'
-        backend (no guard on its value); else a Python float.
+        parameters' device: the kernels read it) and under torch.compile with a backend
+        that takes it as a tensor (``cpu_tensor_scalars``; no guard on its value); else a
+        Python float.
 
-        A float lr under torch.compile with the 'cpp' backend becomes a float64 CPU tensor
+        A float lr under torch.compile with such a backend becomes a float64 CPU tensor
         made in the graph (``param_groups`` keeps the user's float): the first compilation
         takes its value as a constant, as torch.optim.SGD's does; once a scheduler has
         changed it, dynamo makes it a graph input, and a tensor here keeps it one (a Python
@@ -867,14 +905,15 @@ class FlatOptimizer(Optimizer):
         """Under torch.compile, make the state that ``part`` of the step would create
         (:meth:`_init_group`) before the step is traced; eager: nothing."""
         if torch.compiler.is_compiling():
-            self._init_group(part)
+            self._state_maker._init_group(part)
 
     def _init_group(self, part: str) -> None:
         """The state a compiled step would create, made on the real optimizer: dynamo runs a
         torch.optim.Optimizer's ``_init_group`` eagerly when it traces a call to it (as for
-        torch.optim.Adam's state), so the first compiled step already sees what every later
-        step sees and the step compiles once, where creating state in the graph would
-        recompile it on the second step (dynamo guards on the state's contents).
+        torch.optim.Adam's state; here through :class:`_StateMaker`, which spares the frame a
+        guard on every value of ``param_groups``), so the first compiled step already sees
+        what every later step sees and the step compiles once, where creating state in the
+        graph would recompile it on the second step (dynamo guards on the state's contents).
 
         ``part``: 'update' (a step's update, SAM's second_step): the momentum buffers the
         update would create, of the parameters with a gradient, in groups with dampening 0,

@@ -105,10 +105,10 @@ class LangevinOptimizer(FlatOptimizer):
     skipped ones included, and is saved in ``state_dict`` with the seed, so a resumed run
     continues bit-identically.
 
-    torch.compile (CPU, backend 'cpp'): ``torch.compile(opt.step)`` compiles once for every
-    step counter and learning rate when ``lr`` is a CPU tensor (``lr=torch.tensor(0.1)``; an
-    LR scheduler then updates it in place): the counter (a 0-dim int64 tensor) and the lr
-    are graph inputs, not guards, and the state the first step creates (momentum buffers,
+    torch.compile (CPU, backends 'cpp' and 'reference'): ``torch.compile(opt.step)``
+    compiles once for every step counter and learning rate when ``lr`` is a CPU tensor
+    (``lr=torch.tensor(0.1)``; an LR scheduler then updates it in place): the counter (a
+    0-dim int64 tensor) and the lr are graph inputs, not guards, and the state the first step creates (momentum buffers,
     backups) is made before that step is traced (``_init_group``, as for torch.optim.Adam),
     so no later step recompiles. A float ``lr`` compiles as torch.optim.SGD's does: its
     first value is a constant of the graph, the scheduler's first change recompiles once
@@ -216,7 +216,7 @@ class LangevinOptimizer(FlatOptimizer):
         return 0.0 if math.isinf(g["beta"]) else math.sqrt(2.0 * float(g["lr"]) / g["beta"])
 
     def _sigma(self, bucket) -> float:
-        return self.group_sigma(self.param_groups[bucket.group_index])
+        return self.group_sigma(self._groups[bucket.group_index])   # compiled: no guard on the lr
 
     def _is_perturbed(self) -> bool:
         return self._perturbed is not None
@@ -282,7 +282,7 @@ class LangevinOptimizer(FlatOptimizer):
         parameter that requires grad now."""
         if torch.compiler.is_compiling() and any(self._restore_mode(b) == "backup"
                                                  for b in self._buckets):
-            self._init_group("perturb")   # the backups, made before the trace
+            self._compile_init("perturb")   # the backups, made before the trace
         self.restore()
         # (compiled: the general path, traced in this frame)
         if torch.compiler.is_compiling() or not self._move_planned(tag):
@@ -383,7 +383,7 @@ class LangevinOptimizer(FlatOptimizer):
 
     def _needs_perturbation(self) -> bool:
         """Whether some bucket has sigma != 0 (every group with parameters has a bucket)."""
-        return any(self.group_sigma(g) != 0.0 for g in self.param_groups if g["params"])
+        return any(self.group_sigma(g) != 0.0 for g in self._groups if g["params"])
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
@@ -408,7 +408,7 @@ class LangevinOptimizer(FlatOptimizer):
         n = self.n_perturbations
         losses = []
         needs = self._needs_perturbation()
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = [p for g in self._groups for p in g["params"]]   # (FlatOptimizer._groups)
         set_aside: dict = {}
         try:
             for t in range(n):

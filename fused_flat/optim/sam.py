@@ -133,11 +133,13 @@ class SAM(FlatOptimizer):
     iff it has g1 and updated iff it has g2 (``p.grad is not None``); the momentum lives in
     ``state[p]["momentum_buffer"]``, torch.optim.SGD's own state.
 
-    torch.compile (CPU, backend 'cpp'): as for the Langevin family (LangevinOptimizer):
-    compiled ``first_step`` and ``second_step`` compile once each for every step counter
-    and tensor ``lr`` (the backups and momentum buffers are made before the first
-    ``first_step`` is traced); a compiled ``step(closure)`` splits at the closure's
-    ``backward()``.
+    torch.compile (CPU, backends 'cpp' and 'reference'): as for the Langevin family
+    (LangevinOptimizer): compiled ``first_step`` and ``second_step`` compile once each for
+    every step counter and tensor ``lr`` (the backups and momentum buffers are made before
+    the first ``first_step`` is traced); with a float ``lr``, ``first_step`` (which reads no
+    lr, nor guards on it) still compiles once and ``second_step`` once more when a
+    scheduler first changes the lr, as torch.optim.SGD's step; a compiled
+    ``step(closure)`` splits at the closure's ``backward()``.
     """
 
     _sam_family = True
@@ -338,8 +340,9 @@ class SAM(FlatOptimizer):
         with_grad = [self._grads(b) for b in buckets]
         grads = [[self._flat_grad(b.params[j]) for j in idx] for b, idx in zip(buckets, with_grad)]
         parts: dict = {}   # {shard key: partial sum of squares}; sharded ones are reduced over the mesh
+        groups = self._groups   # compiled: guards on rho & co, not the lr (FlatOptimizer._groups)
         for bi, b in enumerate(buckets):
-            g = self.param_groups[b.group_index]
+            g = groups[b.group_index]
             idx = with_grad[bi]
             for key, ks in self._split_sharded(b, idx).items():
                 ps = [flat(b.params[idx[k]]) for k in ks] if g["adaptive"] else None
@@ -350,7 +353,7 @@ class SAM(FlatOptimizer):
         norm, inv = self._first_norm(sq, grad_scaler, buckets)
         made = []
         for bi, b in enumerate(buckets):
-            g = self.param_groups[b.group_index]
+            g = groups[b.group_index]
             idx = [] if self._first_nonfinite else with_grad[bi]
             made.append(idx)
             if not idx:
