@@ -3,8 +3,9 @@
 // multi_langevin.cu's and sam_cuda.cu's.
 //
 // Same semantics as csrc/cpu/kernels_cpu.cpp, and the same per-element arithmetic:
-// the noise (fused_flat::call_noise / element_noise, layout 3) comes from
-// fused_flat/elementwise.h. Compiled with -fmad=false (setup.py) so the fp32 results equal
+// the noise (fused_flat::call_normals / element_normal, layout 3) comes from
+// fused_flat/elementwise.h. The kernel's walk and body are sweep.cuh's (__host__ __device__,
+// emulated thread by thread on the host by tests/test_cuda_emulation.py). Compiled with -fmad=false (setup.py) so the fp32 results equal
 // the CPU kernels' bit for bit.
 //
 // Launch design
@@ -47,51 +48,14 @@ __device__ __forceinline__ int64_t thread_stride() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
-// param (scalar_t) <- round-to-nearest(master (fp32) + sigma * eps(tag)). Vector path: V
-// params (16 bytes) per step, the master read as V floats (32 bytes for 16-bit params).
+// param (scalar_t) <- round-to-nearest(master (fp32) + sigma * z(tag)): sweep.cuh's walk of
+// the bucket (walk_bucket) with the PerturbFrom body. Vector path (kVec): V params (16 bytes)
+// per vector, the master read as V floats (32 bytes for 16-bit params).
 template <typename scalar_t, int V, bool kVec, bool kEps>
 __global__ void __launch_bounds__(kThreads)
 perturb_from_kernel(scalar_t* __restrict__ p, const float* __restrict__ ms, Geometry geo,
                     NoiseArgs na, float sigma) {
-  const int64_t tid = thread_index(), stride = thread_stride();
-  if constexpr (kVec) {
-    using VecT = Vec<scalar_t, V>;
-    using MVecT = Vec<float, 4>;
-    const int64_t body_end = geo.head + geo.nvec * V;
-    const int64_t edges = geo.head + (geo.n - body_end);
-    for (int64_t t = tid; t < edges; t += stride) {
-      const int64_t i = t < geo.head ? t : body_end + (t - geo.head);
-      const float e = kEps ? element_normal(na.key, na.step, na.tag, geo.offset + i) : 0.0f;
-      p[i] = static_cast<scalar_t>(ms[i] + sigma * e);
-    }
-    for (int64_t v = tid; v < geo.nvec; v += stride) {
-      const int64_t i0 = geo.head + v * V;
-      const int64_t j0 = (geo.offset + i0) >> 2;
-      VecT pv;
-#pragma unroll
-      for (int k = 0; k < V / 4; ++k) {
-        const MVecT mv = *reinterpret_cast<const MVecT*>(ms + i0 + 4 * k);
-        float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if constexpr (kEps) call_normals(noise_words(na.key, j0 + k, na.step, na.tag), e[0], e[1], e[2], e[3]);
-#pragma unroll
-        for (int h = 0; h < 4; ++h) pv.v[4 * k + h] = static_cast<scalar_t>(mv.v[h] + sigma * e[h]);
-      }
-      *reinterpret_cast<VecT*>(p + i0) = pv;
-    }
-  } else {
-    const int64_t jbeg = geo.offset >> 2;
-    const int64_t jend = (geo.offset + geo.n + 3) >> 2;
-    for (int64_t j = jbeg + tid; j < jend; j += stride) {
-      float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if constexpr (kEps) call_normals(noise_words(na.key, j, na.step, na.tag), e[0], e[1], e[2], e[3]);
-      const int64_t i0 = 4 * j - geo.offset;
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        const int64_t i = i0 + h;
-        if (i >= 0 && i < geo.n) p[i] = static_cast<scalar_t>(ms[i] + sigma * e[h]);
-      }
-    }
-  }
+  walk_bucket<V, kVec>(geo, thread_index(), thread_stride(), PerturbFrom<scalar_t, V, kEps>{p, ms, na, sigma});
 }
 
 // ------------------------------------------------------------------- host side
@@ -153,10 +117,9 @@ void perturb_from_cuda(at::Tensor& param, const at::Tensor& master, int64_t seed
     if constexpr (!std::is_same_v<scalar_t, double>) {
       scalar_t* p = param.data_ptr<scalar_t>();
       Geometry geo{param.numel(), offset, 0, 0};
-      // the master must share the param's misalignment in elements (both buckets start
-      // their 16-byte vectors at the same element): true for allocations of their own
-      if (plan_vec<scalar_t>(geo, p, nullptr, nullptr) &&
-          (reinterpret_cast<uintptr_t>(ms + geo.head) % 16) == 0) {
+      // vector path when param and master start their 16-byte vectors at the same element
+      // (true for allocations of their own) and that element starts a Philox call
+      if (plan_vec<scalar_t>(geo, p, ms)) {
         launch_perturb_from<scalar_t, true>(p, ms, geo, na, static_cast<float>(sigma), device, stream);
       } else {
         launch_perturb_from<scalar_t, false>(p, ms, geo, na, static_cast<float>(sigma), device, stream);

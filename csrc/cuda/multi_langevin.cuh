@@ -2,7 +2,7 @@
 // kernels (csrc/cuda/multi_langevin.cu), __host__ __device__ so that
 // tests/multi_langevin_emulation.cpp runs them on the host, thread by thread, against a
 // per-element oracle. No CUDA API here. The arithmetic is fused_flat/elementwise.h's
-// (call_noise, langevin_update), as in the per-tensor kernels (sweep.cuh).
+// (call_noise, langevin_update), as in the CPU kernels.
 //
 // Call frame (noise layout 3, ALGORITHMS.md §1). Tensor t with bucket offset off_t and
 // numel n_t is visited in frame positions f = e + mis_t, mis_t = off_t & 3: position f has
@@ -26,8 +26,8 @@
 // Stochastic rounding (kSR, 16-bit scalar_t): stream 0 (theta) is stored as
 // store_theta<scalar_t, true> (sweep.cuh: sr_bf16_bits / sr_fp16_bits of elementwise.h) with
 // the element's rbits from call_noise_sr (the words of its tag-0 and tag-32 calls, reused
-// from the eps / xi calls where the pass makes them), exactly as the per-tensor
-// restore_and_step_sr_kernel and the CPU kernels; every other stream round-to-nearest.
+// from the eps / xi calls where the pass makes them), exactly as the CPU kernels; every
+// other stream round-to-nearest.
 //
 // Device-resident scalars (StepScalars): the step counter, lr and noise_std may be read from
 // device memory at kernel start (load_step_scalars) instead of the kernel arguments.
@@ -39,7 +39,7 @@
 #include "fused_flat/elementwise.h"
 #include "list_launch.h"   // LaunchRow: a block's tensor and units
 #include "sam_multi.cuh"   // MVec, load16, store16, DevScalar (the SAM multi kernels')
-#include "sweep.cuh"       // store_theta: the per-tensor kernels' (stochastic) store of theta
+#include "sweep.cuh"       // store_theta: the (stochastic) store of theta
 
 namespace fused_flat {
 namespace cuda_impl {

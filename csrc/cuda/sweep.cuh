@@ -1,16 +1,12 @@
-// fused_flat CUDA: the index logic of one-bucket kernels (which thread handles which
-// elements, 16-byte vector path vs Philox-call path), separated from the launch so that it
-// is __host__ __device__: tests/test_cuda_emulation.py compiles it with the host compiler
-// and runs every "thread" of several grid sizes sequentially against a per-element
-// oracle. No CUDA API is used here; tid / stride come from the caller.
+// fused_flat CUDA: the index logic of the one-bucket kernel perturb_from_kernel
+// (kernels_cuda.cu): which thread handles which elements, 16-byte vector path vs
+// Philox-call path (plan_vec, walk_bucket), and its per-element body (PerturbFrom). It is
+// __host__ __device__ with no CUDA API, tid / stride coming from the caller, so that
+// tests/test_cuda_emulation.py compiles it with the host compiler and runs every "thread"
+// of several grid sizes sequentially against a per-element oracle.
 //
-// Users: perturb_from_kernel (kernels_cuda.cu: NoiseArgs, Geometry, Vec, plan_vec,
-// calls_touching) and the list kernels' stochastic store (multi_langevin.cuh: store_theta).
-// do_element / sweep_vec / sweep_calls / sweep were the per-tensor perturb_ and
-// restore_and_step_ kernels' loops; those kernels are gone (the 'cuda' backend runs the list
-// ops), so only tests/cuda_emulation.cpp reaches them now.
+// Also used by the list kernels: store_theta (multi_langevin.cuh's stochastic store).
 #pragma once
-#include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <stdint.h>
@@ -61,128 +57,106 @@ struct alignas(16) Vec {
   scalar_t v[V];
 };
 
-// Per-element body: body(theta, g, m, eps, xi) updates theta (and m) in acc_t.
-// kG / kM: whether g and m are read (and m written).
-// kSR: theta is stored stochastically rounded with rbits.
-template <typename scalar_t, bool kG, bool kM, typename Body, bool kSR = false>
-FFC_HD void do_element(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                                           scalar_t* __restrict__ m, int64_t i, float e, float x,
-                                           const Body& body, uint32_t rbits = 0) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t th = static_cast<acc_t>(p[i]);
-  const acc_t gg = kG ? static_cast<acc_t>(g[i]) : acc_t(0);
-  acc_t mm = kM ? static_cast<acc_t>(m[i]) : acc_t(0);
-  body(th, gg, mm, e, x);
-  p[i] = store_theta<scalar_t, kSR>(th, rbits);
-  if constexpr (kM) m[i] = static_cast<scalar_t>(mm);
-}
-
-// Vector path over one slice; see the file comment. Noise layout 3: a 16-byte vector
-// holds whole Philox calls (fp32: 1 call = 4 elements; 16-bit: 2 calls).
-template <typename scalar_t, int V, bool kEps, bool kXi, bool kG, bool kM, bool kSR, typename Body>
-FFC_HD void sweep_vec(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                                          scalar_t* __restrict__ m, const Geometry& geo,
-                                          const NoiseArgs& na, int64_t tid, int64_t stride,
-    const Body& body) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using VecT = Vec<scalar_t, V>;
-  static_assert(V % 4 == 0 && sizeof(VecT) == 16, "16-byte vectors of whole Philox calls");
-  const int64_t body_end = geo.head + geo.nvec * V;
-  const int64_t edges = geo.head + (geo.n - body_end);
-  for (int64_t t = tid; t < edges; t += stride) {
-    const int64_t i = t < geo.head ? t : body_end + (t - geo.head);
-    float e, x;
-    uint32_t rb = 0;
-    if constexpr (kSR) element_noise_sr<kEps, kXi>(na.key, na.step, na.tag, geo.offset + i, e, x, rb);
-    else element_noise<kEps, kXi>(na.key, na.step, na.tag, geo.offset + i, e, x);
-    do_element<scalar_t, kG, kM, Body, kSR>(p, g, m, i, e, x, body, rb);
-  }
-  for (int64_t v = tid; v < geo.nvec; v += stride) {
-    const int64_t i0 = geo.head + v * V;
-    VecT pv = *reinterpret_cast<const VecT*>(p + i0);
-    VecT gv, mv;
-    if constexpr (kG) gv = *reinterpret_cast<const VecT*>(g + i0);
-    if constexpr (kM) mv = *reinterpret_cast<const VecT*>(m + i0);
-    const int64_t j0 = (geo.offset + i0) >> 2;  // a multiple of 4 by construction
-#pragma unroll
-    for (int k = 0; k < V / 4; ++k) {
-      float e[4], x[4];
-      uint32_t rb[4] = {0u, 0u, 0u, 0u};
-      if constexpr (kSR) call_noise_sr<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e, x, rb);
-      else call_noise<kEps, kXi>(na.key, na.step, na.tag, j0 + k, e, x);
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        const int q = 4 * k + h;
-        acc_t th = static_cast<acc_t>(pv.v[q]);
-        const acc_t gg = kG ? static_cast<acc_t>(gv.v[q]) : acc_t(0);
-        acc_t mm = kM ? static_cast<acc_t>(mv.v[q]) : acc_t(0);
-        body(th, gg, mm, e[h], x[h]);
-        pv.v[q] = store_theta<scalar_t, kSR>(th, rb[h]);
-        if constexpr (kM) mv.v[q] = static_cast<scalar_t>(mm);
-      }
-    }
-    *reinterpret_cast<VecT*>(p + i0) = pv;
-    if constexpr (kM) *reinterpret_cast<VecT*>(m + i0) = mv;
-  }
-}
-
-// Call path: grid-stride over the Philox calls that touch [offset, offset + n), each
-// serving its (up to) 4 elements.
-template <typename scalar_t, bool kEps, bool kXi, bool kG, bool kM, bool kSR, typename Body>
-FFC_HD void sweep_calls(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                                            scalar_t* __restrict__ m, const Geometry& geo,
-                                            const NoiseArgs& na, int64_t tid, int64_t stride,
-    const Body& body) {
-  const int64_t jbeg = geo.offset >> 2;
-  const int64_t jend = (geo.offset + geo.n + 3) >> 2;
-  for (int64_t j = jbeg + tid; j < jend; j += stride) {
-    float e[4], x[4];
-    uint32_t rb[4] = {0u, 0u, 0u, 0u};
-    if constexpr (kSR) call_noise_sr<kEps, kXi>(na.key, na.step, na.tag, j, e, x, rb);
-    else call_noise<kEps, kXi>(na.key, na.step, na.tag, j, e, x);
-    const int64_t i0 = 4 * j - geo.offset;
-#pragma unroll
-    for (int h = 0; h < 4; ++h) {
-      const int64_t i = i0 + h;
-      if (i >= 0 && i < geo.n) do_element<scalar_t, kG, kM, Body, kSR>(p, g, m, i, e[h], x[h], body, rb[h]);
-    }
-  }
-}
-
 // Calls (work items of the call path) that touch [offset, offset + n).
 FFC_HD int64_t calls_touching(int64_t offset, int64_t n) {
   return ((offset + n + 3) >> 2) - (offset >> 2);
 }
 
-// kSR (16-bit scalar_t): theta stored stochastically rounded, rbits from the words of
-// tags 0 and 32 (elementwise.h call_noise_sr / element_noise_sr: no extra Philox call when
-// the pass makes both, i.e. eps of tag 0 and xi).
-template <typename scalar_t, int V, bool kVec, bool kEps, bool kXi, bool kG, bool kM,
-          bool kSR = false, typename Body>
-FFC_HD void sweep(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                                      scalar_t* __restrict__ m, const Geometry& geo,
-                                      const NoiseArgs& na, int64_t tid, int64_t stride,
-    const Body& body) {
+// The walk of one bucket slice by thread tid of stride threads (grid-stride, int64 indices;
+// which thread takes which element never changes a result):
+//   * kVec (plan_vec agreed; V elements = 16 bytes): the head [0, head)
+//     and the tail [head + nvec * V, n) one element at a time, body.element(i, gi), then the
+//     aligned vectors, body.vector(i0, j0): elements i0 .. i0 + V - 1, 16-byte aligned, which
+//     are exactly the Philox calls j0 .. j0 + V / 4 - 1 (noise layout 3);
+//   * else: the Philox calls j touching [offset, offset + n), body.call(j, i0, lo, hi): the
+//     elements i0 + h, h in [lo, hi), of call j (i0 = 4 j - offset; lo > 0 only for the
+//     first call, hi < 4 only for the last).
+// Every element of [0, n) is given to exactly one body call (tests/cuda_emulation.cpp).
+template <int V, bool kVec, typename Body>
+FFC_HD void walk_bucket(const Geometry& geo, int64_t tid, int64_t stride, const Body& body) {
   if constexpr (kVec) {
-    sweep_vec<scalar_t, V, kEps, kXi, kG, kM, kSR>(p, g, m, geo, na, tid, stride, body);
+    static_assert(V % 4 == 0, "a vector holds whole Philox calls");
+    const int64_t body_end = geo.head + geo.nvec * V;
+    const int64_t edges = geo.head + (geo.n - body_end);
+    for (int64_t t = tid; t < edges; t += stride) {
+      const int64_t i = t < geo.head ? t : body_end + (t - geo.head);
+      body.element(i, geo.offset + i);
+    }
+    for (int64_t v = tid; v < geo.nvec; v += stride) {
+      const int64_t i0 = geo.head + v * V;
+      body.vector(i0, (geo.offset + i0) >> 2);  // offset + head is a multiple of 4
+    }
   } else {
-    sweep_calls<scalar_t, kEps, kXi, kG, kM, kSR>(p, g, m, geo, na, tid, stride, body);
+    const int64_t jbeg = geo.offset >> 2;
+    const int64_t jend = (geo.offset + geo.n + 3) >> 2;
+    for (int64_t j = jbeg + tid; j < jend; j += stride) {
+      const int64_t i0 = 4 * j - geo.offset;
+      const int lo = i0 < 0 ? static_cast<int>(-i0) : 0;
+      const int hi = geo.n - i0 < 4 ? static_cast<int>(geo.n - i0) : 4;
+      body.call(j, i0, lo, hi);
+    }
   }
 }
 
-// Decides the vector path for buckets of scalar_t: all pointers share one 16-byte
-// misalignment, the first aligned element starts a Philox call (bucket index a multiple
-// of 4), and at least one
-// whole vector fits. Fills geo.head / geo.nvec.
+// perturb_from_'s body (perturb_from_kernel of kernels_cuda.cu walks it with walk_bucket):
+// param (scalar_t) <- round-to-nearest(master (fp32) + sigma * z(tag, gi)), z = 0 unless
+// kEps. A vector is V params (16 bytes) and V masters (V / 4 16-byte loads).
+template <typename scalar_t, int V, bool kEps>
+struct PerturbFrom {
+  scalar_t* p;
+  const float* ms;
+  NoiseArgs na;
+  float sigma;
+
+  FFC_HD scalar_t value(float m, float e) const { return static_cast<scalar_t>(m + sigma * e); }
+
+  // z(tag, 4j + 0..3), or zeros
+  FFC_HD void normals(int64_t j, float (&e)[4]) const {
+    e[0] = e[1] = e[2] = e[3] = 0.0f;
+    if constexpr (kEps) call_normals(noise_words(na.key, j, na.step, na.tag), e[0], e[1], e[2], e[3]);
+  }
+
+  FFC_HD void element(int64_t i, int64_t gi) const {
+    const float e = kEps ? element_normal(na.key, na.step, na.tag, gi) : 0.0f;
+    p[i] = value(ms[i], e);
+  }
+
+  FFC_HD void vector(int64_t i0, int64_t j0) const {
+    static_assert(sizeof(Vec<scalar_t, V>) == 16 && V % 4 == 0, "16-byte vectors of whole calls");
+    Vec<scalar_t, V> pv;
+#pragma unroll
+    for (int k = 0; k < V / 4; ++k) {
+      const Vec<float, 4> mv = *reinterpret_cast<const Vec<float, 4>*>(ms + i0 + 4 * k);
+      float e[4];
+      normals(j0 + k, e);
+#pragma unroll
+      for (int h = 0; h < 4; ++h) pv.v[4 * k + h] = value(mv.v[h], e[h]);
+    }
+    *reinterpret_cast<Vec<scalar_t, V>*>(p + i0) = pv;
+  }
+
+  FFC_HD void call(int64_t j, int64_t i0, int lo, int hi) const {
+    float e[4];
+    normals(j, e);
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      if (h >= lo && h < hi) p[i0 + h] = value(ms[i0 + h], e[h]);
+    }
+  }
+};
+
+// Decides the vector path of perturb_from_ for a param of scalar_t and its fp32 master:
+// both are 16-byte aligned at one element, head, whose bucket index offset + head starts a
+// Philox call (a multiple of 4), and at least one whole vector of V = 16 / sizeof(scalar_t)
+// params fits. Fills geo.head / geo.nvec. Host code (the launcher; tests/cuda_emulation.cpp).
 template <typename scalar_t>
-inline bool plan_vec(Geometry& geo, const void* p, const void* g, const void* m) {
+inline bool plan_vec(Geometry& geo, const scalar_t* p, const float* ms) {
   constexpr int V = 16 / sizeof(scalar_t);
   const uintptr_t ap = reinterpret_cast<uintptr_t>(p) % 16;
-  if (g != nullptr && reinterpret_cast<uintptr_t>(g) % 16 != ap) return false;
-  if (m != nullptr && reinterpret_cast<uintptr_t>(m) % 16 != ap) return false;
   if (ap % sizeof(scalar_t) != 0) return false;
   const int64_t head = static_cast<int64_t>((16 - ap) % 16) / static_cast<int64_t>(sizeof(scalar_t));
   if (head > geo.n || ((geo.offset + head) & 3) != 0) return false;
+  if (reinterpret_cast<uintptr_t>(ms + head) % 16 != 0) return false;
   const int64_t nvec = (geo.n - head) / V;
   if (nvec == 0) return false;
   geo.head = head;
