@@ -5,20 +5,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_flat, m) {
-  // theta <- theta + sigma * eps(tag), elements [offset, offset + numel) of the bucket.
-  m.def("perturb_(Tensor(a!) param, int seed, int bucket_id, int step, int tag, float sigma, "
-        "int offset=0) -> ()");
-  // Fused restore + weight decay + momentum + Langevin noise + SGD update (ALGORITHMS.md §2).
-  // stochastic_rounding: bf16/fp16 params get the SR of the fp32 result (ALGORITHMS.md §1,
-  // rbits from tags 0 and 32); ignored for fp32/fp64.
-  m.def("restore_and_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, "
-        "Tensor? grad_scale, Tensor? found_inf, int seed, int bucket_id, int step, int offset, "
-        "int restore_tag, float sigma, float lr, float weight_decay, float momentum, "
-        "float dampening, bool nesterov, bool momentum_init, float noise_std, "
-        "float grad_mult, bool stochastic_rounding=False) -> ()");
-  // The same two passes over a list of tensors in one parallel loop (CPU): tensor t's
-  // element 0 is bucket index offsets[t]; one dtype per call; moms empty = no momentum.
-  // Values identical to the per-tensor ops at those offsets. Without `layout` every tensor is
+  // The Langevin passes over a list of tensors (a bucket) in one parallel loop (CPU) or one
+  // launch (CUDA): tensor t's element 0 is bucket index offsets[t]; one dtype per call; moms
+  // empty = no momentum. perturb_list_: theta <- theta + sigma * eps(tag). restore_and_step_list_:
+  // the fused restore + weight decay + momentum + Langevin noise + SGD update (ALGORITHMS.md
+  // §2); stochastic_rounding: bf16/fp16 params get the SR of the fp32 result (ALGORITHMS.md
+  // §1, rbits from tags 0 and 32); ignored for fp32/fp64. Without `layout` every tensor is
   // a contiguous 1-D view (a flat bucket); with it (plan_layout's record of params: a step
   // plan, fused_flat.optim.core.StepPlan) the tensors are the user's own, of any shape, dense,
   // walked in memory order: params must match the record, each gradient its parameter

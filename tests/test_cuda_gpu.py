@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from fused_flat import backends
+from tests import cpp_per_tensor as cpt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -461,7 +462,6 @@ def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_t
     """restore_and_step_list_ with stochastic_rounding on CUDA: one launch, bit for bit the
     same list op on one-tensor lists and the C++ CPU op."""
     from fused_flat.backends import cuda as cuda_multi
-    from fused_flat.backends import cpp as ops
 
     sizes, offsets, ps = _multi_case(dtype, 5)
     gs, ms, gs_t, fi_t, cpu = _multi_step_inputs(ps, sizes, dtype, mom, fi, 6, (2, 3))
@@ -476,7 +476,7 @@ def test_multi_sr_matches_per_tensor_sr_and_cpu(dtype, mom, noise, fi, restore_t
         m_t = None if ms is None else per[1][t]
         cuda_multi.restore_and_step_([per[0][t]], [gs[t]], None if m_t is None else [m_t], [off],
                                      gs_t, fi_t, *args, *hyper, stochastic_rounding=True)
-        ops.restore_and_step_(cpu[0][t], cpu[1][t], None if ms is None else cpu[2][t], gs_t.cpu(),
+        cpt.restore_and_step_(cpu[0][t], cpu[1][t], None if ms is None else cpu[2][t], gs_t.cpu(),
                               None if fi is None else fi_t.cpu(), *args, off, *hyper, True)
         what = f"SR multi t={t} {dtype} {mom} {noise} fi={fi} tag={restore_tag}"
         _assert_identical(ps[t], per[0][t].cpu(), what + " vs a one-tensor list")
@@ -507,7 +507,6 @@ def test_multi_device_scalars_equal_scalar_path(dtype, sr, sdtype, noise):
     """step (int64), lr and noise_std (float64 / float32) as one-element device tensors give
     the scalar path's results bit for bit (and the C++ CPU op's), step's high bits included."""
     from fused_flat.backends import cuda as cuda_multi
-    from fused_flat.backends import cpp as ops
 
     sizes, offsets, ps = _multi_case(dtype, 6)
     gen = torch.Generator().manual_seed(9)
@@ -531,8 +530,8 @@ def test_multi_device_scalars_equal_scalar_path(dtype, sr, sdtype, noise):
         what = f"device scalars t={t} {dtype} sr={sr} {sdtype} {noise}"
         _assert_identical(ps[t], qs[t].cpu(), what + " vs scalar path")
         _assert_identical(ms[t], ks[t].cpu(), what + " (m) vs scalar path")
-        ops.perturb_(cpu[0][t], SEED, 2, step, 1, 0.03, off)
-        ops.restore_and_step_(cpu[0][t], cpu[1][t], cpu[2][t], None, None, SEED, 2, step, off, 1,
+        cpt.perturb_(cpu[0][t], SEED, 2, step, 1, 0.03, off)
+        cpt.restore_and_step_(cpu[0][t], cpu[1][t], cpu[2][t], None, None, SEED, 2, step, off, 1,
                               sigma, lr, 5e-4, 0.9, 0.1, False, False, ns, 0.5, sr)
         _assert_identical(ps[t], cpu[0][t], what + " vs C++ CPU op")
 

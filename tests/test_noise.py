@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fused_flat import noise
+from tests import cpp_per_tensor as cpt
 from tests.conftest import ROOT, cpu_backends
 from tests.noise_v3_oracle import words_v3
 
@@ -272,7 +273,7 @@ def test_bucket_id_and_tag_ranges():
             with pytest.raises(RuntimeError, match="bucket_id|tag"):
                 ops.philox_words(1, bucket, 0, tag, 0, 1)
         with pytest.raises(RuntimeError, match="bucket_id"):
-            ops.perturb_(torch.zeros(8), 1, 2 ** 24, 0, 0, 0.1, 0)
+            cpt.perturb_(torch.zeros(8), 1, 2 ** 24, 0, 0, 0.1, 0)
 
 
 @pytest.mark.parametrize("step", [0, 7, 2 ** 32 + 5, 2 ** 62 + 3])
@@ -348,7 +349,7 @@ def test_cpp_simd_streams_every_isa(seed, bucket):
             mp.setenv("FUSED_FLAT_CPU_ISA", isa)
             z = ops.normal_noise(seed, bucket, 9, 32, off, n)
             p = p0.clone()
-            ops.restore_and_step_(p, g, None, None, None, seed, bucket, 9, off, 0, 0.0, 1e-3, 0.0,
+            cpt.restore_and_step_(p, g, None, None, None, seed, bucket, 9, off, 0, 0.0, 1e-3, 0.0,
                                   0.0, 0.0, False, False, 0.0, 1.0, stochastic_rounding=True)
         assert (z - zr).abs().max().item() <= 1e-5, isa
         base = z if base is None else base
@@ -384,8 +385,8 @@ def test_cpp_noise_independent_of_thread_count(isa, monkeypatch):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             p, m = p0.clone(), m0.clone()
-            ops.perturb_(p, 9, 1, 4, 0, 0.01, 2)
-            ops.restore_and_step_(p, g, m, None, None, 9, 1, 4, 2, 0, 0.01, 0.1, 1e-4, 0.9, 0.0,
+            cpt.perturb_(p, 9, 1, 4, 0, 0.01, 2)
+            cpt.restore_and_step_(p, g, m, None, None, 9, 1, 4, 2, 0, 0.01, 0.1, 1e-4, 0.9, 0.0,
                                   False, False, 1e-3, 1.0)
             z = ops.normal_noise(9, 1, 4, 0, 1, n)
             outs.append((p, m, z))
@@ -493,7 +494,6 @@ def test_cpp_isa_paths_bitwise_equal(dtype, n, offset, momentum, nesterov, tag, 
     """Every ISA path of the CPU loops (forced with FUSED_FLAT_CPU_ISA) gives the bits of the
     portable baseline loop (-ffp-contract=off: no FMA contraction anywhere), and the pass is
     the reference's up to rounding."""
-    from fused_flat.backends import cpp as ops
     from fused_flat.backends import reference
     gen = torch.Generator().manual_seed(1)
     p0, g, m0 = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
@@ -502,9 +502,9 @@ def test_cpp_isa_paths_bitwise_equal(dtype, n, offset, momentum, nesterov, tag, 
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("FUSED_FLAT_CPU_ISA", isa)
             p, m = p0.clone(), m0.clone()
-            ops.perturb_(p, 3, 1, 2, tag, sigma, offset)
+            cpt.perturb_(p, 3, 1, 2, tag, sigma, offset)
             pert = p.clone()
-            ops.restore_and_step_(p, g, m if momentum else None, None, None, 3, 1, 2, offset, tag, sigma,
+            cpt.restore_and_step_(p, g, m if momentum else None, None, None, 3, 1, 2, offset, tag, sigma,
                                   0.1, 1e-4, momentum, 0.0, nesterov, False, noise_std, 1.0)
             outs.append((isa, pert, p, m))
     for isa, pert, p, m in outs[1:]:

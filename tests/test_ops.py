@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif("cpp" not in cpu_backends(), reason="C++ extensi
 
 def test_opcheck_perturb():
     p = torch.randn(1001)
-    torch.library.opcheck(torch.ops.fused_flat.perturb_.default, (p, 1, 0, 3, 0, 0.1, 5),
+    torch.library.opcheck(torch.ops.fused_flat.perturb_list_.default, ([p], [5], 1, 0, 3, 0, 0.1),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -18,15 +18,15 @@ def test_opcheck_restore_and_step(with_momentum):
     p, g = torch.randn(777), torch.randn(777)
     m = torch.randn(777) if with_momentum else None
     found, scale = torch.zeros(1), torch.full((1,), 4.0)
-    args = (p, g, m, scale, found, 1, 0, 3, 2, 0, 0.1, 0.01, 1e-4, 0.9 if with_momentum else 0.0,
-            0.0, False, False, 1e-3, 1.0)
-    torch.library.opcheck(torch.ops.fused_flat.restore_and_step_.default, args,
+    args = ([p], [g], [] if m is None else [m], [2], scale, found, 1, 0, 3, 0, 0.1, 0.01, 1e-4,
+            0.9 if with_momentum else 0.0, 0.0, False, False, 1e-3, 1.0)
+    torch.library.opcheck(torch.ops.fused_flat.restore_and_step_list_.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_grad_scale_and_found_inf_tensors():
-    from fused_flat.backends import cpp as ops
     from fused_flat.backends import reference
+    from tests import cpp_per_tensor as ops
     p0, g = torch.randn(1001), torch.randn(1001)
     for mod in (ops, reference):
         # grad_scale divides the gradient
@@ -43,14 +43,15 @@ def test_grad_scale_and_found_inf_tensors():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda: torch.ops.fused_flat.perturb_(torch.randn(4, 4).t(), 1, 0, 0, 0, 0.1, 0), "contiguous 1-D"),
-    (lambda: torch.ops.fused_flat.perturb_(torch.arange(4), 1, 0, 0, 0, 0.1, 0), "floating point"),
-    (lambda: torch.ops.fused_flat.perturb_(torch.randn(4), -1, 0, 0, 0, 0.1, 0), "seed"),
-    (lambda: torch.ops.fused_flat.restore_and_step_(torch.randn(4), torch.randn(5), None, None, None, 1, 0, 0,
-                                                    0, 0, 0.0, 0.1, 0.0, 0.0, 0.0, False, False, 0.0, 1.0), "grad"),
-    (lambda: torch.ops.fused_flat.restore_and_step_(torch.randn(4), torch.randn(4), None, None, torch.zeros(2),
-                                                    1, 0, 0, 0, 0, 0.0, 0.1, 0.0, 0.0, 0.0, False, False, 0.0, 1.0),
-     "found_inf"),
+    (lambda: torch.ops.fused_flat.perturb_list_([torch.randn(4, 4).t()], [0], 1, 0, 0, 0, 0.1), "contiguous 1-D"),
+    (lambda: torch.ops.fused_flat.perturb_list_([torch.arange(4)], [0], 1, 0, 0, 0, 0.1), "floating point"),
+    (lambda: torch.ops.fused_flat.perturb_list_([torch.randn(4)], [0], -1, 0, 0, 0, 0.1), "seed"),
+    (lambda: torch.ops.fused_flat.restore_and_step_list_([torch.randn(4)], [torch.randn(5)], [], [0], None, None,
+                                                         1, 0, 0, 0, 0.0, 0.1, 0.0, 0.0, 0.0, False, False, 0.0,
+                                                         1.0), "grad"),
+    (lambda: torch.ops.fused_flat.restore_and_step_list_([torch.randn(4)], [torch.randn(4)], [], [0], None,
+                                                         torch.zeros(2), 1, 0, 0, 0, 0.0, 0.1, 0.0, 0.0, 0.0, False,
+                                                         False, 0.0, 1.0), "found_inf"),
 ])
 def test_op_argument_errors(bad, match):
     with pytest.raises(RuntimeError, match=match):
@@ -68,7 +69,7 @@ def test_large_offset_uses_64bit_indices():
     e_lo = ops.normal_noise(5, 0, 1, 0, off - (1 << 34), 64)   # same low 32 bits of j = i >> 2
     assert not torch.equal(e, e_lo)
     p = torch.zeros(64)
-    ops.perturb_(p, 5, 0, 1, 0, 1.0, off)
+    ops.perturb_list_([p], [off], 5, 0, 1, 0, 1.0)
     assert (p - er).abs().max() <= 1e-5
 
 

@@ -108,7 +108,7 @@ SIZES = [1, 2, 3, 4097, 278011, (1 << 20) + 7]
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_cpp_passes_match_reference(n, momentum, nesterov):
-    from fused_flat.backends import cpp as ops
+    from tests import cpp_per_tensor as ops
     gen = torch.Generator().manual_seed(n)
     p0 = torch.randn(n, generator=gen)
     g = torch.randn(n, generator=gen)
@@ -129,7 +129,7 @@ def test_cpp_passes_match_reference(n, momentum, nesterov):
 @pytest.mark.parametrize("offset", [1, 2, 5])
 @pytest.mark.parametrize("tag", [0, 3])
 def test_cpp_slices_with_offsets_match_reference(offset, tag):
-    from fused_flat.backends import cpp as ops
+    from tests import cpp_per_tensor as ops
     n = 1001
     p0, g = torch.randn(n), torch.randn(n)
     out = []

@@ -16,8 +16,9 @@ TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-13
 
 
 def ops():
-    from fused_flat.backends import cpp_sam as sam_ops
-    return sam_ops
+    """The compiled SAM ops with per-tensor signatures (one-tensor lists of the list ops)."""
+    from tests import cpp_per_tensor
+    return cpp_per_tensor
 
 
 def _data(n, dtype, seed=0):
@@ -116,11 +117,12 @@ def test_opcheck():
     p, g = _data(9, torch.float32)
     b, m = torch.zeros_like(p), torch.zeros_like(p)
     ff = torch.ops.fused_flat
-    torch.library.opcheck(ff.sam_grad_sq_norm, (g, p))
-    torch.library.opcheck(ff.sam_perturb_, (p.clone(), g, b, True, 0.1))
-    torch.library.opcheck(ff.sam_restore_and_step_,
-                          (p.clone(), b, g, m, None, None, 0.1, 0.0, 0.9, 0.0, False, True, 1.0))
-    torch.library.opcheck(ff.sam_probe_, (p.clone(), b, 1, 0, 0, 1e-3, 0))
+    torch.library.opcheck(ff.sam_grad_sq_norm_list, ([g], [p], True, 0.0))
+    torch.library.opcheck(ff.sam_perturb_list_, ([p.clone()], [g], [b], True, 0.1, 0.0))
+    torch.library.opcheck(ff.sam_restore_and_step_list_,
+                          ([p.clone()], [b], [g], [m], None, None, 0.1, 0.0, 0.9, 0.0, False, True,
+                           1.0))
+    torch.library.opcheck(ff.sam_probe_list_, ([p.clone()], [b], [0], 1, 0, 0, 1e-3))
 
 
 def test_bad_input_errors():

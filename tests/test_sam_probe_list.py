@@ -1,7 +1,7 @@
 """The list form of the RW-SAM probe, fused_flat::sam_probe_list_ (CPU kernel; its CUDA kernel
 is checked on a GPU by tests/test_cuda_sam_gpu.py through fused_flat.backends.cuda_sam):
-tensor by tensor the per-tensor op sam_probe_ at the tensor's bucket offset, bit for bit,
-and the pure-torch reference; its argument checks say what is wrong."""
+tensor by tensor the op over that tensor alone at its bucket offset, bit for bit (no value
+depends on the list or the thread split), and the pure-torch reference; its argument checks say what is wrong."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,7 @@ OFFSETS = [1, 9, 10, (1 << 33) + 2, 4107]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_probe_list_matches_per_tensor_op_and_reference(dtype):
+def test_probe_list_matches_one_tensor_lists_and_reference(dtype):
     from fused_flat.backends import cpp_sam
 
     gen = torch.Generator().manual_seed(4)
@@ -25,7 +25,7 @@ def test_probe_list_matches_per_tensor_op_and_reference(dtype):
     cpp_sam.sam_probe_list_(ps, bs, OFFSETS, 77, 3, 9, 1e-2)
     for t, off in enumerate(OFFSETS):
         q, qb = base[t].clone(), torch.empty_like(base[t])
-        torch.ops.fused_flat.sam_probe_(q, qb, 77, 3, 9, 1e-2, off)
+        cpp_sam.sam_probe_list_([q], [qb], [off], 77, 3, 9, 1e-2)   # the tensor alone
         assert torch.equal(ps[t], q) and torch.equal(bs[t], base[t]), (t, dtype)
         r, rb = base[t].clone(), torch.empty_like(base[t])
         sam_reference.sam_probe_(r, rb, 77, 3, 9, 1e-2, off)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from fused_flat import FSGLD, RWP, SAM, SGLD, backends
 from fused_flat.optim.msam import MSAM
+from tests import cpp_per_tensor as cpt
 
 pytestmark = pytest.mark.skipif(
     backends.available_backends().get("cpp") != "ok" or backends.get("cpp").check_step is None,
@@ -400,16 +401,16 @@ def test_layout_form_of_the_sam_list_ops_gives_the_per_tensor_ops_values(dtype, 
     layout = ops.plan_layout(a)
     sq = sam_ops.sam_grad_sq_norm_list(gs, a, adaptive, 0.01, layout)
     for t in range(len(ps)):
-        want = sam_ops.sam_grad_sq_norm(gb[t], b[t] if adaptive else None, 0.01)
+        want = cpt.sam_grad_sq_norm(gb[t], b[t] if adaptive else None, 0.01)
         assert torch.equal(sq[t], want)
     sam_ops.sam_perturb_list_(a, gs, bka, adaptive, 0.2, 0.01, layout)
     for p, g, bk in zip(b, gb, bkb):
-        sam_ops.sam_perturb_(p, g, bk, adaptive, 0.2, 0.01)
+        cpt.sam_perturb_(p, g, bk, adaptive, 0.2, 0.01)
     sr = dtype == torch.bfloat16
     sam_ops.sam_restore_and_step_list_(a, bka, gs, ma, None, None, 0.1, 1e-3, 0.9, 0.1, False,
                                        False, 1.0, sr, 5, 1, 7, offs, layout)
     for t in range(len(ps)):
-        sam_ops.sam_restore_and_step_(b[t], bkb[t], gb[t], mb[t], None, None, 0.1, 1e-3, 0.9, 0.1,
+        cpt.sam_restore_and_step_(b[t], bkb[t], gb[t], mb[t], None, None, 0.1, 1e-3, 0.9, 0.1,
                                       False, False, 1.0, *((True, 5, 1, 7, offs[t]) if sr else ()))
     for x, y in zip(a + ma, b + mb):
         assert torch.equal(_flat(x), y)

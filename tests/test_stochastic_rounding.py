@@ -19,6 +19,7 @@ import torch
 from fused_flat import noise
 from fused_flat.backends import reference
 from fused_flat.backends import sam_reference
+from tests import cpp_per_tensor as cpt
 from tests.conftest import cpu_backends
 
 HAS_CPP = "cpp" in cpu_backends()
@@ -205,7 +206,6 @@ def _run(fn, p0, g, m0, args):
 @pytest.mark.parametrize("dtype", DT16)
 @pytest.mark.parametrize("n,off", [(3000, 0), (1001, 5), (40003, 13)])
 def test_restore_and_step_sr_cpp_isas_and_triton_agree_bitwise(dtype, n, off, isa_env):
-    from fused_flat.backends import cpp as ops
     for sigma, nstd, tag, mom in CASES:
         p0, g, m0 = _inputs(dtype, n, mom)
         args = _rs_args(off, sigma, nstd, tag, mom)
@@ -214,7 +214,7 @@ def test_restore_and_step_sr_cpp_isas_and_triton_agree_bitwise(dtype, n, off, is
             if not _isa_supported(isa):
                 continue
             isa_env(isa)
-            outs.append((isa, _run(ops.restore_and_step_, p0, g, m0, args)))
+            outs.append((isa, _run(cpt.restore_and_step_, p0, g, m0, args)))
         base = outs[0][1]
         for isa, (p, m) in outs[1:]:
             assert torch.equal(_bits(p), _bits(base[0])), (isa, sigma, nstd, tag, mom)
@@ -247,8 +247,7 @@ def test_restore_and_step_sr_reference_vs_triton(dtype):
 def test_sr_with_zero_update_leaves_params_unchanged(dtype):
     backends_ = [reference.restore_and_step_]
     if HAS_CPP:
-        from fused_flat.backends import cpp as ops
-        backends_.append(ops.restore_and_step_)
+        backends_.append(cpt.restore_and_step_)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ft = _triton_ops()
         backends_.append(ft.restore_and_step_)
@@ -263,8 +262,7 @@ def test_sr_flag_ignored_for_fp32():
     p0, g, _ = _inputs(torch.float32, 1001, False)
     fns = [reference.restore_and_step_]
     if HAS_CPP:
-        from fused_flat.backends import cpp as ops
-        fns.append(ops.restore_and_step_)
+        fns.append(cpt.restore_and_step_)
     for fn in fns:
         a, _ = _run(fn, p0, g, None, _rs_args(5, 0.01, 1e-3, 0, False, sr=True))
         b, _ = _run(fn, p0, g, None, _rs_args(5, 0.01, 1e-3, 0, False, sr=False))
@@ -277,8 +275,7 @@ def test_sr_keeps_the_mean_of_small_updates(dtype):
     trajectory on average (mean over many elements and steps)."""
     fns = [reference.restore_and_step_]
     if HAS_CPP:
-        from fused_flat.backends import cpp as ops
-        fns = [ops.restore_and_step_]
+        fns = [cpt.restore_and_step_]
     n, steps, lr = 4096, 50, 1e-4   # ulp(1-) = 2^-8 (bf16), 2^-11 (fp16)
     g = torch.ones(n, dtype=dtype)
     for fn in fns:
@@ -358,10 +355,9 @@ def test_sam_restore_and_step_sr_backends_agree(dtype, offsets, mom, monkeypatch
         exp = noise.stochastic_round(bk[t].float() - g[t].float(), noise.sr_bits(9, 2, 5, offs[t], sizes[t]), dtype)
         assert torch.equal(_bits(p), _bits(exp))
     if HAS_CPP:
-        from fused_flat.backends import cpp_sam as sam_ops
         for t in range(3):
             p = torch.empty_like(bk[t])
-            sam_ops.sam_restore_and_step_(p, bk[t], g[t], m0[t].clone() if mom else None, None, None,
+            cpt.sam_restore_and_step_(p, bk[t], g[t], m0[t].clone() if mom else None, None, None,
                                           *args, True, 9, 2, 5, offs[t])
             assert torch.equal(_bits(p), _bits(ref[t]))
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -380,8 +376,7 @@ def test_sam_sr_zero_update_and_found_inf(dtype):
     bk, g, _ = _sam_case(dtype, [1001], False)
     fns = [sam_reference.sam_restore_and_step_]
     if HAS_CPP:
-        from fused_flat.backends import cpp_sam as sam_ops
-        fns.append(sam_ops.sam_restore_and_step_)
+        fns.append(cpt.sam_restore_and_step_)
     for fn in fns:
         p = torch.empty_like(bk[0])
         fn(p, bk[0], g[0], None, None, None, 0.0, 0.0, 0.0, 0.0, False, False, 1.0, True, 9, 2, 5, 0)
@@ -395,14 +390,15 @@ def test_sam_sr_zero_update_and_found_inf(dtype):
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 def test_opcheck_new_signatures():
     p, g = torch.randn(777).to(torch.bfloat16), torch.randn(777).to(torch.bfloat16)
-    torch.library.opcheck(torch.ops.fused_flat.restore_and_step_.default,
-                          (p, g, None, None, None, 1, 0, 3, 2, 0, 0.1, 0.01, 1e-4, 0.0, 0.0, False,
-                           False, 1e-3, 1.0, True), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fused_flat.restore_and_step_list_.default,
+                          ([p], [g], [], [2], None, None, 1, 0, 3, 0, 0.1, 0.01, 1e-4, 0.0, 0.0,
+                           False, False, 1e-3, 1.0, True),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fused_flat.perturb_from_.default,
                           (p, torch.randn(777), 1, 0, 3, 0, 0.1, 5),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fused_flat.sam_restore_and_step_.default,
-                          (p, p.clone(), g, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, 1.0,
-                           True, 3, 1, 2, 8), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fused_flat.sam_restore_and_step_list_.default,
+                          ([p], [p.clone()], [g], [], None, None, 0.1, 0.0, 0.0, 0.0, False, False,
+                           1.0, True, 3, 1, 2, [8]), test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match="master"):
         torch.ops.fused_flat.perturb_from_(p, torch.randn(776), 1, 0, 3, 0, 0.1, 0)

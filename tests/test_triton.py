@@ -38,9 +38,12 @@ ft = backends.per_tensor(backends.get("triton")) if os.environ.get("TRITON_INTER
 
 def _cpp():
     try:
-        from fused_flat.backends import cpp as ops
+        from fused_flat.backends import _native
+        from tests import cpp_per_tensor
 
-        return ops   # the per-tensor ops
+        if not _native.available():
+            raise RuntimeError(_native.load_error)
+        return cpp_per_tensor   # the compiled ops with per-tensor signatures
     except RuntimeError as exc:
         pytest.skip(f"C++ extension not built: {exc}")
 

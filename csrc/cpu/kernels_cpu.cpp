@@ -1,4 +1,4 @@
-// CPU implementations of the fused_flat ops: one pass over a flat bucket per op,
+// CPU implementations of the fused_flat ops: one pass over a bucket (a list of tensors) per op,
 // parallel over Philox calls (4 elements each, noise layout 3) with at::parallel_for
 // (OpenMP); the loops are loops.h with the noise generator of the best ISA (baseline,
 // AVX2, AVX-512; FUSED_FLAT_CPU_ISA forces one). Every element's value is
@@ -144,16 +144,6 @@ void perturb_calls_typed(const IsaLoops& L, scalar_t* __restrict__ p, int64_t j0
   }
 }
 
-template <typename scalar_t>
-void perturb_typed(scalar_t* __restrict__ p, int64_t n, PhiloxKey key, int64_t step, uint32_t tag,
-                   double sigma_d, int64_t offset) {
-  const auto range = perturb_edges(p, n, key, step, tag, sigma_d, offset);
-  const IsaLoops& L = loops();
-  at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
-    perturb_calls_typed(L, p, j0, j1, key, step, tag, sigma_d, offset);
-  });
-}
-
 // One parallel loop over the whole calls of a list of tensors: ranges[t] = [j0, j1) of
 // tensor t (after its edges); body(t, j0, j1) runs a piece of one tensor. The split into
 // tasks depends on the thread count; the values never do (each element is a function of
@@ -232,73 +222,9 @@ void restore_calls_typed(const IsaLoops& L, int variant, scalar_t* __restrict__ 
   }
 }
 
-template <typename scalar_t>
-void restore_and_step_typed(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                            scalar_t* __restrict__ m, int64_t n, PhiloxKey key, int64_t step,
-                            uint32_t tag, int64_t offset,
-                            const StepArgs<at::opmath_type<scalar_t>>& a, bool sr_flag) {
-  const bool sr = sr_flag && cpu::Fmt16<scalar_t>::kind != 0;
-  const int variant = restore_variant<scalar_t>(m != nullptr, a, sr);
-  const auto range = restore_edges(p, g, m, n, key, step, tag, offset, a, sr);
-  const IsaLoops& L = loops();
-  at::parallel_for(range.first, range.second, kGrainCalls, [&](int64_t j0, int64_t j1) {
-    restore_calls_typed(L, variant, p, g, m, j0, j1, offset, key, step, tag, a);
-  });
-}
-
-void perturb_cpu(at::Tensor& param, int64_t seed, int64_t bucket_id, int64_t step, int64_t tag,
-                 double sigma, int64_t offset) {
-  check_bucket(param, "param");
-  check_noise_args(seed, bucket_id, offset, tag);
-  TORCH_CHECK(tag >= 0, "fused_flat.perturb_: tag must be >= 0, got ", tag);
-  if (sigma == 0.0) return;
-  const PhiloxKey key = make_key(seed, bucket_id);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "perturb_", [&] {
-    perturb_typed<scalar_t>(param.data_ptr<scalar_t>(), param.numel(), key, step,
-                            static_cast<uint32_t>(tag), sigma, offset);
-  });
-}
-
-void restore_and_step_cpu(at::Tensor& param, const at::Tensor& grad,
-                          const c10::optional<at::Tensor>& momentum_buffer,
-                          const c10::optional<at::Tensor>& grad_scale,
-                          const c10::optional<at::Tensor>& found_inf, int64_t seed,
-                          int64_t bucket_id, int64_t step, int64_t offset, int64_t restore_tag,
-                          double sigma, double lr, double weight_decay, double momentum,
-                          double dampening, bool nesterov, bool momentum_init, double noise_std,
-                          double grad_mult, bool stochastic_rounding) {
-  check_bucket(param, "param");
-  check_like(param, grad, "grad");
-  if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
-  check_scalar_tensor(grad_scale, param, "grad_scale");
-  check_scalar_tensor(found_inf, param, "found_inf");
-  check_noise_args(seed, bucket_id, offset, restore_tag);
-  TORCH_CHECK(restore_tag >= 0 || sigma == 0.0,
-              "fused_flat.restore_and_step_: restore_tag must be >= 0 when sigma != 0");
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
-    // Skipped step (non-finite gradient): undo the perturbation only; m untouched.
-    if (sigma != 0.0) perturb_cpu(param, seed, bucket_id, step, restore_tag, -sigma, offset);
-    return;
-  }
-  double mult = grad_mult;
-  if (grad_scale.has_value()) mult /= static_cast<double>(grad_scale->item<float>());
-  const PhiloxKey key = make_key(seed, bucket_id);
-  const uint32_t rtag = restore_tag < 0 ? 0u : static_cast<uint32_t>(restore_tag);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "restore_and_step_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const StepArgs<acc_t> a = make_step_args<acc_t>(sigma, lr, weight_decay, momentum, dampening,
-                                                   noise_std, mult, nesterov, momentum_init);
-    scalar_t* p = param.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
-    restore_and_step_typed<scalar_t>(p, g, m, param.numel(), key, step, rtag, offset, a,
-                                     stochastic_rounding);
-  });
-}
-
 // ---- list forms: every tensor of a bucket in one parallel loop (one OpenMP region per
-// pass instead of one per tensor). Tensor t's element 0 is at bucket index offsets[t]; all
-// tensors of one call share a dtype. Same values as the per-tensor ops. Without a layout
+// pass). Tensor t's element 0 is at bucket index offsets[t]; all tensors of one call share a
+// dtype; each element's value is a function of its bucket index only. Without a layout
 // the tensors are 1-D contiguous buckets (flat views); with one (plan_layout's record of
 // params, a step plan: plan_args.h) they are the user's own tensors of any shape, dense,
 // walked in memory order, and the gradients are checked against their parameters.
@@ -438,7 +364,7 @@ void restore_and_step_list_cpu(at::TensorList params, at::TensorList grads_in, a
 // and found_inf = 1.0 if any element of any grads[t] is inf/NaN, in one parallel loop whose
 // gradient reads overlap the noise generation. The update then runs without a restore
 // (sigma 0) when found_inf is 0; on a skip the parameters are already restored. Same values
-// as the fused restore_and_step_ (theta - sigma * eps is rounded to fp32 there too).
+// as the fused restore_and_step_list_ (theta - sigma * eps is rounded to fp32 there too).
 at::Tensor restore_check_list_cpu(at::TensorList params, at::TensorList grads_in,
                                   at::IntArrayRef offsets, int64_t seed, int64_t bucket_id,
                                   int64_t step, int64_t tag, double sigma,
@@ -705,8 +631,6 @@ at::Tensor check_step_list_cpu(at::TensorList params, const at::Tensor& layout,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
-  m.impl("perturb_", &perturb_cpu);
-  m.impl("restore_and_step_", &restore_and_step_cpu);
   m.impl("perturb_list_", &perturb_list_cpu);
   m.impl("restore_and_step_list_", &restore_and_step_list_cpu);
   m.impl("restore_check_list_", &restore_check_list_cpu);

@@ -1,5 +1,6 @@
-// CPU kernels of the SAM-family ops (schemas in csrc/sam_ops.cpp): one pass over a flat
-// bucket per op, at::parallel_for over elements; per-element math in sam_elementwise.h.
+// CPU kernels of the SAM-family ops (schemas in csrc/sam_ops.cpp): one pass over a bucket
+// (a list of tensors) per op, at::parallel_for over elements; per-element math in
+// sam_elementwise.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -46,38 +47,6 @@ double block_sq(const scalar_t* g, const scalar_t* p, int64_t lo, int64_t hi,
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// Fixed-size blocks (kSamReduceBlock) summed in order: the same total for any thread count.
-template <typename scalar_t, bool kAdaptive>
-double sq_norm_typed(const scalar_t* g, const scalar_t* p, int64_t n, double eta_d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t eta = static_cast<acc_t>(eta_d);
-  const int64_t nblocks = (n + kSamReduceBlock - 1) / kSamReduceBlock;
-  std::vector<double> partial(static_cast<size_t>(nblocks), 0.0);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t lo = b * kSamReduceBlock;
-      const int64_t hi = lo + kSamReduceBlock < n ? lo + kSamReduceBlock : n;
-      partial[static_cast<size_t>(b)] = block_sq<scalar_t, kAdaptive>(g, p, lo, hi, eta);
-    }
-  });
-  double total = 0.0;
-  for (double s : partial) total += s;
-  return total;
-}
-
-at::Tensor sam_grad_sq_norm_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& param,
-                                double eta) {
-  check_bucket(grad, "grad");
-  if (param.has_value()) check_like(grad, *param, "param");
-  double total = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sam_grad_sq_norm", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    total = param.has_value() ? sq_norm_typed<scalar_t, true>(g, param->data_ptr<scalar_t>(), grad.numel(), eta)
-                              : sq_norm_typed<scalar_t, false>(g, nullptr, grad.numel(), eta);
-  });
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
-}
-
 template <typename scalar_t, bool kAd>
 void perturb_range(scalar_t* p, const scalar_t* g, scalar_t* bk, int64_t i0, int64_t i1,
                    at::opmath_type<scalar_t> c, at::opmath_type<scalar_t> eta) {
@@ -88,24 +57,6 @@ void perturb_range(scalar_t* p, const scalar_t* g, scalar_t* bk, int64_t i0, int
     p[i] = static_cast<scalar_t>(
         sam_perturbed<kAd, acc_t>(static_cast<acc_t>(th), static_cast<acc_t>(g[i]), c, eta));
   }
-}
-
-void sam_perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, bool adaptive,
-                     double coef, double eta_d) {
-  check_bucket(param, "param");
-  check_like(param, grad, "grad");
-  check_like(param, backup, "backup");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sam_perturb_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* p = param.data_ptr<scalar_t>();
-    scalar_t* bk = backup.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    const acc_t c = static_cast<acc_t>(coef), eta = static_cast<acc_t>(eta_d);
-    at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      if (adaptive) perturb_range<scalar_t, true>(p, g, bk, i0, i1, c, eta);
-      else perturb_range<scalar_t, false>(p, g, bk, i0, i1, c, eta);
-    });
-  });
 }
 
 // SR(theta) as scalar_t (16-bit types; others: plain conversion, never called with SR).
@@ -121,7 +72,7 @@ scalar_t sr_store(acc_t th, uint32_t rbits) {
 }
 
 // The SR variant over elements [i0, i1): one tag-0 and one tag-32 Philox call per 4
-// elements (bucket index offset + i), as sam_probe_ walks its calls.
+// elements (bucket index offset + i), as sam_probe_list_ walks its calls.
 template <typename scalar_t, bool kMom>
 void restore_step_sr_range(scalar_t* p, const scalar_t* bk, const scalar_t* g, scalar_t* m,
                            int64_t i0, int64_t i1, const SamStepArgs<at::opmath_type<scalar_t>>& a,
@@ -170,43 +121,6 @@ void restore_step_piece(scalar_t* p, const scalar_t* bk, const scalar_t* g, scal
   else restore_step_range<scalar_t, false>(p, bk, g, m, i0, i1, a);
 }
 
-void sam_restore_and_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
-                              const c10::optional<at::Tensor>& momentum_buffer,
-                              const c10::optional<at::Tensor>& grad_scale,
-                              const c10::optional<at::Tensor>& found_inf, double lr,
-                              double weight_decay, double momentum, double dampening,
-                              bool nesterov, bool momentum_init, double grad_mult,
-                              bool stochastic_rounding, int64_t seed, int64_t bucket_id,
-                              int64_t step, int64_t offset) {
-  check_bucket(param, "param");
-  check_like(param, backup, "backup");
-  check_like(param, grad, "grad");
-  if (momentum_buffer.has_value()) check_like(param, *momentum_buffer, "momentum_buffer");
-  check_scalar_tensor(grad_scale, param, "grad_scale");
-  check_scalar_tensor(found_inf, param, "found_inf");
-  if (stochastic_rounding) check_noise_args(seed, bucket_id, offset, 0);
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
-    param.copy_(backup);  // skipped step: exact restore only, momentum untouched
-    return;
-  }
-  double mult = grad_mult;
-  if (grad_scale.has_value()) mult /= static_cast<double>(grad_scale->item<float>());
-  const bool sr = stochastic_rounding;
-  const PhiloxKey key = make_key(seed, bucket_id);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sam_restore_and_step_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const SamStepArgs<acc_t> a = make_sam_step_args<acc_t>(lr, weight_decay, momentum, dampening,
-                                                          mult, nesterov, momentum_init);
-    scalar_t* p = param.data_ptr<scalar_t>();
-    const scalar_t* bk = backup.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    scalar_t* m = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      restore_step_piece<scalar_t>(p, bk, g, m, i0, i1, a, sr, key, step, offset);
-    });
-  });
-}
-
 // backup <- theta ; theta <- theta + d * v over elements [i0, i1) of a tensor whose element 0
 // is bucket index offset: one Philox call per 4 elements (layout 3: v_i from w(16, i) = x_(i & 3)).
 template <typename scalar_t, typename acc_t>
@@ -226,29 +140,13 @@ void probe_range(scalar_t* p, scalar_t* bk, int64_t i0, int64_t i1, PhiloxKey ke
   }
 }
 
-void sam_probe_cpu(at::Tensor& param, at::Tensor& backup, int64_t seed, int64_t bucket_id,
-                   int64_t step, double delta, int64_t offset) {
-  check_bucket(param, "param");
-  check_like(param, backup, "backup");
-  check_noise_args(seed, bucket_id, offset, 0);
-  const PhiloxKey key = make_key(seed, bucket_id);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sam_probe_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* p = param.data_ptr<scalar_t>();
-    scalar_t* bk = backup.data_ptr<scalar_t>();
-    const acc_t d = static_cast<acc_t>(delta);
-    at::parallel_for(0, param.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      probe_range(p, bk, i0, i1, key, step, offset, d);
-    });
-  });
-}
-
-// ---- list forms: every tensor of a bucket in one parallel loop (fused_flat.backends lifts
-// the optimizers' passes to them). Without `layout` the tensors are 1-D contiguous buckets;
+// ---- the ops: every tensor of a bucket in one parallel loop (the optimizers' passes call
+// them, fused_flat.backends.base.from_list_ops). Without `layout` the tensors are 1-D contiguous buckets;
 // with it (plan_layout's record of params: a step plan, csrc/cpu/plan_args.h) they are the
 // user's own, of any shape, dense, walked in memory order; gradients are then read in their
 // parameter's order and state tensors (backups, momentum buffers) must share its layout.
-// Same values as the per-tensor ops, tensor by tensor.
+// Each element's value is a function of its tensor's values (and, for the noise, its bucket
+// index) only, never of the list or the thread split.
 
 // One parallel loop over the elements of a list: body(t, i0, i1) runs a piece of tensor t.
 template <typename Body>
@@ -303,8 +201,10 @@ std::vector<at::Tensor> sam_list_args(at::TensorList params, at::TensorList grad
   return out;
 }
 
-// Per tensor t: sam_grad_sq_norm(grads[t], params[t] if adaptive, eta), float64 [T]; params
-// may be empty when not adaptive and without a layout. Blocks of every tensor in one loop.
+// Per tensor t: sum_i s_i^2, s = g (SAM) or (|theta| + eta) g (ASAM: adaptive, params[t]),
+// float64 [T]; params may be empty when not adaptive and without a layout. Fixed-size blocks
+// (kSamReduceBlock) of every tensor in one loop, each tensor's summed in order: the same
+// total for any thread count.
 at::Tensor sam_grad_sq_norm_list_cpu(at::TensorList grads_in, at::TensorList params, bool adaptive,
                                      double eta_d, const c10::optional<at::Tensor>& layout) {
   const char* op = "sam_grad_sq_norm_list";
@@ -468,10 +368,6 @@ void sam_probe_list_cpu(at::TensorList params, at::TensorList backups, at::IntAr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_flat, CPU, m) {
-  m.impl("sam_grad_sq_norm", &sam_grad_sq_norm_cpu);
-  m.impl("sam_perturb_", &sam_perturb_cpu);
-  m.impl("sam_restore_and_step_", &sam_restore_and_step_cpu);
-  m.impl("sam_probe_", &sam_probe_cpu);
   m.impl("sam_grad_sq_norm_list", &sam_grad_sq_norm_list_cpu);
   m.impl("sam_perturb_list_", &sam_perturb_list_cpu);
   m.impl("sam_restore_and_step_list_", &sam_restore_and_step_list_cpu);

@@ -20,9 +20,10 @@ tensor's offset in the bucket's index space:
 
 (the per-element math: fused_flat.backends.reference and fused_flat.backends.sam_reference).
 What a backend is (the Backend record, list lifting) lives in fused_flat.backends.base and
-is re-exported here. Backends whose kernels take one tensor at a time (the reference, the
-C++ CPU ops) are lifted to lists; the GPU backends launch once per list ('triton':
-fused_flat.backends.triton.multi / .sam, 'cuda': fused_flat.backends.cuda / cuda_sam).
+is re-exported here. The reference's per-tensor ops are lifted to lists; 'cpp' calls the
+compiled list ops (torch.ops.fused_flat, one call per bucket and pass); the GPU backends
+launch once per list ('triton': fused_flat.backends.triton.multi / .sam, 'cuda':
+fused_flat.backends.cuda / cuda_sam, thin wrappers of the same compiled list ops).
 Their ``restore_and_step_`` also takes ``stochastic_rounding=False``.
 
 :func:`resolve` is the only place that decides which backend runs a bucket; no backend
@@ -44,8 +45,9 @@ import warnings
 import torch
 
 from fused_flat.backends import _native
-from fused_flat.backends.base import (LANGEVIN_OPS, SAM_OPS, Backend, _host, lift,  # noqa: F401
-                                      with_langevin_lists, with_sam_lists)
+from fused_flat.backends.base import (LANGEVIN_OPS, SAM_OPS, Backend, _host,  # noqa: F401
+                                      from_list_ops, lift, with_langevin_lists,
+                                      with_sam_lists)
 
 NAMES = ("auto", "reference", "cpp", "cuda", "triton")
 
@@ -70,26 +72,18 @@ def _compiled(name: str, device: str) -> Backend:
         raise RuntimeError("the extension was built without CUDA kernels; rebuild with nvcc on "
                            "PATH (or CUDA_HOME set) and FORCE_CUDA=1")
     from fused_flat.backends import cpp as ops
+    from fused_flat.backends import cpp_sam
 
-    sam = sam_lists = None
-    if device == "cpu":
-        if hasattr(torch.ops.fused_flat, "sam_perturb_"):
-            from fused_flat.backends import cpp_sam as sam
-
-            sam_lists = sam if sam.has_list_ops() else None
-        else:
-            warn_once("stale", f"fused_flat: the compiled extension has no SAM ops (built from "
-                                f"older sources); the SAM family runs on the pure-torch reference "
-                                f"backend. Rebuild: {_native.BUILD_HINT}.")
-    lists = device == "cpu" and ops.has_list_ops()
-    b = lift(name, (device,), ops.perturb_, ops.restore_and_step_, sam,
-             ops.all_finite if device == "cpu" else None, ops.perturb_from_,
-             ops.perturb_list_ if lists else None, ops.restore_and_step_list_ if lists else None,
-             sam_lists, cpu_tensor_scalars=device == "cpu")
-    if lists:
-        b = dataclasses.replace(b, restore_check_=ops.restore_check_list_)
-    if lists and sam_lists is not None and ops.has_plan_ops():
-        b = dataclasses.replace(b, plan_layout=ops.plan_layout, check_step=ops.check_step_list)
+    if not (ops.has_list_ops() and ops.has_plan_ops() and cpp_sam.has_list_ops()):
+        raise RuntimeError(f"the compiled extension predates the list ops (built from older "
+                           f"sources); rebuild: {_native.BUILD_HINT}")
+    # the list ops, one call per bucket and pass (CPU and CUDA kernels; on CUDA the thin
+    # wrappers of fused_flat.backends.cuda / cuda_sam replace them below)
+    b = from_list_ops(name, (device,), ops, cpp_sam if device == "cpu" else None,
+                      cpu_tensor_scalars=device == "cpu")
+    if device == "cpu":   # the step-plan ops: CPU only
+        b = dataclasses.replace(b, restore_check_=ops.restore_check_list_,
+                                plan_layout=ops.plan_layout, check_step=ops.check_step_list)
     if device == "cuda":
         from fused_flat.backends import cuda_sam
 

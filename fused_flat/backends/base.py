@@ -1,7 +1,8 @@
 """What a backend is, below the resolver: the Backend record (its list passes and what it
 takes: devices, dtypes, device-resident per-step values), ``lift`` (a list Backend from
-per-tensor ops: the reference, the C++ CPU ops) and ``with_*_lists`` (a Backend with the
-list ops of a module that already takes lists: Triton, CUDA).
+per-tensor ops: the reference), ``from_list_ops`` (a Backend from the compiled list ops,
+torch.ops.fused_flat: 'cpp', and 'cuda' below its CUDA wrappers) and ``with_*_lists`` (a
+Backend with the list ops of a module that already takes lists: Triton, CUDA).
 
 fused_flat.backends (the resolver) re-exports all of it; the backend modules
 (fused_flat.backends.triton, ...) import it from here, so that no import goes back up to
@@ -61,39 +62,26 @@ class Backend:
 
 # --------------------------------------------------------------------------- list lifting
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
-         all_finite=None, perturb_from_=None, perturb_list_=None,
-         restore_and_step_list_=None, sam_lists=None, cpu_tensor_scalars=False,
+         all_finite=None, perturb_from_=None, cpu_tensor_scalars=False,
          tensor_scalars_everywhere=False) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.backends.reference /
-    sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset).
+    sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset): each
+    list pass calls the op once per tensor (the reference backend).
 
     Per-step values (step, lr, noise_std, SAM's coef) may come as tensors (``capturable=True``
-    or torch.compile): with ``cpu_tensor_scalars`` the ops take them as they are (the C++
-    ops: the update and perturbation passes; the reference: every pass when
-    ``tensor_scalars_everywhere``, the probe and master perturbation included); otherwise
-    they get their Python value (:func:`_host`: a read of host memory, no device sync).
-
-    ``perturb_list_`` / ``restore_and_step_list_`` (the C++ CPU list ops): one parallel loop
-    per bucket instead of one per tensor, used when the per-step values are numbers
-    (eager); tensors (torch.compile, capturable) go through the per-tensor forms. ``sam_lists``
-    (fused_flat.backends.cpp_sam with the C++ SAM list ops) does the same for the SAM passes.
-
-    ``layout=`` (a step plan's record, fused_flat.backends.cpp.plan_layout): the tensors are the user's
-    own, any dense shape, and only the list ops take them (eager, number values)."""
-    native_t = cpu_tensor_scalars   # fused_flat.backends.cpp / cpp_sam: the tensor-argument (*_t_) op forms
+    or torch.compile): with ``cpu_tensor_scalars`` the ops take them as they are (the
+    update and perturbation passes; every pass when ``tensor_scalars_everywhere``, the probe
+    and master perturbation included); otherwise they get their Python value (:func:`_host`:
+    a read of host memory, no device sync). A step plan's ``layout=`` is refused: only the
+    compiled list ops (:func:`from_list_ops`) take one."""
     step_of = (lambda v: v) if tensor_scalars_everywhere else _host   # probe, perturb_from_
 
-    def _numbers(*vals) -> bool:
-        return not any(isinstance(v, torch.Tensor) for v in vals) and not torch.compiler.is_compiling()
+    def scalars(*vals):
+        return vals if cpu_tensor_scalars else tuple(_host(v) for v in vals)
 
     def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma, layout=None):
-        if not params:
-            return
-        if layout is not None or (perturb_list_ is not None and _numbers(step)):
-            perturb_list_(params, list(offsets), seed, bucket_id, step, tag, sigma, layout)
-            return
-        if not native_t:
-            step = _host(step)
+        _no_layout(name, layout)
+        step, = scalars(step)
         for p, off in zip(params, offsets):
             perturb_(p, seed, bucket_id, step, tag, sigma, off)
 
@@ -101,53 +89,31 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                               step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
                               nesterov, momentum_init, noise_std, grad_mult,
                               stochastic_rounding=False, layout=None):
-        if not params:
-            return
-        if layout is not None or (restore_and_step_list_ is not None and _numbers(step, lr, noise_std)):
-            restore_and_step_list_(params, grads, moms, list(offsets), grad_scale, found_inf, seed,
-                                   bucket_id, step, restore_tag, sigma, lr, weight_decay, momentum,
-                                   dampening, nesterov, momentum_init, noise_std, grad_mult,
-                                   stochastic_rounding, layout)
-            return
+        _no_layout(name, layout)
         extra = (True,) if stochastic_rounding else ()
-        if not native_t:
-            step, lr, noise_std = _host(step), _host(lr), _host(noise_std)
+        step, lr, noise_std = scalars(step, lr, noise_std)
         for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
             restore_and_step_(p, g, moms[t] if moms is not None else None, grad_scale, found_inf,
                               seed, bucket_id, step, off, restore_tag, sigma, lr, weight_decay,
                               momentum, dampening, nesterov, momentum_init, noise_std, grad_mult,
                               *extra)
 
-    def perturb_from_list(params, masters, offsets, seed, bucket_id, step, tag, sigma):
-        if perturb_from_ is None:
-            raise NotImplementedError(f"fused_flat: backend '{name}' has no perturb_from_ kernel "
-                                      f"(master_weights=True); use backend='reference'")
-        step = step_of(step)
-        for p, m, off in zip(params, masters, offsets):
-            perturb_from_(p, m, seed, bucket_id, step, tag, sigma, off)
-
     kw = {}
     if sam is not None:
         def sq_norm_list(grads, params, eta, adaptive=None, layout=None):
             """0-dim float64: the sum over the list (``adaptive`` None: iff params are given)."""
+            _no_layout(name, layout)
             adaptive = params is not None if adaptive is None else adaptive
             if not grads:
                 return torch.zeros((), dtype=torch.float64)
-            if layout is not None or (sam_lists is not None and not torch.compiler.is_compiling()):
-                parts = sam_lists.sam_grad_sq_norm_list(grads, params or [], adaptive, eta, layout)
-                return parts[0] if len(parts) == 1 else parts.sum()
             parts = [sam.sam_grad_sq_norm(g, params[t] if adaptive else None, eta)
                      for t, g in enumerate(grads)]
             return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
         def sam_perturb_list(params, grads, backups, adaptive, coef, eta, layout=None):
-            if not params:
-                return
-            if layout is not None or (sam_lists is not None and _numbers(coef)):
-                sam_lists.sam_perturb_list_(params, grads, backups, adaptive, float(coef), eta, layout)
-                return
+            _no_layout(name, layout)
             # a tensor coef (compiled first_step) stays one for ops that take tensors
-            c = coef if native_t and isinstance(coef, torch.Tensor) else float(coef)
+            c = coef if cpu_tensor_scalars and isinstance(coef, torch.Tensor) else float(coef)
             for p, g, b in zip(params, grads, backups):
                 sam.sam_perturb_(p, g, b, adaptive, c, eta)
 
@@ -155,17 +121,8 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                              momentum, dampening, nesterov, momentum_init, grad_mult,
                              stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None,
                              layout=None):
-            if not params:
-                return
-            if layout is not None or (sam_lists is not None and _numbers(step, lr)):
-                sam_lists.sam_restore_and_step_list_(params, backups, grads, moms, grad_scale,
-                                                     found_inf, lr, weight_decay, momentum,
-                                                     dampening, nesterov, momentum_init, grad_mult,
-                                                     stochastic_rounding, seed, bucket_id, step,
-                                                     offsets, layout)
-                return
-            if not native_t:
-                step, lr = _host(step), _host(lr)
+            _no_layout(name, layout)
+            step, lr = scalars(step, lr)
             for t, (p, b, g) in enumerate(zip(params, backups, grads)):
                 extra = (True, seed, bucket_id, step, offsets[t]) if stochastic_rounding else ()
                 sam.sam_restore_and_step_(p, b, g, moms[t] if moms is not None else None,
@@ -184,8 +141,93 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     sr = "stochastic_rounding" in inspect.signature(restore_and_step_).parameters and (
         sam is None or "stochastic_rounding" in inspect.signature(sam.sam_restore_and_step_).parameters)
     return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite,
-                   perturb_from_=perturb_from_list, stochastic_rounding=sr,
-                   cpu_tensor_scalars=cpu_tensor_scalars, **kw)
+                   perturb_from_=_perturb_from_list(name, perturb_from_, step_of),
+                   stochastic_rounding=sr, cpu_tensor_scalars=cpu_tensor_scalars, **kw)
+
+
+def from_list_ops(name: str, devices: tuple, ops, sam_ops=None, cpu_tensor_scalars=False) -> Backend:
+    """A Backend whose passes are the compiled list ops (fused_flat.backends.cpp ``ops``:
+    perturb_list_, restore_and_step_list_, all_finite, perturb_from_; fused_flat.backends.cpp_sam
+    ``sam_ops``: the sam_*_list_ ops), one op call per bucket and pass in every case --
+    eager and compiled, per-step values as numbers or tensors. A tensor step / lr /
+    noise_std / coef goes to the op's tensor argument (``step_t``, ``lr_t``, ``noise_std_t``,
+    ``coef_tensor``), read when the op runs (CPU) or by the kernel (CUDA), converted as the
+    number is: the same bits either way; under torch.compile it is a graph input, not a
+    guard. ``layout=``: a step plan's record (fused_flat.backends.cpp.plan_layout), the
+    tensors then the user's own, any dense shape."""
+
+    def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma, layout=None):
+        if params:
+            ops.perturb_list_(params, list(offsets), seed, bucket_id, step, tag, sigma, layout)
+
+    def restore_and_step_list(params, grads, moms, offsets, grad_scale, found_inf, seed, bucket_id,
+                              step, restore_tag, sigma, lr, weight_decay, momentum, dampening,
+                              nesterov, momentum_init, noise_std, grad_mult,
+                              stochastic_rounding=False, layout=None):
+        if params:
+            ops.restore_and_step_list_(params, grads, moms, list(offsets), grad_scale, found_inf,
+                                       seed, bucket_id, step, restore_tag, sigma, lr, weight_decay,
+                                       momentum, dampening, nesterov, momentum_init, noise_std,
+                                       grad_mult, stochastic_rounding, layout)
+
+    kw = {}
+    if sam_ops is not None:
+        def sq_norm_list(grads, params, eta, adaptive=None, layout=None):
+            """0-dim float64: the sum over the list (``adaptive`` None: iff params are given)."""
+            adaptive = params is not None if adaptive is None else adaptive
+            if not grads:
+                return torch.zeros((), dtype=torch.float64)
+            parts = sam_ops.sam_grad_sq_norm_list(grads, params or [], adaptive, eta, layout)
+            return parts[0] if len(parts) == 1 else parts.sum()
+
+        def sam_perturb_list(params, grads, backups, adaptive, coef, eta, layout=None):
+            if not params:
+                return
+            if isinstance(coef, torch.Tensor):   # the op's coef_tensor is float64 (exact widening)
+                coef = coef.to(torch.float64)
+            else:
+                coef = float(coef)
+            sam_ops.sam_perturb_list_(params, grads, backups, adaptive, coef, eta, layout)
+
+        def sam_restore_list(params, backups, grads, moms, grad_scale, found_inf, lr, weight_decay,
+                             momentum, dampening, nesterov, momentum_init, grad_mult,
+                             stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None,
+                             layout=None):
+            if params:
+                sam_ops.sam_restore_and_step_list_(params, backups, grads, moms, grad_scale,
+                                                   found_inf, lr, weight_decay, momentum,
+                                                   dampening, nesterov, momentum_init, grad_mult,
+                                                   stochastic_rounding, seed, bucket_id, step,
+                                                   offsets, layout)
+
+        def sam_probe_list(params, backups, offsets, seed, bucket_id, step, delta):
+            if params:
+                sam_ops.sam_probe_list_(params, backups, list(offsets), seed, bucket_id, step,
+                                        delta)
+
+        kw = dict(sam_grad_sq_norm=sq_norm_list, sam_perturb_=sam_perturb_list,
+                  sam_restore_and_step_=sam_restore_list, sam_probe_=sam_probe_list)
+    return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=ops.all_finite,
+                   perturb_from_=_perturb_from_list(name, ops.perturb_from_, _host),
+                   stochastic_rounding=True, cpu_tensor_scalars=cpu_tensor_scalars, **kw)
+
+
+def _perturb_from_list(name: str, perturb_from_, step_of):
+    """The master-weight perturbation over a list, from a per-tensor op (one call a tensor)."""
+    def perturb_from_list(params, masters, offsets, seed, bucket_id, step, tag, sigma):
+        if perturb_from_ is None:
+            raise NotImplementedError(f"fused_flat: backend '{name}' has no perturb_from_ kernel "
+                                      f"(master_weights=True); use backend='reference'")
+        step = step_of(step)
+        for p, m, off in zip(params, masters, offsets):
+            perturb_from_(p, m, seed, bucket_id, step, tag, sigma, off)
+    return perturb_from_list
+
+
+def _no_layout(name: str, layout) -> None:
+    if layout is not None:
+        raise ValueError(f"fused_flat: backend '{name}' runs no step plans (its ops take no "
+                         f"layout); a plan needs Backend.plan_layout (backend 'cpp')")
 
 
 def _host(v):

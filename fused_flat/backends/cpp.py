@@ -13,13 +13,14 @@ from fused_flat.backends import _native
 
 # The ops the compiled backends' passes call, with the dispatch keys that have kernels for
 # them: the list ops (one op set for both devices, schemas csrc/bindings.cpp and
-# csrc/sam_ops.cpp) on CPU and CUDA, the step-plan and per-tensor ops on CPU only. Every one
-# has a fake implementation (below, cpp_sam.py). tests/test_op_registry.py checks both.
+# csrc/sam_ops.cpp) and perturb_from_ (master weights) on CPU and CUDA; CPU_OPS on CPU only,
+# by design: the step-plan ops (plan_layout, check_step_list, and restore_check_list_, the
+# checked fp32 step of a plan) work on the user's own CPU tensors, and a CUDA step has no
+# plans (its found_inf stays on the device: all_finite). Every one has a fake implementation
+# (below, cpp_sam.py). tests/test_op_registry.py checks both.
 LIST_OPS = ("perturb_list_", "restore_and_step_list_", "all_finite", "sam_grad_sq_norm_list",
-            "sam_perturb_list_", "sam_restore_and_step_list_", "sam_probe_list_")
-CPU_OPS = ("perturb_", "restore_and_step_", "perturb_from_", "restore_check_list_",
-           "plan_layout", "check_step_list", "sam_grad_sq_norm", "sam_perturb_",
-           "sam_restore_and_step_", "sam_probe_")
+            "sam_perturb_list_", "sam_restore_and_step_list_", "sam_probe_list_", "perturb_from_")
+CPU_OPS = ("restore_check_list_", "plan_layout", "check_step_list")
 
 
 def scalar_arg(value, cast):
@@ -40,48 +41,9 @@ def _ops():
     return torch.ops.fused_flat
 
 
-def perturb_(param: torch.Tensor, seed: int, bucket_id: int, step: int, tag: int, sigma: float,
-             offset: int = 0) -> None:
-    """theta <- theta + sigma * eps(tag), in place, over bucket elements [offset, offset + numel).
-    ``step`` may be a 0-dim int64 CPU tensor (torch.compile: no guard on its value)."""
-    if isinstance(step, torch.Tensor):
-        _ops()
-        torch.ops.fused_flat.perturb_t_(param, seed, bucket_id, step, tag, sigma, offset)
-        return
-    _ops().perturb_(param, seed, bucket_id, step, tag, sigma, offset)
-
-
-def restore_and_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
-                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, seed: int,
-                      bucket_id: int, step: int, offset: int, restore_tag: int, sigma: float,
-                      lr: float, weight_decay: float, momentum: float, dampening: float,
-                      nesterov: bool, momentum_init: bool, noise_std: float, grad_mult: float,
-                      stochastic_rounding: bool = False) -> None:
-    """The fused restore + decay + momentum + Langevin + update pass (see reference.py);
-    ``stochastic_rounding``: bf16/fp16 params get the stochastically rounded result
-    (ALGORITHMS.md §1), ignored for fp32/fp64.
-
-    ``step``, ``lr`` and ``noise_std`` may be 0-dim CPU tensors (int64, float, float): the
-    per-step values then are graph inputs under torch.compile, not guards (one compilation
-    for every step and learning rate); they are read on the host when the op runs."""
-    if any(isinstance(v, torch.Tensor) for v in (step, lr, noise_std)):
-        _ops()
-        torch.ops.fused_flat.restore_and_step_t_(
-            param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
-            torch.as_tensor(step, dtype=torch.int64), offset, restore_tag, sigma,
-            torch.as_tensor(lr, dtype=torch.float64), weight_decay, momentum, dampening,
-            nesterov, momentum_init, torch.as_tensor(noise_std, dtype=torch.float64), grad_mult,
-            stochastic_rounding)
-        return
-    _ops().restore_and_step_(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
-                             step, offset, restore_tag, sigma, lr, weight_decay, momentum,
-                             dampening, nesterov, momentum_init, noise_std, grad_mult,
-                             stochastic_rounding)
-
-
 def has_list_ops() -> bool:
     """Whether the extension has the CPU list forms (perturb_list_, restore_and_step_list_):
-    built from these sources (an older build lacks them; the per-tensor ops then run)."""
+    built from these sources (an older build lacks them: rebuild)."""
     return _native.available() and hasattr(torch.ops.fused_flat, "restore_check_list_")
 
 
@@ -94,10 +56,12 @@ def has_plan_ops() -> bool:
 def perturb_list_(params: list[torch.Tensor], offsets: list[int], seed: int, bucket_id: int,
                   step: int | torch.Tensor, tag: int, sigma: float,
                   layout: torch.Tensor | None = None) -> None:
-    """perturb_ over a list of CPU tensors of one dtype (tensor t at bucket offset offsets[t])
-    in one parallel loop: the per-tensor op's values. Without ``layout`` the tensors are
+    """theta <- theta + sigma * eps(tag) over a list of tensors of one dtype (tensor t's
+    element e at bucket index offsets[t] + e) in one parallel loop (CPU) or one launch
+    (CUDA; fused_flat.backends.cuda checks its lists first). Without ``layout`` the tensors are
     1-D contiguous; with it (:func:`plan_layout` of ``params``) any dense shape, in memory
-    order. ``step`` may be a one-element int64 CPU tensor (read when the op runs)."""
+    order (CPU). ``step`` may be a one-element int64 tensor on the lists' device (read when
+    the op runs; the same bits as the number)."""
     step, step_t = scalar_arg(step, int)
     _ops().perturb_list_(params, offsets, seed, bucket_id, step, tag, sigma, layout, step_t)
 
@@ -111,11 +75,15 @@ def restore_and_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor]
                            momentum_init: bool, noise_std: float | torch.Tensor,
                            grad_mult: float, stochastic_rounding: bool = False,
                            layout: torch.Tensor | None = None) -> None:
-    """restore_and_step_ over a list of tensors in one parallel loop (``moms`` None: no
-    momentum): the per-tensor op's values. ``layout``: as in :func:`perturb_list_` (the
+    """The fused restore + decay + momentum + Langevin + update pass (ALGORITHMS.md §2; the
+    math: fused_flat.backends.reference.restore_and_step_ per tensor at its offset) over a
+    list of tensors in one parallel loop (``moms`` None: no momentum); ``stochastic_rounding``:
+    bf16/fp16 params get the stochastically rounded result (ALGORITHMS.md §1), ignored for
+    fp32/fp64. ``layout``: as in :func:`perturb_list_` (the
     gradients are then checked against their parameters, read in the parameter's order).
-    ``step`` / ``lr`` / ``noise_std`` may be one-element CPU tensors (int64; float64 or
-    float32), read when the op runs."""
+    ``step`` / ``lr`` / ``noise_std`` may be one-element tensors on the lists' device (int64;
+    float64 or float32), read when the op runs: under torch.compile graph inputs, not guards
+    (one compilation for every step and learning rate)."""
     step, step_t = scalar_arg(step, int)
     lr, lr_t = scalar_arg(lr, float)
     noise_std, noise_std_t = scalar_arg(noise_std, float)
@@ -209,18 +177,6 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 if _native.available():
-
-    @torch.library.register_fake("fused_flat::perturb_")
-    def _perturb_fake(param, seed, bucket_id, step, tag, sigma, offset=0):
-        return None
-
-    @torch.library.register_fake("fused_flat::restore_and_step_")
-    def _restore_and_step_fake(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id,
-                               step, offset, restore_tag, sigma, lr, weight_decay, momentum,
-                               dampening, nesterov, momentum_init, noise_std, grad_mult,
-                               stochastic_rounding=False):
-        return None
-
     if hasattr(torch.ops.fused_flat, "restore_check_list_"):
         @torch.library.register_fake("fused_flat::perturb_list_")
         def _perturb_list_fake(params, offsets, seed, bucket_id, step, tag, sigma, layout=None,
@@ -276,40 +232,3 @@ if _native.available():
     @torch.library.register_fake("fused_flat::gaussian_noise")
     def _gaussian_noise_fake(seed, bucket_id, step, tag, offset, n):
         return torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
-
-
-# Tensor-argument forms of perturb_ / restore_and_step_ (torch.compile): the step counter,
-# the learning rate and the noise scale arrive as 0-dim CPU tensors, so a compiled step is
-# not specialized on their values (no recompilation per step or per scheduler change). The
-# kernels are the same: the values are read on the host when the op runs.
-if _native.available():
-
-    @torch.library.custom_op("fused_flat::perturb_t_", mutates_args=("param",))
-    def _perturb_t(param: torch.Tensor, seed: int, bucket_id: int, step: torch.Tensor, tag: int,
-                   sigma: float, offset: int) -> None:
-        torch.ops.fused_flat.perturb_(param, seed, bucket_id, int(step), tag, sigma, offset)
-
-    @_perturb_t.register_fake
-    def _(param, seed, bucket_id, step, tag, sigma, offset):
-        return None
-
-    @torch.library.custom_op("fused_flat::restore_and_step_t_",
-                             mutates_args=("param", "momentum_buffer"))
-    def _restore_and_step_t(param: torch.Tensor, grad: torch.Tensor,
-                            momentum_buffer: torch.Tensor | None, grad_scale: torch.Tensor | None,
-                            found_inf: torch.Tensor | None, seed: int, bucket_id: int,
-                            step: torch.Tensor, offset: int, restore_tag: int, sigma: float,
-                            lr: torch.Tensor, weight_decay: float, momentum: float,
-                            dampening: float, nesterov: bool, momentum_init: bool,
-                            noise_std: torch.Tensor, grad_mult: float,
-                            stochastic_rounding: bool) -> None:
-        torch.ops.fused_flat.restore_and_step_(
-            param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id, int(step),
-            offset, restore_tag, sigma, float(lr), weight_decay, momentum, dampening, nesterov,
-            momentum_init, float(noise_std), grad_mult, stochastic_rounding)
-
-    @_restore_and_step_t.register_fake
-    def _(param, grad, momentum_buffer, grad_scale, found_inf, seed, bucket_id, step, offset,
-          restore_tag, sigma, lr, weight_decay, momentum, dampening, nesterov, momentum_init,
-          noise_std, grad_mult, stochastic_rounding):
-        return None
