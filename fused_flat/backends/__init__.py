@@ -57,11 +57,8 @@ def _reference() -> Backend:
     from fused_flat.backends import reference
     from fused_flat.backends import sam_reference
 
-    # every op takes the per-step values as tensors (used in the computation, no host read):
-    # under torch.compile they are graph inputs, not guards, as for 'cpp'
     return lift("reference", ("cpu", "cuda", "meta"), reference.perturb_,
-                reference.restore_and_step_, sam_reference, perturb_from_=reference.perturb_from_,
-                cpu_tensor_scalars=True, tensor_scalars_everywhere=True)
+                reference.restore_and_step_, sam_reference, perturb_from_=reference.perturb_from_)
 
 
 def _compiled(name: str, device: str) -> Backend:

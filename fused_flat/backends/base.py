@@ -62,26 +62,20 @@ class Backend:
 
 # --------------------------------------------------------------------------- list lifting
 def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
-         all_finite=None, perturb_from_=None, cpu_tensor_scalars=False,
-         tensor_scalars_everywhere=False) -> Backend:
+         all_finite=None, perturb_from_=None) -> Backend:
     """A list Backend from per-tensor ops (signatures of fused_flat.backends.reference /
     sam_reference, tensor arguments 1-D and ``offset`` the tensor's bucket offset): each
     list pass calls the op once per tensor (the reference backend).
 
-    Per-step values (step, lr, noise_std, SAM's coef) may come as tensors (``capturable=True``
-    or torch.compile): with ``cpu_tensor_scalars`` the ops take them as they are (the
-    update and perturbation passes; every pass when ``tensor_scalars_everywhere``, the probe
-    and master perturbation included); otherwise they get their Python value (:func:`_host`:
-    a read of host memory, no device sync). A step plan's ``layout=`` is refused: only the
-    compiled list ops (:func:`from_list_ops`) take one."""
-    step_of = (lambda v: v) if tensor_scalars_everywhere else _host   # probe, perturb_from_
-
-    def scalars(*vals):
-        return vals if cpu_tensor_scalars else tuple(_host(v) for v in vals)
+    Per-step values (step, lr, noise_std, SAM's coef) are handed over as they come, numbers
+    or one-element tensors (``capturable=True``, torch.compile): the lifted ops take both, as
+    the reference's do (used in the computation, no host read), so the Backend says
+    ``cpu_tensor_scalars`` and under torch.compile they are graph inputs, not guards. A step
+    plan's ``layout=`` is refused: only the compiled list ops (:func:`from_list_ops`) take
+    one."""
 
     def perturb_list(params, offsets, seed, bucket_id, step, tag, sigma, layout=None):
         _no_layout(name, layout)
-        step, = scalars(step)
         for p, off in zip(params, offsets):
             perturb_(p, seed, bucket_id, step, tag, sigma, off)
 
@@ -91,7 +85,6 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                               stochastic_rounding=False, layout=None):
         _no_layout(name, layout)
         extra = (True,) if stochastic_rounding else ()
-        step, lr, noise_std = scalars(step, lr, noise_std)
         for t, (p, g, off) in enumerate(zip(params, grads, offsets)):
             restore_and_step_(p, g, moms[t] if moms is not None else None, grad_scale, found_inf,
                               seed, bucket_id, step, off, restore_tag, sigma, lr, weight_decay,
@@ -112,17 +105,14 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
 
         def sam_perturb_list(params, grads, backups, adaptive, coef, eta, layout=None):
             _no_layout(name, layout)
-            # a tensor coef (compiled first_step) stays one for ops that take tensors
-            c = coef if cpu_tensor_scalars and isinstance(coef, torch.Tensor) else float(coef)
             for p, g, b in zip(params, grads, backups):
-                sam.sam_perturb_(p, g, b, adaptive, c, eta)
+                sam.sam_perturb_(p, g, b, adaptive, coef, eta)
 
         def sam_restore_list(params, backups, grads, moms, grad_scale, found_inf, lr, weight_decay,
                              momentum, dampening, nesterov, momentum_init, grad_mult,
                              stochastic_rounding=False, seed=0, bucket_id=0, step=0, offsets=None,
                              layout=None):
             _no_layout(name, layout)
-            step, lr = scalars(step, lr)
             for t, (p, b, g) in enumerate(zip(params, backups, grads)):
                 extra = (True, seed, bucket_id, step, offsets[t]) if stochastic_rounding else ()
                 sam.sam_restore_and_step_(p, b, g, moms[t] if moms is not None else None,
@@ -130,7 +120,6 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
                                           dampening, nesterov, momentum_init, grad_mult, *extra)
 
         def sam_probe_list(params, backups, offsets, seed, bucket_id, step, delta):
-            step = step_of(step)
             for p, b, off in zip(params, backups, offsets):
                 sam.sam_probe_(p, b, seed, bucket_id, step, delta, off)
 
@@ -141,8 +130,8 @@ def lift(name: str, devices: tuple, perturb_, restore_and_step_, sam=None,
     sr = "stochastic_rounding" in inspect.signature(restore_and_step_).parameters and (
         sam is None or "stochastic_rounding" in inspect.signature(sam.sam_restore_and_step_).parameters)
     return Backend(name, perturb_list, restore_and_step_list, devices, all_finite=all_finite,
-                   perturb_from_=_perturb_from_list(name, perturb_from_, step_of),
-                   stochastic_rounding=sr, cpu_tensor_scalars=cpu_tensor_scalars, **kw)
+                   perturb_from_=_perturb_from_list(name, perturb_from_, lambda v: v),
+                   stochastic_rounding=sr, cpu_tensor_scalars=True, **kw)
 
 
 def from_list_ops(name: str, devices: tuple, ops, sam_ops=None, cpu_tensor_scalars=False) -> Backend:
