@@ -1,6 +1,11 @@
 """Test helpers shared by the optimizer tests."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -44,3 +49,30 @@ class RecordOps(TorchDispatchMode):
             named.update(kwargs)
             self.calls.append((func._schema.name.split("::")[1], named))
         return func(*args, **kwargs)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_host_program(source: str, out_dir, *, torch_headers: bool = True,
+                     timeout: int = 300) -> subprocess.CompletedProcess:
+    """Compile ``tests/<source>`` (a host emulation of CUDA index logic: it includes the
+    ``__host__ __device__`` headers of csrc/include and csrc/cuda) with the host C++ compiler,
+    as the CUDA build compiles them (C++20, no FMA contraction), run it in ``out_dir`` and
+    return the run. Fails the test when there is no compiler or the build fails.
+    ``torch_headers``: the program includes c10/ATen headers (torch's include paths)."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.fail("no host C++ compiler (c++/g++) on PATH")
+    exe = os.path.join(str(out_dir), os.path.splitext(os.path.basename(source))[0])
+    cmd = [cxx, "-std=c++20", "-O1", "-Wall", "-ffp-contract=off",
+           "-I" + os.path.join(ROOT, "csrc", "include"), "-I" + os.path.join(ROOT, "csrc", "cuda"),
+           "-I" + os.path.join(ROOT, "tests")]
+    if torch_headers:
+        from torch.utils import cpp_extension
+
+        cmd += ["-I" + p for p in cpp_extension.include_paths()]
+    cmd += ["-o", exe, os.path.join(ROOT, "tests", source)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert build.returncode == 0, f"compile failed:\n{build.stderr[-4000:]}"
+    return subprocess.run([exe], capture_output=True, text=True, timeout=timeout)

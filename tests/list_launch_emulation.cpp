@@ -19,20 +19,12 @@
 #include <vector>
 
 #include "list_launch.h"
+#include "emulation_expect.h"
 
 using namespace fused_flat::cuda_impl::launch;
 
-static int failures = 0;
 static long long total_launches = 0;
 static int64_t max_units = 0;
-
-#define EXPECT(cond, ...)                                  \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      if (failures < 20) std::printf(__VA_ARGS__);         \
-      ++failures;                                          \
-    }                                                      \
-  } while (0)
 
 static void* fake_ptr(int k, int64_t t) {
   return reinterpret_cast<void*>(static_cast<uintptr_t>(((t + 1) << 8) | static_cast<uint64_t>(k)));

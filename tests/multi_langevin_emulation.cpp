@@ -22,21 +22,13 @@
 #include <vector>
 
 #include "multi_langevin.cuh"
+#include "emulation_expect.h"
 
 using namespace fused_flat;
 using namespace fused_flat::cuda_impl;
 using namespace fused_flat::cuda_impl::mlang;
 
-static int failures = 0;
 static long unit_blocks = 0;
-
-#define EXPECT(cond, ...)                                  \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      if (failures < 20) std::printf(__VA_ARGS__);         \
-      ++failures;                                          \
-    }                                                      \
-  } while (0)
 
 // A list's launches (list_launch.h: plan_launches, by-value ListArgs): the tensors' sizes
 // and bucket offsets, units call-frame positions (frame) or elements.

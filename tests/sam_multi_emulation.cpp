@@ -13,20 +13,12 @@
 #include <vector>
 
 #include "sam_multi.cuh"
+#include "emulation_expect.h"
 
 using namespace fused_flat;
 using namespace fused_flat::cuda_impl::multi;
 
-static int failures = 0;
 static long vector_blocks = 0;
-
-#define EXPECT(cond, ...)                                  \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      if (failures < 20) std::printf(__VA_ARGS__);         \
-      ++failures;                                          \
-    }                                                      \
-  } while (0)
 
 // A list's launches (list_launch.h: plan_launches, by-value ListArgs, element units).
 struct Tabs {

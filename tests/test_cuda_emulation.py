@@ -18,35 +18,20 @@ It does not execute the CUDA kernel itself (tests/test_cuda_gpu.py does, on a GP
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import struct
-import subprocess
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from fused_flat import noise
 from fused_flat.backends import _native
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_host_program
 
 
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.fail("no host C++ compiler (c++/g++) on PATH")
-    exe = str(tmp_path_factory.mktemp("cuda_emulation") / "cuda_emulation")
-    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off",
-           "-I" + os.path.join(ROOT, "csrc", "include"), "-I" + os.path.join(ROOT, "csrc", "cuda")]
-    cmd += ["-I" + p for p in cpp_extension.include_paths()]
-    cmd += ["-o", exe, os.path.join(ROOT, "tests", "cuda_emulation.cpp")]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, f"compile failed:\n{build.stderr[-4000:]}"
-    return subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    return run_host_program("cuda_emulation.cpp", tmp_path_factory.mktemp("cuda_emulation"))
 
 
 def test_perturb_from_walk_on_host(emulation):

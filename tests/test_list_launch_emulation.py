@@ -11,26 +11,13 @@ right bucket index (see the .cpp's comment).
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_host_program
 
 
 def test_list_launch_plan_on_host(tmp_path):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.fail("no host C++ compiler (c++/g++) on PATH")
-    exe = str(tmp_path / "list_launch_emulation")
-    cmd = [cxx, "-std=c++20", "-O1", "-Wall", "-I" + os.path.join(ROOT, "csrc", "cuda"), "-o", exe,
-           os.path.join(ROOT, "tests", "list_launch_emulation.cpp")]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, f"compile failed:\n{build.stderr[-4000:]}"
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    run = run_host_program("list_launch_emulation.cpp", tmp_path, torch_headers=False)
     m = re.search(r"cases=(\d+) launches=(\d+) max_units=(\d+) failures=(\d+)", run.stdout)
     assert m, f"unexpected output:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
     cases, launches, max_units, fails = map(int, m.groups())

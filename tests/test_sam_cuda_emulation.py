@@ -14,31 +14,14 @@ layout-3 oracle (tests/noise_v3_oracle.py).
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 
-import pytest
-from torch.utils import cpp_extension
-
+from tests.helpers import run_host_program
 from tests.noise_v3_oracle import rademacher_v3_oracle
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sam_multi_index_logic_on_host(tmp_path):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.fail("no host C++ compiler (c++/g++) on PATH")
-    exe = str(tmp_path / "sam_multi_emulation")
-    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off",
-           "-I" + os.path.join(ROOT, "csrc", "include"), "-I" + os.path.join(ROOT, "csrc", "cuda")]
-    cmd += ["-I" + p for p in cpp_extension.include_paths()]
-    cmd += ["-o", exe, os.path.join(ROOT, "tests", "sam_multi_emulation.cpp")]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, f"compile failed:\n{build.stderr[-4000:]}"
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    run = run_host_program("sam_multi_emulation.cpp", tmp_path)
     m = re.search(r"cases=(\d+) vector_blocks=(\d+) failures=(\d+)", run.stdout)
     assert m, f"unexpected output:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
     cases, vec, fails = map(int, m.groups())
