@@ -64,13 +64,15 @@ class Run(NamedTuple):
     frames: int           # frames compiled in all
     opt: object           # the optimizer
     per_fn: dict          # {compiled function's name: frames compiled for it}
+    first_frames: int     # frames compiled in all by the end of the first step
 
 
 def run(name: str, form: str, backend: str, momentum: float, lr_kind: str, compiled: bool,
-        sgd_kind: str = "default", steps: int = STEPS) -> Run:
-    """The parameters after ``steps`` steps, the frames compiled (in all, and per compiled
-    function: each has its own CompileCounter), the optimizer; dynamo's caches are reset
-    first when ``compiled``, so the count is this run's alone."""
+        sgd_kind: str = "default", steps: int = STEPS, fullgraph: bool = False) -> Run:
+    """The parameters after ``steps`` steps, the frames compiled (in all, per compiled
+    function: each has its own CompileCounter, and by the end of the first step), the
+    optimizer; dynamo's caches are reset first when ``compiled``, so the count is this run's
+    alone. ``fullgraph``: compile with fullgraph=True (a graph break raises)."""
     if compiled:
         dynamo.reset()
     m, loss_fn = _model()
@@ -82,7 +84,7 @@ def run(name: str, form: str, backend: str, momentum: float, lr_kind: str, compi
         if not compiled:
             return f
         cc = counters[f.__name__] = CompileCounter()
-        return torch.compile(f, backend=cc)
+        return torch.compile(f, backend=cc, fullgraph=fullgraph)
 
     # compiled before the scheduler wraps opt.step (its wrapper is in a file dynamo skips)
     if form == "first+second":
@@ -118,11 +120,15 @@ def run(name: str, form: str, backend: str, momentum: float, lr_kind: str, compi
         # a compiled torch.optim.SGD.step bypasses the scheduler's wrapper, which tells it
         # the step ran: its "scheduler before optimizer" warning is moot here
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-        for _ in range(steps):
+        first_frames = 0
+        for i in range(steps):
             one_step()
             sched.step()
+            if i == 0:
+                first_frames = sum(cc.frame_count for cc in counters.values())
     per_fn = {k: cc.frame_count for k, cc in counters.items()}
-    return Run([p.detach().clone() for p in m.parameters()], sum(per_fn.values()), opt, per_fn)
+    return Run([p.detach().clone() for p in m.parameters()], sum(per_fn.values()), opt, per_fn,
+               first_frames)
 
 
 def row(name, form, backend, momentum, lr_kind, sgd_kind="default") -> dict:
@@ -131,7 +137,7 @@ def row(name, form, backend, momentum, lr_kind, sgd_kind="default") -> dict:
                backend=backend if name != "SGD" else "-", momentum=momentum, lr=lr_kind)
     try:
         eager = run(name, form, backend, momentum, lr_kind, False, sgd_kind).params
-        got, frames, _, per_fn = run(name, form, backend, momentum, lr_kind, True, sgd_kind)
+        got, frames, _, per_fn, _ = run(name, form, backend, momentum, lr_kind, True, sgd_kind)
     except Exception as exc:   # reported in the table
         out.update(frames="-", eq=f"err: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}")
         return out

@@ -9,7 +9,6 @@ import torch
 import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounter
 
-from fused_flat import FSGLD, SAM
 from fused_flat.backends import _native
 
 needs_cpp = pytest.mark.skipif(not _native.available(), reason="needs the compiled CPU ops")
@@ -24,57 +23,19 @@ def _reset():
     dynamo.reset()
 
 
-def _setup(kind, momentum, backend="cpp"):
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    x, y = torch.randn(32, 8), torch.randn(32, 1)
-    lr = torch.tensor(0.05)
-    if kind == "fsgld":
-        opt = FSGLD(m.parameters(), lr=lr, beta=1e4, momentum=momentum, seed=1, backend=backend)
-    else:
-        opt = SAM(m.parameters(), lr=lr, momentum=momentum, rho=0.05, seed=1, backend=backend)
-    return m, opt, lambda: torch.nn.functional.mse_loss(m(x), y)
+# the old test names of three forms: (optimizer, form) of benchmarks/compile_frames.run
+_FORMS = {"fsgld2": ("FSGLD", "perturb+step"), "sam2": ("SAM", "first+second"),
+          "fsgldc": ("FSGLD", "closure")}
 
 
 def _run(form, momentum, compiled, fullgraph=False, backend="cpp"):
-    kind = "sam" if form.startswith("sam") else "fsgld"
-    m, opt, loss_fn = _setup(kind, momentum, backend)
-    cc = CompileCounter()
-    comp = (lambda f: torch.compile(f, backend=cc, fullgraph=fullgraph)) if compiled else (lambda f: f)
-    # compiled before the scheduler wraps opt.step (torch's wrapper lives in a file dynamo skips)
-    if form == "fsgld2":
-        step = comp(opt.step)
-    elif form == "fsgldc":
-        step = comp(opt.step)
-    else:
-        first, second = comp(opt.first_step), comp(opt.second_step)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
-    warm = None
-    for i in range(STEPS):
-        if i == 1:
-            warm = cc.frame_count
-        if form == "fsgld2":
-            opt.perturb()
-            opt.zero_grad()
-            loss_fn().backward()
-            step()
-        elif form == "fsgldc":
-            def closure():
-                opt.zero_grad()
-                loss = loss_fn()
-                loss.backward()
-                return loss
-            step(closure)
-        else:
-            opt.zero_grad()
-            loss_fn().backward()
-            first()
-            opt.zero_grad()
-            loss_fn().backward()
-            second()
-        sched.step()
-    assert opt.step_count == STEPS
-    return [p.detach().clone() for p in m.parameters()], cc, warm
+    """20 steps with StepLR and a tensor lr (benchmarks/compile_frames.run drives them):
+    the parameters, the frames compiled in all and by the end of the first step."""
+    from benchmarks.compile_frames import run
+
+    got = run(*_FORMS[form], backend, momentum, "tensor", compiled, fullgraph=fullgraph)
+    assert got.opt.step_count == STEPS
+    return got.params, got.frames, got.first_frames
 
 
 @pytest.mark.parametrize("form,fullgraph", [("fsgld2", True), ("sam2", True), ("fsgldc", False)])
@@ -82,7 +43,7 @@ def _run(form, momentum, compiled, fullgraph=False, backend="cpp"):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiles_once_and_matches_eager(form, fullgraph, momentum, backend):
     eager, _, _ = _run(form, momentum, compiled=False, backend=backend)
-    got, cc, warm = _run(form, momentum, compiled=True, fullgraph=fullgraph, backend=backend)
+    got, frames, warm = _run(form, momentum, compiled=True, fullgraph=fullgraph, backend=backend)
     for a, b in zip(eager, got):
         assert torch.equal(a, b)
     # the first step creates state (momentum buffers, SAM's backups) before it is traced
@@ -92,7 +53,7 @@ def test_compiles_once_and_matches_eager(form, fullgraph, momentum, backend):
     # (its zero_grad and backward split the graph) and the update.
     fns = {"fsgld2": 1, "sam2": 2, "fsgldc": 3}[form]
     assert warm <= fns
-    assert cc.frame_count == warm
+    assert frames == warm
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +67,10 @@ def test_no_recompile_per_step_reason(backend):
 
 
 def _full_train_step_run(kind, compiled):
-    m, opt, loss_fn = _setup(kind, momentum=0.9)
+    from benchmarks.compile_frames import _model, make
+
+    m, loss_fn = _model()
+    opt = make("FSGLD" if kind == "fsgld" else "SAM", m.parameters(), torch.tensor(0.05), 0.9, "cpp")
     cc = CompileCounter()
 
     def train_step():   # forward, backward and the optimizer step in one function
